@@ -1,0 +1,124 @@
+"""The compact native format and :func:`load`: the full training state, restored exactly.
+
+``tsd_adapter.safetensors`` holds per layer A, B, the init factors of residualised methods, and the dash
+state (λ, the indices I, σ and Δσ at the switch) but not the directions: U_I and V_Iᵀ are recomputed from
+the SVD of the base at load (the same canonical signs everywhere), checked against the stored σ_I, and
+never re-selected. The header carries the config and the optimizer-step count.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from . import tsd
+from .adapter import Adapter, InitOffset, _add_dash, _cast_adapter, _inject, _set_lora
+from .config import AdapterConfig
+from .io import load_safetensors, save_safetensors
+from .layers import dense_weight, in_out_features, iter_lora_layers, set_dense_weight
+
+NATIVE_WEIGHT_NAME = "tsd_adapter.safetensors"
+FORMAT_VERSION = "1"
+_DASH_KEYS = ("lam", "indices", "sigma", "delta_sigma", "energy")
+
+
+def save_native(adapter: Adapter, out_dir: Path) -> None:
+    from .export import _modules_to_save_state
+
+    tensors: dict[str, torch.Tensor] = {}
+    for name, layer in adapter.layers.items():
+        B, A = adapter.lora_factors(name)
+        tensors[f"layers.{name}.lora_A"] = A
+        tensors[f"layers.{name}.lora_B"] = B
+        if hasattr(layer, "tsd_init"):
+            tensors[f"layers.{name}.A0"] = layer.tsd_init.A0
+            tensors[f"layers.{name}.B0"] = layer.tsd_init.B0
+        dash = getattr(layer, "tsd_dash", None)
+        if dash is not None and dash.is_active:
+            for key in _DASH_KEYS:
+                tensors[f"layers.{name}.dash.{key}"] = getattr(dash, key)
+    for key, t in _modules_to_save_state(adapter).items():
+        tensors[f"modules_to_save.{key}"] = t
+    meta = {"format": "pt", "tsd_format_version": FORMAT_VERSION, "tsd_config": adapter.config.to_json(),
+            "num_steps": str(adapter.num_steps)}
+    save_safetensors(tensors, Path(out_dir) / NATIVE_WEIGHT_NAME, metadata=meta)
+
+
+def _read(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    from safetensors import safe_open
+
+    file = path / NATIVE_WEIGHT_NAME if path.is_dir() else path
+    tensors = load_safetensors(file)
+    with safe_open(str(file), "pt") as f:
+        meta = f.metadata() or {}
+    if "tsd_config" not in meta:
+        raise ValueError(f"{file} is not a tsd-lora native adapter (no tsd_config in its header)")
+    return tensors, meta
+
+
+@torch.no_grad()
+def load(model: nn.Module, path: str | Path, *, adapter_name: str = "default") -> Adapter:
+    """Attach the adapter saved at ``path`` (``export_lora(..., format="tsd")``) to a fresh ``model``.
+
+    Restores A/B, the residualised base of lora_init/tsd/pissa/lora_ga, the post-switch dash state and the
+    step count exactly; runs no init and no selection. Raises naming the module when the model lacks a
+    layer or its shapes differ from the adapter's.
+    """
+    path = Path(path)
+    tensors, meta = _read(path)
+    config = AdapterConfig.from_dict(json.loads(meta["tsd_config"]))
+    names = sorted({k[len("layers."):].rsplit(".", 1)[0] for k in tensors if k.startswith("layers.") and k.endswith(".lora_A")})
+    for name in names:
+        try:
+            module = model.get_submodule(name)
+        except AttributeError:
+            raise ValueError(f"{path}: adapter layer {name} does not exist in {type(model).__name__}") from None
+        A, B = tensors[f"layers.{name}.lora_A"], tensors[f"layers.{name}.lora_B"]
+        expected = (B.shape[0], A.shape[1])
+        got = tuple(in_out_features(module)[::-1])
+        if expected != got:
+            raise ValueError(f"{path}: layer {name} has shape (out, in) = {got} in the model but {expected} in the adapter")
+
+    ranks = {n: tensors[f"layers.{n}.lora_A"].shape[0] for n in names}
+    _inject(model, config, names, ranks=ranks)
+    _cast_adapter(model, adapter_name, config)
+    layers = dict(iter_lora_layers(model, adapter_name))
+    for name, layer in layers.items():
+        _set_lora(layer, adapter_name, tensors[f"layers.{name}.lora_A"], tensors[f"layers.{name}.lora_B"])
+        if f"layers.{name}.A0" in tensors:
+            A0, B0 = tensors[f"layers.{name}.A0"], tensors[f"layers.{name}.B0"]
+            base = layer.get_base_layer()
+            set_dense_weight(base, dense_weight(base).float() - float(layer.scaling[adapter_name]) * (B0 @ A0))
+            layer.tsd_init = InitOffset(A0, B0)
+    _load_modules_to_save(model, adapter_name, tensors, path)
+    if config.uses_dash:
+        _add_dash(model, adapter_name, config)
+    adapter = Adapter(model, config, adapter_name)
+    adapter.num_steps = int(meta.get("num_steps", 0))
+    active = [n for n in names if f"layers.{n}.dash.indices" in tensors]
+    for name, U, S, Vh in tsd.iter_svd(active, adapter.original_weight, adapter._dense_shape):
+        t = {key: tensors[f"layers.{name}.dash.{key}"] for key in _DASH_KEYS}
+        idx = t["indices"]
+        if not torch.allclose(S[idx], t["sigma"][idx].to(S), rtol=1e-3, atol=1e-5):
+            raise ValueError(
+                f"{path}: the singular values of {name} differ from those the adapter was trained on; "
+                "this is not the same base model"
+            )
+        dash = layers[name].tsd_dash
+        dash.lam.copy_(t["lam"])
+        dash.activate(U[:, idx], Vh[idx], idx, t["sigma"], t["delta_sigma"], t["energy"])
+    return adapter
+
+
+def _load_modules_to_save(model: nn.Module, adapter_name: str, tensors: dict[str, torch.Tensor], path: Path) -> None:
+    from peft.utils import ModulesToSaveWrapper
+
+    prefix = "modules_to_save."
+    for name, module in model.named_modules():
+        if isinstance(module, ModulesToSaveWrapper):
+            own = {k[len(prefix) + len(name) + 1:]: v for k, v in tensors.items() if k.startswith(f"{prefix}{name}.")}
+            if own:
+                module.modules_to_save[adapter_name].load_state_dict(own)

@@ -1,0 +1,138 @@
+"""Export any adapter as a standard LoRA that stock peft and stock diffusers load with no code of ours.
+
+Every layer is written as (A', B') with scale 1 and B'A' = W_eff - W_original (:meth:`Adapter.folded_factors`):
+dash folds to rank r+s, base-mutating inits to 2r (+s), so the file reproduces the trained model on the
+*original* base exactly. The config written is minimal and explicit (``lora_alpha`` = rank per layer,
+``init_lora_weights: true``): a data-driven init name there would make peft or diffusers re-run that init
+on the loading model (``diffusers_gradio.md`` §2, "Trap").
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import Counter
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+
+from .io import atomic_write_json, save_safetensors
+
+FORMATS = ("peft", "diffusers", "kohya", "tsd")
+#: kohya's component prefixes for the diffusers component names
+KOHYA_PREFIX = {"unet": "unet", "text_encoder": "te1", "text_encoder_2": "te2"}
+DIFFUSERS_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+
+
+def export_lora(adapter: Any, out_dir: str | Path, format: str = "peft", *, prefix: str = "unet",
+                base_model_name_or_path: str | None = None, task_type: str | None = None,
+                dtype: torch.dtype = torch.float32) -> Path:
+    """Write ``adapter`` to ``out_dir`` in ``format``; returns the directory.
+
+    Args:
+        adapter: an :class:`shared.Adapter`, or for ``diffusers``/``kohya`` a mapping of diffusers
+            component name (``unet``, ``text_encoder``, ``text_encoder_2``) to Adapter.
+        format: ``peft`` (``adapter_model.safetensors`` + ``adapter_config.json`` for
+            ``PeftModel.from_pretrained``), ``diffusers`` (``pytorch_lora_weights.safetensors`` for
+            ``load_lora_weights``), ``kohya`` (the same file with kohya keys), or ``tsd`` (the compact
+            native training state that :func:`shared.load` restores; dash directions are recomputed
+            from the base at load).
+        prefix: diffusers component name when a single adapter is given.
+    """
+    if format not in FORMATS:
+        raise ValueError(f"unknown export format {format!r}; choose one of {', '.join(FORMATS)}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if format == "tsd":
+        from .checkpoint import save_native
+
+        save_native(_single(adapter, format), out)
+    elif format == "peft":
+        _write_peft(_single(adapter, format), out, base_model_name_or_path, task_type, dtype)
+    else:
+        components = adapter if isinstance(adapter, Mapping) else {prefix: adapter}
+        _write_diffusers(components, out, kohya=format == "kohya", dtype=dtype)
+    return out
+
+
+def _single(adapter: Any, format: str) -> Any:
+    if isinstance(adapter, Mapping):
+        raise TypeError(f"format {format!r} takes one Adapter, not a mapping of components")
+    return adapter
+
+
+def folded_state(adapter: Any, dtype: torch.dtype = torch.float32) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """{layer name: (A', B')} of scale 1 for every adapted layer."""
+    return {name: tuple(t.to(dtype) for t in adapter.folded_factors(name)) for name in adapter.layers}
+
+
+def rank_config(ranks: Mapping[str, int]) -> dict[str, Any]:
+    """r / lora_alpha / rank_pattern / alpha_pattern giving every layer its rank and scale 1."""
+    common = Counter(ranks.values()).most_common(1)[0][0]
+    pattern = {re.escape(n): r for n, r in sorted(ranks.items()) if r != common}
+    return {"r": common, "lora_alpha": common, "rank_pattern": pattern, "alpha_pattern": dict(pattern)}
+
+
+def _modules_to_save_state(adapter: Any) -> dict[str, torch.Tensor]:
+    from peft.utils import ModulesToSaveWrapper
+
+    out = {}
+    for name, module in adapter.model.named_modules():
+        if isinstance(module, ModulesToSaveWrapper):
+            for key, t in module.modules_to_save[adapter.adapter_name].state_dict().items():
+                out[f"{name}.{key}"] = t
+    return out
+
+
+def _write_peft(adapter: Any, out: Path, base: str | None, task_type: str | None, dtype: torch.dtype) -> None:
+    from peft import LoraConfig
+
+    folded = folded_state(adapter, dtype)
+    tensors = {}
+    for name, (A, B) in folded.items():
+        tensors[f"base_model.model.{name}.lora_A.weight"] = A
+        tensors[f"base_model.model.{name}.lora_B.weight"] = B
+    for key, t in _modules_to_save_state(adapter).items():
+        tensors[f"base_model.model.{key}"] = t
+    cfg = LoraConfig(target_modules=sorted(folded), modules_to_save=adapter.config.modules_to_save,
+                     init_lora_weights=True, base_model_name_or_path=base, task_type=task_type,
+                     **rank_config({n: A.shape[0] for n, (A, _) in folded.items()}))
+    save_safetensors(tensors, out / "adapter_model.safetensors", metadata={"format": "pt"})
+    atomic_write_json(out / "adapter_config.json", _jsonable(cfg.to_dict()))
+
+
+def _write_diffusers(components: Mapping[str, Any], out: Path, kohya: bool, dtype: torch.dtype) -> None:
+    tensors: dict[str, torch.Tensor] = {}
+    meta: dict[str, Any] = {}
+    for comp, adapter in components.items():
+        folded = folded_state(adapter, dtype)
+        for name, (A, B) in folded.items():
+            if kohya:
+                if comp not in KOHYA_PREFIX:
+                    raise ValueError(f"kohya export knows components {sorted(KOHYA_PREFIX)}, not {comp!r}")
+                key = f"lora_{KOHYA_PREFIX[comp]}_{name.replace('.', '_')}"
+                tensors[f"{key}.lora_down.weight"] = A
+                tensors[f"{key}.lora_up.weight"] = B
+                tensors[f"{key}.alpha"] = torch.tensor(float(A.shape[0]))
+            else:
+                tensors[f"{comp}.{name}.lora_A.weight"] = A
+                tensors[f"{comp}.{name}.lora_B.weight"] = B
+        cfg = {"target_modules": sorted(folded), "init_lora_weights": True, "use_dora": False, "lora_bias": False,
+               **rank_config({n: A.shape[0] for n, (A, _) in folded.items()})}
+        meta.update({f"{comp}.{k}": v for k, v in cfg.items()})
+    header = {"format": "pt", "tsd_methods": json.dumps({c: a.config.method for c, a in components.items()})}
+    if not kohya:
+        header["lora_adapter_metadata"] = json.dumps(meta, indent=2, sort_keys=True)
+    save_safetensors(tensors, out / DIFFUSERS_WEIGHT_NAME, metadata=header)
+
+
+def _jsonable(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple, set)):
+        items = [_jsonable(v) for v in obj]
+        return sorted(items) if isinstance(obj, set) else items
+    if hasattr(obj, "value") and isinstance(getattr(obj, "value"), str):  # enums
+        return obj.value
+    return obj

@@ -1,0 +1,1 @@
+"""Data-driven initialisations: EVA, LoRA-DA and LoRA-Init (TSD-guided), all on :mod:`shared.statistics`."""

@@ -1,0 +1,65 @@
+"""LoRA-DA: data-aware initialisation (arXiv 2510.24561; closed form as in ``inits.md`` §2.2).
+
+Per layer, with G = E[∂L/∂W] (out × in), the K-FAC factors Z = E[x xᵀ] (in × in, uncentred) and
+Y = diag(E[g ⊙ g]) (out), all damped by λ:
+
+    D  = -Z⁻¹ Gᵀ Y⁻¹                      Fisher-gradient direction (paper layout, in × out)
+    D̂  = D / ‖D‖₂
+    Ω  = -α D̂ D̂ᵀ + β c Z⁻¹,  c = tr(Y⁻¹) / (N σ²)     bias term + variance term (§2.5)
+    A₀ = eigenvectors of Ω for its r smallest eigenvalues (Ky Fan)
+    B₀ = A₀ᵀ D̂
+    lora_A = A₀ᵀ / √γ,  lora_B = B₀ᵀ / √γ
+
+The base weight is not changed (as in the reference code), so the model moves by (α_lora/r)·B A at step 0.
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..config import AdapterConfig
+from ..statistics import FisherGradient, ForwardFn, batch_size_of, collect
+
+
+def lora_da_factors(G: torch.Tensor, Z: torch.Tensor, y: torch.Tensor, *, r: int, alpha: float, beta: float,
+                    gamma: float, population: int, damping: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """LoRA-DA's closed form; returns peft's (lora_A: r × in, lora_B: out × r). All inputs fp32."""
+    d_in = Z.shape[0]
+    eye = torch.eye(d_in, dtype=Z.dtype, device=Z.device)
+    L = torch.linalg.cholesky((Z + Z.T) / 2 + damping * eye)
+    y_inv = 1.0 / (y + damping)
+    D = -torch.cholesky_solve(G.T.contiguous(), L) * y_inv.unsqueeze(0)
+    sigma = torch.linalg.matrix_norm(D, ord=2)
+    if not torch.isfinite(sigma) or sigma <= 0:
+        raise ValueError("LoRA-DA: the Fisher-gradient direction is zero (no gradient reached this layer)")
+    D_hat = D / sigma
+    c = y_inv.sum() / (population * sigma**2)
+    omega = -alpha * (D_hat @ D_hat.T) + beta * c * torch.cholesky_inverse(L)
+    _, vecs = torch.linalg.eigh((omega + omega.T) / 2)
+    A0 = vecs[:, :r]
+    pivot = A0.abs().argmax(dim=0, keepdim=True)
+    A0 = A0 * torch.sign(torch.gather(A0, 0, pivot))
+    B0 = A0.T @ D_hat
+    scale = gamma**-0.5
+    return (A0.T * scale).contiguous(), (B0.T * scale).contiguous()
+
+
+def lora_da_init(model: nn.Module, targets: dict[str, nn.Module], config: AdapterConfig, batches: list[Any],
+                 forward_fn: ForwardFn, progress: bool = True) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Collect G, Z, y over ``lora_da_num_samples`` samples and solve every layer."""
+    accs = {name: FisherGradient() for name in targets}
+    per_batch = max(1, batch_size_of(batches[0]))
+    n_batches = -(-config.lora_da_num_samples // per_batch)
+    collect(model, targets, accs, itertools.cycle(batches), forward_fn, max_batches=n_batches,
+            desc="LoRA-DA: gradient and Fisher factors", progress=progress)
+    population = config.lora_da_population or config.lora_da_num_samples
+    return {
+        name: lora_da_factors(acc.grad, acc.z.value, acc.y, r=config.r, alpha=config.lora_da_alpha,
+                              beta=config.lora_da_beta, gamma=config.lora_da_gamma, population=population,
+                              damping=config.lora_da_damping)
+        for name, acc in accs.items()
+    }

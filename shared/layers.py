@@ -1,0 +1,86 @@
+"""Access to peft LoRA layers in one orientation: weights as out × in, whatever the base layer stores.
+
+peft's ``Linear`` wraps ``nn.Linear`` (weight out × in) and, with ``fan_in_fan_out=True``, transformers'
+``Conv1D`` (weight in × out). Everything in the core works on W ∈ R^{out × in}.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from typing import Iterator
+
+import torch
+from torch import nn
+
+
+@functools.cache
+def _conv1d_type() -> type | None:
+    """transformers' Conv1D (GPT-2 style, weight in × out), imported lazily: the core does not need transformers."""
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except ImportError:
+        return None
+    return Conv1D
+
+
+def is_fan_in_fan_out(module: nn.Module) -> bool:
+    conv1d = _conv1d_type()
+    return conv1d is not None and isinstance(module, conv1d)
+
+
+def is_linear_like(module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear) or is_fan_in_fan_out(module)
+
+
+def dense_weight(module: nn.Module) -> torch.Tensor:
+    """The weight of a Linear/Conv1D as out × in (a view, no copy)."""
+    return module.weight.T if is_fan_in_fan_out(module) else module.weight
+
+
+def set_dense_weight(module: nn.Module, w_out_in: torch.Tensor) -> None:
+    """Overwrite a Linear/Conv1D weight in place from an out × in matrix, keeping its dtype."""
+    target = module.weight.data
+    target.copy_((w_out_in.T if is_fan_in_fan_out(module) else w_out_in).to(target.dtype))
+
+
+def in_out_features(module: nn.Module) -> tuple[int, int]:
+    w = dense_weight(module)
+    return int(w.shape[1]), int(w.shape[0])
+
+
+def matches(name: str, target_modules: list[str] | str) -> bool:
+    """peft's matching rule: a regex string must full-match; list entries match the name or a dotted suffix."""
+    if isinstance(target_modules, str):
+        return re.fullmatch(target_modules, name) is not None
+    return any(name == t or name.endswith("." + t) for t in target_modules)
+
+
+def find_targets(model: nn.Module, target_modules: list[str] | str | None) -> dict[str, nn.Module]:
+    """Full names of the modules that ``target_modules`` selects; a clear error when none match."""
+    if target_modules is None:
+        raise ValueError(
+            "target_modules is not set; name the layers to adapt. Linear layers of this model: "
+            + ", ".join(linear_layer_names(model))
+        )
+    found = {n: m for n, m in model.named_modules() if n and matches(n, target_modules)}
+    if not found:
+        raise ValueError(
+            f"target_modules {target_modules!r} match no module of {type(model).__name__}. "
+            f"Its linear layer names are: {', '.join(linear_layer_names(model))}"
+        )
+    return found
+
+
+def linear_layer_names(model: nn.Module) -> list[str]:
+    """Distinct last name components of the model's Linear/Conv1D layers (what users put in target_modules)."""
+    return sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if is_linear_like(m)})
+
+
+def iter_lora_layers(model: nn.Module, adapter_name: str) -> Iterator[tuple[str, nn.Module]]:
+    """(name, peft LoraLayer) pairs of one adapter, names as in the un-adapted model."""
+    from peft.tuners.lora import LoraLayer
+
+    for name, module in model.named_modules():
+        if isinstance(module, LoraLayer) and adapter_name in module.lora_A:
+            yield name, module
