@@ -37,10 +37,17 @@ class EvaPCA:
         self.tau = tau
         self.converged = torch.zeros(n_components, dtype=torch.bool)
         self.fitted = False
+        self.pending: list[torch.Tensor] = []
 
     def update(self, x: torch.Tensor, g: torch.Tensor | None, batch_size: int) -> None:
-        if x.shape[0] < self.n_components * 2:
-            return  # too few tokens for a randomized SVD step (peft skips these batches too)
+        # layers that see few rows per batch (a pooler sees one per sequence) are buffered across batches:
+        # a randomized SVD step needs at least 2k rows
+        self.pending.append(x)
+        rows = sum(t.shape[0] for t in self.pending)
+        if rows < self.n_components * 2:
+            return
+        x = torch.cat(self.pending)
+        self.pending = []
         prev = self.ipca.components_.clone() if self.fitted else None
         self.ipca.partial_fit(x)
         if prev is not None:
@@ -94,8 +101,8 @@ def eva_components(model: nn.Module, targets: dict[str, nn.Module], config: Adap
     unfitted = [n for n in targets if not accs[n].fitted]
     if unfitted:
         raise ValueError(
-            f"EVA saw too few tokens for layers {unfitted[:3]}...: each batch needs at least "
-            f"2*round(rho*r) = {2 * max_rank[unfitted[0]]} unmasked tokens"
+            f"EVA saw too few unmasked tokens for layers {unfitted[:3]}: it needs at least 2*round(rho*r) = "
+            f"{2 * max_rank[unfitted[0]]} rows within eva_max_batches={config.eva_max_batches} batches"
         )
     if not all_converged():
         warnings.warn(f"EVA stopped at the cap of {n_used} batches before every layer reached tau={config.eva_tau}")
