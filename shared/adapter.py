@@ -20,7 +20,7 @@ from . import tsd
 from .config import AdapterConfig
 from .dash import DashTerm, dash_forward_hook
 from .layers import dense_weight, find_targets, in_out_features, is_linear_like, iter_lora_layers, set_dense_weight
-from .statistics import ForwardFn, batch_size_of, default_forward_fn
+from .statistics import ForwardFn, batch_size_of, default_forward_fn, require_loss
 
 
 class InitOffset(nn.Module):
@@ -373,7 +373,7 @@ def _init_lora_ga(model: nn.Module, config: AdapterConfig, targets: dict[str, nn
 
     def train_step() -> None:
         for batch in batches:
-            forward_fn(model, batch).backward()
+            require_loss(forward_fn(model, batch)).backward()
 
     preprocess_loraga(model, lcfg, train_step)
     _inject(model, config, sorted(targets), lora_config=lcfg)

@@ -47,8 +47,11 @@ def move_to(batch: Any, device: torch.device) -> Any:
     return batch
 
 
-def default_forward_fn(model: nn.Module, batch: Any) -> torch.Tensor:
-    """``model(**batch).loss``, the transformers convention."""
+def default_forward_fn(model: nn.Module, batch: Any) -> Any:
+    """``model(**batch).loss``, the transformers convention; the raw output when it has no loss.
+
+    Forward-only statistics (EVA) need no loss, so batches without labels work there.
+    """
     if not isinstance(batch, dict):
         raise TypeError(
             f"the default forward_fn needs dict batches (model(**batch)); got {type(batch).__name__}. "
@@ -56,10 +59,18 @@ def default_forward_fn(model: nn.Module, batch: Any) -> torch.Tensor:
         )
     out = model(**move_to(batch, model_device(model)))
     loss = getattr(out, "loss", None)
-    if loss is None:
+    return out if loss is None else loss
+
+
+def require_loss(loss: Any) -> torch.Tensor:
+    """The loss a gradient-based init backpropagates, or an error saying how to provide one."""
+    if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
         raise ValueError(
-            "model(**batch) returned no .loss (batches need 'labels'); pass forward_fn=(model, batch) -> loss"
+            "forward_fn returned no scalar loss (with the default, model(**batch) needs 'labels' in the batch); "
+            "pass forward_fn=(model, batch) -> loss"
         )
+    if not loss.requires_grad:
+        raise RuntimeError("forward_fn returned a loss without a graph; it must depend on the model")
     return loss
 
 
@@ -174,9 +185,7 @@ def collect(
                 state["mask"] = mask_fn(batch)
                 loss = forward_fn(model, batch)
                 if needs_grad:
-                    if not isinstance(loss, torch.Tensor) or not loss.requires_grad:
-                        raise RuntimeError("forward_fn returned a loss without a graph; it must depend on the model")
-                    loss.backward()
+                    require_loss(loss).backward()
                 n = batch_size_of(batch)
                 for name, acc in ((owners[k], accumulators[owners[k]]) for k in owners):
                     if name not in seen:

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from ..config import AdapterConfig
-from ..statistics import ForwardFn, collect
+from ..statistics import ForwardFn, collect, require_loss
 
 
 class WeightGradient:
@@ -63,8 +63,7 @@ def warmup_lora(model: nn.Module, params: list[torch.nn.Parameter], config: Adap
     try:
         for batch in tqdm(itertools.islice(itertools.cycle(batches), config.lora_init_steps),
                           total=config.lora_init_steps, desc="LoRA-Init: warm-up", disable=not progress, leave=False):
-            loss = forward_fn(model, batch)
-            loss.backward()
+            require_loss(forward_fn(model, batch)).backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
     finally:

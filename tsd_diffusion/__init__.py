@@ -1,0 +1,1 @@
+"""Diffusion frontend: LoRA-Dash / TSD adapters for diffusers pipelines (SDXL DreamBooth)."""

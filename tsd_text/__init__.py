@@ -1,0 +1,1 @@
+"""Text frontend: LoRA-Dash / TSD adapters for transformers language models."""
