@@ -19,7 +19,8 @@ from torch import nn
 from . import tsd
 from .config import AdapterConfig
 from .dash import DashTerm, dash_forward_hook
-from .layers import dense_weight, find_targets, in_out_features, is_linear_like, iter_lora_layers, set_dense_weight
+from .layers import (dense_weight, find_targets, in_out_features, is_fan_in_fan_out, is_linear_like, iter_lora_layers,
+                     set_dense_weight)
 from .statistics import ForwardFn, batch_size_of, default_forward_fn, require_loss
 
 
@@ -311,7 +312,8 @@ def _take_batches(data: Iterable[Any] | None, config: AdapterConfig) -> list[Any
     return out
 
 
-def _lora_config(config: AdapterConfig, names: list[str], ranks: dict[str, int] | None = None, init: Any = True):
+def _lora_config(config: AdapterConfig, names: list[str], ranks: dict[str, int] | None = None, init: Any = True,
+                 fan_in_fan_out: bool = False):
     from peft import LoraConfig
 
     ranks = ranks or {}
@@ -321,7 +323,7 @@ def _lora_config(config: AdapterConfig, names: list[str], ranks: dict[str, int] 
         rank_pattern=rank_pattern,
         # EVA keeps the scale α/r when it changes a layer's rank (peft's adjust_scaling_factors)
         alpha_pattern={k: config.alpha * r / config.r for k, r in rank_pattern.items()},
-        modules_to_save=config.modules_to_save, init_lora_weights=init,
+        modules_to_save=config.modules_to_save, init_lora_weights=init, fan_in_fan_out=fan_in_fan_out,
     )
 
 
@@ -329,7 +331,8 @@ def _inject(model: nn.Module, config: AdapterConfig, names: list[str], ranks: di
             init: Any = True, lora_config: Any = None) -> None:
     from peft import inject_adapter_in_model
 
-    inject_adapter_in_model(lora_config or _lora_config(config, names, ranks, init), model)
+    fifo = any(is_fan_in_fan_out(model.get_submodule(n)) for n in names)
+    inject_adapter_in_model(lora_config or _lora_config(config, names, ranks, init, fifo), model)
 
 
 @torch.no_grad()
@@ -368,7 +371,8 @@ def _init_lora_ga(model: nn.Module, config: AdapterConfig, targets: dict[str, nn
     from peft import LoraGAConfig
     from peft.tuners.lora.loraga import preprocess_loraga
 
-    lcfg = _lora_config(config, sorted(targets), init="lora_ga")
+    fifo = any(is_fan_in_fan_out(m) for m in targets.values())
+    lcfg = _lora_config(config, sorted(targets), init="lora_ga", fan_in_fan_out=fifo)
     lcfg.lora_ga_config = LoraGAConfig()
 
     def train_step() -> None:
