@@ -255,35 +255,48 @@ class InputSecondMoment:
         return self.sum / max(self.count, 1)
 
 
+class WeightGradient:
+    """Mean over batches of ∂L/∂W = Σ_t g_t x_tᵀ (out × in); the LoRA-Init gradient estimator."""
+
+    needs_grad = True
+
+    def __init__(self) -> None:
+        self.total: torch.Tensor | None = None
+        self.batches = 0
+
+    def update(self, x: torch.Tensor, g: torch.Tensor | None, batch_size: int) -> None:
+        gw = g.T @ x
+        self.total = gw if self.total is None else self.total + gw
+        self.batches += 1
+
+    @property
+    def value(self) -> torch.Tensor:
+        return self.total / max(self.batches, 1)
+
+
 class FisherGradient:
     """Mean weight gradient G = ∂L/∂W, K-FAC factors Z and diag(Y) (``inits.md`` §2.2 steps 1-3).
 
-    G is averaged over batches. Output gradients are rescaled by the batch size, so y estimates the
-    per-sample empirical Fisher for a batch-mean loss (the reference runs batch size 1).
+    Output gradients are rescaled by the batch size, so y estimates the per-sample empirical Fisher for
+    a batch-mean loss (the reference runs batch size 1).
     """
 
     needs_grad = True
 
     def __init__(self) -> None:
-        self.grad_sum: torch.Tensor | None = None
+        self.g = WeightGradient()
         self.z = InputSecondMoment()
         self.y_sum: torch.Tensor | None = None
-        self.batches = 0
-        self.samples = 0
 
     def update(self, x: torch.Tensor, g: torch.Tensor | None, batch_size: int) -> None:
-        assert g is not None
-        gw = g.T @ x
-        self.grad_sum = gw if self.grad_sum is None else self.grad_sum + gw
+        self.g.update(x, g, batch_size)
         self.z.update(x, None, batch_size)
         gs = (g * batch_size).pow(2).sum(0)
         self.y_sum = gs if self.y_sum is None else self.y_sum + gs
-        self.batches += 1
-        self.samples += batch_size
 
     @property
     def grad(self) -> torch.Tensor:
-        return self.grad_sum / max(self.batches, 1)
+        return self.g.value
 
     @property
     def y(self) -> torch.Tensor:

@@ -21,26 +21,7 @@ import torch
 from torch import nn
 
 from ..config import AdapterConfig
-from ..statistics import ForwardFn, collect, require_loss
-
-
-class WeightGradient:
-    """Mean over batches of ∂L/∂W = Σ_t g_t x_tᵀ (out × in)."""
-
-    needs_grad = True
-
-    def __init__(self) -> None:
-        self.total: torch.Tensor | None = None
-        self.batches = 0
-
-    def update(self, x: torch.Tensor, g: torch.Tensor | None, batch_size: int) -> None:
-        gw = g.T @ x
-        self.total = gw if self.total is None else self.total + gw
-        self.batches += 1
-
-    @property
-    def value(self) -> torch.Tensor:
-        return self.total / max(self.batches, 1)
+from ..statistics import ForwardFn, WeightGradient, collect, require_loss
 
 
 def gradient_updates(model: nn.Module, targets: dict[str, nn.Module], config: AdapterConfig, batches: list[Any],
