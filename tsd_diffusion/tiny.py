@@ -1,0 +1,400 @@
+"""The embedded default base model: a tiny pipeline of the real SDXL architecture, built locally from configs.
+
+No weights are downloaded (none of SDXL's are on any package registry). :func:`materialize_tiny_sdxl` builds a
+``StableDiffusionXLPipeline`` with randomly initialised (seeded, deterministic) components of the *same classes and
+wiring* as SDXL and saves it like a hub snapshot, so everything downstream loads it through the ordinary
+``StableDiffusionXLPipeline.from_pretrained(dir)`` path:
+
+- ``unet``: ``UNet2DConditionModel`` with SDXL's conditioning: ``addition_embed_type="text_time"`` (pooled text
+  embeds + 6 micro-conditioning time ids), ``cross_attention_dim = hidden(te1) + hidden(te2)``, linear-projection
+  transformer blocks with ``to_q/to_k/to_v/to_out.0`` (the LoRA targets), down ``DownBlock2D, CrossAttnDownBlock2D``,
+  up ``CrossAttnUpBlock2D, UpBlock2D``. ``sample_size=32`` latents, i.e. 64x64 images with the tiny VAE;
+- ``vae``: ``AutoencoderKL`` with 2 blocks (scale factor 2, so 64 px images <-> 32x32x4 latents), SDXL's
+  ``scaling_factor`` 0.13025;
+- ``text_encoder``: ``CLIPTextModel`` (hidden 32, quick_gelu like SDXL's CLIP-L); ``text_encoder_2``:
+  ``CLIPTextModelWithProjection`` (hidden 48, projection 48, gelu like SDXL's OpenCLIP-bigG). The two widths differ on
+  purpose, as in SDXL (768 vs 1280), so code that mixes them up fails here too;
+- ``tokenizer`` / ``tokenizer_2``: the real CLIP BPE vocabulary (49408 tokens; ``tokenizer_2`` pads with ``"!"``
+  like SDXL's) from the ``clip_tokenizer`` asset (``python scripts/fetch_assets.py --only clip_tokenizer``). When the
+  asset is absent, a documented fallback is used: a 514-token byte-level BPE vocabulary (the 256 CLIP byte
+  characters, each also with ``</w>``, plus ``<|startoftext|>``/``<|endoftext|>``, no merges; every string still
+  tokenizes, one byte per token). Which one was used is written to ``tsd_tiny_sdxl.json`` in the pipeline dir;
+- ``scheduler``: ``EulerDiscreteScheduler`` with SDXL's config (scaled_linear 0.00085..0.012, leading spacing,
+  steps_offset 1).
+
+Sizes: UNet about 1.1 M params, VAE 44 k, text encoders 1.6 M / 2.4 M (mostly the 49408-token embeddings). A 64x64
+DreamBooth LoRA step takes about 0.1 s on 2 CPU cores.
+
+Cache layout: ``<cache>/tiny-sdxl-v1/`` (real tokenizer) or ``<cache>/tiny-sdxl-v1-bytetok/`` (fallback tokenizer),
+with ``-seed<N>`` appended for a non-default seed. Each is built in a temp dir inside the cache, gets a ``done``
+marker and is renamed into place (a per-variant file lock serialises concurrent builders), so a pipeline dir is
+either complete or absent and later calls return it without rebuilding. A cached real-tokenizer build is used even
+when the tokenizer asset has since disappeared.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Iterator
+
+__all__ = [
+    "EMBEDDED_NAME",
+    "TINY_SDXL_VERSION",
+    "build_tiny_sdxl_pipeline",
+    "materialize_tiny_sdxl",
+    "make_subject_images",
+    "resolve_pretrained",
+    "tiny_cache_dir",
+]
+
+EMBEDDED_NAME = "tsd-lora/tiny-sdxl"
+TINY_SDXL_VERSION = 1  # bump when the configs below change: the cache dir name carries it
+DONE = "done"
+INFO_FILE = "tsd_tiny_sdxl.json"
+BUILD_COUNT = 0  # how many pipelines this process has built (tests use it to check cache hits)
+
+# component sizes (see the module docstring)
+TE1_HIDDEN, TE2_HIDDEN, TE2_PROJ = 32, 48, 48
+TIME_EMBED_DIM = 8
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*(/[\w.\-]+)?$")
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# cache dir + tokenizer
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def tiny_cache_dir() -> Path:
+    """``$TSD_CACHE``, else ``$XDG_CACHE_HOME/tsd-lora``, else ``~/.cache/tsd-lora`` (same as scripts.fetch_assets)."""
+    try:
+        from scripts.fetch_assets import cache_dir
+
+        return cache_dir()
+    except ImportError:
+        env = os.environ.get("TSD_CACHE")
+        if env:
+            return Path(env).expanduser().resolve()
+        xdg = os.environ.get("XDG_CACHE_HOME")
+        base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
+        return (base / "tsd-lora").resolve()
+
+
+def _find_clip_tokenizer(cache: Path | None) -> Path | None:
+    """The fetched real CLIP tokenizer dir: first in ``cache`` (when given), then in the default cache."""
+    candidates = []
+    try:
+        from scripts.fetch_assets import asset_path
+
+        if cache is not None:
+            candidates.append(asset_path("clip_tokenizer", cache))
+        candidates.append(asset_path("clip_tokenizer"))
+    except ImportError:
+        for root in ([cache] if cache is not None else []) + [tiny_cache_dir()]:
+            d = Path(root) / "clip_tokenizer"
+            candidates.append(d if (d / DONE).is_file() else None)
+    for d in candidates:
+        if d is not None and (Path(d) / "vocab.json").is_file() and (Path(d) / "merges.txt").is_file():
+            return Path(d)
+    return None
+
+
+def _byte_chars() -> list[str]:
+    """GPT-2 / CLIP byte -> unicode table (inlined: transformers 5 no longer exports ``bytes_to_unicode``)."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs, n = bs[:], 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return [chr(c) for c in cs]
+
+
+def _write_byte_tokenizer(d: Path) -> Path:
+    chars = _byte_chars()
+    vocab = chars + [c + "</w>" for c in chars] + ["<|startoftext|>", "<|endoftext|>"]  # 514 tokens
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}, ensure_ascii=False), encoding="utf-8")
+    (d / "merges.txt").write_text("#version: 0.2\n", encoding="utf-8")
+    return d
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# building
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def build_tiny_sdxl_pipeline(tokenizer_dir: str | os.PathLike, seed: int = 0):
+    """Build (do not save) the tiny SDXL pipeline with the CLIP tokenizer files in ``tokenizer_dir``.
+
+    Deterministic for a seed; the global torch RNG state is left as it was.
+    """
+    import torch
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    tok = CLIPTokenizer.from_pretrained(str(tokenizer_dir), model_max_length=77, pad_token="<|endoftext|>")
+    tok2 = CLIPTokenizer.from_pretrained(str(tokenizer_dir), model_max_length=77, pad_token="!")
+    common = dict(vocab_size=len(tok), intermediate_size=37, num_attention_heads=4, num_hidden_layers=2,
+                  max_position_embeddings=77, layer_norm_eps=1e-5, bos_token_id=tok.bos_token_id,
+                  eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    te1_cfg = CLIPTextConfig(hidden_size=TE1_HIDDEN, hidden_act="quick_gelu", projection_dim=TE1_HIDDEN, **common)
+    te2_cfg = CLIPTextConfig(hidden_size=TE2_HIDDEN, hidden_act="gelu", projection_dim=TE2_PROJ, **common)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        unet = UNet2DConditionModel(
+            sample_size=32, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+            attention_head_dim=(2, 4), use_linear_projection=True, transformer_layers_per_block=(1, 1),
+            addition_embed_type="text_time", addition_time_embed_dim=TIME_EMBED_DIM,
+            projection_class_embeddings_input_dim=6 * TIME_EMBED_DIM + TE2_PROJ,  # 6 time ids + pooled te2
+            cross_attention_dim=TE1_HIDDEN + TE2_HIDDEN,  # penultimate hidden states of both encoders, concatenated
+            norm_num_groups=8)
+        torch.manual_seed(seed + 1)
+        vae = AutoencoderKL(
+            in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16), layers_per_block=1,
+            down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+            norm_num_groups=8, sample_size=64, scaling_factor=0.13025)
+        torch.manual_seed(seed + 2)
+        te1 = CLIPTextModel(te1_cfg)
+        torch.manual_seed(seed + 3)
+        te2 = CLIPTextModelWithProjection(te2_cfg)
+    sched = EulerDiscreteScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
+                                   beta_schedule="scaled_linear", steps_offset=1, timestep_spacing="leading",
+                                   prediction_type="epsilon", interpolation_type="linear", use_karras_sigmas=False)
+    return StableDiffusionXLPipeline(vae=vae, text_encoder=te1, text_encoder_2=te2, tokenizer=tok, tokenizer_2=tok2,
+                                     unet=unet, scheduler=sched, force_zeros_for_empty_prompt=True)
+
+
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no cross-process lock (the atomic rename still protects readers)
+        yield
+        return
+    with open(path, "a+") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _variant_dir(root: Path, tokenizer: str, seed: int) -> Path:
+    name = f"tiny-sdxl-v{TINY_SDXL_VERSION}" + ("" if tokenizer == "clip" else "-bytetok")
+    return root / (name + ("" if seed == 0 else f"-seed{seed}"))
+
+
+def materialize_tiny_sdxl(cache_dir: str | os.PathLike | None = None, seed: int = 0,
+                          tokenizer_dir: str | os.PathLike | None = None) -> Path:
+    """Build the embedded tiny SDXL pipeline once and return its directory (a ``from_pretrained``-able snapshot).
+
+    ``cache_dir``: default :func:`tiny_cache_dir`. ``tokenizer_dir``: a dir with CLIP ``vocab.json`` + ``merges.txt``;
+    default: the fetched ``clip_tokenizer`` asset (looked up in ``cache_dir``, then in the default cache), else the
+    byte-level fallback. A second call returns the cached dir without rebuilding (see the module docstring).
+    """
+    global BUILD_COUNT
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"seed must be an int >= 0, got {seed!r}")
+    root = Path(cache_dir).expanduser().resolve() if cache_dir is not None else tiny_cache_dir()
+    real_dir = _variant_dir(root, "clip", seed)
+    if tokenizer_dir is None and (real_dir / DONE).is_file():
+        return real_dir  # fast path, even when the tokenizer asset is gone by now
+    tok_src = Path(tokenizer_dir).expanduser() if tokenizer_dir is not None else _find_clip_tokenizer(root)
+    if tok_src is not None and not ((tok_src / "vocab.json").is_file() and (tok_src / "merges.txt").is_file()):
+        raise ValueError(f"tokenizer_dir {tok_src} must contain vocab.json and merges.txt")
+    kind = "clip" if tok_src is not None else "bytetok"
+    final = _variant_dir(root, kind, seed)
+    if (final / DONE).is_file():
+        return final
+    root.mkdir(parents=True, exist_ok=True)
+    with _locked(root / f".{final.name}.lock"):
+        if (final / DONE).is_file():  # another process built it while we waited
+            return final
+        for stale in root.glob(f".{final.name}.tmp-*"):  # leftovers of an interrupted build (we hold the lock)
+            shutil.rmtree(stale, ignore_errors=True)
+        t0 = time.time()
+        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=root))
+        try:
+            if tok_src is None:
+                tok_src = _write_byte_tokenizer(tmp / "_bytetok")
+            pipe = build_tiny_sdxl_pipeline(tok_src, seed=seed)
+            out = tmp / "pipe"
+            pipe.save_pretrained(out, safe_serialization=True)
+            for sub in ("tokenizer", "tokenizer_2"):  # like a hub snapshot, and loadable by transformers 4 too
+                for f in ("vocab.json", "merges.txt"):
+                    if not (out / sub / f).is_file():
+                        shutil.copyfile(tok_src / f, out / sub / f)
+            shutil.rmtree(tmp / "_bytetok", ignore_errors=True)
+            import diffusers
+            import torch
+            import transformers
+
+            info = {
+                "name": EMBEDDED_NAME,
+                "version": TINY_SDXL_VERSION,
+                "seed": seed,
+                "tokenizer": ("clip-bpe-49408 (real CLIP BPE vocabulary, clip_tokenizer asset)" if kind == "clip"
+                              else "byte-level-514 (fallback: 256 byte chars + </w> forms + 2 specials, no merges)"),
+                "tokenizer_kind": kind,
+                "tokenizer_source": str(tok_src) if kind == "clip" else None,
+                "vocab_size": len(pipe.tokenizer),
+                "params": {k: sum(p.numel() for p in getattr(pipe, k).parameters())
+                           for k in ("unet", "vae", "text_encoder", "text_encoder_2")},
+                "built_with": {"diffusers": diffusers.__version__, "transformers": transformers.__version__,
+                               "torch": torch.__version__},
+                "built_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                "build_seconds": round(time.time() - t0, 2),
+            }
+            (out / INFO_FILE).write_text(json.dumps(info, indent=1) + "\n")
+            (out / DONE).write_text(json.dumps({"name": EMBEDDED_NAME, "version": TINY_SDXL_VERSION}) + "\n")
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(out, 0o777 & ~umask)
+            if final.exists():  # an incomplete dir without `done` (e.g. made by hand): replace it
+                old = Path(tempfile.mkdtemp(prefix=f".{final.name}.old-", dir=root))
+                os.replace(final, old / "x")
+                shutil.rmtree(old, ignore_errors=True)
+            os.replace(out, final)
+            BUILD_COUNT += 1
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def resolve_pretrained(name_or_path: str | os.PathLike) -> str:
+    """Map ``--pretrained_model_name_or_path`` to what ``StableDiffusionXLPipeline.from_pretrained`` gets.
+
+    - :data:`EMBEDDED_NAME` (``"tsd-lora/tiny-sdxl"``) -> the materialized local dir (built on first use);
+    - an existing local directory -> itself, after checking it holds ``model_index.json`` (ValueError otherwise);
+    - an existing file -> ValueError (single-file checkpoints are not supported; give a diffusers pipeline dir);
+    - something that looks like a local path but does not exist (absolute, ``./``, ``~``, more than one ``/``)
+      -> ValueError, instead of a confusing hub error;
+    - anything else (``org/name``) -> unchanged, as a hub id: diffusers fetches it (offline that fails, as it should).
+    """
+    s = os.fspath(name_or_path)
+    if not isinstance(s, str) or not s.strip():
+        raise ValueError(f"pretrained model name or path must be a non-empty string, got {name_or_path!r}")
+    if s == EMBEDDED_NAME:
+        return str(materialize_tiny_sdxl())
+    p = Path(s).expanduser()
+    if p.is_dir():
+        if not (p / "model_index.json").is_file():
+            raise ValueError(f"{p} is a directory but not a diffusers pipeline: it has no model_index.json "
+                             f"(save one with pipeline.save_pretrained(dir), or use {EMBEDDED_NAME!r})")
+        return str(p)
+    if p.exists():
+        raise ValueError(f"{p} is a file; a diffusers pipeline directory (with model_index.json) or a hub id is "
+                         "needed (single-file checkpoints are not supported)")
+    if not _HUB_ID.match(s):
+        raise ValueError(f"{s!r} is neither an existing local directory nor a hub id like 'org/name'")
+    return s
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# subject images
+# --------------------------------------------------------------------------------------------------------------------
+
+_BACKGROUNDS = [(236, 226, 208), (196, 220, 236), (214, 236, 200), (238, 206, 214), (222, 222, 222),
+                (250, 240, 190), (200, 200, 230)]
+
+
+def _draw_teapot(size: int, rng) -> "object":
+    """One image of the subject: a teapot with red/white stripes, a gold lid knob, a blue spout and handle, and a
+    yellow five-pointed star on its belly, standing on a table line with a soft shadow; random background colour
+    (with a vertical gradient), position, scale and facing direction. Drawn at 4x and downsampled (anti-aliasing)."""
+    import math
+
+    from PIL import Image, ImageDraw, ImageFilter
+
+    ss = 4
+    S = size * ss
+    bg = _BACKGROUNDS[rng.randrange(len(_BACKGROUNDS))]
+    bg2 = tuple(max(0, c - rng.randint(20, 45)) for c in bg)
+    img = Image.new("RGB", (S, S), bg)
+    d = ImageDraw.Draw(img)
+    for y in range(S):  # vertical gradient: lighter top, darker bottom
+        t = y / (S - 1)
+        d.line([(0, y), (S, y)], fill=tuple(int(a + (b - a) * t) for a, b in zip(bg, bg2)))
+    scale = rng.uniform(0.4, 0.6)
+    bw, bh = S * scale, S * scale * 0.62  # body ellipse
+    facing = rng.choice((-1, 1))  # spout to the right (1) or left (-1)
+    # keep the whole teapot in frame: the handle reaches 0.72 bw behind the centre, the spout 0.8 bw ahead
+    back, front = 0.72 * bw, 0.8 * bw
+    lo, hi = (0.03 * S + back, 0.97 * S - front) if facing == 1 else (0.03 * S + front, 0.97 * S - back)
+    cx = rng.uniform(lo, max(lo, hi))
+    floor = S * rng.uniform(0.78, 0.9)
+    cy = floor - bh / 2
+    # table line + shadow
+    d.line([(0, floor + S * 0.01), (S, floor + S * 0.01)], fill=tuple(max(0, c - 60) for c in bg2), width=max(1, S // 96))
+    shadow = Image.new("L", (S, S), 0)
+    ImageDraw.Draw(shadow).ellipse([cx - bw * 0.55, floor - bh * 0.06, cx + bw * 0.55, floor + bh * 0.1], fill=110)
+    shadow = shadow.filter(ImageFilter.GaussianBlur(S / 60))
+    img.paste(Image.new("RGB", (S, S), (40, 40, 40)), (0, 0), shadow)
+    d = ImageDraw.Draw(img)
+    blue, red, white, gold = (30, 70, 170), (200, 30, 40), (245, 245, 240), (225, 170, 30)
+    lw = max(2, int(S * 0.025))
+    # handle (behind the body, opposite the spout)
+    hx = cx - facing * bw * 0.5
+    d.ellipse([hx - bw * 0.22, cy - bh * 0.3, hx + bw * 0.22, cy + bh * 0.3], outline=blue, width=lw * 2)
+    # spout: a tapered quadrilateral
+    sx0 = cx + facing * bw * 0.38
+    d.polygon([(sx0, cy + bh * 0.05), (sx0, cy + bh * 0.3), (sx0 + facing * bw * 0.42, cy - bh * 0.45),
+               (sx0 + facing * bw * 0.34, cy - bh * 0.5)], fill=blue)
+    # striped body: draw stripes then mask to the ellipse
+    body = Image.new("RGB", (S, S), white)
+    bd = ImageDraw.Draw(body)
+    n_stripes = 7
+    top = cy - bh / 2
+    for i in range(n_stripes):
+        if i % 2 == 0:
+            y0 = top + bh * i / n_stripes
+            bd.rectangle([0, y0, S, y0 + bh / n_stripes], fill=red)
+    mask = Image.new("L", (S, S), 0)
+    ImageDraw.Draw(mask).ellipse([cx - bw / 2, cy - bh / 2, cx + bw / 2, cy + bh / 2], fill=255)
+    img.paste(body, (0, 0), mask)
+    d = ImageDraw.Draw(img)
+    d.ellipse([cx - bw / 2, cy - bh / 2, cx + bw / 2, cy + bh / 2], outline=(90, 20, 25), width=lw)
+    # star emblem on the belly
+    r_out, r_in = bh * 0.2, bh * 0.08
+    pts = []
+    for k in range(10):
+        ang = -math.pi / 2 + k * math.pi / 5
+        r = r_out if k % 2 == 0 else r_in
+        pts.append((cx + r * math.cos(ang), cy + bh * 0.05 + r * math.sin(ang)))
+    d.polygon(pts, fill=(250, 215, 40), outline=(120, 80, 0))
+    # lid + knob
+    d.ellipse([cx - bw * 0.22, top - bh * 0.1, cx + bw * 0.22, top + bh * 0.1], fill=blue)
+    d.ellipse([cx - bw * 0.06, top - bh * 0.24, cx + bw * 0.06, top - bh * 0.06], fill=gold)
+    return img.resize((size, size), Image.Resampling.LANCZOS)
+
+
+def make_subject_images(out_dir: str | os.PathLike, n: int = 5, size: int = 96, seed: int = 0) -> list[Path]:
+    """Write ``n`` PNG photos-of-a-subject (``subject_00.png`` ...) the project draws itself (nothing downloaded).
+
+    The subject is one distinctive object: a red-and-white striped teapot with a blue spout and handle, a gold lid
+    knob and a yellow star on its belly (see :func:`_draw_teapot`). Each image varies the background colour,
+    position, scale and facing direction, as in a real DreamBooth set. Deterministic for ``(n, size, seed)``
+    (``random.Random(seed)``). Returns the file paths, sorted.
+    """
+    import random
+
+    if n < 1 or size < 16:
+        raise ValueError(f"need n >= 1 and size >= 16, got n={n}, size={size}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
+    paths = []
+    for i in range(n):
+        p = out / f"subject_{i:02d}.png"
+        _draw_teapot(size, rng).save(p, format="PNG", optimize=False)
+        paths.append(p)
+    return paths

@@ -1,0 +1,541 @@
+"""DreamBooth LoRA training for SDXL with any method of the tsd-lora core (LoRA-Dash by default).
+
+Mirrors diffusers' ``examples/dreambooth/train_dreambooth_lora_sdxl.py`` (same flag names, accelerate for
+everything device-related) with these differences: the adapter comes from :func:`shared.attach` (so
+``--method`` picks lora, dash, lora_init, tsd, eva, lora_da, pissa or lora_ga), the dash switch counts
+optimizer steps, the output is a folded standard LoRA that stock ``load_lora_weights`` reproduces exactly,
+augmentation is redrawn every epoch, latents are cached per (image, augmentation), checkpoints hold only
+the adapter state (not the frozen base) and a resumed run equals an uninterrupted one.
+
+With no arguments it trains on the embedded default: a tiny pipeline of the SDXL architecture and a
+subject the project draws itself (``tsd_diffusion.tiny``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import math
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+import shared
+from shared.io import atomic_write_json, atomic_write_text
+
+from .data import DreamBoothDataset, LatentCache, collate, validate_resolution
+from .tiny import EMBEDDED_NAME, make_subject_images, resolve_pretrained
+
+UNET_TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]
+TEXT_ENCODER_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
+EMBEDDED_SUBJECT_PROMPT = "a photo of sks teapot"
+EMBEDDED_CLASS = "teapot"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    a = p.add_argument
+    # model
+    a("--pretrained_model_name_or_path", default=EMBEDDED_NAME,
+      help=f"hub id, local diffusers pipeline dir, or {EMBEDDED_NAME!r} (the embedded tiny default)")
+    a("--pretrained_vae_model_name_or_path", default=None, help="an fp16-safe VAE (e.g. madebyollin/sdxl-vae-fp16-fix)")
+    a("--revision", default=None)
+    a("--variant", default=None)
+    # data
+    a("--instance_data_dir", default=None, help="subject photos; default: the embedded subject (generated)")
+    a("--instance_prompt", default=None, help=f"default for the embedded subject: {EMBEDDED_SUBJECT_PROMPT!r}")
+    a("--class_data_dir", default=None)
+    a("--class_prompt", default=None)
+    a("--with_prior_preservation", action="store_true")
+    a("--prior_loss_weight", type=float, default=1.0)
+    a("--num_class_images", type=int, default=100)
+    a("--resolution", type=int, default=None, help="default 1024, or 64 for the embedded tiny model")
+    a("--center_crop", action="store_true")
+    a("--random_flip", action="store_true")
+    a("--dataloader_num_workers", type=int, default=0)
+    # training
+    a("--train_batch_size", type=int, default=4)
+    a("--gradient_accumulation_steps", type=int, default=1)
+    a("--max_train_steps", type=int, default=None, help="overrides --num_train_epochs")
+    a("--num_train_epochs", type=int, default=1)
+    a("--learning_rate", type=float, default=1e-4)
+    a("--text_encoder_lr", type=float, default=5e-6)
+    a("--lr_scheduler", default="constant",
+      choices=["linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup"])
+    a("--lr_warmup_steps", type=int, default=0)
+    a("--snr_gamma", type=float, default=None, help="Min-SNR weighting gamma (5.0 is the paper's choice)")
+    a("--max_grad_norm", type=float, default=1.0)
+    a("--adam_beta1", type=float, default=0.9)
+    a("--adam_beta2", type=float, default=0.999)
+    a("--adam_weight_decay", type=float, default=1e-4)
+    a("--adam_epsilon", type=float, default=1e-8)
+    a("--use_8bit_adam", action="store_true")
+    a("--gradient_checkpointing", action="store_true")
+    a("--mixed_precision", default=None, choices=["no", "fp16", "bf16"])
+    a("--cache_latents", action="store_true", help="VAE-encode each (image, augmentation) once")
+    a("--train_text_encoder", action="store_true")
+    a("--seed", type=int, default=0)
+    # adapter
+    a("--method", default="dash", choices=list(shared.METHODS))
+    a("--rank", type=int, default=4)
+    a("--lora_alpha", type=float, default=None, help="default: rank (scale 1, as diffusers)")
+    a("--lora_dropout", type=float, default=0.0)
+    a("--dash_warmup_steps", type=int, default=100, help="t: optimizer steps of LoRA before the dash switch")
+    a("--dash_directions", type=int, default=8, help="s: task-specific directions per layer")
+    a("--statistics_batches", type=int, default=8, help="batches the data-driven inits (eva, lora_da, lora_init, tsd) read")
+    # validation, checkpoints, output
+    a("--validation_prompt", action="append", default=None, help="repeat for several prompts")
+    a("--num_validation_images", type=int, default=4)
+    a("--validation_steps", type=int, default=None, help="validate every N steps (and always at the end)")
+    a("--validation_inference_steps", type=int, default=25)
+    a("--checkpointing_steps", type=int, default=500)
+    a("--checkpoints_total_limit", type=int, default=None)
+    a("--resume_from_checkpoint", default=None, help='a checkpoint dir or "latest"')
+    a("--output_dir", default="outputs/sdxl-lora")
+    a("--output_format", default="diffusers", choices=["diffusers", "kohya", "peft"])
+    a("--report_to", default="none", help="tensorboard, wandb, all or none")
+    return p.parse_args(argv)
+
+
+def finalize_args(args: argparse.Namespace) -> argparse.Namespace:
+    """Fill the defaults that depend on other flags and reject bad input before any compute."""
+    embedded = args.pretrained_model_name_or_path == EMBEDDED_NAME
+    if args.resolution is None:
+        args.resolution = 64 if embedded else 1024
+    validate_resolution(args.resolution)
+    if args.instance_data_dir is None:
+        if not embedded:
+            raise ValueError("--instance_data_dir is required with a custom --pretrained_model_name_or_path")
+        args.instance_data_dir = str(Path(args.output_dir) / "instance_images")
+        args.instance_prompt = args.instance_prompt or EMBEDDED_SUBJECT_PROMPT
+        args.embedded_subject = True
+    else:
+        args.embedded_subject = False
+    if not args.instance_prompt:
+        raise ValueError("--instance_prompt is required (e.g. 'a photo of sks dog')")
+    if args.with_prior_preservation:
+        if not args.class_data_dir or not args.class_prompt:
+            raise ValueError("--with_prior_preservation needs both --class_data_dir and --class_prompt")
+    elif args.class_data_dir or args.class_prompt:
+        print("warning: --class_data_dir/--class_prompt are ignored without --with_prior_preservation")
+        args.class_data_dir = args.class_prompt = None
+    if args.rank <= 0:
+        raise ValueError(f"--rank must be > 0, got {args.rank}")
+    args.lora_alpha = float(args.lora_alpha or args.rank)
+    for name in ("train_batch_size", "gradient_accumulation_steps", "num_train_epochs", "num_validation_images"):
+        if getattr(args, name) <= 0:
+            raise ValueError(f"--{name} must be > 0")
+    if args.max_train_steps is not None and args.max_train_steps <= 0:
+        raise ValueError("--max_train_steps must be > 0")
+    if args.use_8bit_adam:
+        try:
+            import bitsandbytes  # noqa: F401
+        except ImportError:
+            raise ValueError("--use_8bit_adam needs bitsandbytes: pip install bitsandbytes") from None
+    args.validation_prompt = args.validation_prompt or _default_validation_prompts(args)
+    return args
+
+
+def _default_validation_prompts(args: argparse.Namespace) -> list[str]:
+    if args.embedded_subject:
+        return [EMBEDDED_SUBJECT_PROMPT, f"{EMBEDDED_SUBJECT_PROMPT} on a beach", f"a photo of {EMBEDDED_CLASS}"]
+    return [args.instance_prompt]
+
+
+def adapter_config(args: argparse.Namespace, targets: list[str], method: str | None = None) -> shared.AdapterConfig:
+    return shared.AdapterConfig(
+        method=method or args.method, r=args.rank, alpha=args.lora_alpha, dropout=args.lora_dropout,
+        target_modules=targets, dash_warmup_steps=args.dash_warmup_steps, dash_directions=args.dash_directions,
+        seed=args.seed, eva_max_batches=args.statistics_batches, lora_init_steps=args.statistics_batches,
+        lora_ga_batches=args.statistics_batches, lora_da_num_samples=args.statistics_batches * args.train_batch_size,
+    )
+
+
+# ---------------------------------------------------------------------------------------------- model pieces
+class SDXLParts:
+    """The frozen pipeline components the trainer needs, loaded through ``from_pretrained`` like a real SDXL."""
+
+    def __init__(self, args: argparse.Namespace, base: str) -> None:
+        from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+        from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection
+
+        kw = dict(revision=args.revision)
+        self.tokenizers = [AutoTokenizer.from_pretrained(base, subfolder=f, use_fast=False, **kw)
+                           for f in ("tokenizer", "tokenizer_2")]
+        self.text_encoders = [CLIPTextModel.from_pretrained(base, subfolder="text_encoder", variant=args.variant, **kw),
+                              CLIPTextModelWithProjection.from_pretrained(base, subfolder="text_encoder_2",
+                                                                          variant=args.variant, **kw)]
+        vae_src = args.pretrained_vae_model_name_or_path
+        self.vae = (AutoencoderKL.from_pretrained(vae_src) if vae_src else
+                    AutoencoderKL.from_pretrained(base, subfolder="vae", variant=args.variant, **kw))
+        self.unet = UNet2DConditionModel.from_pretrained(base, subfolder="unet", variant=args.variant, **kw)
+        self.scheduler = DDPMScheduler.from_pretrained(base, subfolder="scheduler", **kw)
+        self.vae_fp16_safe = bool(vae_src)
+        for m in (self.vae, self.unet, *self.text_encoders):
+            m.requires_grad_(False)
+
+    def encode_prompt(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """SDXL conditioning: penultimate hidden states of both encoders concatenated, pooled from the second."""
+        embeds, pooled = [], None
+        for tok, enc in zip(self.tokenizers, self.text_encoders):
+            ids = tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True,
+                      return_tensors="pt").input_ids.to(enc.device)
+            out = enc(ids, output_hidden_states=True)
+            pooled = out[0]
+            embeds.append(out.hidden_states[-2])
+        return torch.cat(embeds, dim=-1), pooled
+
+    @torch.no_grad()
+    def latent_params(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """VAE posterior (mean, std) stacked on dim 1, so cached and fresh latents sample the same way."""
+        dist = self.vae.encode(pixel_values.to(self.vae.device, self.vae.dtype)).latent_dist
+        return torch.stack([dist.mean, dist.std], 1).float()
+
+    def sample_latents(self, params: torch.Tensor) -> torch.Tensor:
+        latents = params[:, 0] + params[:, 1] * torch.randn_like(params[:, 0])
+        cfg = self.vae.config
+        if getattr(cfg, "latents_mean", None) is not None and getattr(cfg, "latents_std", None) is not None:
+            mean = torch.tensor(cfg.latents_mean).view(1, -1, 1, 1).to(latents)
+            std = torch.tensor(cfg.latents_std).view(1, -1, 1, 1).to(latents)
+            return (latents - mean) * cfg.scaling_factor / std
+        return latents * cfg.scaling_factor
+
+
+def unet_loss(unet, scheduler, latents, embeds, pooled, time_ids, *, snr_gamma=None, generator=None,
+              reduce: bool = True) -> torch.Tensor:
+    """Denoising loss at uniform timesteps (epsilon or v target), optionally Min-SNR weighted."""
+    noise = torch.randn(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
+    t = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],), generator=generator,
+                      device=latents.device).long()
+    noisy = scheduler.add_noise(latents, noise, t)
+    target = noise if scheduler.config.prediction_type == "epsilon" else scheduler.get_velocity(latents, noise, t)
+    pred = unet(noisy, t, embeds, added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids}, return_dict=False)[0]
+    loss = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+    if snr_gamma is not None:
+        from diffusers.training_utils import compute_snr
+
+        snr = compute_snr(scheduler, t)
+        weight = torch.clamp(snr, max=snr_gamma) / (snr if scheduler.config.prediction_type == "epsilon" else snr + 1)
+        loss = loss * weight
+    return loss.mean() if reduce else loss
+
+
+# ---------------------------------------------------------------------------------------------- checkpoints
+def _checkpoints(output_dir: Path) -> list[Path]:
+    found = [p for p in output_dir.glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit()]
+    return sorted(found, key=lambda p: int(p.name.split("-")[-1]))
+
+
+def resolve_resume(args: argparse.Namespace) -> Path | None:
+    if not args.resume_from_checkpoint:
+        return None
+    if args.resume_from_checkpoint == "latest":
+        found = _checkpoints(Path(args.output_dir))
+        if not found:
+            print(f"no checkpoint in {args.output_dir}; starting a new run")
+            return None
+        return found[-1]
+    path = Path(args.resume_from_checkpoint)
+    if not (path / "unet").is_dir():
+        raise ValueError(f"--resume_from_checkpoint {path} is not a checkpoint of this trainer (no unet/ inside)")
+    return path
+
+
+def save_checkpoint(accelerator, output_dir: Path, step: int, limit: int | None) -> Path:
+    """``accelerator.save_state`` into a temp dir, renamed when complete; only then prune old checkpoints."""
+    final = output_dir / f"checkpoint-{step}"
+    tmp = output_dir / f".checkpoint-{step}.partial"
+    if accelerator.is_main_process and tmp.exists():
+        shutil.rmtree(tmp)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        if final.exists():
+            shutil.rmtree(final)
+        tmp.rename(final)
+        if limit is not None:
+            for old in _checkpoints(output_dir)[:-limit]:
+                shutil.rmtree(old)
+    accelerator.wait_for_everyone()
+    return final
+
+
+# ---------------------------------------------------------------------------------------------- validation
+@torch.no_grad()
+def run_validation(parts: SDXLParts, base: str, args, accelerator, step: int, out_dir: Path) -> list[Path]:
+    from diffusers import StableDiffusionXLPipeline
+
+    pipe = StableDiffusionXLPipeline.from_pretrained(
+        base, vae=parts.vae, unet=accelerator.unwrap_model(parts.unet),
+        text_encoder=accelerator.unwrap_model(parts.text_encoders[0]),
+        text_encoder_2=accelerator.unwrap_model(parts.text_encoders[1]), revision=args.revision, variant=args.variant,
+    ).to(accelerator.device)
+    pipe.set_progress_bar_config(disable=True)
+    was_training = pipe.unet.training
+    pipe.unet.eval()
+    paths = []
+    for i, prompt in enumerate(args.validation_prompt):
+        gen = torch.Generator(device="cpu").manual_seed(args.seed)
+        images = pipe(prompt, num_images_per_prompt=args.num_validation_images, generator=gen,
+                      num_inference_steps=args.validation_inference_steps, height=args.resolution,
+                      width=args.resolution).images
+        for j, img in enumerate(images):
+            path = out_dir / f"step-{step}" / f"prompt{i}-{j}.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            img.save(path)
+            paths.append(path)
+    atomic_write_json(out_dir / f"step-{step}" / "prompts.json", args.validation_prompt)
+    pipe.unet.train(was_training)
+    return paths
+
+
+# ---------------------------------------------------------------------------------------------- training
+def main(args: argparse.Namespace) -> dict[str, Any]:
+    """Train, export and validate; returns a summary (paths, losses, steps)."""
+    from accelerate import Accelerator
+    from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
+    from diffusers.optimization import get_scheduler
+    from tqdm.auto import tqdm
+
+    args = finalize_args(args)
+    output_dir = Path(args.output_dir)
+    accelerator = Accelerator(
+        gradient_accumulation_steps=args.gradient_accumulation_steps, mixed_precision=args.mixed_precision,
+        log_with=None if args.report_to == "none" else args.report_to,
+        project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+    )
+    if args.embedded_subject and accelerator.is_main_process:
+        make_subject_images(args.instance_data_dir, n=5, size=max(96, args.resolution), seed=args.seed)
+    accelerator.wait_for_everyone()
+    dataset = DreamBoothDataset(  # validates every image before any model is loaded
+        args.instance_data_dir, args.instance_prompt, args.resolution, args.center_crop, args.random_flip,
+        class_dir=args.class_data_dir, class_prompt=args.class_prompt, seed=args.seed,
+        num_class_images=args.num_class_images if args.with_prior_preservation else None,
+    )
+    set_seed(args.seed)
+    base = resolve_pretrained(args.pretrained_model_name_or_path)
+    parts = SDXLParts(args, base)
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+    parts.unet.to(accelerator.device, weight_dtype)
+    for enc in parts.text_encoders:
+        enc.to(accelerator.device, weight_dtype)
+    parts.vae.to(accelerator.device, weight_dtype if parts.vae_fp16_safe else torch.float32)
+    if args.gradient_checkpointing:
+        parts.unet.enable_gradient_checkpointing()
+        if args.train_text_encoder:
+            for enc in parts.text_encoders:
+                enc.gradient_checkpointing_enable()
+
+    # frozen text conditioning, computed once unless the text encoders train
+    prompt_cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def condition(prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        if args.train_text_encoder:
+            return parts.encode_prompt(prompts)
+        for p in set(prompts) - set(prompt_cache):
+            with torch.no_grad():
+                e, pool = parts.encode_prompt([p])
+            prompt_cache[p] = (e[0], pool[0])
+        return (torch.stack([prompt_cache[p][0] for p in prompts]), torch.stack([prompt_cache[p][1] for p in prompts]))
+
+    latent_cache = LatentCache() if args.cache_latents else None
+
+    def latents_for(batch: dict[str, Any]) -> torch.Tensor:
+        pix = batch["pixel_values"]
+        if latent_cache is None:
+            params = parts.latent_params(pix)
+        else:
+            params = latent_cache.get_or_compute(batch["cache_keys"], lambda idx: parts.latent_params(pix[idx]))
+        return parts.sample_latents(params.to(accelerator.device)).to(weight_dtype)
+
+    # adapters: restored exactly from a checkpoint, or attached (data-driven inits read instance batches)
+    resume_dir = resolve_resume(args)
+    te_method = "dash" if args.method in ("dash", "tsd") else "lora"
+    if resume_dir is not None:
+        adapters = {"unet": shared.load(parts.unet, resume_dir / "unet")}
+        if args.train_text_encoder:
+            for name, enc in zip(("text_encoder", "text_encoder_2"), parts.text_encoders):
+                adapters[name] = shared.load(enc, resume_dir / name)
+    else:
+        stats = _statistics_batches(dataset, args, condition, latents_for) if args.method in _DATA_METHODS else None
+        gen = torch.Generator(device=accelerator.device)
+
+        def forward_fn(unet, batch):
+            gen.manual_seed(args.seed + batch["i"])
+            return unet_loss(unet, parts.scheduler, batch["latents"], batch["embeds"], batch["pooled"],
+                             batch["time_ids"], generator=gen)
+
+        adapters = {"unet": shared.attach(parts.unet, adapter_config(args, UNET_TARGETS), data=stats,
+                                          forward_fn=forward_fn, progress=accelerator.is_main_process)}
+        if args.train_text_encoder:  # data-driven inits apply to the UNet; text encoders get lora or dash
+            for name, enc in zip(("text_encoder", "text_encoder_2"), parts.text_encoders):
+                adapters[name] = shared.attach(enc, adapter_config(args, TEXT_ENCODER_TARGETS, te_method))
+
+    groups = [{"params": adapters["unet"].trainable_parameters(), "lr": args.learning_rate}]
+    for name in ("text_encoder", "text_encoder_2"):
+        if name in adapters:
+            groups.append({"params": adapters[name].trainable_parameters(), "lr": args.text_encoder_lr})
+    opt_cls = torch.optim.AdamW
+    if args.use_8bit_adam:
+        import bitsandbytes as bnb
+
+        opt_cls = bnb.optim.AdamW8bit
+    optimizer = opt_cls(groups, betas=(args.adam_beta1, args.adam_beta2), weight_decay=args.adam_weight_decay,
+                        eps=args.adam_epsilon)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=args.train_batch_size, shuffle=True, collate_fn=collate,
+                                         num_workers=args.dataloader_num_workers)
+    steps_per_epoch = math.ceil(len(loader) / args.gradient_accumulation_steps)
+    max_steps = args.max_train_steps or args.num_train_epochs * steps_per_epoch
+    epochs = math.ceil(max_steps / steps_per_epoch)
+    lr_scheduler = get_scheduler(args.lr_scheduler, optimizer=optimizer,
+                                 num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
+                                 num_training_steps=max_steps * accelerator.num_processes)
+    trained = [parts.unet] + ([*parts.text_encoders] if args.train_text_encoder else [])
+    *trained, optimizer, loader, lr_scheduler = accelerator.prepare(*trained, optimizer, loader, lr_scheduler)
+    parts.unet = trained[0]
+    if args.train_text_encoder:
+        parts.text_encoders = trained[1:]
+
+    def save_hook(models, weights, out):  # checkpoints hold the adapters' native state, not the frozen base
+        if accelerator.is_main_process:
+            for name, adapter in adapters.items():
+                shared.export_lora(adapter, Path(out) / name, format="tsd")
+        weights.clear()
+
+    def load_hook(models, _):  # adapters were restored by shared.load before prepare
+        models.clear()
+
+    accelerator.register_save_state_pre_hook(save_hook)
+    accelerator.register_load_state_pre_hook(load_hook)
+
+    global_step, skip_batches = 0, 0
+    if resume_dir is not None:
+        accelerator.load_state(str(resume_dir))
+        global_step = adapters["unet"].num_steps
+        skip_batches = (global_step % steps_per_epoch) * args.gradient_accumulation_steps
+        accelerator.print(f"resumed from {resume_dir} at step {global_step}")
+    if accelerator.is_main_process:
+        accelerator.init_trackers("tsd-sdxl", config={k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))})
+
+    loss_log = _read_loss_log(output_dir) if resume_dir is not None else []
+    loss_log = [row for row in loss_log if row["step"] <= global_step]
+    bar = tqdm(total=max_steps, initial=global_step, desc=f"{args.method} steps", disable=not accelerator.is_local_main_process)
+    validation_dir = output_dir / "validation"
+    for epoch in range(global_step // steps_per_epoch, epochs):
+        dataset.set_epoch(epoch)
+        loader.set_epoch(epoch)
+        batches = accelerator.skip_first_batches(loader, skip_batches) if skip_batches else loader
+        skip_batches = 0
+        for model in trained:
+            model.train()
+        for batch in batches:
+            with accelerator.accumulate(*trained):
+                embeds, pooled = condition(batch["prompts"])
+                per_sample = unet_loss(parts.unet, parts.scheduler, latents_for(batch), embeds.to(weight_dtype),
+                                       pooled.to(weight_dtype), batch["time_ids"].to(accelerator.device, weight_dtype),
+                                       snr_gamma=args.snr_gamma, reduce=False)
+                is_class = batch["is_class"].to(per_sample.device)
+                loss = per_sample[~is_class].mean()
+                if is_class.any():
+                    loss = loss + args.prior_loss_weight * per_sample[is_class].mean()
+                accelerator.backward(loss)
+                if accelerator.sync_gradients:
+                    accelerator.clip_grad_norm_([p for g in groups for p in g["params"]], args.max_grad_norm)
+                optimizer.step()
+                lr_scheduler.step()
+                optimizer.zero_grad()
+            if not accelerator.sync_gradients:
+                continue
+            global_step += 1
+            for adapter in adapters.values():
+                if adapter.step(optimizer) and accelerator.is_main_process:
+                    bar.write(f"step {global_step}: dash switch done ({len(adapter.dash_layers)} layers)")
+            loss_value = accelerator.gather(loss.detach()).mean().item()
+            loss_log.append({"step": global_step, "loss": loss_value, "lr": lr_scheduler.get_last_lr()[0]})
+            accelerator.log({"loss": loss_value}, step=global_step)
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss_value:.4f}")
+            if global_step % args.checkpointing_steps == 0 and global_step < max_steps:
+                save_checkpoint(accelerator, output_dir, global_step, args.checkpoints_total_limit)
+                if accelerator.is_main_process:
+                    _write_loss_log(output_dir, loss_log)
+            if args.validation_steps and global_step % args.validation_steps == 0 and accelerator.is_main_process:
+                run_validation(parts, base, args, accelerator, global_step, validation_dir)
+            if global_step >= max_steps:
+                break
+        if global_step >= max_steps:
+            break
+    bar.close()
+
+    accelerator.wait_for_everyone()
+    summary: dict[str, Any] = {"steps": global_step, "output_dir": str(output_dir)}
+    if accelerator.is_main_process:
+        summary.update(_finish(args, base, adapters, parts, accelerator, output_dir, validation_dir, loss_log))
+    accelerator.end_training()
+    return summary
+
+
+_DATA_METHODS = {"eva", "lora_da", "lora_init", "tsd", "lora_ga"}
+
+
+@torch.no_grad()
+def _statistics_batches(dataset, args, condition, latents_for) -> list[dict[str, Any]]:
+    """Instance batches for the data-driven inits: latents and conditioning ready for a UNet forward."""
+    out = []
+    n = len(dataset)
+    for i in range(args.statistics_batches):
+        idx = [(i * args.train_batch_size + j) % n for j in range(args.train_batch_size)]
+        batch = collate([dataset[k] for k in idx])
+        embeds, pooled = condition(batch["prompts"])
+        out.append({"i": i, "latents": latents_for(batch), "embeds": embeds, "pooled": pooled,
+                    "time_ids": batch["time_ids"]})
+    return out
+
+
+def _finish(args, base, adapters, parts, accelerator, output_dir: Path, validation_dir: Path, loss_log) -> dict[str, Any]:
+    """Export, reports, logs and the final validation images (main process)."""
+    fmt = args.output_format
+    if fmt == "peft":
+        for name, adapter in adapters.items():
+            shared.export_lora(adapter, output_dir / name, format="peft", base_model_name_or_path=base)
+    else:
+        shared.export_lora(adapters, output_dir, format=fmt)
+    for name, adapter in adapters.items():
+        shared.export_lora(adapter, output_dir / "tsd_state" / name, format="tsd")
+    rows = shared.tsd.report(adapters["unet"])
+    shared.tsd.write_report_csv(rows, output_dir / "tsd_report.csv")
+    shared.tsd.plot_change_rates(rows, output_dir / "tsd_report.png")
+    _write_loss_log(output_dir, loss_log)
+    import diffusers
+    import peft
+    import transformers
+
+    record = {k: v for k, v in vars(args).items()}
+    record.update(resolved_base=base, versions={"torch": torch.__version__, "diffusers": diffusers.__version__,
+                                                 "transformers": transformers.__version__, "peft": peft.__version__})
+    atomic_write_json(output_dir / "training_args.json", record)
+    images = run_validation(parts, base, args, accelerator, adapters["unet"].num_steps, validation_dir)
+    return {"validation_images": [str(p) for p in images], "final_loss": loss_log[-1]["loss"] if loss_log else None}
+
+
+def _write_loss_log(output_dir: Path, rows: list[dict[str, Any]]) -> None:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=["step", "loss", "lr"])
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(output_dir / "loss_log.csv", buf.getvalue())
+
+
+def _read_loss_log(output_dir: Path) -> list[dict[str, Any]]:
+    path = output_dir / "loss_log.csv"
+    if not path.is_file():
+        return []
+    with open(path) as f:
+        return [{"step": int(r["step"]), "loss": float(r["loss"]), "lr": float(r["lr"])} for r in csv.DictReader(f)]
