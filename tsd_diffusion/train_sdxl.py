@@ -194,10 +194,13 @@ class SDXLParts:
     def latent_params(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """VAE posterior (mean, std) stacked on dim 1, so cached and fresh latents sample the same way."""
         dist = self.vae.encode(pixel_values.to(self.vae.device, self.vae.dtype)).latent_dist
-        return torch.stack([dist.mean, dist.std], 1).float()
+        return torch.stack([dist.mean, dist.std], 1).float().contiguous()
 
     def sample_latents(self, params: torch.Tensor) -> torch.Tensor:
-        latents = params[:, 0] + params[:, 1] * torch.randn_like(params[:, 0])
+        # noise drawn by shape, not randn_like: the VAE may return channels-last tensors, and randn_like follows
+        # their strides, so cached and fresh latents would get different noise for the same RNG state
+        noise = torch.randn(params[:, 0].shape, device=params.device, dtype=params.dtype)
+        latents = params[:, 0] + params[:, 1] * noise
         cfg = self.vae.config
         if getattr(cfg, "latents_mean", None) is not None and getattr(cfg, "latents_std", None) is not None:
             mean = torch.tensor(cfg.latents_mean).view(1, -1, 1, 1).to(latents)
@@ -463,9 +466,9 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
             bar.update(1)
             bar.set_postfix(loss=f"{loss_value:.4f}")
             if global_step % args.checkpointing_steps == 0 and global_step < max_steps:
-                save_checkpoint(accelerator, output_dir, global_step, args.checkpoints_total_limit)
-                if accelerator.is_main_process:
+                if accelerator.is_main_process:  # first: a resume keeps the rows up to its checkpoint
                     _write_loss_log(output_dir, loss_log)
+                save_checkpoint(accelerator, output_dir, global_step, args.checkpoints_total_limit)
             if args.validation_steps and global_step % args.validation_steps == 0 and accelerator.is_main_process:
                 run_validation(parts, base, args, accelerator, global_step, validation_dir)
             if global_step >= max_steps:
@@ -475,7 +478,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     bar.close()
 
     accelerator.wait_for_everyone()
-    summary: dict[str, Any] = {"steps": global_step, "output_dir": str(output_dir)}
+    # the live adapters are returned for in-process callers (tests, notebooks); the files are the product
+    summary: dict[str, Any] = {"steps": global_step, "output_dir": str(output_dir), "base": base, "adapters": adapters}
     if accelerator.is_main_process:
         summary.update(_finish(args, base, adapters, parts, accelerator, output_dir, validation_dir, loss_log))
     accelerator.end_training()

@@ -1,0 +1,162 @@
+"""The SDXL DreamBooth trainer end to end on the embedded tiny SDXL: outputs, stock-diffusers equivalence,
+resume equivalence, checkpoint pruning, data-driven inits and bad input."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import tsd_diffusion.train_sdxl as T
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models on a busy 2-core machine run much faster single-threaded."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def run(tmp, *extra, steps=6):
+    argv = ["--output_dir", str(tmp), "--max_train_steps", str(steps), "--dash_warmup_steps", "3",
+            "--dash_directions", "2", "--train_batch_size", "2", "--num_validation_images", "1",
+            "--validation_inference_steps", "2", "--checkpointing_steps", "1000", *extra]
+    return T.main(T.parse_args(argv))
+
+
+def _images(pipe, prompt="a photo of sks teapot"):
+    pipe.set_progress_bar_config(disable=True)
+    return pipe(prompt, num_inference_steps=3, generator=torch.Generator().manual_seed(0), height=64, width=64,
+                output_type="np").images
+
+
+def test_default_run_writes_everything_and_loads_in_stock_diffusers(tmp_path):
+    from diffusers import StableDiffusionXLPipeline
+
+    out = tmp_path / "run"
+    summary = run(out, "--learning_rate", "1e-2")  # large enough that λ moves visibly in 3 dash steps
+    for name in ("pytorch_lora_weights.safetensors", "training_args.json", "tsd_report.csv", "tsd_report.png",
+                 "loss_log.csv", "tsd_state/unet/tsd_adapter.safetensors"):
+        assert (out / name).is_file(), name
+    assert summary["validation_images"] and all(p.endswith(".png") for p in summary["validation_images"])
+    record = json.loads((out / "training_args.json").read_text())
+    assert record["resolved_base"] == summary["base"] and record["method"] == "dash"
+    unet_adapter = summary["adapters"]["unet"]
+    assert unet_adapter.switched and unet_adapter.num_steps == 6
+
+    trained = StableDiffusionXLPipeline.from_pretrained(summary["base"], unet=unet_adapter.model)
+    expected = _images(trained)
+    stock = StableDiffusionXLPipeline.from_pretrained(summary["base"])
+    stock.load_lora_weights(str(out))
+    assert np.abs(_images(stock) - expected).max() <= 1e-4
+
+    # dropping the dash block (what the reference implementation's files lose in diffusers) changes the images
+    sd = load_file(out / "pytorch_lora_weights.safetensors")
+    r = 4
+    cut = {k: (v[:r] if "lora_A" in k else v[:, :r]).contiguous() for k, v in sd.items()}
+    (tmp_path / "nodash").mkdir()
+    save_file(cut, tmp_path / "nodash" / "pytorch_lora_weights.safetensors")
+    nodash = StableDiffusionXLPipeline.from_pretrained(summary["base"])
+    nodash.load_lora_weights(str(tmp_path / "nodash"))
+    assert np.abs(_images(nodash) - expected).max() > 1e-3
+
+
+def test_resume_after_kill_equals_uninterrupted_run_across_the_switch(tmp_path, monkeypatch):
+    common = ["--dash_warmup_steps", "4", "--checkpointing_steps", "3", "--random_flip", "--lr_scheduler", "cosine",
+              "--learning_rate", "1e-3"]
+    full = run(tmp_path / "full", *common, steps=7)["adapters"]["unet"]
+
+    save = T.save_checkpoint
+
+    def killed(*args, **kw):  # the process dies right after the checkpoint at step 3, before the switch at 4
+        save(*args, **kw)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(T, "save_checkpoint", killed)
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "killed", *common, steps=7)
+    monkeypatch.setattr(T, "save_checkpoint", save)
+    assert (tmp_path / "killed" / "checkpoint-3" / "unet" / "tsd_adapter.safetensors").is_file()
+    resumed = run(tmp_path / "killed", *common, "--resume_from_checkpoint", "latest", steps=7)["adapters"]["unet"]
+    assert resumed.switched and resumed.num_steps == 7
+    log = (tmp_path / "killed" / "loss_log.csv").read_text()
+    assert log == (tmp_path / "full" / "loss_log.csv").read_text()  # the loss log survives the kill too
+    for name in full.layers:
+        torch.testing.assert_close(resumed.delta_weight(name), full.delta_weight(name), rtol=1e-5, atol=1e-6)
+        assert torch.equal(resumed.layers[name].tsd_dash.indices, full.layers[name].tsd_dash.indices)
+
+
+def test_checkpoints_are_pruned_after_a_new_one_is_complete(tmp_path):
+    out = tmp_path / "ck"
+    run(out, "--checkpointing_steps", "2", "--checkpoints_total_limit", "2", steps=7)
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-4", "checkpoint-6"]
+    assert not list(out.glob(".checkpoint-*"))
+    # a checkpoint holds the adapter state and accelerate's optimizer/scheduler/RNG, not the frozen base
+    files = {p.name for p in (out / "checkpoint-6").rglob("*") if p.is_file()}
+    assert "tsd_adapter.safetensors" in files and not any("diffusion_pytorch_model" in f or f == "model.safetensors" for f in files)
+
+
+def test_latent_cache_gives_the_same_training(tmp_path):
+    a = run(tmp_path / "a", "--center_crop")["adapters"]["unet"]
+    b = run(tmp_path / "b", "--center_crop", "--cache_latents")["adapters"]["unet"]
+    for name in a.layers:
+        torch.testing.assert_close(a.delta_weight(name), b.delta_weight(name), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("method", ["eva", "lora_da", "lora_init", "tsd", "pissa"])
+def test_other_methods_train_and_export(method, tmp_path):
+    from diffusers import StableDiffusionXLPipeline
+
+    summary = run(tmp_path / method, "--method", method, "--statistics_batches", "2", steps=4)
+    stock = StableDiffusionXLPipeline.from_pretrained(summary["base"])
+    stock.load_lora_weights(str(tmp_path / method))
+    trained = StableDiffusionXLPipeline.from_pretrained(summary["base"], unet=summary["adapters"]["unet"].model)
+    assert np.abs(_images(stock) - _images(trained)).max() <= 1e-4
+
+
+def test_text_encoder_training_exports_all_components(tmp_path):
+    from diffusers import StableDiffusionXLPipeline
+
+    summary = run(tmp_path / "te", "--train_text_encoder", "--text_encoder_lr", "1e-3")
+    keys = load_file(tmp_path / "te" / "pytorch_lora_weights.safetensors").keys()
+    assert {k.split(".")[0] for k in keys} == {"unet", "text_encoder", "text_encoder_2"}
+    ad = summary["adapters"]
+    trained = StableDiffusionXLPipeline.from_pretrained(
+        summary["base"], unet=ad["unet"].model, text_encoder=ad["text_encoder"].model,
+        text_encoder_2=ad["text_encoder_2"].model)
+    stock = StableDiffusionXLPipeline.from_pretrained(summary["base"])
+    stock.load_lora_weights(str(tmp_path / "te"))
+    assert np.abs(_images(stock) - _images(trained)).max() <= 1e-4
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--instance_data_dir", "/nonexistent/photos", "--instance_prompt", "a photo of sks dog"], "/nonexistent/photos"),
+    (["--with_prior_preservation"], "needs both --class_data_dir and --class_prompt"),
+    (["--resolution", "60"], "multiple of 8"),
+    (["--rank", "0"], "--rank must be > 0"),
+    (["--dash_directions", "500"], "dash_directions=500 is larger than"),
+])
+def test_bad_input_fails_before_training(extra, message, tmp_path):
+    with pytest.raises(ValueError, match=message):
+        run(tmp_path / "bad", *extra)
+    assert not (tmp_path / "bad" / "loss_log.csv").exists()
+
+
+def test_non_image_files_are_named(tmp_path):
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    from PIL import Image
+
+    Image.new("RGB", (80, 80), "red").save(photos / "ok.png")
+    (photos / "notes.txt").write_text("not an image")
+    with pytest.raises(ValueError, match="notes.txt"):
+        run(tmp_path / "out", "--instance_data_dir", str(photos), "--instance_prompt", "a photo of sks thing")
+
+
+def test_real_dreambooth_photos_train(shared_data, tmp_path):
+    summary = run(tmp_path / "dog", "--instance_data_dir", str(shared_data / "dreambooth" / "dog"),
+                  "--instance_prompt", "a photo of sks dog", "--center_crop", "--cache_latents", steps=4)
+    assert summary["adapters"]["unet"].switched
