@@ -160,3 +160,41 @@ def test_real_dreambooth_photos_train(shared_data, tmp_path):
     summary = run(tmp_path / "dog", "--instance_data_dir", str(shared_data / "dreambooth" / "dog"),
                   "--instance_prompt", "a photo of sks dog", "--center_crop", "--cache_latents", steps=4)
     assert summary["adapters"]["unet"].switched
+
+
+@pytest.mark.slow
+def test_two_process_gloo_run_switches_identically(tmp_path):
+    import os
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(repo)}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--gpu_ids", "all", "--main_process_port", str(port), "--mixed_precision", "no",
+           "--dynamo_backend", "no", str(repo / "apps" / "train_sdxl.py"), "--output_dir", str(tmp_path / "ddp"),
+           "--max_train_steps", "4", "--dash_warmup_steps", "2", "--dash_directions", "2", "--train_batch_size", "1",
+           "--num_validation_images", "1", "--validation_inference_steps", "2", "--checkpointing_steps", "3"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    record = json.loads((tmp_path / "ddp" / "dash_switch.json").read_text())["unet"]
+    assert record["processes"] == 2 and record["step"] == 2
+    assert record["fingerprints"][0] == record["fingerprints"][1]
+    assert (tmp_path / "ddp" / "pytorch_lora_weights.safetensors").is_file()
+    assert (tmp_path / "ddp" / "checkpoint-3" / "unet" / "tsd_adapter.safetensors").is_file()
+
+
+def test_launch_check_refuses_split_runs(monkeypatch):
+    from shared.launch import check_launch
+
+    class One:
+        num_processes = 1
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(RuntimeError, match="ACCELERATE_USE_CPU=true"):
+        check_launch(One())

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 
 import shared
 from shared.io import atomic_write_json, atomic_write_text
+from shared.launch import check_launch
 
 from .data import DreamBoothDataset, LatentCache, collate, validate_resolution
 from .tiny import EMBEDDED_NAME, make_subject_images, resolve_pretrained
@@ -35,6 +36,9 @@ UNET_TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]
 TEXT_ENCODER_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
 EMBEDDED_SUBJECT_PROMPT = "a photo of sks teapot"
 EMBEDDED_CLASS = "teapot"
+#: the embedded tiny model learns from scratch-like weights: more steps and a larger step than SDXL needs
+EMBEDDED_STEPS = 300
+EMBEDDED_LR = 1e-3
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -61,9 +65,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     # training
     a("--train_batch_size", type=int, default=4)
     a("--gradient_accumulation_steps", type=int, default=1)
-    a("--max_train_steps", type=int, default=None, help="overrides --num_train_epochs")
+    a("--max_train_steps", type=int, default=None,
+      help=f"overrides --num_train_epochs; default {EMBEDDED_STEPS} for the embedded tiny model")
     a("--num_train_epochs", type=int, default=1)
-    a("--learning_rate", type=float, default=1e-4)
+    a("--learning_rate", type=float, default=None, help=f"default 1e-4, or {EMBEDDED_LR} for the embedded tiny model")
     a("--text_encoder_lr", type=float, default=5e-6)
     a("--lr_scheduler", default="constant",
       choices=["linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup"])
@@ -107,6 +112,10 @@ def finalize_args(args: argparse.Namespace) -> argparse.Namespace:
     embedded = args.pretrained_model_name_or_path == EMBEDDED_NAME
     if args.resolution is None:
         args.resolution = 64 if embedded else 1024
+    if args.learning_rate is None:
+        args.learning_rate = EMBEDDED_LR if embedded else 1e-4
+    if args.max_train_steps is None and embedded:
+        args.max_train_steps = EMBEDDED_STEPS
     validate_resolution(args.resolution)
     if args.instance_data_dir is None:
         if not embedded:
@@ -314,6 +323,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
     )
+    check_launch(accelerator)
     if args.embedded_subject and accelerator.is_main_process:
         make_subject_images(args.instance_data_dir, n=5, size=max(96, args.resolution), seed=args.seed)
     accelerator.wait_for_everyone()
@@ -427,6 +437,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     if accelerator.is_main_process:
         accelerator.init_trackers("tsd-sdxl", config={k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))})
 
+    switch_record: dict[str, Any] = {}
     loss_log = _read_loss_log(output_dir) if resume_dir is not None else []
     loss_log = [row for row in loss_log if row["step"] <= global_step]
     bar = tqdm(total=max_steps, initial=global_step, desc=f"{args.method} steps", disable=not accelerator.is_local_main_process)
@@ -457,9 +468,12 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
             if not accelerator.sync_gradients:
                 continue
             global_step += 1
-            for adapter in adapters.values():
-                if adapter.step(optimizer) and accelerator.is_main_process:
-                    bar.write(f"step {global_step}: dash switch done ({len(adapter.dash_layers)} layers)")
+            for name, adapter in adapters.items():
+                if adapter.step(optimizer):
+                    switch_record[name] = _check_switch_agrees(accelerator, adapter)
+                    if accelerator.is_main_process:
+                        bar.write(f"step {global_step}: dash switch of {name} done ({len(adapter.dash_layers)} layers, "
+                                  f"identical on {accelerator.num_processes} process(es))")
             loss_value = accelerator.gather(loss.detach()).mean().item()
             loss_log.append({"step": global_step, "loss": loss_value, "lr": lr_scheduler.get_last_lr()[0]})
             accelerator.log({"loss": loss_value}, step=global_step)
@@ -482,11 +496,26 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     summary: dict[str, Any] = {"steps": global_step, "output_dir": str(output_dir), "base": base, "adapters": adapters}
     if accelerator.is_main_process:
         summary.update(_finish(args, base, adapters, parts, accelerator, output_dir, validation_dir, loss_log))
+        if switch_record:
+            atomic_write_json(output_dir / "dash_switch.json", switch_record)
     accelerator.end_training()
     return summary
 
 
 _DATA_METHODS = {"eva", "lora_da", "lora_init", "tsd", "lora_ga"}
+
+
+def _check_switch_agrees(accelerator, adapter) -> dict[str, Any]:
+    """Gather a fingerprint of the selected directions from every process; raise if any differs."""
+    dash = [layer.tsd_dash for layer in adapter.dash_layers.values()]
+    fingerprint = torch.stack([
+        torch.cat([d.indices.double() for d in dash]).sum(),
+        sum(d.U.double().sum() + d.Vh.double().sum() for d in dash),
+    ]).to(accelerator.device)
+    every = accelerator.gather(fingerprint.unsqueeze(0)).cpu()
+    if not torch.equal(every, every[:1].expand_as(every)):
+        raise RuntimeError(f"the dash switch selected different directions on different processes: {every.tolist()}")
+    return {"step": adapter.num_steps, "processes": accelerator.num_processes, "fingerprints": every.tolist()}
 
 
 @torch.no_grad()
