@@ -180,7 +180,7 @@ def plot_change_rates(reports: Sequence[LayerReport], path: str, max_layers: int
             (rep.indices + 1).cpu(), rep.change_rate[rep.indices].cpu(), color="tab:red", s=12, zorder=3,
             label="selected",
         )
-        ax.set_title(rep.name[-40:], fontsize=8)
+        ax.set_title(rep.name if len(rep.name) <= 44 else "…" + rep.name[-43:], fontsize=8)
         ax.set_xlabel("singular direction (σ descending)", fontsize=7)
         ax.set_yscale("log")
         ax.tick_params(labelsize=6)

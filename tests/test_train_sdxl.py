@@ -21,6 +21,9 @@ def one_thread():
 
 
 def run(tmp, *extra, steps=6):
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)  # each run is its own "process" (as accelerate's tests do)
     argv = ["--output_dir", str(tmp), "--max_train_steps", str(steps), "--dash_warmup_steps", "3",
             "--dash_directions", "2", "--train_batch_size", "2", "--num_validation_images", "1",
             "--validation_inference_steps", "2", "--checkpointing_steps", "1000", *extra]
@@ -198,3 +201,13 @@ def test_launch_check_refuses_split_runs(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(RuntimeError, match="ACCELERATE_USE_CPU=true"):
         check_launch(One())
+
+
+def test_bf16_mixed_precision_keeps_trainable_fp32(tmp_path):
+    summary = run(tmp_path / "bf16", "--mixed_precision", "bf16", steps=4)
+    adapter = summary["adapters"]["unet"]
+    layer = next(iter(adapter.layers.values()))
+    assert layer.get_base_layer().weight.dtype == torch.bfloat16
+    assert all(p.dtype == torch.float32 for p in adapter.trainable_parameters())
+    assert adapter.switched
+    assert (tmp_path / "bf16" / "pytorch_lora_weights.safetensors").is_file()

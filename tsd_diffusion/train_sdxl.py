@@ -19,6 +19,7 @@ import io
 import json
 import math
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
@@ -336,10 +337,11 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     base = resolve_pretrained(args.pretrained_model_name_or_path)
     parts = SDXLParts(args, base)
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
-    parts.unet.to(accelerator.device, weight_dtype)
-    for enc in parts.text_encoders:
-        enc.to(accelerator.device, weight_dtype)
-    parts.vae.to(accelerator.device, weight_dtype if parts.vae_fp16_safe else torch.float32)
+    vae_dtype = weight_dtype if parts.vae_fp16_safe else torch.float32  # SDXL's own VAE overflows in fp16
+    for module, dtype in [(parts.unet, weight_dtype), (parts.vae, vae_dtype), *((e, weight_dtype) for e in parts.text_encoders)]:
+        module.to(accelerator.device)
+        if dtype != torch.float32:
+            module.to(dtype=dtype)
     if args.gradient_checkpointing:
         parts.unet.enable_gradient_checkpointing()
         if args.train_text_encoder:
@@ -442,6 +444,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     loss_log = [row for row in loss_log if row["step"] <= global_step]
     bar = tqdm(total=max_steps, initial=global_step, desc=f"{args.method} steps", disable=not accelerator.is_local_main_process)
     validation_dir = output_dir / "validation"
+    t_first_step: float | None = None  # perf_counter when this process's first optimizer step started
     for epoch in range(global_step // steps_per_epoch, epochs):
         dataset.set_epoch(epoch)
         loader.set_epoch(epoch)
@@ -450,6 +453,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         for model in trained:
             model.train()
         for batch in batches:
+            if t_first_step is None:
+                t_first_step = time.perf_counter()
             with accelerator.accumulate(*trained):
                 embeds, pooled = condition(batch["prompts"])
                 per_sample = unet_loss(parts.unet, parts.scheduler, latents_for(batch), embeds.to(weight_dtype),
@@ -475,7 +480,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
                         bar.write(f"step {global_step}: dash switch of {name} done ({len(adapter.dash_layers)} layers, "
                                   f"identical on {accelerator.num_processes} process(es))")
             loss_value = accelerator.gather(loss.detach()).mean().item()
-            loss_log.append({"step": global_step, "loss": loss_value, "lr": lr_scheduler.get_last_lr()[0]})
+            loss_log.append({"step": global_step, "loss": loss_value, "lr": lr_scheduler.get_last_lr()[0],
+                             "elapsed": time.perf_counter() - t_first_step})
             accelerator.log({"loss": loss_value}, step=global_step)
             bar.update(1)
             bar.set_postfix(loss=f"{loss_value:.4f}")
@@ -560,7 +566,7 @@ def _finish(args, base, adapters, parts, accelerator, output_dir: Path, validati
 
 def _write_loss_log(output_dir: Path, rows: list[dict[str, Any]]) -> None:
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=["step", "loss", "lr"])
+    writer = csv.DictWriter(buf, fieldnames=["step", "loss", "lr", "elapsed"])
     writer.writeheader()
     writer.writerows(rows)
     atomic_write_text(output_dir / "loss_log.csv", buf.getvalue())
@@ -571,4 +577,5 @@ def _read_loss_log(output_dir: Path) -> list[dict[str, Any]]:
     if not path.is_file():
         return []
     with open(path) as f:
-        return [{"step": int(r["step"]), "loss": float(r["loss"]), "lr": float(r["lr"])} for r in csv.DictReader(f)]
+        return [{"step": int(r["step"]), "loss": float(r["loss"]), "lr": float(r["lr"]),
+                 "elapsed": float(r["elapsed"]) if r.get("elapsed") else None} for r in csv.DictReader(f)]
