@@ -13,11 +13,15 @@ LoRA update after t steps. The update is always given in factored form ΔW = P Q
 
 from __future__ import annotations
 
+import csv
+import io
 from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
+
+from .io import atomic_write_bytes, atomic_write_text
 
 Tensor = torch.Tensor
 
@@ -143,11 +147,6 @@ def report_rows(reports: Iterable[LayerReport]) -> list[dict[str, Any]]:
 
 def write_report_csv(reports: Sequence[LayerReport], path: str) -> None:
     """Write :func:`report` rows as CSV (atomic)."""
-    import csv
-    import io
-
-    from .io import atomic_write_text
-
     rows = report_rows(reports)
     buf = io.StringIO()
     if rows:
@@ -188,11 +187,7 @@ def plot_change_rates(reports: Sequence[LayerReport], path: str, max_layers: int
         ax.axis("off")
     axes.flat[0].legend(fontsize=6)
     fig.tight_layout()
-    from .io import atomic_write_bytes
-
-    import io as _io
-
-    buf = _io.BytesIO()
+    buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)
     plt.close(fig)
     atomic_write_bytes(path, buf.getvalue())
