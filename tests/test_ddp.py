@@ -1,0 +1,99 @@
+"""A real 2-process DDP run (gloo on CPU, launched by ``accelerate launch``) of LoRA-Dash.
+
+Checks that under DDP with accelerate's gradient accumulation the dash switch happens on the same optimizer
+step on every rank, that every rank ends with bitwise identical directions, indices, λ and LoRA factors
+although each rank trained on different data, and that DDP's default ``find_unused_parameters=False`` works
+(λ is in the graph before the switch).
+
+Launcher note: ``accelerate launch --cpu --num_processes 2`` starts ONE process (accelerate's simple launcher
+forks only when it is given an ``--mpirun_hostfile``), so the run would silently be single-process. The test
+therefore launches with ``--multi_gpu`` (accelerate's torchrun path) and ``ACCELERATE_USE_CPU=true``, which
+gives two gloo/CPU processes on any machine, and asserts world_size == 2 from inside the worker.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+
+REPO = Path(__file__).resolve().parents[1]
+WORKER = REPO / "tests" / "ddp_dash_worker.py"
+WORLD = 2
+TIMEOUT_S = 240
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _launch(out: Path) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "accelerate.commands.launch",
+           "--multi_gpu", "--num_processes", str(WORLD), "--num_machines", "1", "--gpu_ids", "all",
+           "--mixed_precision", "no", "--dynamo_backend", "no",
+           "--main_process_ip", "127.0.0.1", "--main_process_port", str(_free_port()),
+           str(WORKER), "--out", str(out)]
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    env.update(ACCELERATE_USE_CPU="true", OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
+               PYTHONPATH=os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep))
+    try:
+        return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
+    except subprocess.TimeoutExpired as e:
+        pytest.fail(f"DDP run timed out after {TIMEOUT_S} s\ncmd: {' '.join(cmd)}\n"
+                    f"--- stdout ---\n{e.stdout}\n--- stderr ---\n{e.stderr}")
+
+
+def _read(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    with safe_open(str(path), framework="pt") as f:
+        meta = json.loads(f.metadata()["meta"])
+        return meta, {k: f.get_tensor(k) for k in f.keys()}
+
+
+@pytest.mark.slow
+def test_ddp_dash_two_processes_stay_identical(tmp_path):
+    out = tmp_path / "ddp"
+    proc = _launch(out)
+    log = f"cmd: {' '.join(proc.args)}\n--- stdout ---\n{proc.stdout[-8000:]}\n--- stderr ---\n{proc.stderr[-8000:]}"
+    assert proc.returncode == 0, f"DDP run failed (rc={proc.returncode})\n{log}"
+    files = [out / f"rank{r}.safetensors" for r in range(WORLD)]
+    assert all(f.is_file() for f in files), f"missing rank files in {out}: {sorted(os.listdir(out)) if out.exists() else []}\n{log}"
+
+    (meta0, t0), (meta1, t1) = (_read(f) for f in files)
+    for r, meta in enumerate((meta0, meta1)):
+        assert meta["rank"] == r
+        assert meta["world_size"] == WORLD, f"not a {WORLD}-process run: {meta}\n{log}"
+        assert meta["distributed_type"].endswith("MULTI_CPU") and meta["backend"] == "gloo", meta
+        assert meta["ddp_wrapped"], meta
+        # DDP's defaults were enough: no find_unused_parameters, and no trainable parameter lacked a gradient
+        assert meta["find_unused_parameters"] is False, meta
+        assert meta["missing_grads"] == [], meta
+        # before the switch λ is in the graph with an exactly zero gradient
+        assert meta["lam_grad_before_switch_max"] == 0.0, meta
+        assert meta["micro_batches"] == 12 and meta["num_steps"] == 6, meta  # 12 micro-batches, accumulation 2
+        assert meta["switched"] and meta["switched_at"] == 3, meta
+    assert meta0["first_tokens"] != meta1["first_tokens"], "the ranks must train on different data"
+
+    assert t0.keys() == t1.keys()
+    assert int(t0["num_steps"]) == int(t1["num_steps"]) == 6
+    layers = sorted({k.rsplit(".", 1)[0] for k in t0 if k != "num_steps"})
+    assert len(layers) == 2 * 7  # tiny llama: 2 blocks x 7 targets
+    for k in t0:
+        # gradients are all-reduced, so every rank applies the same update to the same bytes: bitwise equal
+        assert t0[k].dtype == t1[k].dtype and torch.equal(t0[k], t1[k]), (
+            f"{k} differs across ranks: max |diff| = {(t0[k].double() - t1[k].double()).abs().max():.3g}")
+    for name in layers:
+        idx = t0[f"{name}.indices"]
+        assert idx.unique().numel() == idx.numel() == 2, (name, idx)
+        assert t0[f"{name}.U"].abs().sum() > 0 and t0[f"{name}.Vh"].abs().sum() > 0, f"{name}: directions unset"
+        assert (t0[f"{name}.lam"] != 0).all(), f"{name}: λ did not train after the switch: {t0[f'{name}.lam']}"
+        assert t0[f"{name}.lora_B"].abs().sum() > 0, f"{name}: LoRA B did not train"
