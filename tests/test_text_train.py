@@ -1,0 +1,190 @@
+"""End-to-end runs of the text trainer (main() in-process) on tiny models saved with save_pretrained: outputs,
+exact reload in stock peft, every method, errors before training, and the Trainer path choosing the same directions."""
+
+import csv
+import dataclasses
+import json
+
+import pytest
+import torch
+
+import shared
+from scripts.fetch_assets import asset_path
+from tsd_text import causal
+from tsd_text.data import ensure_pad_token, load_mc
+from tsd_text.tiny import save_tiny_model, toy_mc_task, word_tokenizer, write_toy_classification, write_toy_mc
+from tsd_text.train import adapter_config, load_examples, main, parse_args, resolve_targets
+
+LLAMA = "q_proj,k_proj,v_proj,up_proj,down_proj"
+QUICK = ["--rank", "4", "--lora_alpha", "8", "--dash_warmup_steps", "3", "--dash_directions", "2",
+         "--per_device_train_batch_size", "4", "--learning_rate", "1e-2", "--seed", "7", "--no-report_plot"]
+
+
+def _real_tokenizer(asset):
+    """The real tokenizer (SmolLM2 / MiniLM) when fetched, else None (a word-level one is built)."""
+    from transformers import AutoTokenizer
+
+    path = asset_path(asset)
+    return AutoTokenizer.from_pretrained(path) if path else None
+
+
+@pytest.fixture(scope="module")
+def mc(tmp_path_factory):
+    return write_toy_mc(tmp_path_factory.mktemp("mc"), 30, _real_tokenizer("smollm2"))
+
+
+@pytest.fixture(scope="module")
+def text(tmp_path_factory):
+    return write_toy_classification(tmp_path_factory.mktemp("cls"), 28, 12, _real_tokenizer("minilm"))
+
+
+def _run_mc(mc, out, *extra):
+    task_file, model_dir = mc
+    return main(parse_args(["--model_name_or_path", str(model_dir), "--task", "causal-mc", "--train_file",
+                            str(task_file), "--eval_split", "8", "--target_modules", LLAMA, "--output_dir", str(out),
+                            *QUICK, *extra]))
+
+
+def _batch(model_dir, texts):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    ensure_pad_token(tok)
+    return dict(tok(texts, padding=True, return_tensors="pt"))
+
+
+@torch.no_grad()
+def _assert_stock_peft_reproduces(result, base, batch):
+    from peft import PeftModel
+
+    trained = result.adapter.model.eval()
+    loaded = PeftModel.from_pretrained(base.eval(), str(result.output_dir)).eval()
+    diff = (trained(**batch).logits - loaded(**batch).logits).abs().max()
+    assert diff <= 1e-4, f"stock PeftModel.from_pretrained differs from the trained model by {diff:.3g}"
+
+
+def test_causal_mc_dash_end_to_end(mc, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    result = _run_mc(mc, tmp_path / "out", "--max_steps", "6", "--eval_steps", "3", "--report_plot")
+    out = result.output_dir
+    names = {"adapter_model.safetensors", "adapter_config.json", "eval_results.json", "train_results.json",
+             "training_args.json", "loss_log.csv", "tsd_report.csv", "tsd_report.png"}
+    assert names <= {p.name for p in out.iterdir()}
+    evals = json.loads((out / "eval_results.json").read_text())
+    assert evals["before"]["num_examples"] == evals["after"]["num_examples"] == 8
+    assert 0 <= evals["after"]["accuracy"] <= 1 and [h["step"] for h in evals["history"]] == [3]
+    train = json.loads((out / "train_results.json").read_text())
+    assert train["steps"] == 6 and train["dash_switch_step"] == 3 and train["tokens_per_s"] > 0
+    args = json.loads((out / "training_args.json").read_text())
+    assert args["method"] == "dash" and args["resolved"]["num_examples"] == {"train": 22, "eval": 8}
+    assert len(args["resolved"]["target_modules"]) == 2 * 5 and args["resolved"]["modules_to_save"] is None
+    log = list(csv.DictReader(open(out / "loss_log.csv")))
+    assert [int(r["step"]) for r in log] == list(range(1, 7)) and log[2]["dash_switched"] == "True"
+    report = list(csv.DictReader(open(out / "tsd_report.csv")))
+    assert len(report) == 10 and {r["layer"] for r in report} == set(args["resolved"]["target_modules"])
+    assert json.loads((out / "adapter_config.json").read_text())["task_type"] == "CAUSAL_LM"
+    base = AutoModelForCausalLM.from_pretrained(mc[1], dtype=torch.float32)
+    _assert_stock_peft_reproduces(result, base, _batch(mc[1], ["What color is the sky in picture 3?", "blue"]))
+
+
+def test_classification_dash_end_to_end_deberta(text, tmp_path):
+    from transformers import AutoModelForSequenceClassification
+
+    train_file, eval_file, model_dir = text
+    result = main(parse_args(["--model_name_or_path", str(model_dir), "--task", "classification", "--train_file",
+                              str(train_file), "--eval_file", str(eval_file), "--target_modules",
+                              "query_proj,value_proj,dense", "--max_steps", "5", "--output_dir", str(tmp_path / "o"),
+                              *QUICK]))
+    out = result.output_dir
+    evals = json.loads((out / "eval_results.json").read_text())
+    assert set(evals["after"]) == {"accuracy", "f1", "matthews_correlation", "num_examples"}
+    assert evals["after"]["num_examples"] == 12
+    resolved = json.loads((out / "training_args.json").read_text())["resolved"]
+    assert resolved["modules_to_save"] == ["classifier", "pooler"] and resolved["labels"] == ["0", "1"]
+    # "dense" also names pooler.dense: the head is trained in full, not adapted
+    assert not any(n.startswith(("pooler", "classifier")) for n in resolved["target_modules"])
+    assert json.loads((out / "train_results.json").read_text())["dash_switch_step"] == 3
+    base = AutoModelForSequenceClassification.from_pretrained(model_dir, dtype=torch.float32)
+    _assert_stock_peft_reproduces(result, base, _batch(model_dir, ["the film was great", "dull and weak film"]))
+
+
+#: small statistics budgets for the data-driven inits (the toy task has 22 training rows)
+INIT_OPTIONS = {"lora_init": ["lora_init_steps=3"], "tsd": ["lora_init_steps=3"], "eva": ["eva_max_batches=4"],
+                "lora_da": ["lora_da_num_samples=16"], "lora_ga": ["lora_ga_batches=2"]}
+
+
+@pytest.mark.parametrize("method", [m for m in shared.METHODS if m != "dash"])
+def test_every_method_runs_and_reloads_in_stock_peft(mc, tmp_path, method):
+    from transformers import AutoModelForCausalLM
+
+    options = ["--adapter_options", *INIT_OPTIONS[method]] if method in INIT_OPTIONS else []
+    result = _run_mc(mc, tmp_path / method, "--method", method, "--max_steps", "4", "--no-eval_before", *options)
+    assert result.results["after"]["num_examples"] == 8 and result.adapter.config.method == method
+    assert (result.adapter.num_steps, result.adapter.switched) == (4, method == "tsd")
+    base = AutoModelForCausalLM.from_pretrained(mc[1], dtype=torch.float32)
+    _assert_stock_peft_reproduces(result, base, _batch(mc[1], ["What color is the sun in picture 1?"]))
+
+
+# ------------------------------------------------------------------------------------------ errors before training
+def test_target_modules_that_match_nothing_list_the_linear_layers(mc, tmp_path):
+    with pytest.raises(ValueError, match=r"match no module of LlamaForCausalLM. Its linear layer names are: "
+                       r"down_proj, gate_proj, k_proj, lm_head, o_proj, q_proj, up_proj, v_proj"):
+        _run_mc(mc, tmp_path / "out", "--target_modules", "query,value")
+    assert not (tmp_path / "out").exists()
+
+
+def test_bad_data_fails_before_the_model_is_loaded(mc, tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"examples": [{"input": "q", "target_scores": {"only": 1}}]}))
+    with pytest.raises(ValueError, match=r"bad.json examples\[0\]: a multiple-choice example needs at least 2"):
+        main(parse_args(["--model_name_or_path", str(tmp_path / "no-model-here"), "--task", "causal-mc",
+                         "--train_file", str(bad), "--eval_file", str(bad), "--output_dir", str(tmp_path / "out")]))
+    with pytest.raises(ValueError, match="dash_warmup_steps"):
+        _run_mc(mc, tmp_path / "out", "--dash_warmup_steps", "0")
+    with pytest.raises(SystemExit):
+        parse_args(["--model_name_or_path", "m", "--task", "causal-mc", "--train_file", "f", "--output_dir", "o"])
+
+
+def test_missing_pad_token_and_truncations_are_reported(tmp_path):
+    task = toy_mc_task(12)
+    (tmp_path / "task.json").write_text(json.dumps(task))
+    tok = word_tokenizer([e["input"] + " " + " ".join(e["target_scores"]) for e in task["examples"]], pad=False)
+    model_dir = save_tiny_model("llama", tmp_path / "llama", tok)
+    result = _run_mc((tmp_path / "task.json", model_dir), tmp_path / "out", "--max_steps", "2", "--max_length", "10",
+                     "--method", "lora", "--no-eval_before")
+    resolved = json.loads((result.output_dir / "training_args.json").read_text())["resolved"]
+    assert any("no pad token; using its eos token '[SEP]'" in n for n in resolved["notes"])
+    assert resolved["truncated"] == {"train": 4, "eval": 8} and resolved["num_examples"] == {"train": 4, "eval": 8}
+    assert any("4 of 4 train examples were longer than --max_length=10" in n for n in resolved["notes"])
+
+
+# ---------------------------------------------------------------------------------- Trainer path == CLI path
+def test_trainer_and_cli_select_the_same_directions(mc, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments
+
+    from shared.integrations import TSDCallback
+
+    cli = _run_mc(mc, tmp_path / "cli", "--max_steps", "4", "--no-eval_before")
+
+    # a user's own Trainer with the same data pieces, model, adapter configuration and seed
+    args = parse_args(["--model_name_or_path", str(mc[1]), "--task", "causal-mc", "--train_file", str(mc[0]),
+                       "--eval_split", "8", "--target_modules", LLAMA, "--output_dir", str(tmp_path / "t"), *QUICK])
+    tok = AutoTokenizer.from_pretrained(mc[1])
+    ensure_pad_token(tok)
+    data = causal.prepare(tok, *load_examples(args, load_mc), args.max_length)
+    model = AutoModelForCausalLM.from_pretrained(mc[1], dtype=torch.float32)
+    config = dataclasses.replace(adapter_config(args), target_modules=resolve_targets(model, args.target_modules, None))
+    adapter = shared.attach(model, config)
+    targs = TrainingArguments(output_dir=str(tmp_path / "t"), max_steps=4, per_device_train_batch_size=4,
+                              learning_rate=1e-2, seed=7, report_to=[], save_strategy="no", use_cpu=True,
+                              disable_tqdm=True, logging_steps=100)
+    Trainer(model=model, args=targs, train_dataset=data.train, data_collator=data.collate_train,
+            callbacks=[TSDCallback(adapter)]).train()
+
+    assert adapter.switched and cli.adapter.switched
+    for name, layer in adapter.dash_layers.items():
+        mine, theirs = cli.adapter.layers[name].tsd_dash, layer.tsd_dash
+        assert mine.indices.tolist() == theirs.indices.tolist(), name
+        torch.testing.assert_close(mine.U, theirs.U, atol=1e-4, rtol=0)
+        torch.testing.assert_close(mine.Vh, theirs.Vh, atol=1e-4, rtol=0)

@@ -1,0 +1,262 @@
+"""Input files of the text trainer: format detection, reading, validation with row names, prompt text.
+
+Formats are detected from the content (the suffix only decides CSV/TSV):
+
+- ``bigbench``: a BIG-bench task JSON, ``{"examples": [{"input": str, "target_scores": {choice: score}}], ...}``.
+  The answer is the choice of highest score. The prompt follows BIG-bench's own zero-shot formatting and honours
+  the task's ``task_prefix``, ``example_input_prefix`` (default ``"\\nQ: "``), ``choice_prefix``
+  (``"\\n  choice: "``), ``append_choices_to_input`` (default true) and ``example_output_prefix`` (``"\\nA: "``).
+- ``llm-adapters``: the LLM-Adapters commonsense JSON (Hu et al. 2023; the data of the LoRA-Dash paper's commonsense
+  experiments), a list of ``{"instruction", "input", "output", "answer"}`` in the Alpaca template. The choices come
+  from a ``choices`` list when there is one, else from the instruction's ``Answer format: a/b/c`` line (every row of
+  commonsense_170k and of the eight test sets has one). ``output`` must end with ``answer``
+  (``"the correct answer is true"``); what precedes the answer becomes part of the context.
+- ``table``: CSV/TSV with a header, JSON lines, or a JSON list of objects, with ``text`` [, ``text_pair``],
+  ``label`` (classification).
+
+Every error names the file and the row: ``train.csv line 7`` (physical line, header = line 1), ``x.jsonl line 3``,
+``task.json examples[12]``.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import random
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+MC_FORMATS = ("bigbench", "llm-adapters")
+TABLE_SUFFIXES = {".csv": ",", ".tsv": "\t"}
+ALPACA = ("Below is an instruction that describes a task{paired}. Write a response that appropriately completes "
+          "the request.\n\n### Instruction:\n{instruction}\n\n{input_block}### Response:\n")
+ANSWER_FORMAT = re.compile(r"answer format:\s*([^\n]+)", re.IGNORECASE)
+
+
+class DataError(ValueError):
+    """An input file that cannot be used; the message names the file and, where it applies, the row."""
+
+
+@dataclass(frozen=True)
+class MCExample:
+    """One multiple-choice item: the model sees ``context`` and should continue with ``choices[label]``."""
+
+    context: str
+    choices: tuple[str, ...]
+    label: int
+    where: str
+
+
+@dataclass(frozen=True)
+class TextExample:
+    """One classification/regression item; ``label`` is the raw value from the file (str, int or float)."""
+
+    text: str
+    text_pair: str | None
+    label: Any
+    where: str
+
+
+@dataclass
+class TaskData:
+    """Tokenised data of one task, ready for ``DataLoader`` (items are dicts of lists)."""
+
+    train: list[dict[str, Any]]
+    eval: list[dict[str, Any]]
+    collate_train: Callable[[list[dict[str, Any]]], dict[str, Any]]
+    collate_eval: Callable[[list[dict[str, Any]]], dict[str, Any]]
+    truncated: dict[str, int]
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------------------------------------------------- reading
+@dataclass
+class Records:
+    format: str  # bigbench | llm-adapters | table
+    rows: list[tuple[str, dict[str, Any]]]  # (where, fields)
+    meta: dict[str, Any]
+
+
+def read_records(path: str | Path) -> Records:
+    """Read ``path`` and detect its format; raise :class:`DataError` for anything unrecognised."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"data file not found: {path}")
+    if path.suffix.lower() in TABLE_SUFFIXES:
+        return Records("table", _read_csv(path, TABLE_SUFFIXES[path.suffix.lower()]), {})
+    text = path.read_text(encoding="utf-8-sig")
+    if not text.strip():
+        raise DataError(f"{path}: the file is empty")
+    try:
+        obj = json.loads(text)
+        rows = None
+    except json.JSONDecodeError:
+        obj, rows = None, _read_jsonl(path, text)
+    if isinstance(obj, dict) and isinstance(obj.get("examples"), list):
+        meta = {k: v for k, v in obj.items() if k != "examples"}
+        return Records("bigbench", [(f"{path.name} examples[{i}]", e) for i, e in enumerate(obj["examples"])], meta)
+    if isinstance(obj, dict):  # one record: a JSON-lines file of one line
+        rows = [(f"{path.name} line 1", obj)]
+    elif isinstance(obj, list):
+        rows = [(f"{path.name} [{i}]", e) for i, e in enumerate(obj)]
+    if rows is None or not all(isinstance(r, dict) for _, r in rows):
+        shape = "not JSON" if rows is None and obj is None else f"a JSON {type(obj).__name__}"
+        raise DataError(f"{path}: unknown format ({shape}). Expected a BIG-bench task JSON ({{'examples': [...]}}), "
+                        "the LLM-Adapters JSON (a list of {instruction, input, output, answer}), CSV/TSV, or "
+                        "JSON lines with text/label")
+    if not rows:
+        raise DataError(f"{path}: the dataset is empty (no records)")
+    first = rows[0][1]
+    fmt = "llm-adapters" if "instruction" in first else "table" if ("text" in first or "label" in first) else None
+    if fmt is None:
+        raise DataError(f"{path}: unknown format: the first record has keys {sorted(first)}; expected a BIG-bench "
+                        "task ('examples'), instruction/input/output/answer (LLM-Adapters) or text/label")
+    return Records(fmt, rows, {})
+
+
+def _read_csv(path: Path, delimiter: str) -> list[tuple[str, dict[str, Any]]]:
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        reader = csv.DictReader(f, delimiter=delimiter)
+        header = reader.fieldnames or []
+        if "text" not in header or "label" not in header:
+            raise DataError(f"{path}: the header must have 'text' and 'label' columns (and optionally 'text_pair'); "
+                            f"found {header}")
+        return [(f"{path.name} line {reader.line_num}", row) for row in reader]
+
+
+def _read_jsonl(path: Path, text: str) -> list[tuple[str, dict[str, Any]]] | None:
+    rows = []
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rows.append((f"{path.name} line {n}", json.loads(line)))
+        except json.JSONDecodeError as err:
+            if not rows:
+                return None  # neither JSON nor JSON lines
+            raise DataError(f"{path} line {n}: not valid JSON ({err.msg})") from err
+    return rows
+
+
+def _field(where: str, row: dict[str, Any], name: str, kind: type = str) -> Any:
+    value = row.get(name)
+    if value is None or (isinstance(value, str) and not value.strip()):
+        raise DataError(f"{where}: missing '{name}' (fields present: {sorted(k for k in row if row[k] not in (None, ''))})")
+    if not isinstance(value, kind):
+        raise DataError(f"{where}: '{name}' must be a {kind.__name__}, got {type(value).__name__}")
+    return value
+
+
+def _nonempty(path: str | Path, items: list) -> list:
+    if not items:
+        raise DataError(f"{path}: the dataset is empty (no examples)")
+    return items
+
+
+# ---------------------------------------------------------------------------------------------- multiple choice
+def load_mc(path: str | Path) -> list[MCExample]:
+    """Multiple-choice examples of a BIG-bench or LLM-Adapters file."""
+    rec = read_records(path)
+    if rec.format not in MC_FORMATS:
+        raise DataError(f"{path}: task causal-mc needs a BIG-bench task JSON or the LLM-Adapters JSON; "
+                        f"this is a {rec.format} file (text/label rows are for --task classification)")
+    parse = _bigbench_example if rec.format == "bigbench" else _llm_adapters_example
+    return _nonempty(path, [parse(where, row, rec.meta) for where, row in rec.rows])
+
+
+def _choices(where: str, choices: Sequence[str]) -> tuple[str, ...]:
+    if len(choices) < 2:
+        raise DataError(f"{where}: a multiple-choice example needs at least 2 choices, got {list(choices)}")
+    if any(not isinstance(c, str) or not c.strip() for c in choices):
+        raise DataError(f"{where}: every choice must be a non-empty string, got {list(choices)}")
+    return tuple(choices)
+
+
+def _bigbench_example(where: str, row: dict[str, Any], meta: dict[str, Any]) -> MCExample:
+    question = _field(where, row, "input")
+    scores = _field(where, row, "target_scores", dict)
+    choices = _choices(where, list(scores))
+    label = max(range(len(choices)), key=lambda i: scores[choices[i]])
+    if meta.get("append_choices_to_input", True):
+        prefix = meta.get("choice_prefix", "\n  choice: ")
+        question = question + prefix + prefix.join(choices)
+    context = (meta.get("task_prefix", "") + meta.get("example_input_prefix", "\nQ: ") + question
+               + meta.get("example_output_prefix", "\nA: "))
+    return MCExample(context.lstrip(), choices, label, where)
+
+
+def alpaca_prompt(instruction: str, input: str = "") -> str:
+    """The Alpaca template LLM-Adapters trains and evaluates with (``### Response:`` ends the prompt)."""
+    if input.strip():
+        return ALPACA.format(paired=", paired with an input that provides further context", instruction=instruction,
+                             input_block=f"### Input:\n{input}\n\n")
+    return ALPACA.format(paired="", instruction=instruction, input_block="")
+
+
+def _llm_adapters_example(where: str, row: dict[str, Any], meta: dict[str, Any]) -> MCExample:
+    instruction = _field(where, row, "instruction")
+    output = _field(where, row, "output")
+    answer = _field(where, row, "answer")
+    if isinstance(row.get("choices"), list):
+        choices = _choices(where, row["choices"])
+    else:
+        found = ANSWER_FORMAT.findall(instruction)
+        if not found:
+            raise DataError(f"{where}: no choices: add a 'choices' list or an 'Answer format: a/b' line to the "
+                            "instruction")
+        choices = _choices(where, [c.strip() for c in found[-1].split("/") if c.strip()])
+    lowered = [c.lower() for c in choices]
+    if answer.strip().lower() not in lowered:
+        raise DataError(f"{where}: answer {answer!r} is not one of the choices {list(choices)}")
+    if not output.rstrip().lower().endswith(answer.strip().lower()):
+        raise DataError(f"{where}: output {output!r} does not end with the answer {answer!r}; causal-mc scores "
+                        "each choice as the continuation of the output's text before the answer")
+    lead = output.rstrip()[: len(output.rstrip()) - len(answer.strip())]
+    context = alpaca_prompt(instruction, str(row.get("input") or "")) + lead
+    return MCExample(context, choices, lowered.index(answer.strip().lower()), where)
+
+
+# ------------------------------------------------------------------------------------------------ classification
+def load_text(path: str | Path) -> list[TextExample]:
+    """Classification/regression rows (``text`` [, ``text_pair``], ``label``) of a CSV/TSV/JSONL/JSON file."""
+    rec = read_records(path)
+    if rec.format != "table":
+        raise DataError(f"{path}: task classification needs CSV/TSV or JSON lines with text/label; this is a "
+                        f"{rec.format} file (use --task causal-mc)")
+    out: list[TextExample] = []
+    paired = bool(rec.rows) and rec.rows[0][1].get("text_pair") not in (None, "")
+    for where, row in rec.rows:
+        label = row.get("label")
+        if label is None or (isinstance(label, str) and not label.strip()):
+            raise DataError(f"{where}: missing 'label'")
+        pair = _field(where, row, "text_pair") if paired else None
+        out.append(TextExample(_field(where, row, "text"), pair, label, where))
+    return _nonempty(path, out)
+
+
+# ---------------------------------------------------------------------------------------------------- splitting
+def train_eval_split(examples: list, eval_split: float, seed: int, path: str | Path) -> tuple[list, list]:
+    """Shuffle with ``seed`` and hold out ``eval_split`` (a fraction < 1, or a count >= 1) for evaluation."""
+    n_eval = round(eval_split * len(examples)) if eval_split < 1 else int(eval_split)
+    if not 0 < n_eval < len(examples):
+        raise DataError(f"{path}: --eval_split {eval_split} leaves {n_eval} of {len(examples)} examples for "
+                        "evaluation; it must leave at least one for each of train and eval")
+    order = list(range(len(examples)))
+    random.Random(seed).shuffle(order)
+    return [examples[i] for i in order[n_eval:]], [examples[i] for i in order[:n_eval]]
+
+
+# ------------------------------------------------------------------------------------------------------ tokenizer
+def ensure_pad_token(tokenizer: Any) -> str | None:
+    """Give a tokenizer without a pad token one (eos, else unk); return a note saying so, or None."""
+    if tokenizer.pad_token is not None:
+        return None
+    for name in ("eos_token", "unk_token"):
+        token = getattr(tokenizer, name)
+        if token is not None:
+            tokenizer.pad_token = token
+            return (f"the tokenizer has no pad token; using its {name.split('_')[0]} token {token!r} for padding "
+                    "(padded positions are masked out of attention and loss)")
+    raise DataError("the tokenizer has no pad, eos or unk token to pad with; add a pad token to it")

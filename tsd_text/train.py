@@ -1,0 +1,395 @@
+"""The text trainer: one accelerate loop for causal-LM multiple choice and sequence classification, any method.
+
+    accelerate launch apps/train_text.py --model_name_or_path DIR --task causal-mc \\
+        --train_file train.json --eval_file test.json --method dash --rank 8 --lora_alpha 16 \\
+        --target_modules q_proj k_proj v_proj up_proj down_proj --dash_warmup_steps 30 --dash_directions 8 \\
+        --learning_rate 5e-4 --max_steps 100 --output_dir out/
+
+Order of work: the checks that need no model run first (arguments, adapter configuration, files, formats, rows,
+labels), then the tokenizer (pad token, truncation counts), the model (target modules, task head), the adapter
+(``shared.attach``, before ``accelerator.prepare``), evaluation before training, the loop, evaluation after it,
+and the outputs. ``adapter.step(optimizer)`` runs once per optimizer step (when ``accelerator.sync_gradients``),
+so the dash switch lands at exactly ``--dash_warmup_steps`` updates whatever the accumulation.
+
+Outputs in ``--output_dir`` (main process, atomic writes):
+
+- ``adapter_model.safetensors``, ``adapter_config.json``: a standard LoRA (``shared.export_lora``) that stock
+  ``PeftModel.from_pretrained(base, output_dir)`` loads, the head included for classification;
+- ``eval_results.json``: metrics before training, every ``--eval_steps`` updates, and after training, each with
+  ``num_examples`` (gathered across processes without duplicates);
+- ``train_results.json``: updates, runtime, tokens/s, the dash switch step; ``training_args.json``: the arguments
+  and what they resolved to (adapted layers, head, labels, truncations, notes); ``loss_log.csv``: loss and learning
+  rate per update; ``tsd_report.csv`` (and ``tsd_report.png`` with matplotlib): per-layer σ, Δσ, change rates and
+  the selected directions (``shared.tsd.report``).
+
+Two processes on CPU (gloo): ``ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes 2
+--num_machines 1 --gpu_ids all apps/train_text.py ...``. ``accelerate launch --cpu --num_processes 2`` starts a
+single process on accelerate 1.x (its simple launcher forks only with an mpirun hostfile).
+
+Inside a user's own ``transformers.Trainer`` the same pieces work: ``TaskData.train`` / ``collate_train`` as the
+dataset and collator, ``shared.attach`` before the Trainer, ``callbacks=[shared.integrations.TSDCallback(adapter)]``
+(``tests/test_text_train.py`` checks both paths select the same directions).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+from typing import Any, Callable, Sequence
+
+import torch
+from accelerate.logging import get_logger
+from torch import nn
+from torch.utils.data import DataLoader
+
+import shared
+from shared.io import atomic_write_json, atomic_write_text
+
+from . import causal, classification
+from .data import TaskData, ensure_pad_token, load_mc, load_text, train_eval_split
+
+logger = get_logger("tsd_text")  # logs on the main process only
+
+#: task name -> (task module: prepare / load_model / predict / compute_metrics / TASK_TYPE, file loader)
+TASKS: dict[str, tuple[ModuleType, Callable[[str], list]]] = {
+    "causal-mc": (causal, load_mc),
+    "classification": (classification, load_text),
+}
+
+
+# --------------------------------------------------------------------------------------------------------- CLI
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description="LoRA / LoRA-Dash / TSD fine-tuning of a transformers text model.")
+    g = p.add_argument_group("model and data")
+    g.add_argument("--model_name_or_path", required=True, help="local model directory (or hub id when online)")
+    g.add_argument("--task", required=True, choices=sorted(TASKS))
+    g.add_argument("--train_file", required=True,
+                   help="causal-mc: BIG-bench task JSON or LLM-Adapters JSON; classification: CSV/TSV/JSONL")
+    g.add_argument("--eval_file", default=None, help="evaluation file of the same format")
+    g.add_argument("--eval_split", type=float, default=None,
+                   help="without --eval_file: hold out this fraction (<1) or count (>=1) of --train_file, by --seed")
+    g.add_argument("--max_train_samples", type=int, default=None)
+    g.add_argument("--max_eval_samples", type=int, default=None)
+    g.add_argument("--max_length", type=int, default=256, help="longer sequences are truncated (and counted)")
+    g = p.add_argument_group("adapter")
+    g.add_argument("--method", default="dash", choices=shared.METHODS)
+    g.add_argument("--rank", type=int, default=8)
+    g.add_argument("--lora_alpha", type=float, default=16.0)
+    g.add_argument("--lora_dropout", type=float, default=0.0)
+    g.add_argument("--target_modules", nargs="+", default=None,
+                   help="layer names or suffixes, space- or comma-separated (e.g. q_proj,v_proj or query value)")
+    g.add_argument("--dash_warmup_steps", type=int, default=100, help="t: optimizer steps of LoRA before the switch")
+    g.add_argument("--dash_directions", type=int, default=8, help="s: task-specific directions per layer")
+    g.add_argument("--adapter_options", nargs="+", default=[], metavar="KEY=VALUE",
+                   help="further shared.AdapterConfig fields, e.g. eva_max_batches=16 lora_da_num_samples=64")
+    g = p.add_argument_group("training")
+    g.add_argument("--learning_rate", type=float, default=5e-4)
+    g.add_argument("--weight_decay", type=float, default=0.0)
+    g.add_argument("--lr_scheduler", default="linear", help="a transformers scheduler name (linear, constant, ...)")
+    g.add_argument("--lr_warmup_steps", type=int, default=0)
+    g.add_argument("--max_grad_norm", type=float, default=1.0, help="0 disables clipping")
+    g.add_argument("--num_train_epochs", type=int, default=1)
+    g.add_argument("--max_steps", type=int, default=-1, help="optimizer steps; overrides --num_train_epochs if > 0")
+    g.add_argument("--per_device_train_batch_size", type=int, default=8)
+    g.add_argument("--per_device_eval_batch_size", type=int, default=None, help="default: the train batch size")
+    g.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    g.add_argument("--seed", type=int, default=42)
+    g.add_argument("--mixed_precision", default=None, choices=["no", "fp16", "bf16"],
+                   help="default: accelerate's configuration")
+    g.add_argument("--gradient_checkpointing", action="store_true")
+    g = p.add_argument_group("evaluation and outputs")
+    g.add_argument("--output_dir", required=True)
+    g.add_argument("--eval_steps", type=int, default=0, help="also evaluate every N optimizer steps (0: no)")
+    g.add_argument("--eval_before", action=argparse.BooleanOptionalAction, default=True,
+                   help="evaluate the untrained model first (--no-eval_before skips it)")
+    g.add_argument("--report_plot", action=argparse.BooleanOptionalAction, default=True,
+                   help="also plot the TSD report to tsd_report.png (needs matplotlib; a few seconds)")
+    args = p.parse_args(argv)
+    if args.target_modules:
+        args.target_modules = [t for a in args.target_modules for t in a.split(",") if t]
+    if args.eval_file is None and args.eval_split is None:
+        p.error("give --eval_file, or --eval_split to hold out part of --train_file")
+    if args.eval_split is not None and args.eval_split <= 0:
+        p.error("--eval_split must be > 0")
+    if args.max_length < 2:
+        p.error("--max_length must be >= 2")
+    for name in ("per_device_train_batch_size", "gradient_accumulation_steps", "num_train_epochs"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name} must be >= 1")
+    if args.eval_steps < 0:
+        p.error("--eval_steps must be >= 0")
+    args.per_device_eval_batch_size = args.per_device_eval_batch_size or args.per_device_train_batch_size
+    args.adapter_options = _key_values(p, args.adapter_options)
+    return args
+
+
+def _key_values(parser: argparse.ArgumentParser, items: list[str]) -> dict[str, Any]:
+    """``KEY=VALUE`` strings to a dict of AdapterConfig fields; values are JSON when they parse (numbers, booleans)."""
+    flags = {"method", "r", "alpha", "dropout", "target_modules", "modules_to_save", "seed", "dash_warmup_steps",
+             "dash_directions"}  # set by their own arguments
+    known = {f.name for f in dataclasses.fields(shared.AdapterConfig)} - flags
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or key not in known:
+            parser.error(f"--adapter_options: {item!r} is not KEY=VALUE with KEY an AdapterConfig field "
+                         f"({', '.join(sorted(known))})")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
+# ------------------------------------------------------------------------------------------------------- setup
+def load_examples(args: argparse.Namespace, load: Callable[[str], list]) -> tuple[list, list]:
+    train = load(args.train_file)
+    if args.eval_file:
+        eval_ = load(args.eval_file)
+    else:
+        train, eval_ = train_eval_split(train, args.eval_split, args.seed, args.train_file)
+    return train[: args.max_train_samples], eval_[: args.max_eval_samples]
+
+
+def resolve_targets(model: nn.Module, target_modules: list[str] | None, head: list[str] | None) -> list[str]:
+    """Full names of the layers to adapt: what ``target_modules`` matches, minus the fully trained head."""
+    from shared.layers import find_targets
+
+    found = find_targets(model, target_modules)  # names the model's linear layers when nothing matches
+    head = head or []
+    names = sorted(n for n in found if not any(n == h or n.startswith(h + ".") for h in head))
+    if not names:
+        raise ValueError(f"target_modules {target_modules} match only modules of the trained head {head}; "
+                         "name layers of the base model")
+    return names
+
+
+INIT_LABELS = "init_labels"
+
+
+def init_batches(loader: DataLoader, method: str) -> tuple[Any, Callable[[nn.Module, Any], Any] | None]:
+    """Batches and ``forward_fn`` for a data-driven init.
+
+    The core's statistics keep the tokens of ``labels != -100`` (unshifted). For causal-mc that is the answer
+    tokens, whose own outputs get no gradient (the loss reads the logits one position earlier), which zeroes
+    LoRA-DA's G and the LoRA-Init gradient estimate. Their batches therefore carry the labels under another key:
+    the mask is the attention mask, and Σ_t g_t x_tᵀ over it is the exact ∂L/∂W (LoRA-DA's reference masks by
+    attention too). EVA only runs forwards and keeps peft's label mask.
+    """
+    if method == "eva":
+        return loader, None
+
+    def forward_fn(model: nn.Module, batch: dict[str, Any]) -> Any:
+        return model(**{("labels" if k == INIT_LABELS else k): v for k, v in batch.items()}).loss
+
+    renamed = ({(INIT_LABELS if k == "labels" else k): v for k, v in b.items()} for b in loader)
+    return renamed, forward_fn
+
+
+def adapter_config(args: argparse.Namespace) -> shared.AdapterConfig:
+    return shared.AdapterConfig(method=args.method, r=args.rank, alpha=args.lora_alpha, dropout=args.lora_dropout,
+                                target_modules=args.target_modules, dash_warmup_steps=args.dash_warmup_steps,
+                                dash_directions=args.dash_directions, seed=args.seed, **args.adapter_options)
+
+
+@dataclass
+class TrainResult:
+    adapter: shared.Adapter
+    results: dict[str, Any]
+    output_dir: Path
+
+
+# ---------------------------------------------------------------------------------------------------- evaluate
+def evaluate(accelerator: Any, model: nn.Module, loader: DataLoader, task: ModuleType, info: dict[str, Any],
+             desc: str) -> dict[str, float]:
+    """Metrics over the whole evaluation set; ``gather_for_metrics`` drops the samples padded in for even batches."""
+    from tqdm.auto import tqdm
+
+    net = accelerator.unwrap_model(model)
+    was_training = net.training
+    net.eval()
+    preds, refs = [], []
+    for batch in tqdm(loader, desc=desc, disable=not accelerator.is_local_main_process, leave=False):
+        pred, ref = accelerator.gather_for_metrics(task.predict(net, batch))
+        preds.append(pred)
+        refs.append(ref)
+    net.train(was_training)
+    pred, ref = torch.cat(preds), torch.cat(refs)
+    return {**task.compute_metrics(pred, ref, info), "num_examples": int(ref.shape[0])}
+
+
+# -------------------------------------------------------------------------------------------------------- main
+@dataclass
+class Setup:
+    """Everything before ``accelerator.prepare``: validated data, the model with its adapter attached."""
+
+    task: ModuleType
+    data: TaskData
+    model: nn.Module
+    adapter: shared.Adapter
+    notes: list[str]
+
+
+def setup(args: argparse.Namespace, accelerator: Any) -> Setup:
+    """Checks that need no model first (configuration, files, rows, labels), then tokenizer, model, adapter."""
+    from transformers import AutoTokenizer
+
+    task, load = TASKS[args.task]
+    config = adapter_config(args)
+    train_examples, eval_examples = load_examples(args, load)
+    tokenizer = AutoTokenizer.from_pretrained(args.model_name_or_path)
+    notes = [n for n in [ensure_pad_token(tokenizer)] if n]
+    data: TaskData = task.prepare(tokenizer, train_examples, eval_examples, args.max_length)
+    notes += [f"{n} of {len(getattr(data, split))} {split} examples were longer than --max_length={args.max_length} "
+              "and were truncated" for split, n in data.truncated.items() if n]
+    model, head = task.load_model(args.model_name_or_path, data, tokenizer)
+    config = dataclasses.replace(config, target_modules=resolve_targets(model, args.target_modules, head),
+                                 modules_to_save=head)
+    init_data, init_forward = None, None
+    if config.needs_data:  # the same seeded batches on every process, so every process gets the same init
+        init_loader = DataLoader(data.train, batch_size=args.per_device_train_batch_size, shuffle=True,
+                                 collate_fn=data.collate_train, generator=torch.Generator().manual_seed(args.seed))
+        init_data, init_forward = init_batches(init_loader, config.method)
+    adapter = shared.attach(model, config, data=init_data, forward_fn=init_forward,
+                            progress=accelerator.is_local_main_process)
+    if args.gradient_checkpointing:
+        model.config.use_cache = False
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return Setup(task, data, model, adapter, notes)
+
+
+def train_loop(accelerator: Any, model: nn.Module, adapter: shared.Adapter, optimizer: Any, scheduler: Any,
+               loader: DataLoader, args: argparse.Namespace, max_steps: int,
+               evaluate_at: Callable[[int], None]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """``max_steps`` optimizer steps; ``adapter.step`` after each, ``evaluate_at(step)`` every ``--eval_steps``.
+
+    Returns the training facts (runtime without evaluation, tokens, dash switch step) and the loss log.
+    """
+    from tqdm.auto import tqdm
+
+    params = adapter.trainable_parameters()
+    loss_log: list[dict[str, Any]] = []
+    step, tokens, switch_step, eval_time = 0, 0, None, 0.0
+    step_loss, micro = torch.zeros((), device=accelerator.device), 0
+    bar = tqdm(total=max_steps, desc=f"train {args.method}", disable=not accelerator.is_local_main_process)
+    model.train()
+    start = time.perf_counter()
+    for epoch in range(math.ceil(max_steps / math.ceil(len(loader) / args.gradient_accumulation_steps))):
+        loader.set_epoch(epoch)
+        for batch in loader:
+            with accelerator.accumulate(model):
+                loss = model(**batch).loss
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and args.max_grad_norm > 0:
+                    accelerator.clip_grad_norm_(params, args.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad()
+            tokens += int(batch["attention_mask"].sum())
+            step_loss, micro = step_loss + loss.detach(), micro + 1
+            if not accelerator.sync_gradients:
+                continue
+            step += 1
+            if adapter.step(optimizer):
+                switch_step = step
+            mean_loss = float(accelerator.reduce(step_loss / micro, "mean"))
+            step_loss, micro = torch.zeros_like(step_loss), 0
+            lr = scheduler.get_last_lr()[0]
+            loss_log.append({"step": step, "epoch": epoch, "loss": mean_loss, "lr": lr, "dash_switched": adapter.switched})
+            bar.update(1)
+            bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}")
+            if args.eval_steps and step % args.eval_steps == 0 and step < max_steps:
+                t0 = time.perf_counter()
+                evaluate_at(step)
+                eval_time += time.perf_counter() - t0
+            if step >= max_steps:
+                break
+        if step >= max_steps:
+            break
+    bar.close()
+    runtime = time.perf_counter() - start - eval_time
+    total = int(accelerator.reduce(torch.tensor(tokens, device=accelerator.device), "sum"))
+    facts = {"steps": step, "runtime_s": runtime, "tokens": total, "tokens_per_s": total / runtime,
+             "dash_switch_step": switch_step, "final_loss": loss_log[-1]["loss"] if loss_log else None,
+             "world_size": accelerator.num_processes}
+    return facts, loss_log
+
+
+def main(args: argparse.Namespace) -> TrainResult:
+    from accelerate import Accelerator, DataLoaderConfiguration
+    from accelerate.utils import set_seed
+    from transformers import get_scheduler
+
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    accelerator = Accelerator(
+        gradient_accumulation_steps=args.gradient_accumulation_steps, mixed_precision=args.mixed_precision,
+        # the Trainer's sampler: a seeded shuffle, identical on every process (then sharded)
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed))
+    set_seed(args.seed)
+    run = setup(args, accelerator)
+    data, adapter = run.data, run.adapter
+    optimizer = torch.optim.AdamW(adapter.trainable_parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
+    train_loader = DataLoader(data.train, batch_size=args.per_device_train_batch_size, shuffle=True,
+                              collate_fn=data.collate_train)
+    eval_loader = DataLoader(data.eval, batch_size=args.per_device_eval_batch_size, collate_fn=data.collate_eval)
+    model, optimizer, train_loader, eval_loader = accelerator.prepare(run.model, optimizer, train_loader, eval_loader)
+    updates_per_epoch = math.ceil(len(train_loader) / args.gradient_accumulation_steps)
+    max_steps = args.max_steps if args.max_steps > 0 else args.num_train_epochs * updates_per_epoch
+    world = accelerator.num_processes
+    # a prepared scheduler steps once per process each update, hence the factor (as in diffusers' examples)
+    scheduler = accelerator.prepare(get_scheduler(args.lr_scheduler, optimizer, num_warmup_steps=args.lr_warmup_steps * world,
+                                                  num_training_steps=max_steps * world))
+    if adapter.config.uses_dash and adapter.config.dash_warmup_steps >= max_steps:
+        run.notes.append(f"--dash_warmup_steps={adapter.config.dash_warmup_steps} >= {max_steps} optimizer steps: "
+                         "the dash phase gets no update, so this run is plain LoRA")
+    for note in run.notes:
+        logger.warning(note)
+
+    def run_eval(desc: str) -> dict[str, float]:
+        metrics = evaluate(accelerator, model, eval_loader, run.task, data.info, desc)
+        logger.info(f"eval ({desc}): {metrics}")
+        return metrics
+
+    results: dict[str, Any] = {"before": run_eval("eval before") if args.eval_before else None, "history": []}
+    facts, loss_log = train_loop(accelerator, model, adapter, optimizer, scheduler, train_loader, args, max_steps,
+                                 lambda step: results["history"].append({"step": step, **run_eval(f"eval step {step}")}))
+    results["after"] = run_eval("eval after")
+
+    out = Path(args.output_dir)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        config = adapter.config
+        resolved = {"target_modules": config.target_modules, "modules_to_save": config.modules_to_save,
+                    "num_examples": {"train": len(data.train), "eval": len(data.eval)}, "truncated": data.truncated,
+                    "notes": run.notes, "adapter_config": config.to_dict(), **data.info}
+        write_outputs(out, adapter, run.task, args, resolved, results, facts, loss_log)
+        logger.info(f"wrote {out}: before {results['before']}, after {results['after']}")
+    accelerator.wait_for_everyone()
+    return TrainResult(adapter, {**results, "train": facts}, out)
+
+
+def write_outputs(out: Path, adapter: shared.Adapter, task: ModuleType, args: argparse.Namespace,
+                  resolved: dict[str, Any], results: dict[str, Any], train_results: dict[str, Any],
+                  loss_log: list[dict[str, Any]]) -> None:
+    shared.export_lora(adapter, out, format="peft", task_type=task.TASK_TYPE,
+                       base_model_name_or_path=args.model_name_or_path)
+    atomic_write_json(out / "eval_results.json", results)
+    atomic_write_json(out / "train_results.json", train_results)
+    atomic_write_json(out / "training_args.json", {**vars(args), "resolved": resolved})
+    header = list(loss_log[0]) if loss_log else ["step", "loss"]
+    atomic_write_text(out / "loss_log.csv", "\n".join([",".join(header)] + [
+        ",".join(str(row[k]) for k in header) for row in loss_log]) + "\n")
+    rows = shared.tsd.report(adapter)
+    shared.tsd.write_report_csv(rows, str(out / "tsd_report.csv"))
+    if args.report_plot:
+        try:
+            shared.tsd.plot_change_rates(rows, str(out / "tsd_report.png"))
+        except ImportError:
+            logger.warning("matplotlib is not installed: tsd_report.png skipped (tsd_report.csv has the numbers)")
