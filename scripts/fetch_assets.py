@@ -41,7 +41,6 @@ string), which is why they are fetched into a cache instead of being committed.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import csv
 import gzip
 import hashlib
@@ -61,7 +60,9 @@ import zipfile
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterable
+
+from filelock import FileLock  # cross-process lock; a dependency of torch and huggingface_hub
 
 __all__ = [
     "ASSETS",
@@ -551,21 +552,6 @@ ASSETS: dict[str, Asset] = {
 # --------------------------------------------------------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    try:
-        import fcntl
-    except ImportError:  # not POSIX: no cross-process lock
-        yield
-        return
-    with open(path, "a+") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
-
-
 def _dir_size(p: Path) -> int:
     return sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
 
@@ -580,7 +566,7 @@ def _fmt_size(n: float) -> str:
 
 def _fetch_one(a: Asset, root: Path, force: bool) -> Path:
     final = root / a.dirname
-    with _locked(root / f".{a.name}.lock"):
+    with FileLock(root / f".{a.name}.lock"):
         if not force and (final / DONE).is_file():
             _log(f"{a.name}: cached at {final}")
             return final

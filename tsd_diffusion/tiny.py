@@ -33,7 +33,6 @@ when the tokenizer asset has since disappeared.
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
@@ -41,7 +40,8 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
-from typing import Iterator
+
+from filelock import FileLock  # cross-process lock; a dependency of torch and huggingface_hub
 
 __all__ = [
     "EMBEDDED_NAME",
@@ -173,21 +173,6 @@ def build_tiny_sdxl_pipeline(tokenizer_dir: str | os.PathLike, seed: int = 0):
                                      unet=unet, scheduler=sched, force_zeros_for_empty_prompt=True)
 
 
-@contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    try:
-        import fcntl
-    except ImportError:  # not POSIX: no cross-process lock (the atomic rename still protects readers)
-        yield
-        return
-    with open(path, "a+") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
-
-
 def _variant_dir(root: Path, tokenizer: str, seed: int) -> Path:
     name = f"tiny-sdxl-v{TINY_SDXL_VERSION}" + ("" if tokenizer == "clip" else "-bytetok")
     return root / (name + ("" if seed == 0 else f"-seed{seed}"))
@@ -216,7 +201,7 @@ def materialize_tiny_sdxl(cache_dir: str | os.PathLike | None = None, seed: int 
     if (final / DONE).is_file():
         return final
     root.mkdir(parents=True, exist_ok=True)
-    with _locked(root / f".{final.name}.lock"):
+    with FileLock(root / f".{final.name}.lock"):
         if (final / DONE).is_file():  # another process built it while we waited
             return final
         for stale in root.glob(f".{final.name}.tmp-*"):  # leftovers of an interrupted build (we hold the lock)
