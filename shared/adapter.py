@@ -18,7 +18,7 @@ from torch import nn
 
 from . import tsd
 from .config import AdapterConfig
-from .dash import DashTerm, dash_forward_hook
+from .dash import DashTerm, DashVariant
 from .layers import (dense_weight, find_targets, in_out_features, is_fan_in_fan_out, is_linear_like, iter_lora_layers,
                      set_dense_weight)
 from .statistics import ForwardFn, batch_size_of, default_forward_fn, require_loss
@@ -362,7 +362,7 @@ def _add_dash(model: nn.Module, adapter_name: str, config: AdapterConfig) -> Non
         d_in, d_out = in_out_features(layer.get_base_layer())
         ref = layer.lora_A[adapter_name].weight
         layer.tsd_dash = DashTerm(d_out, d_in, config.dash_directions, ref.dtype, ref.device)
-        layer.register_forward_hook(dash_forward_hook(adapter_name))
+        layer.lora_variant[adapter_name] = DashVariant()
 
 
 def _init_lora_ga(model: nn.Module, config: AdapterConfig, targets: dict[str, nn.Module], batches: list[Any],

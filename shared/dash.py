@@ -11,12 +11,17 @@ calls the LoRA dropout module on its own input, as the reference does.
 Unlike the reference, every tensor exists from step 0 (DDP/FSDP register parameters at wrap time):
 U_I and V_Iᵀ are frozen parameters filled in place at the switch (frozen parameters, not buffers, so
 DDP does not broadcast them every step), and λ joins the autograd graph with a zero contribution before
-the switch so DDP always sees its gradient.
+the switch so DDP always sees its gradient. The term is computed inside peft's own forward by
+:class:`DashVariant`, so everything peft does with a LoRA layer (mixed-adapter batches, disabling,
+merging) includes it.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
+from peft.tuners.lora.layer import LoraVariant
 from torch import nn
 
 
@@ -59,30 +64,67 @@ class DashTerm(nn.Module):
         """U_I diag(λ) V_Iᵀ (out × in)."""
         return (self.U * self.lam) @ self.Vh
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """U_I diag(λ) V_Iᵀ x for x of shape (..., in)."""
-        return ((x @ self.Vh.T) * self.lam) @ self.U.T
 
+class DashVariant(LoraVariant):
+    """peft LoRA variant computing LoRA and dash in one low-rank product (``lora_dash.md`` §7).
 
-def dash_forward_hook(adapter_name: str):
-    """Forward hook for a peft LoRA layer that adds its ``tsd_dash`` term."""
+    After the switch, with dropout off (p = 0 or eval), the update is one rank-(r+s) product
 
-    def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+        y = W x + [γB | U_I diag(λ)] ([A ; V_Iᵀ] x),    γ = α/r,
+
+    added to the base output by a single ``addmm``. With dropout on, LoRA and dash each call the dropout
+    module, as the reference does. Before the switch λ joins the graph through γB·(1 + 0·Σλ), never
+    through the activations, so DDP sees its (zero) gradient at no cost. Because the term lives in peft's
+    forward, ``adapter_names=`` mixed batches, ``disable_adapter()`` and peft's ``merge``/``unmerge``
+    all include it. peft marks its variant API private, so the supported peft range is bounded in
+    ``pyproject.toml``.
+    """
+
+    @staticmethod
+    def init(module: nn.Module, adapter_name: str, **kwargs: Any) -> None:
+        """Nothing to do: ``attach`` creates ``module.tsd_dash`` before setting the variant."""
+
+    @staticmethod
+    def delta_weight(module: nn.Module, adapter_name: str) -> torch.Tensor:
+        """γBA + U_I diag(λ) V_Iᵀ in the base weight's layout (transposed for ``fan_in_fan_out``), fp32."""
         dash: DashTerm = module.tsd_dash
-        if module.disable_adapters or adapter_name not in module.active_adapters:
-            return output
-        if module.merged:
-            if dash.is_active:
-                raise RuntimeError(
-                    "this LoRA layer was merged by peft, which does not know the dash term; use "
-                    "Adapter.merge_and_unload() or shared.export_lora() instead"
-                )
-            return output
-        if not dash.is_active:
-            # keeps λ in the graph with a zero gradient, so DDP sees every parameter on every step
-            return output + dash.lam.sum().to(output.dtype) * 0
-        x = args[0]
-        h = module.lora_dropout[adapter_name](x.to(dash.lam.dtype))
-        return output + dash(h).to(output.dtype)
+        A = module.lora_A[adapter_name].weight.float()
+        B = module.lora_B[adapter_name].weight.float()
+        delta = module.scaling[adapter_name] * (B @ A)
+        if dash.is_active:
+            delta = delta + dash.delta_weight().float()
+        return delta.T if module.fan_in_fan_out else delta
 
-    return hook
+    @staticmethod
+    def merge_safe(module: nn.Module, active_adapter: str, orig_weight: torch.Tensor) -> torch.Tensor:
+        return (orig_weight.float() + DashVariant.delta_weight(module, active_adapter)).to(orig_weight.dtype)
+
+    @staticmethod
+    def merge_unsafe(module: nn.Module, active_adapter: str, orig_weight: torch.Tensor) -> None:
+        orig_weight.data = DashVariant.merge_safe(module, active_adapter, orig_weight.data)
+
+    @staticmethod
+    def unmerge(module: nn.Module, active_adapter: str, orig_weight: torch.Tensor) -> torch.Tensor:
+        return (orig_weight.float() - DashVariant.delta_weight(module, active_adapter)).to(orig_weight.dtype)
+
+    @staticmethod
+    def forward(module: nn.Module, active_adapter: str, x: torch.Tensor, result: torch.Tensor,
+                **kwargs: Any) -> torch.Tensor:
+        dash: DashTerm = module.tsd_dash
+        A = module.lora_A[active_adapter].weight
+        B = module.lora_B[active_adapter].weight
+        gamma = module.scaling[active_adapter]
+        dropout = module.lora_dropout[active_adapter]
+        x = x.to(A.dtype)
+        shape = result.shape
+        out = result.reshape(-1, shape[-1]).to(A.dtype)
+        h = dropout(x).reshape(-1, x.shape[-1])
+        if not dash.is_active:
+            return torch.addmm(out, h @ A.T, (B * (gamma + dash.lam.sum() * 0)).T).view(shape)
+        if isinstance(dropout, nn.Identity) or not dropout.training:
+            A = torch.cat([A, dash.Vh], 0)
+            B = torch.cat([B * gamma, dash.U * dash.lam], 1)
+            return torch.addmm(out, h @ A.T, B.T).view(shape)
+        out = torch.addmm(out, h @ A.T, B.T, alpha=gamma)
+        h = dropout(x).reshape(-1, x.shape[-1])
+        return torch.addmm(out, (h @ dash.Vh.T) * dash.lam, dash.U.T).view(shape)

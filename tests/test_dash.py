@@ -133,14 +133,91 @@ def test_fan_in_fan_out_conv1d():
     torch.testing.assert_close(layer(x), ref, rtol=1e-4, atol=1e-5)
 
 
-def test_peft_merge_with_active_dash_is_refused_not_silently_wrong():
+def _switched_layer(dropout=0.0):
     model = tiny_llama()
-    adapter = shared.attach(model, _dash(t=1))
-    train(adapter, lm_batches(), steps=2)
-    layer = next(iter(adapter.layers.values()))
-    layer.merge()
-    with pytest.raises(RuntimeError, match="merge_and_unload"):
-        layer(torch.randn(2, layer.in_features))
+    adapter = shared.attach(model, _dash(t=1, dropout=dropout))
+    train(adapter, lm_batches(), steps=3)  # λ has trained for 2 steps after the switch
+    name, layer = next(iter(adapter.layers.items()))
+    assert torch.count_nonzero(layer.tsd_dash.lam) > 0
+    return adapter, name, layer
+
+
+def _dense_reference(adapter, name, layer, x):
+    W = dense_weight(layer.get_base_layer()).detach()
+    return x @ (W + adapter.delta_weight(name)).T
+
+
+@pytest.mark.parametrize("safe", [True, False])
+def test_peft_merge_and_unmerge_include_the_dash_term(safe):
+    adapter, name, layer = _switched_layer()
+    x = torch.randn(5, layer.in_features)
+    with torch.no_grad():
+        ref = layer(x)
+        W0 = layer.get_base_layer().weight.clone()
+        layer.merge(safe_merge=safe)
+        torch.testing.assert_close(layer.get_base_layer().weight, W0 + adapter.delta_weight(name), rtol=0, atol=1e-6)
+        torch.testing.assert_close(layer(x), ref, rtol=1e-5, atol=1e-6)
+        layer.unmerge()
+        torch.testing.assert_close(layer.get_base_layer().weight, W0, rtol=0, atol=1e-6)
+        torch.testing.assert_close(layer(x), ref, rtol=1e-5, atol=1e-6)
+
+
+def test_mixed_adapter_batch_keeps_base_rows_base():
+    """peft's ``adapter_names=``: "__base__" rows get W x only, adapter rows get the full update incl. dash."""
+    adapter, name, layer = _switched_layer()
+    x = torch.randn(4, 3, layer.in_features)
+    with torch.no_grad():
+        out = layer(x, adapter_names=["__base__", "default", "__base__", "default"])
+        base = layer.get_base_layer()(x)
+        torch.testing.assert_close(out[[0, 2]], base[[0, 2]], rtol=0, atol=0)
+        torch.testing.assert_close(out[[1, 3]], _dense_reference(adapter, name, layer, x[[1, 3]]), rtol=1e-5,
+                                   atol=1e-6)
+        layer.enable_adapters(False)
+        torch.testing.assert_close(layer(x), base, rtol=0, atol=0)
+
+
+def test_forward_and_gradients_match_the_dense_formula():
+    adapter, name, layer = _switched_layer()
+    x = torch.randn(2, 3, layer.in_features)
+    dash = layer.tsd_dash
+    A, B = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    params = (A, B, dash.lam)
+    out = layer(x)
+    g_out = torch.randn_like(out)
+    grads = torch.autograd.grad(out, params, g_out)
+    W = dense_weight(layer.get_base_layer()).detach()
+    ref = x @ (W + adapter.scale(name) * B @ A + (dash.U * dash.lam) @ dash.Vh).T
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+    for g, r in zip(grads, torch.autograd.grad(ref, params, g_out)):
+        torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-6)
+
+
+def test_dropout_draws_separate_masks_for_lora_and_dash():
+    """With dropout on, LoRA and dash each call the dropout module (as the reference does)."""
+    adapter, name, layer = _switched_layer(dropout=0.5)
+    layer.train()
+    x = torch.randn(6, layer.in_features)
+    dash, drop = layer.tsd_dash, layer.lora_dropout["default"]
+    A, B = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    torch.manual_seed(7)
+    out = layer(x)
+    torch.manual_seed(7)
+    base = layer.get_base_layer()(x)
+    h1, h2 = drop(x), drop(x)
+    assert not torch.equal(h1, h2)
+    ref = base + adapter.scale(name) * h1 @ A.T @ B.T + ((h2 @ dash.Vh.T) * dash.lam) @ dash.U.T
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+    layer.eval()  # dropout off: the folded single product
+    torch.testing.assert_close(layer(x), _dense_reference(adapter, name, layer, x), rtol=1e-5, atol=1e-6)
+
+
+def test_lambda_gets_a_zero_gradient_before_the_switch():
+    model = tiny_llama()
+    adapter = shared.attach(model, _dash(t=100))
+    model(**lm_batches()[0]).loss.backward()
+    for layer in adapter.layers.values():
+        assert layer.tsd_dash.lam.grad is not None and torch.count_nonzero(layer.tsd_dash.lam.grad) == 0
+        assert torch.count_nonzero(layer.lora_B["default"].weight.grad) > 0  # plain LoRA trains as usual
 
 
 def test_merge_and_unload_reproduces_adapted_model():
