@@ -11,7 +11,8 @@ For each task, in one process and on the same model, data, batch size, rank and 
 
 Throughput is real (non-pad) training tokens per second of the training loop: ``train_results.json`` for ours (the
 loop without evaluation), the wall time of ``Trainer.train()`` for the baseline. The dash time includes its one-off
-switch (the SVDs of every adapted weight). Models: SmolLM2-135M on BIG-bench social_iqa and MiniLM on Pang & Lee
+switch (the SVDs of every adapted weight); the median step time leaves out the first step and the switch step, and
+the switch step's own time is shown. Models: SmolLM2-135M on BIG-bench social_iqa and MiniLM on Pang & Lee
 polarity when fetched (``scripts/fetch_assets.py``), else tiny models on toy data (``tsd_text.tiny``).
 A benchmark, not a test: numbers depend on the machine and its load.
 """
@@ -19,7 +20,9 @@ A benchmark, not a test: numbers depend on the machine and its load.
 from __future__ import annotations
 
 import argparse
+import csv
 import json
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -51,7 +54,7 @@ def _assets(task: str, root: Path) -> tuple[list[str], str]:
 def _trainer_peft(args: argparse.Namespace, out: Path) -> dict[str, float]:
     """The baseline: stock peft LoRA in a stock Trainer, on the rows and collator of our data pipeline."""
     from peft import LoraConfig, get_peft_model
-    from transformers import AutoTokenizer, Trainer, TrainingArguments
+    from transformers import AutoTokenizer, Trainer, TrainerCallback, TrainingArguments
 
     from tsd_text.data import ensure_pad_token
     from tsd_text.train import TASKS, load_examples, resolve_targets
@@ -66,19 +69,34 @@ def _trainer_peft(args: argparse.Namespace, out: Path) -> dict[str, float]:
     model = get_peft_model(model, config)
     tokens = [0]
 
-    def collate(rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        batch = data.collate_train(rows)
-        tokens[0] += int(batch["attention_mask"].sum())
-        return batch
+    def count(module: torch.nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+        # in the forward, not the collator: accelerate's loader collates one batch ahead
+        tokens[0] += int(kwargs["attention_mask"].sum())
 
+    model.register_forward_pre_hook(count, with_kwargs=True)
     targs = TrainingArguments(output_dir=str(out), max_steps=args.max_steps, learning_rate=args.learning_rate,
                               per_device_train_batch_size=args.per_device_train_batch_size, seed=args.seed,
                               report_to=[], save_strategy="no", use_cpu=True, disable_tqdm=True, logging_steps=10**6)
-    trainer = Trainer(model=model, args=targs, train_dataset=data.train, data_collator=collate)
-    start = time.perf_counter()
+    times = [time.perf_counter()]
+
+    class StepTimes(TrainerCallback):
+        def on_step_end(self, *_, **__) -> None:
+            times.append(time.perf_counter())
+
+    trainer = Trainer(model=model, args=targs, train_dataset=data.train, data_collator=data.collate_train,
+                      callbacks=[StepTimes()])
+    times[0] = time.perf_counter()
     trainer.train()
-    runtime = time.perf_counter() - start
-    return {"steps": args.max_steps, "tokens": tokens[0], "runtime_s": runtime, "tokens_per_s": tokens[0] / runtime}
+    runtime = time.perf_counter() - times[0]
+    return {"tokens": tokens[0], "runtime_s": runtime, "tokens_per_s": tokens[0] / runtime,
+            "step_s": [b - a for a, b in zip(times, times[1:])]}
+
+
+def _step_times(out_dir: Path) -> list[float]:
+    """Per-update loop times from our ``loss_log.csv`` (elapsed_s differences)."""
+    with open(out_dir / "loss_log.csv") as f:
+        elapsed = [0.0] + [float(row["elapsed_s"]) for row in csv.DictReader(f)]
+    return [b - a for a, b in zip(elapsed, elapsed[1:])]
 
 
 def bench_task(task: str, steps: int, batch_size: int, root: Path) -> tuple[str, dict[str, dict[str, float]]]:
@@ -92,7 +110,7 @@ def bench_task(task: str, steps: int, batch_size: int, root: Path) -> tuple[str,
     runs = {"trainer+peft lora": _trainer_peft(parse_args([*common, "--output_dir", str(root / "trainer")]), root / "t")}
     for method in ("lora", "dash"):
         result = main(parse_args([*common, "--method", method, "--output_dir", str(root / method)]))
-        runs[f"ours {method}"] = result.results["train"]
+        runs[f"ours {method}"] = {**result.results["train"], "step_s": _step_times(root / method)}
     return name, runs
 
 
@@ -114,14 +132,21 @@ def main() -> None:
             name, runs = bench_task(task, steps, batch, Path(tmp) / task)
             table[task] = {"model": name, "steps": steps, "batch_size": batch, "runs": runs}
             base, lora = runs["trainer+peft lora"]["tokens_per_s"], runs["ours lora"]["tokens_per_s"]
+            switch = runs["ours dash"]["dash_switch_step"]
             for run, r in runs.items():
+                steps = r["step_s"]
+                rest = [t for i, t in enumerate(steps, 1) if i not in (1, switch)]  # no first, no switch step
+                r["median_step_s"] = statistics.median(rest)
                 rows.append(f"| {task} | {name} | {run} | {r['tokens']} | {r['runtime_s']:.1f} | "
-                            f"{r['tokens_per_s']:.0f} | {r['tokens_per_s'] / base:.2f} |")
-            rows.append(f"| {task} | {name} | dash overhead vs ours lora | | | | "
-                        f"{lora / runs['ours dash']['tokens_per_s'] - 1:+.1%} time |")
+                            f"{r['tokens_per_s']:.0f} | {r['tokens_per_s'] / base:.2f} | {r['median_step_s']:.3f} |")
+            dash = runs["ours dash"]
+            rows.append(f"| {task} | {name} | dash vs ours lora | | {lora / dash['tokens_per_s'] - 1:+.1%} time | | | "
+                        f"{dash['median_step_s'] / runs['ours lora']['median_step_s'] - 1:+.1%}; switch step "
+                        f"{dash['step_s'][switch - 1]:.1f} s |")
     print(f"\nthreads={args.threads}, steps/batch per task: " + ", ".join(
         f"{t}: {v['steps']} x {v['batch_size']}" for t, v in table.items()))
-    print("| task | model | run | tokens | loop s | tokens/s | vs Trainer+peft |\n|---|---|---|---|---|---|---|")
+    print("| task | model | run | tokens | loop s | tokens/s | vs Trainer+peft | median step s (no 1st/switch) |\n"
+          "|---|---|---|---|---|---|---|---|")
     print("\n".join(rows))
     if args.json:
         args.json.write_text(json.dumps(table, indent=2))

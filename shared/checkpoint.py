@@ -1,4 +1,5 @@
-"""The compact native format and :func:`load`: the full training state, restored exactly.
+"""The compact native format and :func:`load`: the full training state, restored exactly; plus the
+frontends' training checkpoints (``checkpoint-<step>`` dirs written by ``accelerator.save_state``).
 
 ``tsd_adapter.safetensors`` holds per layer A, B, the init factors of residualised methods, and the dash
 state (λ, the indices I, σ and Δσ at the switch) but not the directions: U_I and V_Iᵀ are recomputed from
@@ -9,7 +10,9 @@ never re-selected. The header carries the config and the optimizer-step count.
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -122,3 +125,54 @@ def _load_modules_to_save(model: nn.Module, adapter_name: str, tensors: dict[str
             own = {k[len(prefix) + len(name) + 1:]: v for k, v in tensors.items() if k.startswith(f"{prefix}{name}.")}
             if own:
                 module.modules_to_save[adapter_name].load_state_dict(own)
+
+
+def list_checkpoints(output_dir: Path) -> list[Path]:
+    """``output_dir/checkpoint-<step>`` directories, oldest first (partial ones are never listed)."""
+    found = [p for p in Path(output_dir).glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit()]
+    return sorted(found, key=lambda p: int(p.name.split("-")[-1]))
+
+
+def resolve_resume(resume_from: str | None, output_dir: Path, marker: str) -> Path | None:
+    """The checkpoint to resume from: a directory, ``"latest"`` (None when there is none yet) or None.
+
+    ``marker`` is a sub-directory every checkpoint of the calling trainer has (a wrong path fails here,
+    before any model is loaded).
+    """
+    if not resume_from:
+        return None
+    if resume_from == "latest":
+        found = list_checkpoints(output_dir)
+        if not found:
+            print(f"no checkpoint in {output_dir}; starting a new run")
+            return None
+        return found[-1]
+    path = Path(resume_from)
+    if not (path / marker).is_dir():
+        raise ValueError(f"--resume_from_checkpoint {path} is not a checkpoint of this trainer (no {marker}/ inside)")
+    return path
+
+
+def save_training_checkpoint(accelerator: Any, output_dir: Path, step: int, limit: int | None) -> Path:
+    """``accelerator.save_state`` into a temp dir, renamed when complete; only then prune old checkpoints.
+
+    A run killed while saving leaves the previous checkpoints intact and ``latest`` never picks the
+    partial one.
+    """
+    output_dir = Path(output_dir)
+    final = output_dir / f"checkpoint-{step}"
+    tmp = output_dir / f".checkpoint-{step}.partial"
+    if accelerator.is_main_process and tmp.exists():
+        shutil.rmtree(tmp)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        if final.exists():
+            shutil.rmtree(final)
+        tmp.rename(final)
+        if limit is not None:
+            for old in list_checkpoints(output_dir)[:-limit]:
+                shutil.rmtree(old)
+    accelerator.wait_for_everyone()
+    return final

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Any
 
 CPU_LAUNCH_HINT = (
@@ -11,10 +12,32 @@ CPU_LAUNCH_HINT = (
 )
 
 
-def check_launch(accelerator: Any) -> None:
-    """Refuse to run when a launcher started several processes that did not join one distributed run.
+def requested_processes(cmdline: list[str]) -> int | None:
+    """The ``--num_processes`` value of an ``accelerate launch`` command line, or None."""
+    for i, arg in enumerate(cmdline):
+        for flag in ("--num_processes", "--num-processes"):
+            if arg == flag and i + 1 < len(cmdline) and cmdline[i + 1].isdigit():
+                return int(cmdline[i + 1])
+            if arg.startswith(flag + "=") and arg.split("=", 1)[1].isdigit():
+                return int(arg.split("=", 1)[1])
+    return None
 
-    They would each train alone and race on the same output directory.
+
+def _parent_cmdline() -> list[str]:
+    try:
+        raw = Path(f"/proc/{os.getppid()}/cmdline").read_bytes()
+    except OSError:  # not Linux, or not readable: nothing to check
+        return []
+    return raw.decode(errors="replace").split("\0")
+
+
+def check_launch(accelerator: Any, parent_cmdline: list[str] | None = None) -> None:
+    """Refuse to run when the launch does not give the processes that were asked for.
+
+    - a launcher started several processes that did not join one distributed run: they would each train
+      alone and race on the same output directory;
+    - ``accelerate launch --cpu --num_processes N`` (N > 1) started a single process (accelerate 1.x's CPU
+      launcher does), which would silently train with 1/N of the requested batch.
     """
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     if launched > 1 and accelerator.num_processes != launched:
@@ -22,3 +45,9 @@ def check_launch(accelerator: Any) -> None:
             f"the launcher started {launched} processes but accelerate set up {accelerator.num_processes}; "
             + CPU_LAUNCH_HINT
         )
+    if accelerator.num_processes == 1 and "WORLD_SIZE" not in os.environ:
+        cmdline = _parent_cmdline() if parent_cmdline is None else parent_cmdline
+        if any(Path(a).name == "accelerate" or a.endswith("accelerate.commands.launch") for a in cmdline[:3]):
+            asked = requested_processes(cmdline)
+            if asked and asked > 1:
+                raise RuntimeError(f"`accelerate launch --num_processes {asked}` started 1 process; " + CPU_LAUNCH_HINT)

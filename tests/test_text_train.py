@@ -188,3 +188,42 @@ def test_trainer_and_cli_select_the_same_directions(mc, tmp_path):
         assert mine.indices.tolist() == theirs.indices.tolist(), name
         torch.testing.assert_close(mine.U, theirs.U, atol=1e-4, rtol=0)
         torch.testing.assert_close(mine.Vh, theirs.Vh, atol=1e-4, rtol=0)
+
+
+# ------------------------------------------------------------------------------------------ checkpoints, resume
+def test_resume_equals_uninterrupted_before_and_after_the_switch(mc, tmp_path):
+    """Checkpoints every 2 updates (accumulation 2, 3 updates per epoch, dropout on, switch at 3); resuming from
+    step 2 (before the switch, mid-epoch) or step 4 (after it, next epoch) ends where the uninterrupted run ends."""
+    from safetensors.torch import load_file
+
+    extra = ["--max_steps", "8", "--gradient_accumulation_steps", "2", "--lora_dropout", "0.1",
+             "--checkpointing_steps", "2", "--no-eval_before"]
+    full = _run_mc(mc, tmp_path / "full", *extra)
+    assert [p.name for p in sorted((tmp_path / "full").glob("checkpoint-*"))] == ["checkpoint-2", "checkpoint-4",
+                                                                                  "checkpoint-6"]
+    ref = load_file(tmp_path / "full" / "adapter_model.safetensors")
+    ref_log = (tmp_path / "full" / "loss_log.csv").read_text().splitlines()
+    for ckpt in ("checkpoint-2", "checkpoint-4"):
+        out = tmp_path / f"from-{ckpt}"
+        resumed = _run_mc(mc, out, *extra, "--resume_from_checkpoint", str(tmp_path / "full" / ckpt))
+        assert resumed.results["train"]["dash_switch_step"] == 3 and resumed.adapter.num_steps == 8
+        got = load_file(out / "adapter_model.safetensors")
+        assert got.keys() == ref.keys()
+        for key in ref:
+            torch.testing.assert_close(got[key], ref[key], rtol=0, atol=1e-6, msg=f"{ckpt}: {key}")
+        assert resumed.results["after"] == full.results["after"]
+        log = (out / "loss_log.csv").read_text().splitlines()
+        assert [r.split(",")[:4] for r in log] == [r.split(",")[:4] for r in ref_log]  # step, epoch, loss, lr
+
+
+def test_checkpoint_limit_latest_and_a_mismatched_resume(mc, tmp_path):
+    extra = ["--max_steps", "5", "--checkpointing_steps", "1", "--checkpoints_total_limit", "2", "--no-eval_before"]
+    _run_mc(mc, tmp_path, *extra)
+    assert [p.name for p in sorted(tmp_path.glob("checkpoint-*"))] == ["checkpoint-3", "checkpoint-4"]
+    assert not list(tmp_path.glob(".checkpoint-*"))
+    resumed = _run_mc(mc, tmp_path, *extra, "--max_steps", "6", "--resume_from_checkpoint", "latest")
+    assert resumed.results["train"]["steps"] == 6 and resumed.adapter.num_steps == 6
+    with pytest.raises(ValueError, match="holds a dash adapter of rank 4"):
+        _run_mc(mc, tmp_path / "other", "--method", "lora", "--resume_from_checkpoint", str(tmp_path / "checkpoint-4"))
+    with pytest.raises(ValueError, match="not a checkpoint of this trainer"):
+        _run_mc(mc, tmp_path / "other", "--resume_from_checkpoint", str(tmp_path))

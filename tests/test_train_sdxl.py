@@ -2,6 +2,7 @@
 resume equivalence, checkpoint pruning, data-driven inits and bad input."""
 
 import json
+import sys
 
 import numpy as np
 import pytest
@@ -72,16 +73,16 @@ def test_resume_after_kill_equals_uninterrupted_run_across_the_switch(tmp_path, 
               "--learning_rate", "1e-3"]
     full = run(tmp_path / "full", *common, steps=7)["adapters"]["unet"]
 
-    save = T.save_checkpoint
+    save = T.save_training_checkpoint
 
     def killed(*args, **kw):  # the process dies right after the checkpoint at step 3, before the switch at 4
         save(*args, **kw)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(T, "save_checkpoint", killed)
+    monkeypatch.setattr(T, "save_training_checkpoint", killed)
     with pytest.raises(KeyboardInterrupt):
         run(tmp_path / "killed", *common, steps=7)
-    monkeypatch.setattr(T, "save_checkpoint", save)
+    monkeypatch.setattr(T, "save_training_checkpoint", save)
     assert (tmp_path / "killed" / "checkpoint-3" / "unet" / "tsd_adapter.safetensors").is_file()
     resumed = run(tmp_path / "killed", *common, "--resume_from_checkpoint", "latest", steps=7)["adapters"]["unet"]
     assert resumed.switched and resumed.num_steps == 7
@@ -171,7 +172,6 @@ def test_two_process_gloo_run_switches_identically(tmp_path):
     import os
     import socket
     import subprocess
-    import sys
     from pathlib import Path
 
     repo = Path(__file__).resolve().parents[1]
@@ -202,6 +202,21 @@ def test_launch_check_refuses_split_runs(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(RuntimeError, match="ACCELERATE_USE_CPU=true"):
         check_launch(One())
+
+
+def test_launch_check_refuses_a_cpu_launch_that_started_one_of_n(monkeypatch):
+    from shared.launch import check_launch
+
+    class One:
+        num_processes = 1
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    asked_two = ["/venv/bin/python", "/venv/bin/accelerate", "launch", "--cpu", "--num_processes=2", "train.py"]
+    with pytest.raises(RuntimeError, match="--num_processes 2` started 1 process"):
+        check_launch(One(), asked_two)
+    check_launch(One(), [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "train.py"])
+    check_launch(One(), ["bash", "run.sh", "--num_processes", "2"])  # not an accelerate launcher: nothing to say
+    check_launch(One(), [])
 
 
 def test_bf16_mixed_precision_keeps_trainable_fp32(tmp_path):

@@ -16,9 +16,7 @@ from __future__ import annotations
 import argparse
 import csv
 import io
-import json
 import math
-import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -28,6 +26,7 @@ import torch.nn.functional as F
 
 import shared
 from shared.io import atomic_write_json, atomic_write_text
+from shared.checkpoint import resolve_resume, save_training_checkpoint
 from shared.launch import check_launch
 
 from .data import DreamBoothDataset, LatentCache, collate, validate_resolution
@@ -238,47 +237,6 @@ def unet_loss(unet, scheduler, latents, embeds, pooled, time_ids, *, snr_gamma=N
     return loss.mean() if reduce else loss
 
 
-# ---------------------------------------------------------------------------------------------- checkpoints
-def _checkpoints(output_dir: Path) -> list[Path]:
-    found = [p for p in output_dir.glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit()]
-    return sorted(found, key=lambda p: int(p.name.split("-")[-1]))
-
-
-def resolve_resume(args: argparse.Namespace) -> Path | None:
-    if not args.resume_from_checkpoint:
-        return None
-    if args.resume_from_checkpoint == "latest":
-        found = _checkpoints(Path(args.output_dir))
-        if not found:
-            print(f"no checkpoint in {args.output_dir}; starting a new run")
-            return None
-        return found[-1]
-    path = Path(args.resume_from_checkpoint)
-    if not (path / "unet").is_dir():
-        raise ValueError(f"--resume_from_checkpoint {path} is not a checkpoint of this trainer (no unet/ inside)")
-    return path
-
-
-def save_checkpoint(accelerator, output_dir: Path, step: int, limit: int | None) -> Path:
-    """``accelerator.save_state`` into a temp dir, renamed when complete; only then prune old checkpoints."""
-    final = output_dir / f"checkpoint-{step}"
-    tmp = output_dir / f".checkpoint-{step}.partial"
-    if accelerator.is_main_process and tmp.exists():
-        shutil.rmtree(tmp)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        if final.exists():
-            shutil.rmtree(final)
-        tmp.rename(final)
-        if limit is not None:
-            for old in _checkpoints(output_dir)[:-limit]:
-                shutil.rmtree(old)
-    accelerator.wait_for_everyone()
-    return final
-
-
 # ---------------------------------------------------------------------------------------------- validation
 @torch.no_grad()
 def run_validation(parts: SDXLParts, base: str, args, accelerator, step: int, out_dir: Path) -> list[Path]:
@@ -371,7 +329,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         return parts.sample_latents(params.to(accelerator.device)).to(weight_dtype)
 
     # adapters: restored exactly from a checkpoint, or attached (data-driven inits read instance batches)
-    resume_dir = resolve_resume(args)
+    resume_dir = resolve_resume(args.resume_from_checkpoint, output_dir, marker="unet")
     te_method = "dash" if args.method in ("dash", "tsd") else "lora"
     if resume_dir is not None:
         adapters = {"unet": shared.load(parts.unet, resume_dir / "unet")}
@@ -488,7 +446,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
             if global_step % args.checkpointing_steps == 0 and global_step < max_steps:
                 if accelerator.is_main_process:  # first: a resume keeps the rows up to its checkpoint
                     _write_loss_log(output_dir, loss_log)
-                save_checkpoint(accelerator, output_dir, global_step, args.checkpoints_total_limit)
+                save_training_checkpoint(accelerator, output_dir, global_step, args.checkpoints_total_limit)
             if args.validation_steps and global_step % args.validation_steps == 0 and accelerator.is_main_process:
                 run_validation(parts, base, args, accelerator, global_step, validation_dir)
             if global_step >= max_steps:

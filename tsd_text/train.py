@@ -18,9 +18,13 @@ Outputs in ``--output_dir`` (main process, atomic writes):
 - ``eval_results.json``: metrics before training, every ``--eval_steps`` updates, and after training, each with
   ``num_examples`` (gathered across processes without duplicates);
 - ``train_results.json``: updates, runtime, tokens/s, the dash switch step; ``training_args.json``: the arguments
-  and what they resolved to (adapted layers, head, labels, truncations, notes); ``loss_log.csv``: loss and learning
-  rate per update; ``tsd_report.csv`` (and ``tsd_report.png`` with matplotlib): per-layer σ, Δσ, change rates and
-  the selected directions (``shared.tsd.report``).
+  and what they resolved to (adapted layers, head, labels, truncations, notes); ``loss_log.csv``: loss, learning
+  rate and elapsed loop time per update; ``tsd_report.csv`` (and ``tsd_report.png`` with matplotlib): per-layer σ, Δσ, change rates and
+  the selected directions (``shared.tsd.report``);
+- ``checkpoint-<step>/`` every ``--checkpointing_steps`` updates (``accelerator.save_state``: optimizer, scheduler,
+  sampler and RNG states, the adapter's native state under ``adapter/``, not the frozen base, and
+  ``trainer_state.json``); ``--resume_from_checkpoint DIR|latest`` continues exactly where the run stopped (the
+  dash state is restored, never re-selected; tested equal to an uninterrupted run).
 
 Two processes on CPU (gloo): ``ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes 2
 --num_machines 1 --gpu_ids all apps/train_text.py ...``. ``accelerate launch --cpu --num_processes 2`` starts a
@@ -50,12 +54,16 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 import shared
+from shared.checkpoint import resolve_resume, save_training_checkpoint
 from shared.io import atomic_write_json, atomic_write_text
+from shared.launch import check_launch
 
 from . import causal, classification
 from .data import TaskData, ensure_pad_token, load_mc, load_text, train_eval_split
 
 logger = get_logger("tsd_text")  # logs on the main process only
+CHECKPOINT_ADAPTER = "adapter"  # sub-directory of a checkpoint with the adapter's native state
+LOSS_LOG_COLUMNS = ["step", "epoch", "loss", "lr", "dash_switched", "elapsed_s"]
 
 #: task name -> (task module: prepare / load_model / predict / compute_metrics / TASK_TYPE, file loader)
 TASKS: dict[str, tuple[ModuleType, Callable[[str], list]]] = {
@@ -111,6 +119,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="evaluate the untrained model first (--no-eval_before skips it)")
     g.add_argument("--report_plot", action=argparse.BooleanOptionalAction, default=True,
                    help="also plot the TSD report to tsd_report.png (needs matplotlib; a few seconds)")
+    g.add_argument("--checkpointing_steps", type=int, default=500,
+                   help="save a resumable checkpoint-<step> every N optimizer steps (0: never)")
+    g.add_argument("--checkpoints_total_limit", type=int, default=None, help="keep only the newest N checkpoints")
+    g.add_argument("--resume_from_checkpoint", default=None, help='a checkpoint-<step> dir, or "latest" in --output_dir')
     args = p.parse_args(argv)
     if args.target_modules:
         args.target_modules = [t for a in args.target_modules for t in a.split(",") if t]
@@ -123,8 +135,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     for name in ("per_device_train_batch_size", "gradient_accumulation_steps", "num_train_epochs"):
         if getattr(args, name) < 1:
             p.error(f"--{name} must be >= 1")
-    if args.eval_steps < 0:
-        p.error("--eval_steps must be >= 0")
+    if args.eval_steps < 0 or args.checkpointing_steps < 0:
+        p.error("--eval_steps and --checkpointing_steps must be >= 0")
+    if args.checkpoints_total_limit is not None and args.checkpoints_total_limit < 1:
+        p.error("--checkpoints_total_limit must be >= 1")
     args.per_device_eval_batch_size = args.per_device_eval_batch_size or args.per_device_train_batch_size
     args.adapter_options = _key_values(p, args.adapter_options)
     return args
@@ -237,8 +251,11 @@ class Setup:
     notes: list[str]
 
 
-def setup(args: argparse.Namespace, accelerator: Any) -> Setup:
-    """Checks that need no model first (configuration, files, rows, labels), then tokenizer, model, adapter."""
+def setup(args: argparse.Namespace, accelerator: Any, resume_dir: Path | None = None) -> Setup:
+    """Checks that need no model first (configuration, files, rows, labels), then tokenizer, model, adapter.
+
+    From a checkpoint the adapter is restored exactly (``shared.load``: no init, no re-selection).
+    """
     from transformers import AutoTokenizer
 
     task, load = TASKS[args.task]
@@ -252,6 +269,13 @@ def setup(args: argparse.Namespace, accelerator: Any) -> Setup:
     model, head = task.load_model(args.model_name_or_path, data, tokenizer)
     config = dataclasses.replace(config, target_modules=resolve_targets(model, args.target_modules, head),
                                  modules_to_save=head)
+    if resume_dir is not None:
+        adapter = shared.load(model, resume_dir / CHECKPOINT_ADAPTER)
+        saved = (adapter.config.method, adapter.config.r, sorted(adapter.config.target_modules or []))
+        if saved != (config.method, config.r, sorted(config.target_modules)):
+            raise ValueError(f"{resume_dir} holds a {saved[0]} adapter of rank {saved[1]} on {len(saved[2])} layers; "
+                             f"this run asks for {config.method} rank {config.r} on {len(config.target_modules)} layers")
+        return _with_checkpointing(args, Setup(task, data, model, adapter, notes))
     init_data, init_forward = None, None
     if config.needs_data:  # the same seeded batches on every process, so every process gets the same init
         init_loader = DataLoader(data.train, batch_size=args.per_device_train_batch_size, shuffle=True,
@@ -259,31 +283,45 @@ def setup(args: argparse.Namespace, accelerator: Any) -> Setup:
         init_data, init_forward = init_batches(init_loader, config.method)
     adapter = shared.attach(model, config, data=init_data, forward_fn=init_forward,
                             progress=accelerator.is_local_main_process)
+    return _with_checkpointing(args, Setup(task, data, model, adapter, notes))
+
+
+def _with_checkpointing(args: argparse.Namespace, run: Setup) -> Setup:
     if args.gradient_checkpointing:
-        model.config.use_cache = False
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    return Setup(task, data, model, adapter, notes)
+        run.model.config.use_cache = False
+        run.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return run
 
 
 def train_loop(accelerator: Any, model: nn.Module, adapter: shared.Adapter, optimizer: Any, scheduler: Any,
-               loader: DataLoader, args: argparse.Namespace, max_steps: int,
-               evaluate_at: Callable[[int], None]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """``max_steps`` optimizer steps; ``adapter.step`` after each, ``evaluate_at(step)`` every ``--eval_steps``.
+               loader: DataLoader, args: argparse.Namespace, max_steps: int, state: dict[str, Any],
+               evaluate_at: Callable[[int], None], checkpoint_at: Callable[[int], None]) -> dict[str, Any]:
+    """Optimizer steps from ``adapter.num_steps`` (0, or the resumed step) to ``max_steps``.
 
-    Returns the training facts (runtime without evaluation, tokens, dash switch step) and the loss log.
+    ``adapter.step`` runs after each; ``evaluate_at(step)`` every ``--eval_steps`` and ``checkpoint_at(step)``
+    every ``--checkpointing_steps``. A resumed run skips the batches its checkpoint had consumed in the current
+    epoch, so it sees the batches an uninterrupted run would. ``state`` (loss log, tokens, runtime, switch step)
+    is what a checkpoint carries besides the adapter, optimizer, scheduler and RNG states. Returns the training
+    facts (runtime without evaluation, tokens, dash switch step).
     """
     from tqdm.auto import tqdm
 
     params = adapter.trainable_parameters()
-    loss_log: list[dict[str, Any]] = []
-    step, tokens, switch_step, eval_time = 0, 0, None, 0.0
+    step = adapter.num_steps
+    updates_per_epoch = math.ceil(len(loader) / args.gradient_accumulation_steps)
+    skip = (step % updates_per_epoch) * args.gradient_accumulation_steps
+    tokens, eval_time, prior_runtime = 0, 0.0, state["runtime_s"]
     step_loss, micro = torch.zeros((), device=accelerator.device), 0
-    bar = tqdm(total=max_steps, desc=f"train {args.method}", disable=not accelerator.is_local_main_process)
+    bar = tqdm(total=max_steps, initial=step, desc=f"train {args.method}", disable=not accelerator.is_local_main_process)
     model.train()
     start = time.perf_counter()
-    for epoch in range(math.ceil(max_steps / math.ceil(len(loader) / args.gradient_accumulation_steps))):
+    for epoch in range(step // updates_per_epoch, math.ceil(max_steps / updates_per_epoch)):
+        if step >= max_steps:
+            break
         loader.set_epoch(epoch)
-        for batch in loader:
+        batches = accelerator.skip_first_batches(loader, skip) if skip else loader
+        skip = 0
+        for batch in batches:
             with accelerator.accumulate(model):
                 loss = model(**batch).loss
                 accelerator.backward(loss)
@@ -298,28 +336,35 @@ def train_loop(accelerator: Any, model: nn.Module, adapter: shared.Adapter, opti
                 continue
             step += 1
             if adapter.step(optimizer):
-                switch_step = step
+                state["dash_switch_step"] = step
             mean_loss = float(accelerator.reduce(step_loss / micro, "mean"))
             step_loss, micro = torch.zeros_like(step_loss), 0
             lr = scheduler.get_last_lr()[0]
-            loss_log.append({"step": step, "epoch": epoch, "loss": mean_loss, "lr": lr, "dash_switched": adapter.switched})
+            elapsed = prior_runtime + time.perf_counter() - start - eval_time
+            state["loss_log"].append({"step": step, "epoch": epoch, "loss": mean_loss, "lr": lr,
+                                      "dash_switched": adapter.switched, "elapsed_s": round(elapsed, 4)})
             bar.update(1)
             bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}")
-            if args.eval_steps and step % args.eval_steps == 0 and step < max_steps:
+            if step < max_steps and (args.eval_steps and step % args.eval_steps == 0
+                                     or args.checkpointing_steps and step % args.checkpointing_steps == 0):
                 t0 = time.perf_counter()
-                evaluate_at(step)
+                state["tokens"] += int(accelerator.reduce(torch.tensor(tokens, device=accelerator.device), "sum"))
+                tokens = 0
+                state["runtime_s"] = prior_runtime + t0 - start - eval_time
+                if args.eval_steps and step % args.eval_steps == 0:
+                    evaluate_at(step)
+                if args.checkpointing_steps and step % args.checkpointing_steps == 0:
+                    checkpoint_at(step)
                 eval_time += time.perf_counter() - t0
             if step >= max_steps:
                 break
-        if step >= max_steps:
-            break
     bar.close()
-    runtime = time.perf_counter() - start - eval_time
-    total = int(accelerator.reduce(torch.tensor(tokens, device=accelerator.device), "sum"))
-    facts = {"steps": step, "runtime_s": runtime, "tokens": total, "tokens_per_s": total / runtime,
-             "dash_switch_step": switch_step, "final_loss": loss_log[-1]["loss"] if loss_log else None,
-             "world_size": accelerator.num_processes}
-    return facts, loss_log
+    state["runtime_s"] = prior_runtime + time.perf_counter() - start - eval_time
+    state["tokens"] += int(accelerator.reduce(torch.tensor(tokens, device=accelerator.device), "sum"))
+    log = state["loss_log"]
+    return {"steps": step, "runtime_s": state["runtime_s"], "tokens": state["tokens"],
+            "tokens_per_s": state["tokens"] / max(state["runtime_s"], 1e-9), "dash_switch_step": state["dash_switch_step"],
+            "final_loss": log[-1]["loss"] if log else None, "world_size": accelerator.num_processes}
 
 
 def main(args: argparse.Namespace) -> TrainResult:
@@ -332,12 +377,17 @@ def main(args: argparse.Namespace) -> TrainResult:
         gradient_accumulation_steps=args.gradient_accumulation_steps, mixed_precision=args.mixed_precision,
         # the Trainer's sampler: a seeded shuffle, identical on every process (then sharded)
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed))
+    check_launch(accelerator)
+    out = Path(args.output_dir)
+    resume_dir = resolve_resume(args.resume_from_checkpoint, out, marker=CHECKPOINT_ADAPTER)
     set_seed(args.seed)
-    run = setup(args, accelerator)
+    run = setup(args, accelerator, resume_dir)
     data, adapter = run.data, run.adapter
     optimizer = torch.optim.AdamW(adapter.trainable_parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
+    # its own generator: starting an epoch's iterator then draws no number from the global RNG, so a resumed
+    # run's dropout masks are those of the uninterrupted run
     train_loader = DataLoader(data.train, batch_size=args.per_device_train_batch_size, shuffle=True,
-                              collate_fn=data.collate_train)
+                              collate_fn=data.collate_train, generator=torch.Generator().manual_seed(args.seed))
     eval_loader = DataLoader(data.eval, batch_size=args.per_device_eval_batch_size, collate_fn=data.collate_eval)
     model, optimizer, train_loader, eval_loader = accelerator.prepare(run.model, optimizer, train_loader, eval_loader)
     updates_per_epoch = math.ceil(len(train_loader) / args.gradient_accumulation_steps)
@@ -352,24 +402,47 @@ def main(args: argparse.Namespace) -> TrainResult:
     for note in run.notes:
         logger.warning(note)
 
+    # checkpoints: the adapter's native state (not the frozen base) and the trainer state, beside accelerate's
+    # optimizer, scheduler, sampler and RNG states
+    state: dict[str, Any] = {"before": None, "history": [], "loss_log": [], "tokens": 0, "runtime_s": 0.0,
+                             "dash_switch_step": None}
+
+    def save_hook(models: list, weights: list, ckpt: str) -> None:
+        if accelerator.is_main_process:
+            shared.export_lora(adapter, Path(ckpt) / CHECKPOINT_ADAPTER, format="tsd")
+            atomic_write_json(Path(ckpt) / "trainer_state.json", state)
+        weights.clear()
+
+    def load_hook(models: list, _: str) -> None:  # the adapter was restored by shared.load before prepare
+        models.clear()
+
+    accelerator.register_save_state_pre_hook(save_hook)
+    accelerator.register_load_state_pre_hook(load_hook)
+    if resume_dir is not None:
+        accelerator.load_state(str(resume_dir))
+        state.update(json.loads((resume_dir / "trainer_state.json").read_text()))
+        logger.info(f"resumed from {resume_dir} at step {adapter.num_steps}")
+
     def run_eval(desc: str) -> dict[str, float]:
         metrics = evaluate(accelerator, model, eval_loader, run.task, data.info, desc)
         logger.info(f"eval ({desc}): {metrics}")
         return metrics
 
-    results: dict[str, Any] = {"before": run_eval("eval before") if args.eval_before else None, "history": []}
-    facts, loss_log = train_loop(accelerator, model, adapter, optimizer, scheduler, train_loader, args, max_steps,
-                                 lambda step: results["history"].append({"step": step, **run_eval(f"eval step {step}")}))
-    results["after"] = run_eval("eval after")
+    if args.eval_before and resume_dir is None:
+        state["before"] = run_eval("eval before")
+    facts = train_loop(accelerator, model, adapter, optimizer, scheduler, train_loader, args, max_steps, state,
+                       lambda step: state["history"].append({"step": step, **run_eval(f"eval step {step}")}),
+                       lambda step: save_training_checkpoint(accelerator, out, step, args.checkpoints_total_limit))
+    results = {"before": state["before"], "history": state["history"], "after": run_eval("eval after")}
 
-    out = Path(args.output_dir)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         config = adapter.config
         resolved = {"target_modules": config.target_modules, "modules_to_save": config.modules_to_save,
                     "num_examples": {"train": len(data.train), "eval": len(data.eval)}, "truncated": data.truncated,
-                    "notes": run.notes, "adapter_config": config.to_dict(), **data.info}
-        write_outputs(out, adapter, run.task, args, resolved, results, facts, loss_log)
+                    "notes": run.notes, "adapter_config": config.to_dict(), "resumed_from": resume_dir and str(resume_dir),
+                    **data.info}
+        write_outputs(out, adapter, run.task, args, resolved, results, facts, state["loss_log"])
         logger.info(f"wrote {out}: before {results['before']}, after {results['after']}")
     accelerator.wait_for_everyone()
     return TrainResult(adapter, {**results, "train": facts}, out)
@@ -383,7 +456,7 @@ def write_outputs(out: Path, adapter: shared.Adapter, task: ModuleType, args: ar
     atomic_write_json(out / "eval_results.json", results)
     atomic_write_json(out / "train_results.json", train_results)
     atomic_write_json(out / "training_args.json", {**vars(args), "resolved": resolved})
-    header = list(loss_log[0]) if loss_log else ["step", "loss"]
+    header = LOSS_LOG_COLUMNS
     atomic_write_text(out / "loss_log.csv", "\n".join([",".join(header)] + [
         ",".join(str(row[k]) for k in header) for row in loss_log]) + "\n")
     rows = shared.tsd.report(adapter)

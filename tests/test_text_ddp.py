@@ -1,0 +1,79 @@
+"""Two real processes (gloo on CPU) of ``apps/train_text.py`` for both tasks, launched by ``accelerate launch``.
+
+Launcher: ``accelerate launch --cpu --num_processes 2`` starts ONE process on accelerate 1.x (its simple launcher
+forks only with an mpirun hostfile), so the run uses accelerate's torchrun path, ``--multi_gpu --num_processes 2
+--num_machines 1 --gpu_ids all``, with ``ACCELERATE_USE_CPU=true``; the trainer records the world size it ran with.
+
+Evaluation must count every example exactly once: the evaluation sets have an odd size, so accelerate pads the
+last batch of one rank with repeated samples, which ``gather_for_metrics`` must drop. The metrics of the untrained
+model must equal those of a single-process run of the same evaluation.
+"""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tsd_text.tiny import write_toy_classification, write_toy_mc
+from tsd_text.train import main, parse_args
+
+REPO = Path(__file__).resolve().parents[1]
+COMMON = ["--rank", "4", "--lora_alpha", "8", "--method", "dash", "--dash_warmup_steps", "2", "--dash_directions", "2",
+          "--per_device_train_batch_size", "2", "--per_device_eval_batch_size", "2", "--max_steps", "4",
+          "--learning_rate", "1e-2", "--seed", "3", "--no-report_plot"]
+TIMEOUT_S = 300
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _launch(app_args: list[str]) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--gpu_ids", "all", "--mixed_precision", "no", "--dynamo_backend", "no",
+           "--main_process_ip", "127.0.0.1", "--main_process_port", str(_free_port()),
+           str(REPO / "apps" / "train_text.py"), *app_args]
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    env.update(ACCELERATE_USE_CPU="true", OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
+    assert proc.returncode == 0, f"2-process run failed (rc={proc.returncode})\n{proc.stderr[-6000:]}"
+    return proc
+
+
+def _check(out: Path, single: dict, n_eval: int) -> dict:
+    evals = json.loads((out / "eval_results.json").read_text())
+    train = json.loads((out / "train_results.json").read_text())
+    assert train["world_size"] == 2 and train["steps"] == 4 and train["dash_switch_step"] == 2, train
+    for when in ("before", "after"):
+        assert evals[when]["num_examples"] == n_eval, evals  # no duplicated or dropped samples
+    assert evals["before"] == single["before"], (evals["before"], single["before"])
+    assert (out / "adapter_model.safetensors").is_file()
+    return evals
+
+
+@pytest.mark.slow
+def test_two_processes_causal_mc(tmp_path):
+    task, model_dir = write_toy_mc(tmp_path / "mc", 25)  # eval split 9: odd over 2 ranks x batch 2
+    args = ["--model_name_or_path", str(model_dir), "--task", "causal-mc", "--train_file", str(task),
+            "--eval_split", "9", "--target_modules", "q_proj,v_proj,down_proj", *COMMON]
+    _launch([*args, "--output_dir", str(tmp_path / "ddp")])
+    single = main(parse_args([*args, "--output_dir", str(tmp_path / "one"), "--max_steps", "1"])).results
+    _check(tmp_path / "ddp", single, 9)
+
+
+@pytest.mark.slow
+def test_two_processes_classification(tmp_path):
+    train, eval_, model_dir = write_toy_classification(tmp_path / "cls", 20, 7, kind="bert")
+    args = ["--model_name_or_path", str(model_dir), "--task", "classification", "--train_file", str(train),
+            "--eval_file", str(eval_), "--target_modules", "query,value", *COMMON]
+    _launch([*args, "--output_dir", str(tmp_path / "ddp")])
+    single = main(parse_args([*args, "--output_dir", str(tmp_path / "one"), "--max_steps", "1"])).results
+    evals = _check(tmp_path / "ddp", single, 7)
+    assert set(evals["after"]) == {"accuracy", "f1", "matthews_correlation", "num_examples"}

@@ -1,0 +1,55 @@
+"""The text trainer on the real offline assets (scripts/fetch_assets.py): SmolLM2-135M on BIG-bench social_iqa,
+MiniLM on Pang & Lee polarity. Skipped when the cache lacks them."""
+
+import json
+
+import pytest
+import torch
+
+from scripts.fetch_assets import asset_path
+from tsd_text import causal
+from tsd_text.data import load_mc
+from tsd_text.train import main, parse_args
+
+pytestmark = pytest.mark.real_assets
+
+
+def _require(*names):
+    paths = [asset_path(n) for n in names]
+    if not all(paths):
+        pytest.skip(f"assets {names} not fetched (python scripts/fetch_assets.py --only {' '.join(names)})")
+    return paths
+
+
+@torch.no_grad()
+def test_smollm2_cached_choice_scoring_matches_full_sequences_on_social_iqa():
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model_dir, bigbench = _require("smollm2", "bigbench")
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    examples = load_mc(bigbench / "social_iqa" / "task.json")[:4]
+    data = causal.prepare(tok, examples, examples, max_length=256)
+    scores = causal.choice_logprobs(model, data.collate_eval(data.eval))
+    full = []
+    for item in data.eval:  # each choice as one unpadded sequence, as training sees it
+        for choice in item["choices"]:
+            ids = torch.tensor([item["context"] + choice])
+            logp = model(input_ids=ids).logits[0, :-1].log_softmax(-1)
+            full.append(logp[torch.arange(ids.shape[1] - 1), ids[0, 1:]][-len(choice):].mean())
+    torch.testing.assert_close(scores, torch.stack(full), atol=1e-4, rtol=1e-4)
+
+
+def test_minilm_polarity_dash_learns(tmp_path):
+    model_dir, polarity = _require("minilm", "polarity")
+    result = main(parse_args([
+        "--model_name_or_path", str(model_dir), "--task", "classification",
+        "--train_file", str(polarity / "polarity.csv"), "--eval_split", "200", "--max_train_samples", "640",
+        "--method", "dash", "--rank", "8", "--lora_alpha", "16", "--target_modules", "query,value",
+        "--dash_warmup_steps", "10", "--dash_directions", "8", "--learning_rate", "3e-3", "--lr_scheduler", "constant",
+        "--per_device_train_batch_size", "32", "--max_length", "64", "--seed", "0", "--no-report_plot",
+        "--output_dir", str(tmp_path / "out")]))
+    evals = json.loads((tmp_path / "out" / "eval_results.json").read_text())
+    assert result.results["train"]["steps"] == 20 and result.results["train"]["dash_switch_step"] == 10
+    assert evals["after"]["num_examples"] == 200
+    assert evals["after"]["accuracy"] > max(0.6, evals["before"]["accuracy"] + 0.05), evals
