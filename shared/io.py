@@ -12,12 +12,15 @@ import torch
 from safetensors.torch import load_file, save
 
 PathLike = str | os.PathLike
+_UMASK = os.umask(0)  # read once, at import (setting and restoring it later could race with other threads)
+os.umask(_UMASK)
 
 
 def atomic_write_bytes(path: PathLike, data: bytes) -> None:
     """Write ``data`` to ``path`` via a temp file in the same directory and ``os.replace``.
 
-    A crash leaves either the old file or the new one, never a partial file.
+    A crash leaves either the old file or the new one, never a partial file. The file gets the permissions
+    a plain ``open(path, "w")`` would give (0666 minus the umask), not ``mkstemp``'s 0600.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -27,6 +30,7 @@ def atomic_write_bytes(path: PathLike, data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_UMASK)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -1,6 +1,8 @@
 """Export equivalence: every method, trained past the switch, reloaded by stock peft/diffusers on a fresh base."""
 
 import json
+import os
+import stat
 
 import pytest
 import torch
@@ -118,6 +120,11 @@ def test_export_writes_atomically_and_only_safetensors(tmp_path):
     files = sorted(p.name for p in tmp_path.rglob("*") if p.is_file())
     assert not [f for f in files if f.endswith((".bin", ".pt", ".pkl", ".tmp"))], files
     assert "adapter_model.safetensors" in files and "pytorch_lora_weights.safetensors" in files
+    umask = os.umask(0)
+    os.umask(umask)
+    for p in tmp_path.rglob("*"):
+        if p.is_file():  # what open(path, "w") would give, not mkstemp's private 0600
+            assert stat.S_IMODE(p.stat().st_mode) == 0o666 & ~umask, p
 
 
 def _tiny_unet():
