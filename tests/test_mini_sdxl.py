@@ -1,0 +1,148 @@
+"""The mini SDXL building blocks and metrics (tsd_diffusion/mini_sdxl.py, tsd_diffusion/evaluation.py) against dense
+references, and scripts/pretrain_mini_sdxl.py: its UNet phase resumed from a checkpoint ends where an uninterrupted
+run ends."""
+
+import base64
+import io
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from scripts.fetch_assets import asset_path
+from tsd_diffusion import evaluation as ev
+from tsd_diffusion import mini_sdxl as mini
+
+
+def test_frechet_distance_matches_the_closed_form_for_diagonal_gaussians():
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(20000, 3, generator=g, dtype=torch.float64) * torch.tensor([1.0, 2.0, 0.5]) + 1
+    b = torch.randn(20000, 3, generator=g, dtype=torch.float64) * torch.tensor([3.0, 1.0, 0.5])
+    ca, cb = torch.cov(a.T), torch.cov(b.T)
+    mu = a.mean(0) - b.mean(0)
+    # for commuting (here nearly diagonal) covariances tr sqrt(Σa^½ Σb Σa^½) = Σ sqrt(λa λb); do it exactly in eigenbasis
+    w, v = torch.linalg.eigh(ca)
+    ra = v @ torch.diag(w.sqrt()) @ v.T
+    m = ra @ cb @ ra
+    wm, vm = torch.linalg.eigh(m)
+    expected = mu @ mu + ca.trace() + cb.trace() - 2 * (vm @ torch.diag(wm.sqrt()) @ vm.T).trace()
+    assert ev.frechet_distance(a, b) == pytest.approx(float(expected), rel=1e-9)
+    # population value: |μ|² + Σ (σa - σb)² = 3 + (4 + 1 + 0) = 8
+    assert ev.frechet_distance(a, b) == pytest.approx(8.0, rel=0.05)
+    assert ev.frechet_distance(a, a) == pytest.approx(0.0, abs=1e-9)
+
+
+def test_nearest_rmse_matches_a_loop():
+    g = torch.Generator().manual_seed(1)
+    s, r = torch.rand(7, 3, 4, 4, generator=g) * 2 - 1, torch.rand(11, 3, 4, 4, generator=g) * 2 - 1
+    best, where = ev.nearest_rmse(s, r, chunk=3)
+    for i in range(len(s)):
+        d = [(((s[i] + 1) / 2 - (r[j] + 1) / 2) ** 2).mean().sqrt() for j in range(len(r))]
+        j = int(np.argmin(d))
+        assert int(where[i]) == j and float(best[i]) == pytest.approx(float(d[j]), rel=1e-5)
+    best, where = ev.nearest_rmse(r[[4, 2]], r)
+    assert where.tolist() == [4, 2] and best.abs().max() < 1e-6
+
+
+def test_classifier_round_trip_and_accuracy(tmp_path):
+    torch.manual_seed(0)
+    model = ev.SmallCNN(width=8).eval()
+    ev.save_classifier(model, tmp_path, held_out_accuracy=0.5)
+    loaded = ev.load_classifier(tmp_path)
+    x = torch.rand(5, 3, 32, 32) * 2 - 1
+    torch.testing.assert_close(ev.logits(loaded, x), ev.logits(model, x), rtol=0, atol=0)
+    pred = ev.logits(model, x).argmax(1)
+    assert ev.class_accuracy(model, x, pred) == 1.0
+    assert json.loads((tmp_path / ev.CLASSIFIER_CONFIG).read_text())["width"] == 8
+
+
+def test_classifier_learns_a_separable_toy_problem():
+    g = torch.Generator().manual_seed(0)
+    y = torch.arange(256) % 2
+    x = torch.rand(256, 3, 32, 32, generator=g) * 0.2 - 0.1
+    x[y == 1, 0] += 0.8  # class 1 is red
+    model = ev.train_classifier(x, y, epochs=10, batch_size=32, width=8, progress=False)
+    assert ev.class_accuracy(model, x, y) > 0.95
+
+
+def _png(rgb):
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(np.full((32, 32, 3), rgb, dtype=np.uint8)).save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def test_load_and_split_cifar_from_a_bigbench_task_file(tmp_path):
+    root = tmp_path / "cifar10_classification" / "base64"
+    root.mkdir(parents=True)
+    examples = [{"input": _png(10 * c), "target_scores": {k: int(k == name) for k in mini.CLASSES}}
+                for c, name in enumerate(mini.CLASSES) for _ in range(3)]
+    examples[4]["target_scores"] = str(examples[4]["target_scores"])  # some BIG-bench files store a repr string
+    (root / "task.json").write_text(json.dumps({"examples": examples}))
+    x, y = mini.load_cifar(tmp_path)
+    assert x.shape == (30, 32, 32, 3) and x.dtype == np.uint8 and np.bincount(y).tolist() == [3] * 10
+    assert (x[y == 7] == 70).all()
+    xt, yt, xh, yh = mini.split_cifar(x, y)
+    assert len(xt) == 30 and len(xh) == 0  # fewer than 900 per class: all train
+    examples[5]["target_scores"] = {"unicorn": 1}
+    (root / "task.json").write_text(json.dumps({"examples": examples}))
+    with pytest.raises(ValueError, match="example 5"):
+        mini.load_cifar(tmp_path)
+
+
+def test_encode_latents_inverts_the_pipeline_decode_normalisation():
+    torch.manual_seed(0)
+    vae = mini.build_vae().eval()
+    vae.register_to_config(scaling_factor=1.0, latents_mean=[0.5, -1.0, 0.0, 2.0], latents_std=[2.0, 0.5, 1.0, 3.0])
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    z = mini.encode_latents(vae, x)
+    # StableDiffusionXLPipeline: latents * latents_std / scaling_factor + latents_mean, then vae.decode
+    mean = torch.tensor(vae.config.latents_mean).view(1, 4, 1, 1)
+    std = torch.tensor(vae.config.latents_std).view(1, 4, 1, 1)
+    with torch.no_grad():
+        raw = vae.encode(x).latent_dist.mean
+    torch.testing.assert_close(z * std / vae.config.scaling_factor + mean, raw, rtol=1e-5, atol=1e-5)
+
+
+def test_pretrain_unet_phase_resumes_exactly(tmp_path, monkeypatch):
+    if asset_path("clip_tokenizer") is None:
+        pytest.skip("clip_tokenizer asset not fetched (python scripts/fetch_assets.py --only clip_tokenizer)")
+    from safetensors.torch import load_file
+
+    from scripts import pretrain_mini_sdxl as P
+    from shared.io import save_safetensors
+
+    def prepare(work):
+        torch.manual_seed(0)
+        mini.build_vae().save_pretrained(str(work / "vae"))
+        g = torch.Generator().manual_seed(0)
+        save_safetensors({"latents": torch.randn(40, 4, 16, 16, generator=g), "labels": torch.arange(40) % 10},
+                         work / "latents.safetensors")
+        return P.parse_args(["--output_dir", str(work / "out"), "--work_dir", str(work), "--unet_steps", "6",
+                             "--unet_batch_size", "2", "--checkpointing_steps", "2"])
+
+    full = prepare(tmp_path / "full")
+    P.phase_unet(full)
+    cut = prepare(tmp_path / "cut")
+    lr = P._lr
+
+    def interrupted(base, step, total, warmup, floor):
+        if step == 3:
+            raise KeyboardInterrupt
+        return lr(base, step, total, warmup, floor)
+
+    monkeypatch.setattr(P, "_lr", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        P.phase_unet(cut)
+    assert json.loads((tmp_path / "cut" / "unet-checkpoint" / "state.json").read_text())["step"] == 2
+    monkeypatch.setattr(P, "_lr", lr)
+    P.phase_unet(cut)
+    a = load_file(tmp_path / "full" / "unet" / "diffusion_pytorch_model.safetensors")
+    b = load_file(tmp_path / "cut" / "unet" / "diffusion_pytorch_model.safetensors")
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=0, atol=0, msg=key)
+    assert not (tmp_path / "cut" / "unet-checkpoint").exists()
+    assert json.loads((tmp_path / "cut" / "unet.done.json").read_text())["steps"] == 6
