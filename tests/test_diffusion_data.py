@@ -3,6 +3,7 @@ augmentation, latent-cache keys. Everything is built with PIL in tmp_path, plus 
 shared data folder is there."""
 from __future__ import annotations
 
+import json
 import os
 import random
 from pathlib import Path
@@ -413,14 +414,51 @@ def test_prior_preservation_collate_layout(tmp_path):
         assert row.tolist() == [*o, *c, 64, 64]
     assert ds.collate is collate
 
-    with pytest.raises(ValueError, match="class_dir and class_prompt"):
+    with pytest.raises(ValueError, match="5 images have no caption in metadata.jsonl and no class_prompt"):
         DreamBoothDataset(inst, "a photo of sks dog", 64, class_dir=cls)
+    with pytest.raises(ValueError, match="needs a class_dir"):
+        DreamBoothDataset(inst, "a photo of sks dog", 64, class_prompt="a photo of dog")
     with pytest.raises(ValueError, match="instance_prompt"):
         DreamBoothDataset(inst, "  ", 64)
     with pytest.raises(ValueError, match="multiple of 8"):
         DreamBoothDataset(inst, "a photo of sks dog", 100)
     with pytest.raises(ValueError, match="class data dir .* does not exist"):
         DreamBoothDataset(inst, "a photo of sks dog", 64, class_dir=tmp_path / "nope", class_prompt="a dog")
+
+
+def test_replay_prior_captions_and_prompt_dropout(tmp_path):
+    """A class dir with metadata.jsonl (Hugging Face imagefolder) gives every prior image its own caption; images
+    without one fall back to class_prompt; class_prompt_dropout swaps in the empty prompt, the same for the same
+    (seed, epoch, index) and redrawn per epoch."""
+    inst = write_subject_dir(tmp_path / "inst", n=2)
+    cls = write_subject_dir(tmp_path / "cls", n=6, size=(40, 40))
+    names = sorted(p.name for p in cls.iterdir())
+    rows = [{"file_name": n, "text": f"a photo of a thing {i}"} for i, n in enumerate(names[:5])]
+    (cls / "metadata.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    ds = DreamBoothDataset(inst, "a photo of sks dog", 32, class_dir=cls, class_prompt="a photo of a thing")
+    assert len(ds.class_images) == 6  # metadata.jsonl is not an image
+    assert [ds.plan(i)["class_example"]["prompt"] for i in range(6)] == [r["text"] for r in rows] + ["a photo of a thing"]
+    with pytest.raises(ValueError, match="1 images have no caption"):
+        DreamBoothDataset(inst, "a photo of sks dog", 32, class_dir=cls)
+
+    ds = DreamBoothDataset(inst, "a photo of sks dog", 32, class_dir=cls, class_prompt="x", class_prompt_dropout=0.5)
+    seen = []
+    for epoch in range(4):
+        ds.set_epoch(epoch)
+        prompts = [ds.plan(i)["class_example"]["prompt"] for i in range(6)]
+        assert prompts == [ds.plan(i)["class_example"]["prompt"] for i in range(6)]  # deterministic
+        assert ds.plan(0)["prompt"] == "a photo of sks dog"  # instance prompts are never dropped
+        seen.append(prompts)
+    flat = [p for ps in seen for p in ps]
+    assert 0 < flat.count("") < len(flat) and seen[0] != seen[1]
+
+    for bad, match in [("not json", "line 1: not JSON"), ('{"file_name": "nope.png", "text": "a"}', "'nope.png' is not an image"),
+                       ('{"file_name": "%s"}' % names[0], "line 1: needs a string")]:
+        (cls / "metadata.jsonl").write_text(bad + "\n")
+        with pytest.raises(ValueError, match=match):
+            DreamBoothDataset(inst, "a photo of sks dog", 32, class_dir=cls, class_prompt="x")
+    with pytest.raises(ValueError, match="class_prompt_dropout"):
+        DreamBoothDataset(inst, "a photo of sks dog", 32, class_dir=cls, class_prompt="x", class_prompt_dropout=1.0)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

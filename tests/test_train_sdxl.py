@@ -227,3 +227,27 @@ def test_bf16_mixed_precision_keeps_trainable_fp32(tmp_path):
     assert all(p.dtype == torch.float32 for p in adapter.trainable_parameters())
     assert adapter.switched
     assert (tmp_path / "bf16" / "pytorch_lora_weights.safetensors").is_file()
+
+
+def test_replay_prior_with_captions_and_empty_prompt_dropout(tmp_path):
+    """Prior preservation from a captioned class dir (a replay prior): each prior image trains with its own caption,
+    some with the empty prompt, which the trainer encodes as zeros like the SDXL pipeline's unconditional branch."""
+    from tsd_diffusion.tiny import materialize_tiny_sdxl, make_subject_images
+
+    cls = tmp_path / "replay"
+    make_subject_images(cls, n=4, size=64, seed=5)
+    names = sorted(p.name for p in cls.iterdir())
+    (cls / "metadata.jsonl").write_text("".join(json.dumps({"file_name": n, "text": f"a photo of a pot {i}"}) + "\n"
+                                                for i, n in enumerate(names)))
+    summary = run(tmp_path / "out", "--with_prior_preservation", "--class_data_dir", str(cls),
+                  "--class_prompt_dropout", "0.5", steps=4)
+    assert summary["adapters"]["unet"].num_steps == 4
+    record = json.loads((tmp_path / "out" / "training_args.json").read_text())
+    assert record["class_prompt_dropout"] == 0.5 and record["class_prompt"] is None
+
+    parts = T.SDXLParts(T.parse_args(["--output_dir", str(tmp_path / "x")]), str(materialize_tiny_sdxl()))
+    assert parts.zeros_for_empty_prompt
+    with torch.no_grad():
+        embeds, pooled = parts.encode_prompt(["", "a photo of a pot"])
+    assert embeds[0].abs().max() == 0 and pooled[0].abs().max() == 0
+    assert embeds[1].abs().max() > 0 and pooled[1].abs().max() > 0

@@ -26,6 +26,7 @@ changes per epoch (:meth:`DreamBoothDataset.set_epoch`) and is reproducible, als
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import random
 import struct
@@ -221,7 +222,8 @@ def _scan_dir(directory: str | os.PathLike, kind: str = "instance") -> list[tupl
     if not d.is_dir():
         raise ValueError(f"{kind} data dir {d} is not a directory")
     entries = sorted(d.iterdir(), key=lambda p: p.name)
-    files = [p for p in entries if not _is_hidden(p) and not p.is_dir()]  # (broken links are reported below)
+    files = [p for p in entries if not _is_hidden(p) and not p.is_dir()  # (broken links are reported below)
+             and p.name != CAPTIONS_FILE]
     subdirs = [p.name for p in entries if not _is_hidden(p) and p.is_dir()]
     if not files:
         extra = f" (sub-folders are not searched: {', '.join(subdirs)})" if subdirs else ""
@@ -248,6 +250,35 @@ def _scan_dir(directory: str | os.PathLike, kind: str = "instance") -> list[tupl
         lines.append("Remove or fix them (hidden files such as .DS_Store are ignored).")
         raise ValueError("\n".join(lines))
     return good
+
+
+CAPTIONS_FILE = "metadata.jsonl"  # the Hugging Face ``imagefolder`` convention: {"file_name": ..., "text": ...} per line
+
+
+def read_captions(directory: str | os.PathLike, images: list[Path]) -> dict[str, str]:
+    """Per-image captions of a data dir from its ``metadata.jsonl`` (``{}`` without one), keyed by file name.
+
+    Every line must be a JSON object with a string ``file_name`` naming one of ``images`` and a string ``text``;
+    errors name the file and line.
+    """
+    path = Path(directory).expanduser() / CAPTIONS_FILE
+    if not path.is_file():
+        return {}
+    names = {p.name for p in images}
+    captions: dict[str, str] = {}
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path} line {n}: not JSON ({e.msg})") from None
+        if not isinstance(row, dict) or not isinstance(row.get("file_name"), str) or not isinstance(row.get("text"), str):
+            raise ValueError(f"{path} line {n}: needs a string \"file_name\" and a string \"text\"")
+        if row["file_name"] not in names:
+            raise ValueError(f"{path} line {n}: {row['file_name']!r} is not an image of {path.parent}")
+        captions[row["file_name"]] = row["text"]
+    return captions
 
 
 def list_instance_images(directory: str | os.PathLike, kind: str = "instance") -> list[Path]:
@@ -542,14 +573,16 @@ class DreamBoothDataset(torch.utils.data.Dataset):
     def __init__(self, instance_dir: str | os.PathLike, instance_prompt: str, resolution: int = 1024,
                  center_crop: bool = False, random_flip: bool = False, class_dir: str | os.PathLike | None = None,
                  class_prompt: str | None = None, seed: int = 0, interpolation: str = "lanczos",
-                 num_class_images: int | None = None):
+                 num_class_images: int | None = None, class_prompt_dropout: float = 0.0):
         if not isinstance(instance_prompt, str) or not instance_prompt.strip():
             raise ValueError("instance_prompt must be a non-empty string (e.g. 'a photo of sks dog')")
-        if (class_dir is None) != (class_prompt is None):
-            raise ValueError("class_dir and class_prompt go together for prior preservation: give both or neither "
-                             f"(got class_dir={class_dir!r}, class_prompt={class_prompt!r})")
+        if class_prompt is not None and class_dir is None:
+            raise ValueError(f"class_prompt={class_prompt!r} needs a class_dir (prior preservation)")
         if class_prompt is not None and (not isinstance(class_prompt, str) or not class_prompt.strip()):
             raise ValueError("class_prompt must be a non-empty string (e.g. 'a photo of dog')")
+        if not 0.0 <= class_prompt_dropout < 1.0:
+            raise ValueError(f"class_prompt_dropout must be in [0, 1), got {class_prompt_dropout}")
+        self.class_prompt_dropout = float(class_prompt_dropout)
         self.transform = SDXLTransform(resolution, center_crop, random_flip, interpolation)
         self.instance_prompt = instance_prompt
         self.class_prompt = class_prompt
@@ -558,6 +591,7 @@ class DreamBoothDataset(torch.utils.data.Dataset):
         self._sizes: dict[tuple[str, int, int], tuple[int, int]] = {}  # (path, size, mtime_ns) -> (h, w)
         self.instance_images = self._register(_scan_dir(instance_dir, "instance"))
         self.class_images: list[Path] = []
+        self.class_captions: dict[str, str] = {}
         if class_dir is not None:
             scanned = _scan_dir(class_dir, "class")
             if num_class_images is not None:
@@ -565,6 +599,11 @@ class DreamBoothDataset(torch.utils.data.Dataset):
                     raise ValueError(f"num_class_images must be >= 1, got {num_class_images}")
                 scanned = scanned[:num_class_images]
             self.class_images = self._register(scanned)
+            self.class_captions = read_captions(class_dir, self.class_images)
+            uncaptioned = [p.name for p in self.class_images if p.name not in self.class_captions]
+            if uncaptioned and class_prompt is None:
+                raise ValueError(f"class data dir {class_dir}: {len(uncaptioned)} images have no caption in "
+                                 f"{CAPTIONS_FILE} and no class_prompt was given (e.g. {', '.join(uncaptioned[:3])})")
         self._length = max(len(self.instance_images), len(self.class_images))
 
     # -- bookkeeping ---------------------------------------------------------------------------------------------
@@ -621,13 +660,20 @@ class DreamBoothDataset(torch.utils.data.Dataset):
             "crop_top_left": params.crop_top_left,
             "target_size": params.target_size,
             "flipped": params.flipped,
-            "prompt": self.class_prompt if kind else self.instance_prompt,
+            "prompt": self._class_prompt(path, index) if kind else self.instance_prompt,
             "is_class": bool(kind),
             "cache_key": key,
             "path": str(path),
             "index": index,
         }
         return ex
+
+    def _class_prompt(self, path: Path, index: int) -> str:
+        """The image's caption (else ``class_prompt``); ``""`` (the empty prompt) with probability
+        ``class_prompt_dropout``, drawn from (seed, epoch, index) like the augmentation."""
+        if self.class_prompt_dropout and self._rng(2, index).random() < self.class_prompt_dropout:
+            return ""
+        return self.class_captions.get(path.name, self.class_prompt)
 
     def _item(self, index: int, with_pixels: bool) -> dict[str, Any]:
         if not -self._length <= index < self._length:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import csv
 import io
+import json
 import math
 import time
 from pathlib import Path
@@ -53,11 +54,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     # data
     a("--instance_data_dir", default=None, help="subject photos; default: the embedded subject (generated)")
     a("--instance_prompt", default=None, help=f"default for the embedded subject: {EMBEDDED_SUBJECT_PROMPT!r}")
-    a("--class_data_dir", default=None)
-    a("--class_prompt", default=None)
+    a("--class_data_dir", default=None,
+      help="prior images; a metadata.jsonl ({\"file_name\", \"text\"} per line) gives each its own caption (a replay prior)")
+    a("--class_prompt", default=None, help="the prompt of class images without a caption")
     a("--with_prior_preservation", action="store_true")
     a("--prior_loss_weight", type=float, default=1.0)
     a("--num_class_images", type=int, default=100)
+    a("--class_prompt_dropout", type=float, default=0.0,
+      help="replace this share of class prompts by the empty prompt (trains the unconditional branch CFG uses)")
     a("--resolution", type=int, default=None, help="default 1024, or 64 for the embedded tiny model")
     a("--center_crop", action="store_true")
     a("--random_flip", action="store_true")
@@ -128,8 +132,9 @@ def finalize_args(args: argparse.Namespace) -> argparse.Namespace:
     if not args.instance_prompt:
         raise ValueError("--instance_prompt is required (e.g. 'a photo of sks dog')")
     if args.with_prior_preservation:
-        if not args.class_data_dir or not args.class_prompt:
-            raise ValueError("--with_prior_preservation needs both --class_data_dir and --class_prompt")
+        if not args.class_data_dir:
+            raise ValueError("--with_prior_preservation needs --class_data_dir (and --class_prompt unless every class "
+                             "image has a caption in its metadata.jsonl)")
     elif args.class_data_dir or args.class_prompt:
         print("warning: --class_data_dir/--class_prompt are ignored without --with_prior_preservation")
         args.class_data_dir = args.class_prompt = None
@@ -185,11 +190,18 @@ class SDXLParts:
         self.unet = UNet2DConditionModel.from_pretrained(base, subfolder="unet", variant=args.variant, **kw)
         self.scheduler = DDPMScheduler.from_pretrained(base, subfolder="scheduler", **kw)
         self.vae_fp16_safe = bool(vae_src)
+        index = Path(base) / "model_index.json"  # a hub id: SDXL's default
+        self.zeros_for_empty_prompt = (json.loads(index.read_text()).get("force_zeros_for_empty_prompt", True)
+                                       if index.is_file() else True)
         for m in (self.vae, self.unet, *self.text_encoders):
             m.requires_grad_(False)
 
     def encode_prompt(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """SDXL conditioning: penultimate hidden states of both encoders concatenated, pooled from the second."""
+        """SDXL conditioning: penultimate hidden states of both encoders concatenated, pooled from the second.
+
+        The empty prompt gets zeros when the pipeline's ``force_zeros_for_empty_prompt`` is set (SDXL's default):
+        that is what the pipeline feeds the unconditional branch of classifier-free guidance.
+        """
         embeds, pooled = [], None
         for tok, enc in zip(self.tokenizers, self.text_encoders):
             ids = tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True,
@@ -197,7 +209,11 @@ class SDXLParts:
             out = enc(ids, output_hidden_states=True)
             pooled = out[0]
             embeds.append(out.hidden_states[-2])
-        return torch.cat(embeds, dim=-1), pooled
+        embeds = torch.cat(embeds, dim=-1)
+        if self.zeros_for_empty_prompt and "" in prompts:
+            keep = torch.tensor([p != "" for p in prompts], device=embeds.device)
+            embeds, pooled = embeds * keep[:, None, None], pooled * keep[:, None]
+        return embeds, pooled
 
     @torch.no_grad()
     def latent_params(self, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -290,6 +306,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         args.instance_data_dir, args.instance_prompt, args.resolution, args.center_crop, args.random_flip,
         class_dir=args.class_data_dir, class_prompt=args.class_prompt, seed=args.seed,
         num_class_images=args.num_class_images if args.with_prior_preservation else None,
+        class_prompt_dropout=args.class_prompt_dropout,
     )
     set_seed(args.seed)
     base = resolve_pretrained(args.pretrained_model_name_or_path)
