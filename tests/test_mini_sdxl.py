@@ -146,3 +146,32 @@ def test_pretrain_unet_phase_resumes_exactly(tmp_path, monkeypatch):
         torch.testing.assert_close(b[key], a[key], rtol=0, atol=0, msg=key)
     assert not (tmp_path / "cut" / "unet-checkpoint").exists()
     assert json.loads((tmp_path / "cut" / "unet.done.json").read_text())["steps"] == 6
+
+
+def test_materialize_adds_tokenizers_caches_by_content_and_resolves_by_name(tmp_path, monkeypatch):
+    if asset_path("clip_tokenizer") is None:
+        pytest.skip("clip_tokenizer asset not fetched (python scripts/fetch_assets.py --only clip_tokenizer)")
+    import shutil
+
+    from diffusers import StableDiffusionXLPipeline
+
+    from tsd_diffusion.tiny import materialize_tiny_sdxl, resolve_pretrained
+
+    weights = tmp_path / "weights"  # shipped like the real package data: no tokenizer dirs
+    shutil.copytree(materialize_tiny_sdxl(), weights)
+    for sub in ("tokenizer", "tokenizer_2"):
+        shutil.rmtree(weights / sub)
+    cache = tmp_path / "cache"
+    shutil.copytree(asset_path("clip_tokenizer"), cache / "clip_tokenizer")
+    first = mini.materialize_mini_sdxl(cache, weights)
+    assert mini.materialize_mini_sdxl(cache, weights) == first
+    pipe = StableDiffusionXLPipeline.from_pretrained(str(first), local_files_only=True)
+    assert len(pipe.tokenizer) == 49408 and pipe.tokenizer_2.pad_token == "!"
+    (weights / "scheduler" / "scheduler_config.json").write_text(
+        (weights / "scheduler" / "scheduler_config.json").read_text().replace('"steps_offset": 1', '"steps_offset": 0'))
+    assert mini.materialize_mini_sdxl(cache, weights) != first  # new weights, new dir
+    with pytest.raises(FileNotFoundError, match="pretrain_mini_sdxl.py"):
+        mini.materialize_mini_sdxl(cache, tmp_path / "nothing")
+    monkeypatch.setattr(mini, "WEIGHTS_DIR", weights)
+    monkeypatch.setenv("TSD_CACHE", str(cache))
+    assert resolve_pretrained(mini.MINI_NAME) == str(mini.materialize_mini_sdxl(cache, weights))

@@ -28,6 +28,8 @@ from typing import Any
 import numpy as np
 import torch
 
+MINI_NAME = "tsd-lora/mini-sdxl"
+WEIGHTS_DIR = Path(__file__).resolve().parent / "weights" / "mini-sdxl"  # package data written by the pretraining script
 CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 CAPTION_TEMPLATES = ("a photo of a {}", "a {}", "a picture of a {}", "a photo of the {}")
 RESOLUTION = 32
@@ -152,3 +154,35 @@ def encode_latents(vae: Any, images: torch.Tensor, batch_size: int = 500) -> tor
         std = torch.tensor(cfg.latents_std).view(1, -1, 1, 1)
         return (z - mean) * cfg.scaling_factor / std
     return z * cfg.scaling_factor
+
+
+def materialize_mini_sdxl(cache_dir: str | Path | None = None, weights_dir: str | Path | None = None) -> Path:
+    """The shipped mini SDXL as a complete ``from_pretrained`` directory in the cache (built once).
+
+    The package ships fp16 weights without tokenizers; this copies them into ``<cache>/mini-sdxl-<hash>/`` (the
+    hash of the shipped files, so new weights get a new dir) and adds the CLIP tokenizers from the fetched
+    ``clip_tokenizer`` asset. Raises with the command to run when the weights or the asset are missing.
+    """
+    import hashlib
+    import shutil
+
+    from .tiny import _find_clip_tokenizer, build_cached_dir, tiny_cache_dir
+
+    src = Path(weights_dir) if weights_dir is not None else WEIGHTS_DIR
+    if not (src / "model_index.json").is_file():
+        raise FileNotFoundError(f"the mini SDXL weights are not in {src}: build them with "
+                                f"python scripts/pretrain_mini_sdxl.py --output_dir {src}")
+    digest = hashlib.sha256()
+    for f in sorted(p for p in src.rglob("*") if p.is_file()):
+        digest.update(str(f.relative_to(src)).encode() + b"\0" + f.read_bytes())
+    root = Path(cache_dir).expanduser().resolve() if cache_dir is not None else tiny_cache_dir()
+    tokenizer = _find_clip_tokenizer(root)
+    if tokenizer is None:
+        raise FileNotFoundError("the mini SDXL needs the real CLIP BPE vocabulary: "
+                                "python scripts/fetch_assets.py --only clip_tokenizer")
+
+    def build(out: Path, _: Path) -> None:
+        shutil.copytree(src, out, dirs_exist_ok=True)
+        add_tokenizers(out, tokenizer)
+
+    return build_cached_dir(root / f"mini-sdxl-{digest.hexdigest()[:12]}", build, {"name": MINI_NAME})

@@ -40,6 +40,7 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
+from typing import Any, Callable
 
 from filelock import FileLock  # cross-process lock; a dependency of torch and huggingface_hub
 
@@ -186,7 +187,6 @@ def materialize_tiny_sdxl(cache_dir: str | os.PathLike | None = None, seed: int 
     default: the fetched ``clip_tokenizer`` asset (looked up in ``cache_dir``, then in the default cache), else the
     byte-level fallback. A second call returns the cached dir without rebuilding (see the module docstring).
     """
-    global BUILD_COUNT
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise ValueError(f"seed must be an int >= 0, got {seed!r}")
     root = Path(cache_dir).expanduser().resolve() if cache_dir is not None else tiny_cache_dir()
@@ -200,47 +200,66 @@ def materialize_tiny_sdxl(cache_dir: str | os.PathLike | None = None, seed: int 
     final = _variant_dir(root, kind, seed)
     if (final / DONE).is_file():
         return final
+    t0 = time.time()
+
+    def build(out: Path, scratch: Path) -> None:
+        global BUILD_COUNT
+        src = tok_src if tok_src is not None else _write_byte_tokenizer(scratch / "_bytetok")
+        pipe = build_tiny_sdxl_pipeline(src, seed=seed)
+        pipe.save_pretrained(out, safe_serialization=True)
+        for sub in ("tokenizer", "tokenizer_2"):  # like a hub snapshot, and loadable by transformers 4 too
+            for f in ("vocab.json", "merges.txt"):
+                if not (out / sub / f).is_file():
+                    shutil.copyfile(src / f, out / sub / f)
+        import diffusers
+        import torch
+        import transformers
+
+        info = {
+            "name": EMBEDDED_NAME,
+            "version": TINY_SDXL_VERSION,
+            "seed": seed,
+            "tokenizer": ("clip-bpe-49408 (real CLIP BPE vocabulary, clip_tokenizer asset)" if kind == "clip"
+                          else "byte-level-514 (fallback: 256 byte chars + </w> forms + 2 specials, no merges)"),
+            "tokenizer_kind": kind,
+            "tokenizer_source": str(tok_src) if kind == "clip" else None,
+            "vocab_size": len(pipe.tokenizer),
+            "params": {k: sum(p.numel() for p in getattr(pipe, k).parameters())
+                       for k in ("unet", "vae", "text_encoder", "text_encoder_2")},
+            "built_with": {"diffusers": diffusers.__version__, "transformers": transformers.__version__,
+                           "torch": torch.__version__},
+            "built_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "build_seconds": round(time.time() - t0, 2),
+        }
+        (out / INFO_FILE).write_text(json.dumps(info, indent=1) + "\n")
+        BUILD_COUNT += 1
+
+    return build_cached_dir(final, build, {"name": EMBEDDED_NAME, "version": TINY_SDXL_VERSION})
+
+
+def build_cached_dir(final: Path, build: Callable[[Path, Path], None], marker: dict[str, Any]) -> Path:
+    """Return ``final``, building it first unless it is complete (has a ``done`` marker).
+
+    ``build(out, scratch)`` fills ``out``; both are inside a temp dir next to ``final``, which is renamed into place
+    only when the build finished (a per-dir file lock serialises concurrent builders; leftovers of an interrupted
+    build are removed), so ``final`` is either complete or absent.
+    """
+    if (final / DONE).is_file():
+        return final
+    root = final.parent
     root.mkdir(parents=True, exist_ok=True)
     with FileLock(root / f".{final.name}.lock"):
         if (final / DONE).is_file():  # another process built it while we waited
             return final
         for stale in root.glob(f".{final.name}.tmp-*"):  # leftovers of an interrupted build (we hold the lock)
             shutil.rmtree(stale, ignore_errors=True)
-        t0 = time.time()
         tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=root))
         try:
-            if tok_src is None:
-                tok_src = _write_byte_tokenizer(tmp / "_bytetok")
-            pipe = build_tiny_sdxl_pipeline(tok_src, seed=seed)
-            out = tmp / "pipe"
-            pipe.save_pretrained(out, safe_serialization=True)
-            for sub in ("tokenizer", "tokenizer_2"):  # like a hub snapshot, and loadable by transformers 4 too
-                for f in ("vocab.json", "merges.txt"):
-                    if not (out / sub / f).is_file():
-                        shutil.copyfile(tok_src / f, out / sub / f)
-            shutil.rmtree(tmp / "_bytetok", ignore_errors=True)
-            import diffusers
-            import torch
-            import transformers
-
-            info = {
-                "name": EMBEDDED_NAME,
-                "version": TINY_SDXL_VERSION,
-                "seed": seed,
-                "tokenizer": ("clip-bpe-49408 (real CLIP BPE vocabulary, clip_tokenizer asset)" if kind == "clip"
-                              else "byte-level-514 (fallback: 256 byte chars + </w> forms + 2 specials, no merges)"),
-                "tokenizer_kind": kind,
-                "tokenizer_source": str(tok_src) if kind == "clip" else None,
-                "vocab_size": len(pipe.tokenizer),
-                "params": {k: sum(p.numel() for p in getattr(pipe, k).parameters())
-                           for k in ("unet", "vae", "text_encoder", "text_encoder_2")},
-                "built_with": {"diffusers": diffusers.__version__, "transformers": transformers.__version__,
-                               "torch": torch.__version__},
-                "built_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                "build_seconds": round(time.time() - t0, 2),
-            }
-            (out / INFO_FILE).write_text(json.dumps(info, indent=1) + "\n")
-            (out / DONE).write_text(json.dumps({"name": EMBEDDED_NAME, "version": TINY_SDXL_VERSION}) + "\n")
+            out = tmp / "out"
+            out.mkdir()
+            (tmp / "scratch").mkdir()
+            build(out, tmp / "scratch")
+            (out / DONE).write_text(json.dumps(marker) + "\n")
             umask = os.umask(0)
             os.umask(umask)
             os.chmod(out, 0o777 & ~umask)
@@ -249,7 +268,6 @@ def materialize_tiny_sdxl(cache_dir: str | os.PathLike | None = None, seed: int 
                 os.replace(final, old / "x")
                 shutil.rmtree(old, ignore_errors=True)
             os.replace(out, final)
-            BUILD_COUNT += 1
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     return final
@@ -259,6 +277,8 @@ def resolve_pretrained(name_or_path: str | os.PathLike) -> str:
     """Map ``--pretrained_model_name_or_path`` to what ``StableDiffusionXLPipeline.from_pretrained`` gets.
 
     - :data:`EMBEDDED_NAME` (``"tsd-lora/tiny-sdxl"``) -> the materialized local dir (built on first use);
+    - ``"tsd-lora/mini-sdxl"`` -> the shipped CIFAR-pretrained mini SDXL, materialized with its tokenizers
+      (:func:`tsd_diffusion.mini_sdxl.materialize_mini_sdxl`);
     - an existing local directory -> itself, after checking it holds ``model_index.json`` (ValueError otherwise);
     - an existing file -> ValueError (single-file checkpoints are not supported; give a diffusers pipeline dir);
     - something that looks like a local path but does not exist (absolute, ``./``, ``~``, more than one ``/``)
@@ -270,6 +290,10 @@ def resolve_pretrained(name_or_path: str | os.PathLike) -> str:
         raise ValueError(f"pretrained model name or path must be a non-empty string, got {name_or_path!r}")
     if s == EMBEDDED_NAME:
         return str(materialize_tiny_sdxl())
+    from .mini_sdxl import MINI_NAME, materialize_mini_sdxl
+
+    if s == MINI_NAME:
+        return str(materialize_mini_sdxl())
     p = Path(s).expanduser()
     if p.is_dir():
         if not (p / "model_index.json").is_file():
