@@ -175,3 +175,22 @@ def test_materialize_adds_tokenizers_caches_by_content_and_resolves_by_name(tmp_
     monkeypatch.setattr(mini, "WEIGHTS_DIR", weights)
     monkeypatch.setenv("TSD_CACHE", str(cache))
     assert resolve_pretrained(mini.MINI_NAME) == str(mini.materialize_mini_sdxl(cache, weights))
+
+
+def test_subject_metrics_on_cases_with_a_known_answer():
+    g = torch.Generator().manual_seed(3)
+    subject = torch.rand(5, 3, 8, 8, generator=g) * 0.4 + 0.5  # bright images
+    gallery = torch.rand(50, 3, 8, 8, generator=g) * 0.4 - 0.9  # dark images
+    near_subject = (subject.repeat(4, 1, 1, 1) + 0.05 * torch.randn(20, 3, 8, 8, generator=g)).clamp(-1, 1)
+    near_gallery = (gallery[:20] + 0.05 * torch.randn(20, 3, 8, 8, generator=g)).clamp(-1, 1)
+    assert ev.subject_retrieval(near_subject, subject, gallery) == 1.0
+    assert ev.subject_retrieval(near_gallery, subject, gallery) == 0.0
+    assert ev.subject_retrieval(torch.cat([near_subject[:5], near_gallery[:15]]), subject, gallery) == 0.25
+    assert ev.diversity(subject[:1].repeat(6, 1, 1, 1)) == pytest.approx(0.0, abs=1e-7)
+    a, b = torch.full((1, 3, 8, 8), -1.0), torch.full((1, 3, 8, 8), 1.0)
+    assert ev.diversity(torch.cat([a, b])) == pytest.approx(1.0)  # black vs white: RMSE 1 on [0, 1]
+    torch.manual_seed(0)
+    model = ev.SmallCNN(width=8).eval()
+    assert ev.feature_similarity(model, subject, subject) > ev.feature_similarity(model, gallery, subject)
+    with pytest.raises(ValueError, match="at least 2"):
+        ev.diversity(subject[:1])
