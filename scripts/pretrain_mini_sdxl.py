@@ -17,7 +17,9 @@ last one, ending where an uninterrupted run ends.
    them zeroed (what the pipeline feeds for an empty negative prompt), AdamW 4e-4 with warm-up and cosine,
    gradient clipping, EMA 0.999 (the EMA weights are saved), bf16 autocast (1.4-1.7x faster on AMX CPUs);
 5. save: an fp16 ``StableDiffusionXLPipeline`` directory without tokenizers (they are rebuilt from the CLIP BPE
-   at first use: 3.6 MB each) plus ``tsd_mini_sdxl.json`` (metrics) and a model card ``README.md``;
+   at first use: 3.6 MB each) plus ``tsd_mini_sdxl.json`` (metrics), a model card ``README.md`` and the
+   evaluation classifier in fp16 under ``evaluation/`` (the subject metrics of the trainer, app and benchmarks
+   use it; ``from_pretrained`` ignores the folder);
 6. evaluation with the stock pipeline ``__call__``: class accuracy of generations per guidance scale, the
    Fréchet distance in the classifier's feature space against held-out real images, and a memorisation check
    (nearest-train-image RMSE of generations vs of held-out real images), plus a sample grid.
@@ -422,6 +424,9 @@ def main(argv: list[str] | None = None) -> None:
     phases["vae"] = phase_vae(args, data)
     phases["unet"] = phase_unet(args)
     phase_save(args)
+    if not (args.output_dir / mini.EVALUATION_DIR / ev.CLASSIFIER_WEIGHTS).is_file():
+        ev.save_classifier(ev.load_classifier(args.work_dir / "classifier"), args.output_dir / mini.EVALUATION_DIR,
+                           dtype=torch.float16, **phases["classifier"])
     phases["eval"] = phase_eval(args, data)
     write_card(args, phases, data_info)
     e = phases["eval"]

@@ -55,6 +55,10 @@ def test_classifier_round_trip_and_accuracy(tmp_path):
     pred = ev.logits(model, x).argmax(1)
     assert ev.class_accuracy(model, x, pred) == 1.0
     assert json.loads((tmp_path / ev.CLASSIFIER_CONFIG).read_text())["width"] == 8
+    ev.save_classifier(model, tmp_path / "fp16", dtype=torch.float16)  # how the pretraining script ships it
+    half = ev.load_classifier(tmp_path / "fp16")
+    assert next(half.parameters()).dtype == torch.float32
+    torch.testing.assert_close(ev.logits(half, x), ev.logits(model, x), rtol=1e-2, atol=1e-2)
 
 
 def test_classifier_learns_a_separable_toy_problem():

@@ -90,13 +90,16 @@ def train_classifier(x: torch.Tensor, y: torch.Tensor, *, epochs: int = 15, batc
     return model.eval()
 
 
-def save_classifier(model: SmallCNN, out_dir: Path, **info: object) -> None:
+def save_classifier(model: SmallCNN, out_dir: Path, dtype: torch.dtype = torch.float32, **info: object) -> None:
+    """Weights (floating tensors in ``dtype``) and a json of the width, classes and ``info``."""
     out_dir = Path(out_dir)
-    save_safetensors(model.state_dict(), out_dir / CLASSIFIER_WEIGHTS)
+    state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in model.state_dict().items()}
+    save_safetensors(state, out_dir / CLASSIFIER_WEIGHTS)
     atomic_write_json(out_dir / CLASSIFIER_CONFIG, {"width": model.width, "num_classes": model.num_classes, **info})
 
 
 def load_classifier(directory: Path) -> SmallCNN:
+    """A classifier saved by :func:`save_classifier`, in float32, in eval mode."""
     directory = Path(directory)
     config = json.loads((directory / CLASSIFIER_CONFIG).read_text())
     model = SmallCNN(config["width"], config["num_classes"])

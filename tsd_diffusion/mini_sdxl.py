@@ -30,6 +30,7 @@ import torch
 
 MINI_NAME = "tsd-lora/mini-sdxl"
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights" / "mini-sdxl"  # package data written by the pretraining script
+EVALUATION_DIR = "evaluation"  # the CIFAR classifier shipped with the weights (tsd_diffusion.evaluation)
 CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 CAPTION_TEMPLATES = ("a photo of a {}", "a {}", "a picture of a {}", "a photo of the {}")
 RESOLUTION = 32
