@@ -40,10 +40,15 @@ log() { echo "[setup_env] $*"; }
 # what the marker must hold: hash of pyproject.toml and of the pins in this script
 WANT="$( { cat "$ROOT/pyproject.toml"; echo "$TORCH_PIN ${ASSET_WHEELS[*]}"; } | sha256sum | cut -d' ' -f1)"
 
-if [[ ! -x "$VENV/bin/python" ]]; then
+# complete venv = python + pip + activate (venv writes activate last: an interrupted creation lacks it)
+if [[ ! -x "$VENV/bin/python" || ! -f "$VENV/bin/activate" ]] || ! "$VENV/bin/python" -m pip --version >/dev/null 2>&1; then
     log "creating venv $VENV with $(command -v "$PY") ($("$PY" --version 2>&1))"
     "$PY" -c 'import sys; sys.exit(0 if sys.version_info >= (3, 10) else "tsd-lora needs Python >= 3.10")'
-    "$PY" -m venv "$VENV"
+    if [[ -e "$VENV" ]]; then
+        log "the existing $VENV is incomplete (an interrupted set-up?): recreating it"
+        rm -f "$MARKER"
+    fi
+    "$PY" -m venv --clear "$VENV"
 else
     log "venv exists: $VENV ($("$VENV/bin/python" --version 2>&1))"
 fi
