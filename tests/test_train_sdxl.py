@@ -139,7 +139,7 @@ def test_text_encoder_training_exports_all_components(tmp_path):
 
 @pytest.mark.parametrize("extra, message", [
     (["--instance_data_dir", "/nonexistent/photos", "--instance_prompt", "a photo of sks dog"], "/nonexistent/photos"),
-    (["--with_prior_preservation"], "needs both --class_data_dir and --class_prompt"),
+    (["--with_prior_preservation"], "--with_prior_preservation needs --class_data_dir"),
     (["--resolution", "60"], "multiple of 8"),
     (["--rank", "0"], "--rank must be > 0"),
     (["--dash_directions", "500"], "dash_directions=500 is larger than"),
