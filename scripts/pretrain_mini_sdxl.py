@@ -369,6 +369,7 @@ def write_card(args: argparse.Namespace, phases: dict[str, dict[str, Any]], data
     import diffusers
     import transformers
 
+    shutil.copyfile(args.work_dir / "samples.png", args.output_dir / "samples.png")
     sizes = {str(p.relative_to(args.output_dir)): p.stat().st_size for p in sorted(args.output_dir.rglob("*")) if p.is_file()}
     record = {"date": _dt.date.today().isoformat(), "command": " ".join(sys.argv), "seed": args.seed,
               "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads",
@@ -404,6 +405,8 @@ with `addition_embed_type="text_time"`, two CLIP text encoders, `AutoencoderKL`,
   real train images {e['fd_real_train_vs_held_out']:.2f}.
 - Memorisation check: mean RMSE to the nearest training image, generated {e['nearest_train_rmse_generated']['mean']:.3f}
   vs held-out real {e['nearest_train_rmse_held_out_real']['mean']:.3f} (no closer: {e['no_closer_to_training_images_than_real_held_out']}).
+
+![Samples at guidance {e['best_guidance']:g}: one row per class, airplane to truck](samples.png)
 """)
 
 

@@ -198,3 +198,30 @@ def test_subject_metrics_on_cases_with_a_known_answer():
     assert ev.feature_similarity(model, subject, subject) > ev.feature_similarity(model, gallery, subject)
     with pytest.raises(ValueError, match="at least 2"):
         ev.diversity(subject[:1])
+
+
+@torch.no_grad()
+def test_shipped_mini_sdxl_draws_the_prompted_class(tmp_path):
+    """The shipped weights (package data) load through the stock pipeline by name and draw what is asked for, as
+    judged by the shipped evaluation classifier; the shipped files stay under 20 MB."""
+    if not (mini.WEIGHTS_DIR / "model_index.json").is_file():
+        pytest.skip(f"no mini SDXL weights in {mini.WEIGHTS_DIR} (python scripts/pretrain_mini_sdxl.py)")
+    if asset_path("clip_tokenizer") is None:
+        pytest.skip("clip_tokenizer asset not fetched (python scripts/fetch_assets.py --only clip_tokenizer)")
+    from diffusers import StableDiffusionXLPipeline
+
+    from tsd_diffusion.tiny import resolve_pretrained
+
+    shipped = sum(p.stat().st_size for p in mini.WEIGHTS_DIR.rglob("*") if p.is_file())
+    assert shipped <= 20_000_000, shipped
+    pipe = StableDiffusionXLPipeline.from_pretrained(resolve_pretrained(mini.MINI_NAME), dtype=torch.float32,
+                                                     local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+    clf = ev.load_classifier(mini.WEIGHTS_DIR / mini.EVALUATION_DIR)
+    hits = []
+    for name in ("automobile", "horse", "ship"):
+        images = pipe(f"a photo of a {name}", num_images_per_prompt=8, guidance_scale=7.5, num_inference_steps=20,
+                      generator=torch.Generator().manual_seed(0), output_type="pt").images * 2 - 1
+        assert images.shape == (8, 3, 32, 32) and torch.isfinite(images).all()
+        hits.append(ev.class_accuracy(clf, images, mini.CLASSES.index(name)))
+    assert sum(hits) / len(hits) >= 0.6, hits  # chance: 0.1
