@@ -32,12 +32,10 @@ from __future__ import annotations
 
 import argparse
 import copy
-import datetime as _dt
 import gc
 import importlib.util
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -59,6 +57,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 import shared  # noqa: E402
+from benchmarks.machine import machine_info  # noqa: E402
 
 METHODS = ("peft", "lora", "dash")
 R, ALPHA, S, T = 8, 16.0, 8, 2
@@ -524,23 +523,6 @@ def measure_memory(spec: ModelSpec, steps: int) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------------------------- report
-def machine_info() -> dict[str, Any]:
-    import peft
-    import transformers
-
-    try:
-        import psutil
-
-        phys = psutil.cpu_count(logical=False)
-    except ImportError:
-        phys = None
-    return {"date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-            "python": platform.python_version(), "platform": platform.platform(),
-            "processor": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
-            "cpu_count_physical": phys, "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
-            "peft": peft.__version__, "transformers": transformers.__version__}
-
-
 def markdown(result: dict[str, Any]) -> str:
     mb = 1 / 2**20
     rows = ["| model | method | median step (ms) | IQR (ms) | ratio vs peft (pooled / median of repeats / paired) "
@@ -621,7 +603,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     specs, skipped = model_specs(args.models)
     guard = ContentionGuard(args.contention, args.idle_wait, args.idle_budget if args.idle_wait > 0 else 0.0)
     result: dict[str, Any] = {
-        "machine": machine_info(),
+        "machine": machine_info("peft", "transformers"),
         "settings": {"r": R, "alpha": ALPHA, "dash_directions": S, "dash_warmup_steps": T, "batch": BATCH,
                      "seq": SEQ, "repeats": args.repeats, "timed_steps_per_repeat": args.steps,
                      "warmup_steps_per_block": args.warmup, "interleave": args.interleave, "threads": args.threads,

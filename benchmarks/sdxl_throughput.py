@@ -40,10 +40,8 @@ from __future__ import annotations
 
 import argparse
 import csv
-import datetime as _dt
 import json
 import os
-import platform
 import resource
 import shutil
 import statistics
@@ -57,6 +55,8 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
+
+from benchmarks.machine import machine_info  # noqa: E402
 
 DEFAULT_OUT = REPO / "benchmarks" / "results" / "sdxl_throughput.json"
 RESOLUTION, BATCH, RANK, N_IMAGES, IMAGE_SIZE = 64, 4, 4, 5, 96
@@ -270,28 +270,6 @@ def run_child(config: str, args: argparse.Namespace) -> dict[str, Any]:
     return res
 
 
-def machine_info() -> dict[str, Any]:
-    import accelerate
-    import diffusers
-    import peft
-    import torch
-    import transformers
-
-    try:
-        import psutil
-
-        phys = psutil.cpu_count(logical=False)
-    except ImportError:
-        phys = None
-    return {"date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-            "python": platform.python_version(), "platform": platform.platform(),
-            "processor": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
-            "cpu_count_physical": phys, "loadavg_at_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
-            "versions": {"torch": torch.__version__, "diffusers": diffusers.__version__,
-                         "transformers": transformers.__version__, "peft": peft.__version__,
-                         "accelerate": accelerate.__version__}}
-
-
 def summarize(raw: list[dict[str, Any]], configs: list[str]) -> dict[str, Any]:
     by = {c: [r for r in raw if r["config"] == c] for c in configs}
     base = {r["repeat"]: r["steps_per_s"] for r in by["a"]} if "a" in by else {}
@@ -376,7 +354,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
               f"{batch_sizes(args.skip + 1)[-1]}-image step than {batch_sizes(args.skip + 2)[-1]}-image steps",
               flush=True)
     result: dict[str, Any] = {
-        "machine": machine_info(),
+        "machine": machine_info("diffusers", "transformers", "peft", "accelerate"),
         "settings": {"steps": args.steps, "skip": args.skip, "repeats": args.repeats, "dash_warmup": args.dash_warmup,
                      "resolution": RESOLUTION, "batch": BATCH, "rank": RANK, "lora_alpha": RANK, "targets": TARGETS,
                      "images": N_IMAGES, "batch_sizes_per_step": batch_sizes(args.steps), "learning_rate": LR,
