@@ -12,8 +12,9 @@ import torch
 from safetensors.torch import load_file, save
 
 PathLike = str | os.PathLike
-_UMASK = os.umask(0)  # read once, at import (setting and restoring it later could race with other threads)
-os.umask(_UMASK)
+#: the process umask, read once at import (setting and restoring it later could race with other threads)
+UMASK = os.umask(0)
+os.umask(UMASK)
 
 
 def atomic_write_bytes(path: PathLike, data: bytes) -> None:
@@ -30,7 +31,7 @@ def atomic_write_bytes(path: PathLike, data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_UMASK)
+        os.chmod(tmp, 0o666 & ~UMASK)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

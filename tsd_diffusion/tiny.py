@@ -44,6 +44,8 @@ from typing import Any, Callable
 
 from filelock import FileLock  # cross-process lock; a dependency of torch and huggingface_hub
 
+from shared.io import UMASK
+
 __all__ = [
     "EMBEDDED_NAME",
     "TINY_SDXL_VERSION",
@@ -260,9 +262,7 @@ def build_cached_dir(final: Path, build: Callable[[Path, Path], None], marker: d
             (tmp / "scratch").mkdir()
             build(out, tmp / "scratch")
             (out / DONE).write_text(json.dumps(marker) + "\n")
-            umask = os.umask(0)
-            os.umask(umask)
-            os.chmod(out, 0o777 & ~umask)
+            os.chmod(out, 0o777 & ~UMASK)  # mkdtemp made it 0700
             if final.exists():  # an incomplete dir without `done` (e.g. made by hand): replace it
                 old = Path(tempfile.mkdtemp(prefix=f".{final.name}.old-", dir=root))
                 os.replace(final, old / "x")

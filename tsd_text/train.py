@@ -275,7 +275,7 @@ def setup(args: argparse.Namespace, accelerator: Any, resume_dir: Path | None = 
         if saved != (config.method, config.r, sorted(config.target_modules)):
             raise ValueError(f"{resume_dir} holds a {saved[0]} adapter of rank {saved[1]} on {len(saved[2])} layers; "
                              f"this run asks for {config.method} rank {config.r} on {len(config.target_modules)} layers")
-        return _with_checkpointing(args, Setup(task, data, model, adapter, notes))
+        return _with_gradient_checkpointing(args, Setup(task, data, model, adapter, notes))
     init_data, init_forward = None, None
     if config.needs_data:  # the same seeded batches on every process, so every process gets the same init
         init_loader = DataLoader(data.train, batch_size=args.per_device_train_batch_size, shuffle=True,
@@ -283,10 +283,10 @@ def setup(args: argparse.Namespace, accelerator: Any, resume_dir: Path | None = 
         init_data, init_forward = init_batches(init_loader, config.method)
     adapter = shared.attach(model, config, data=init_data, forward_fn=init_forward,
                             progress=accelerator.is_local_main_process)
-    return _with_checkpointing(args, Setup(task, data, model, adapter, notes))
+    return _with_gradient_checkpointing(args, Setup(task, data, model, adapter, notes))
 
 
-def _with_checkpointing(args: argparse.Namespace, run: Setup) -> Setup:
+def _with_gradient_checkpointing(args: argparse.Namespace, run: Setup) -> Setup:
     if args.gradient_checkpointing:
         run.model.config.use_cache = False
         run.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
