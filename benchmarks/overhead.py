@@ -57,7 +57,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 import shared  # noqa: E402
-from benchmarks.machine import machine_info  # noqa: E402
+from benchmarks.report import machine_info, write_result  # noqa: E402
 
 METHODS = ("peft", "lora", "dash")
 R, ALPHA, S, T = 8, 16.0, 8, 2
@@ -620,14 +620,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
             mres["memory"] = measure_memory(spec, args.memory_steps)
         result["models"][spec.name] = mres
     result["contention_guard"] = guard.report()
-    result["wall_s"] = time.perf_counter() - t_start
-    table = markdown(result)
-    result["markdown"] = table
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print()
-    print(table)
-    print(f"\nwrote {args.out} ({result['wall_s']:.0f} s)")
+    write_result(result, args.out, markdown, t_start)
     return result
 
 

@@ -56,7 +56,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from benchmarks.machine import machine_info  # noqa: E402
+from benchmarks.report import machine_info, write_result  # noqa: E402
 
 DEFAULT_OUT = REPO / "benchmarks" / "results" / "sdxl_throughput.json"
 RESOLUTION, BATCH, RANK, N_IMAGES, IMAGE_SIZE = 64, 4, 4, 5, 96
@@ -378,14 +378,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
                   f"process {res['process_wall_s']:.1f} s"
                   + (f", others used {100 * share:.0f}% of the CPUs" if share is not None else ""), flush=True)
     result["summary"] = summarize(result["raw"], configs)
-    result["wall_s"] = time.perf_counter() - t_start
-    table = markdown(result)
-    result["markdown"] = table
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print()
-    print(table)
-    print(f"\nwrote {args.out} ({result['wall_s']:.0f} s)")
+    write_result(result, args.out, markdown, t_start)
     return result
 
 

@@ -1,12 +1,14 @@
-"""What a benchmark result was measured on: recorded next to every number."""
+"""Shared by the benchmarks: what a result was measured on, and how it is written."""
 
 from __future__ import annotations
 
 import datetime as _dt
 import importlib
+import json
 import os
 import platform
-from typing import Any
+from pathlib import Path
+from typing import Any, Callable
 
 
 def machine_info(*packages: str) -> dict[str, Any]:
@@ -25,3 +27,17 @@ def machine_info(*packages: str) -> dict[str, Any]:
             "cpu_count_physical": physical, "torch_threads": torch.get_num_threads(),
             "loadavg_at_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
             "versions": {p: importlib.import_module(p).__version__ for p in ("torch", *packages)}}
+
+
+def write_result(result: dict[str, Any], out: Path, markdown: Callable[[dict[str, Any]], str], t_start: float) -> None:
+    """Add the wall time and the markdown table to ``result``, write it as JSON to ``out`` and print the table."""
+    import time
+
+    from shared.io import atomic_write_text
+
+    result["wall_s"] = time.perf_counter() - t_start
+    result["markdown"] = table = markdown(result)
+    atomic_write_text(out, json.dumps(result, indent=2) + "\n")
+    print()
+    print(table)
+    print(f"\nwrote {out} ({result['wall_s']:.0f} s)")
