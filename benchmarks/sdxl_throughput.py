@@ -174,7 +174,7 @@ def run_trainer(flags: list[str], steps: int, dash_warmup: int, workdir: Path) -
 
     data.LatentCache.__init__ = counting_init
     out = workdir / "run"
-    argv = ["--output_dir", str(out), "--max_train_steps", str(steps), "--resolution", str(RESOLUTION),
+    argv = ["--pretrained_model_name_or_path", "tsd-lora/tiny-sdxl", "--output_dir", str(out), "--max_train_steps", str(steps), "--resolution", str(RESOLUTION),
             "--train_batch_size", str(BATCH), "--rank", str(RANK), "--learning_rate", str(LR),
             "--dash_warmup_steps", str(dash_warmup), "--num_validation_images", "1",
             "--validation_inference_steps", "2", "--checkpointing_steps", "100000", *flags]

@@ -25,7 +25,7 @@ def run(tmp, *extra, steps=6):
     from accelerate.state import AcceleratorState
 
     AcceleratorState._reset_state(reset_partial_state=True)  # each run is its own "process" (as accelerate's tests do)
-    argv = ["--output_dir", str(tmp), "--max_train_steps", str(steps), "--dash_warmup_steps", "3",
+    argv = ["--pretrained_model_name_or_path", T.EMBEDDED_NAME, "--output_dir", str(tmp), "--max_train_steps", str(steps), "--dash_warmup_steps", "3",
             "--dash_directions", "2", "--train_batch_size", "2", "--num_validation_images", "1",
             "--validation_inference_steps", "2", "--checkpointing_steps", "1000", *extra]
     return T.main(T.parse_args(argv))
@@ -181,7 +181,7 @@ def test_two_process_gloo_run_switches_identically(tmp_path):
     env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(repo)}
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--gpu_ids", "all", "--main_process_port", str(port), "--mixed_precision", "no",
-           "--dynamo_backend", "no", str(repo / "apps" / "train_sdxl.py"), "--output_dir", str(tmp_path / "ddp"),
+           "--dynamo_backend", "no", str(repo / "apps" / "train_sdxl.py"), "--pretrained_model_name_or_path", "tsd-lora/tiny-sdxl", "--output_dir", str(tmp_path / "ddp"),
            "--max_train_steps", "4", "--dash_warmup_steps", "2", "--dash_directions", "2", "--train_batch_size", "1",
            "--num_validation_images", "1", "--validation_inference_steps", "2", "--checkpointing_steps", "3"]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400)
@@ -245,7 +245,7 @@ def test_replay_prior_with_captions_and_empty_prompt_dropout(tmp_path):
     record = json.loads((tmp_path / "out" / "training_args.json").read_text())
     assert record["class_prompt_dropout"] == 0.5 and record["class_prompt"] is None
 
-    parts = T.SDXLParts(T.parse_args(["--output_dir", str(tmp_path / "x")]), str(materialize_tiny_sdxl()))
+    parts = T.SDXLParts(T.parse_args(["--pretrained_model_name_or_path", T.EMBEDDED_NAME, "--output_dir", str(tmp_path / "x")]), str(materialize_tiny_sdxl()))
     assert parts.zeros_for_empty_prompt
     with torch.no_grad():
         embeds, pooled = parts.encode_prompt(["", "a photo of a pot"])

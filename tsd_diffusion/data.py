@@ -594,12 +594,13 @@ class DreamBoothDataset(torch.utils.data.Dataset):
         self.class_captions: dict[str, str] = {}
         if class_dir is not None:
             scanned = _scan_dir(class_dir, "class")
+            captions = read_captions(class_dir, [p for p, _ in scanned])  # checked against every image of the dir
             if num_class_images is not None:
                 if num_class_images < 1:
                     raise ValueError(f"num_class_images must be >= 1, got {num_class_images}")
                 scanned = scanned[:num_class_images]
             self.class_images = self._register(scanned)
-            self.class_captions = read_captions(class_dir, self.class_images)
+            self.class_captions = {p.name: captions[p.name] for p in self.class_images if p.name in captions}
             uncaptioned = [p.name for p in self.class_images if p.name not in self.class_captions]
             if uncaptioned and class_prompt is None:
                 raise ValueError(f"class data dir {class_dir}: {len(uncaptioned)} images have no caption in "

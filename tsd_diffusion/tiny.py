@@ -386,24 +386,68 @@ def _draw_teapot(size: int, rng) -> "object":
     return img.resize((size, size), Image.Resampling.LANCZOS)
 
 
-def make_subject_images(out_dir: str | os.PathLike, n: int = 5, size: int = 96, seed: int = 0) -> list[Path]:
+def _draw_toy_car(size: int, rng) -> "object":
+    """One image of the mini SDXL's demo subject: a yellow toy car with a black roof, light-blue windows, big
+    black wheels with white hubs and a red stripe along its side, seen from the side on a road, random sky/ground
+    colours, position, scale and facing direction. A CIFAR class (automobile) with a look no CIFAR car has."""
+    from PIL import Image, ImageDraw
+
+    ss = 4
+    S = size * ss
+    sky = _BACKGROUNDS[rng.randrange(len(_BACKGROUNDS))]
+    ground = tuple(max(0, c - rng.randint(60, 100)) for c in sky)
+    horizon = S * rng.uniform(0.55, 0.7)
+    img = Image.new("RGB", (S, S), sky)
+    d = ImageDraw.Draw(img)
+    d.rectangle([0, horizon, S, S], fill=ground)
+    scale = rng.uniform(0.7, 0.9)
+    w, h = S * scale, S * scale * 0.32  # the body
+    facing = rng.choice((-1, 1))
+    x0 = rng.uniform(0.04 * S, max(0.04 * S, 0.96 * S - w))
+    bottom = min(S * 0.95, horizon + S * rng.uniform(0.12, 0.22))
+    top = bottom - h
+    yellow, black, glass, red, white = (250, 205, 20), (25, 25, 30), (150, 205, 240), (215, 35, 35), (240, 240, 240)
+    d.rounded_rectangle([x0, top, x0 + w, bottom - h * 0.25], radius=h * 0.25, fill=yellow, outline=black,
+                        width=max(2, S // 64))
+    cab_front, cab_back = (0.62, 0.22) if facing == 1 else (0.38, 0.78)  # the cabin sits toward the back
+    cx0, cx1 = sorted((x0 + w * cab_back, x0 + w * cab_front))
+    d.polygon([(cx0, top), (cx0 + w * 0.06, top - h * 0.55), (cx1 - w * 0.06, top - h * 0.55), (cx1, top)], fill=black)
+    d.polygon([(cx0 + w * 0.05, top - h * 0.05), (cx0 + w * 0.09, top - h * 0.45), (cx1 - w * 0.09, top - h * 0.45),
+               (cx1 - w * 0.05, top - h * 0.05)], fill=glass)
+    d.rectangle([x0 + w * 0.04, top + h * 0.3, x0 + w * 0.96, top + h * 0.42], fill=red)
+    r = h * 0.32
+    for fx in (0.2, 0.8):
+        wx, wy = x0 + w * fx, bottom - h * 0.25
+        d.ellipse([wx - r, wy - r, wx + r, wy + r], fill=black)
+        d.ellipse([wx - r * 0.45, wy - r * 0.45, wx + r * 0.45, wy + r * 0.45], fill=white)
+    return img.resize((size, size), Image.Resampling.LANCZOS)
+
+
+#: the subjects :func:`make_subject_images` draws: the tiny SDXL's teapot and the mini SDXL's toy car
+SUBJECTS = {"teapot": _draw_teapot, "car": _draw_toy_car}
+
+
+def make_subject_images(out_dir: str | os.PathLike, n: int = 5, size: int = 96, seed: int = 0,
+                        subject: str = "teapot") -> list[Path]:
     """Write ``n`` PNG photos-of-a-subject (``subject_00.png`` ...) the project draws itself (nothing downloaded).
 
-    The subject is one distinctive object: a red-and-white striped teapot with a blue spout and handle, a gold lid
-    knob and a yellow star on its belly (see :func:`_draw_teapot`). Each image varies the background colour,
-    position, scale and facing direction, as in a real DreamBooth set. Deterministic for ``(n, size, seed)``
-    (``random.Random(seed)``). Returns the file paths, sorted.
+    ``subject`` is one distinctive object of :data:`SUBJECTS`: ``"teapot"`` (red-and-white stripes, blue spout
+    and handle, a yellow star; :func:`_draw_teapot`) or ``"car"`` (a yellow toy car; :func:`_draw_toy_car`). Each
+    image varies the background colour, position, scale and facing direction, as in a real DreamBooth set.
+    Deterministic for ``(n, size, seed, subject)`` (``random.Random(seed)``). Returns the file paths, sorted.
     """
     import random
 
     if n < 1 or size < 16:
         raise ValueError(f"need n >= 1 and size >= 16, got n={n}, size={size}")
+    if subject not in SUBJECTS:
+        raise ValueError(f"unknown subject {subject!r}; one of {sorted(SUBJECTS)}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
     paths = []
     for i in range(n):
         p = out / f"subject_{i:02d}.png"
-        _draw_teapot(size, rng).save(p, format="PNG", optimize=False)
+        SUBJECTS[subject](size, rng).save(p, format="PNG", optimize=False)
         paths.append(p)
     return paths

@@ -30,50 +30,67 @@ from shared.io import atomic_write_json, atomic_write_text
 from shared.checkpoint import resolve_resume, save_training_checkpoint
 from shared.launch import check_launch
 
+from .evaluation import SubjectEvaluator
 from .data import DreamBoothDataset, LatentCache, collate, validate_resolution
+from .mini_sdxl import CLASSES, MINI_NAME, materialize_replay_prior
 from .tiny import EMBEDDED_NAME, make_subject_images, resolve_pretrained
 
 UNET_TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]
 TEXT_ENCODER_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
-EMBEDDED_SUBJECT_PROMPT = "a photo of sks teapot"
-EMBEDDED_CLASS = "teapot"
-#: the embedded tiny model learns from scratch-like weights: more steps and a larger step than SDXL needs
-EMBEDDED_STEPS = 300
-EMBEDDED_LR = 1e-3
+
+#: the defaults of a run on an embedded base (flags the user gives win). The mini SDXL's are the recipe its study
+#: measured to work (../shared/notes/mini_sdxl_recipes: text-encoder LoRA + a replay prior of captioned real images
+#: of all classes with 10% empty prompts, lr 1e-3, 200 steps, 16 + 16 images per batch); the random-weight tiny
+#: SDXL only exercises the plumbing.
+EMBEDDED_DEFAULTS: dict[str, dict[str, Any]] = {
+    MINI_NAME: dict(subject="car", instance_prompt="a photo of sks automobile", resolution=32, learning_rate=1e-3,
+                    max_train_steps=200, train_text_encoder=True, text_encoder_lr=1e-3, with_prior_preservation=True,
+                    class_prompt_dropout=0.1, num_class_images=1000, train_batch_size=16, num_validation_images=8,
+                    random_flip=True),
+    EMBEDDED_NAME: dict(subject="teapot", instance_prompt="a photo of sks teapot", resolution=64, learning_rate=1e-3,
+                        max_train_steps=300),
+}
+#: what a flag is when neither the user nor an embedded default set it (diffusers' defaults)
+GENERIC_DEFAULTS: dict[str, Any] = dict(resolution=1024, learning_rate=1e-4, train_text_encoder=False,
+                                        text_encoder_lr=5e-6, with_prior_preservation=False, class_prompt_dropout=0.0,
+                                        num_class_images=100, train_batch_size=4, num_validation_images=4,
+                                        random_flip=False)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     a = p.add_argument
     # model
-    a("--pretrained_model_name_or_path", default=EMBEDDED_NAME,
-      help=f"hub id, local diffusers pipeline dir, or {EMBEDDED_NAME!r} (the embedded tiny default)")
+    a("--pretrained_model_name_or_path", default=MINI_NAME,
+      help=f"hub id, local diffusers pipeline dir, {MINI_NAME!r} (default: the shipped CIFAR-pretrained mini SDXL) "
+           f"or {EMBEDDED_NAME!r} (random weights, for plumbing tests)")
     a("--pretrained_vae_model_name_or_path", default=None, help="an fp16-safe VAE (e.g. madebyollin/sdxl-vae-fp16-fix)")
     a("--revision", default=None)
     a("--variant", default=None)
     # data
     a("--instance_data_dir", default=None, help="subject photos; default: the embedded subject (generated)")
-    a("--instance_prompt", default=None, help=f"default for the embedded subject: {EMBEDDED_SUBJECT_PROMPT!r}")
+    a("--instance_prompt", default=None, help="e.g. 'a photo of sks dog'; default for an embedded base: its subject's")
     a("--class_data_dir", default=None,
       help="prior images; a metadata.jsonl ({\"file_name\", \"text\"} per line) gives each its own caption (a replay prior)")
     a("--class_prompt", default=None, help="the prompt of class images without a caption")
-    a("--with_prior_preservation", action="store_true")
+    a("--with_prior_preservation", action=argparse.BooleanOptionalAction, default=None,
+      help="default on for the mini SDXL (with its replay prior as --class_data_dir), else off")
     a("--prior_loss_weight", type=float, default=1.0)
-    a("--num_class_images", type=int, default=100)
-    a("--class_prompt_dropout", type=float, default=0.0,
+    a("--num_class_images", type=int, default=None, help="default 100 (1000 for the mini SDXL's replay prior)")
+    a("--class_prompt_dropout", type=float, default=None,
       help="replace this share of class prompts by the empty prompt (trains the unconditional branch CFG uses)")
-    a("--resolution", type=int, default=None, help="default 1024, or 64 for the embedded tiny model")
+    a("--resolution", type=int, default=None, help="default 1024; 32 for the mini SDXL, 64 for the tiny one")
     a("--center_crop", action="store_true")
-    a("--random_flip", action="store_true")
+    a("--random_flip", action=argparse.BooleanOptionalAction, default=None)
     a("--dataloader_num_workers", type=int, default=0)
     # training
-    a("--train_batch_size", type=int, default=4)
+    a("--train_batch_size", type=int, default=None, help="default 4 (16 for the mini SDXL)")
     a("--gradient_accumulation_steps", type=int, default=1)
     a("--max_train_steps", type=int, default=None,
-      help=f"overrides --num_train_epochs; default {EMBEDDED_STEPS} for the embedded tiny model")
+      help="overrides --num_train_epochs; default 200 for the mini SDXL, 300 for the tiny one")
     a("--num_train_epochs", type=int, default=1)
-    a("--learning_rate", type=float, default=None, help=f"default 1e-4, or {EMBEDDED_LR} for the embedded tiny model")
-    a("--text_encoder_lr", type=float, default=5e-6)
+    a("--learning_rate", type=float, default=None, help="default 1e-4, or 1e-3 for the embedded bases")
+    a("--text_encoder_lr", type=float, default=None, help="default 5e-6 (1e-3 for the mini SDXL)")
     a("--lr_scheduler", default="constant",
       choices=["linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup"])
     a("--lr_warmup_steps", type=int, default=0)
@@ -87,7 +104,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a("--gradient_checkpointing", action="store_true")
     a("--mixed_precision", default=None, choices=["no", "fp16", "bf16"])
     a("--cache_latents", action="store_true", help="VAE-encode each (image, augmentation) once")
-    a("--train_text_encoder", action="store_true")
+    a("--train_text_encoder", action=argparse.BooleanOptionalAction, default=None,
+      help="LoRA on both text encoders; default on for the mini SDXL (its subject binding needs it), else off")
     a("--seed", type=int, default=0)
     # adapter
     a("--method", default="dash", choices=list(shared.METHODS))
@@ -99,7 +117,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a("--statistics_batches", type=int, default=8, help="batches the data-driven inits (eva, lora_da, lora_init, tsd) read")
     # validation, checkpoints, output
     a("--validation_prompt", action="append", default=None, help="repeat for several prompts")
-    a("--num_validation_images", type=int, default=4)
+    a("--num_validation_images", type=int, default=None, help="per prompt; default 4 (8 for the mini SDXL)")
     a("--validation_steps", type=int, default=None, help="validate every N steps (and always at the end)")
     a("--validation_inference_steps", type=int, default=25)
     a("--checkpointing_steps", type=int, default=500)
@@ -113,26 +131,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def finalize_args(args: argparse.Namespace) -> argparse.Namespace:
     """Fill the defaults that depend on other flags and reject bad input before any compute."""
-    embedded = args.pretrained_model_name_or_path == EMBEDDED_NAME
-    if args.resolution is None:
-        args.resolution = 64 if embedded else 1024
-    if args.learning_rate is None:
-        args.learning_rate = EMBEDDED_LR if embedded else 1e-4
-    if args.max_train_steps is None and embedded:
-        args.max_train_steps = EMBEDDED_STEPS
+    embedded = EMBEDDED_DEFAULTS.get(args.pretrained_model_name_or_path, {})
+    for name, generic in GENERIC_DEFAULTS.items():
+        if getattr(args, name) is None:
+            setattr(args, name, embedded.get(name, generic))
+    if args.max_train_steps is None:
+        args.max_train_steps = embedded.get("max_train_steps")
     validate_resolution(args.resolution)
-    if args.instance_data_dir is None:
+    args.embedded_subject = args.instance_data_dir is None
+    if args.embedded_subject:
         if not embedded:
             raise ValueError("--instance_data_dir is required with a custom --pretrained_model_name_or_path")
         args.instance_data_dir = str(Path(args.output_dir) / "instance_images")
-        args.instance_prompt = args.instance_prompt or EMBEDDED_SUBJECT_PROMPT
-        args.embedded_subject = True
-    else:
-        args.embedded_subject = False
+        args.instance_prompt = args.instance_prompt or embedded["instance_prompt"]
     if not args.instance_prompt:
         raise ValueError("--instance_prompt is required (e.g. 'a photo of sks dog')")
     if args.with_prior_preservation:
-        if not args.class_data_dir:
+        if not args.class_data_dir and args.pretrained_model_name_or_path != MINI_NAME:  # (the mini's: in main())
             raise ValueError("--with_prior_preservation needs --class_data_dir (and --class_prompt unless every class "
                              "image has a caption in its metadata.jsonl)")
     elif args.class_data_dir or args.class_prompt:
@@ -141,7 +156,8 @@ def finalize_args(args: argparse.Namespace) -> argparse.Namespace:
     if args.rank <= 0:
         raise ValueError(f"--rank must be > 0, got {args.rank}")
     args.lora_alpha = float(args.lora_alpha or args.rank)
-    for name in ("train_batch_size", "gradient_accumulation_steps", "num_train_epochs", "num_validation_images"):
+    for name in ("train_batch_size", "gradient_accumulation_steps", "num_train_epochs", "num_validation_images",
+                 "num_class_images"):
         if getattr(args, name) <= 0:
             raise ValueError(f"--{name} must be > 0")
     if args.max_train_steps is not None and args.max_train_steps <= 0:
@@ -155,10 +171,25 @@ def finalize_args(args: argparse.Namespace) -> argparse.Namespace:
     return args
 
 
+def subject_class(instance_prompt: str) -> str | None:
+    """The mini SDXL class a prompt names (``"a photo of sks automobile"`` -> ``"automobile"``), else None."""
+    words = instance_prompt.lower().replace(",", " ").split()
+    return next((w for w in reversed(words) if w in CLASSES), None)
+
+
 def _default_validation_prompts(args: argparse.Namespace) -> list[str]:
+    """The subject prompt, plus for the mini SDXL the plain class prompt and another class (drift checks), or for
+    the tiny one a recontextualisation."""
+    prompt = args.instance_prompt
+    if args.pretrained_model_name_or_path == MINI_NAME:
+        cls = subject_class(prompt)
+        if cls is not None:
+            other = "dog" if cls != "dog" else "cat"
+            return [prompt, f"a photo of a {cls}", f"a photo of a {other}"]
+        return [prompt]
     if args.embedded_subject:
-        return [EMBEDDED_SUBJECT_PROMPT, f"{EMBEDDED_SUBJECT_PROMPT} on a beach", f"a photo of {EMBEDDED_CLASS}"]
-    return [args.instance_prompt]
+        return [prompt, f"{prompt} on a beach", f"a photo of {prompt.split()[-1]}"]
+    return [prompt]
 
 
 def adapter_config(args: argparse.Namespace, targets: list[str], method: str | None = None) -> shared.AdapterConfig:
@@ -181,9 +212,12 @@ class SDXLParts:
         kw = dict(revision=args.revision)
         self.tokenizers = [AutoTokenizer.from_pretrained(base, subfolder=f, use_fast=False, **kw)
                            for f in ("tokenizer", "tokenizer_2")]
-        self.text_encoders = [CLIPTextModel.from_pretrained(base, subfolder="text_encoder", variant=args.variant, **kw),
+        # float32 first, as diffusers' scripts load (transformers would keep fp16-saved weights in fp16); the
+        # trainer casts to the mixed-precision dtype itself
+        self.text_encoders = [CLIPTextModel.from_pretrained(base, subfolder="text_encoder", variant=args.variant,
+                                                            dtype=torch.float32, **kw),
                               CLIPTextModelWithProjection.from_pretrained(base, subfolder="text_encoder_2",
-                                                                          variant=args.variant, **kw)]
+                                                                          variant=args.variant, dtype=torch.float32, **kw)]
         vae_src = args.pretrained_vae_model_name_or_path
         self.vae = (AutoencoderKL.from_pretrained(vae_src) if vae_src else
                     AutoencoderKL.from_pretrained(base, subfolder="vae", variant=args.variant, **kw))
@@ -255,8 +289,12 @@ def unet_loss(unet, scheduler, latents, embeds, pooled, time_ids, *, snr_gamma=N
 
 # ---------------------------------------------------------------------------------------------- validation
 @torch.no_grad()
-def run_validation(parts: SDXLParts, base: str, args, accelerator, step: int, out_dir: Path) -> list[Path]:
+def run_validation(parts: SDXLParts, base: str, args, accelerator, step: int, out_dir: Path,
+                   evaluator=None) -> tuple[list[Path], list[dict[str, Any]]]:
+    """Generate ``--num_validation_images`` per validation prompt (seeded), save them, a grid (a row per prompt)
+    and, when the base ships an evaluator (the mini SDXL), ``metrics.json`` with the subject metrics per prompt."""
     from diffusers import StableDiffusionXLPipeline
+    from PIL import Image
 
     pipe = StableDiffusionXLPipeline.from_pretrained(
         base, vae=parts.vae, unet=accelerator.unwrap_model(parts.unet),
@@ -264,22 +302,40 @@ def run_validation(parts: SDXLParts, base: str, args, accelerator, step: int, ou
         text_encoder_2=accelerator.unwrap_model(parts.text_encoders[1]), revision=args.revision, variant=args.variant,
     ).to(accelerator.device)
     pipe.set_progress_bar_config(disable=True)
-    was_training = pipe.unet.training
-    pipe.unet.eval()
-    paths = []
+    trained = [m for m in (pipe.unet, pipe.text_encoder, pipe.text_encoder_2) if m.training]
+    for m in trained:
+        m.eval()
+    step_dir = out_dir / f"step-{step}"
+    step_dir.mkdir(parents=True, exist_ok=True)
+    paths, rows, metrics = [], [], []
     for i, prompt in enumerate(args.validation_prompt):
         gen = torch.Generator(device="cpu").manual_seed(args.seed)
         images = pipe(prompt, num_images_per_prompt=args.num_validation_images, generator=gen,
                       num_inference_steps=args.validation_inference_steps, height=args.resolution,
-                      width=args.resolution).images
-        for j, img in enumerate(images):
-            path = out_dir / f"step-{step}" / f"prompt{i}-{j}.png"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            img.save(path)
+                      width=args.resolution, output_type="np").images
+        pixels = (images * 255).round().clip(0, 255).astype("uint8")
+        for j, img in enumerate(pixels):
+            path = step_dir / f"prompt{i}-{j}.png"
+            Image.fromarray(img).save(path)
             paths.append(path)
-    atomic_write_json(out_dir / f"step-{step}" / "prompts.json", args.validation_prompt)
-    pipe.unet.train(was_training)
-    return paths
+        rows.append(pixels)
+        if evaluator is not None:
+            metrics.append(evaluator.score(prompt, torch.from_numpy(images).permute(0, 3, 1, 2).float() * 2 - 1))
+    import numpy as np
+
+    grid = np.concatenate([np.concatenate(list(r), axis=1) for r in rows], axis=0)
+    scale = max(1, 96 // args.resolution)  # small bases: enlarge (nearest) so the grid is visible
+    Image.fromarray(grid).resize((grid.shape[1] * scale, grid.shape[0] * scale), Image.Resampling.NEAREST).save(
+        step_dir / "grid.png")
+    atomic_write_json(step_dir / "prompts.json", args.validation_prompt)
+    if metrics:
+        atomic_write_json(step_dir / "metrics.json", metrics)
+        for m in metrics:
+            accelerator.print(f"validation step {step}: {m['prompt']!r}: subject probe {m['subject_probe']:.2f}"
+                              + (f", class accuracy {m['class_accuracy']:.2f}" if m["class_accuracy"] is not None else ""))
+    for m in trained:
+        m.train()
+    return paths, metrics
 
 
 # ---------------------------------------------------------------------------------------------- training
@@ -299,9 +355,13 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
     )
     check_launch(accelerator)
-    if args.embedded_subject and accelerator.is_main_process:
-        make_subject_images(args.instance_data_dir, n=5, size=max(96, args.resolution), seed=args.seed)
+    if accelerator.is_main_process:
+        if args.embedded_subject:
+            make_subject_images(args.instance_data_dir, n=5, size=max(96, args.resolution), seed=args.seed,
+                                subject=EMBEDDED_DEFAULTS[args.pretrained_model_name_or_path]["subject"])
     accelerator.wait_for_everyone()
+    if args.with_prior_preservation and not args.class_data_dir:  # the mini SDXL's replay prior (built once, locked)
+        args.class_data_dir = str(materialize_replay_prior())
     dataset = DreamBoothDataset(  # validates every image before any model is loaded
         args.instance_data_dir, args.instance_prompt, args.resolution, args.center_crop, args.random_flip,
         class_dir=args.class_data_dir, class_prompt=args.class_prompt, seed=args.seed,
@@ -311,6 +371,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     set_seed(args.seed)
     base = resolve_pretrained(args.pretrained_model_name_or_path)
     parts = SDXLParts(args, base)
+    evaluator = (SubjectEvaluator.for_base(base, dataset.instance_images, args.resolution)
+                 if accelerator.is_main_process else None)
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
     vae_dtype = weight_dtype if parts.vae_fp16_safe else torch.float32  # SDXL's own VAE overflows in fp16
     for module, dtype in [(parts.unet, weight_dtype), (parts.vae, vae_dtype), *((e, weight_dtype) for e in parts.text_encoders)]:
@@ -465,7 +527,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
                     _write_loss_log(output_dir, loss_log)
                 save_training_checkpoint(accelerator, output_dir, global_step, args.checkpoints_total_limit)
             if args.validation_steps and global_step % args.validation_steps == 0 and accelerator.is_main_process:
-                run_validation(parts, base, args, accelerator, global_step, validation_dir)
+                run_validation(parts, base, args, accelerator, global_step, validation_dir, evaluator)
             if global_step >= max_steps:
                 break
         if global_step >= max_steps:
@@ -476,7 +538,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     # the live adapters are returned for in-process callers (tests, notebooks); the files are the product
     summary: dict[str, Any] = {"steps": global_step, "output_dir": str(output_dir), "base": base, "adapters": adapters}
     if accelerator.is_main_process:
-        summary.update(_finish(args, base, adapters, parts, accelerator, output_dir, validation_dir, loss_log))
+        summary.update(_finish(args, base, adapters, parts, accelerator, output_dir, validation_dir, loss_log, evaluator))
         if switch_record:
             atomic_write_json(output_dir / "dash_switch.json", switch_record)
     accelerator.end_training()
@@ -513,7 +575,8 @@ def _statistics_batches(dataset, args, condition, latents_for) -> list[dict[str,
     return out
 
 
-def _finish(args, base, adapters, parts, accelerator, output_dir: Path, validation_dir: Path, loss_log) -> dict[str, Any]:
+def _finish(args, base, adapters, parts, accelerator, output_dir: Path, validation_dir: Path, loss_log,
+            evaluator) -> dict[str, Any]:
     """Export, reports, logs and the final validation images (main process)."""
     fmt = args.output_format
     if fmt == "peft":
@@ -535,8 +598,10 @@ def _finish(args, base, adapters, parts, accelerator, output_dir: Path, validati
     record.update(resolved_base=base, versions={"torch": torch.__version__, "diffusers": diffusers.__version__,
                                                  "transformers": transformers.__version__, "peft": peft.__version__})
     atomic_write_json(output_dir / "training_args.json", record)
-    images = run_validation(parts, base, args, accelerator, adapters["unet"].num_steps, validation_dir)
-    return {"validation_images": [str(p) for p in images], "final_loss": loss_log[-1]["loss"] if loss_log else None}
+    images, metrics = run_validation(parts, base, args, accelerator, adapters["unet"].num_steps, validation_dir,
+                                     evaluator)
+    return {"validation_images": [str(p) for p in images], "validation_metrics": metrics,
+            "final_loss": loss_log[-1]["loss"] if loss_log else None}
 
 
 def _write_loss_log(output_dir: Path, rows: list[dict[str, Any]]) -> None:
