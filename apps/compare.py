@@ -2,8 +2,8 @@
 
     python apps/compare.py --base MODEL --adapter lora=DIR --adapter dash=DIR [--adapter name=DIR ...]
 
-With no arguments: the embedded tiny base and the two most recently trained adapters under ``outputs/``
-(``--adapters_root``). Serves on 127.0.0.1:7860 unless ``--host``/``--port`` say otherwise; no share link
+With no arguments: the two most recently trained adapters under ``outputs/`` (``--adapters_root``) on the base
+they were trained on (the shipped mini SDXL for ``accelerate launch apps/train_sdxl.py``'s default). Serves on 127.0.0.1:7860 unless ``--host``/``--port`` say otherwise; no share link
 unless ``--share``. The app itself is ``tsd_diffusion.compare``.
 """
 
@@ -14,13 +14,12 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tsd_diffusion import compare  # noqa: E402
-from tsd_diffusion.tiny import EMBEDDED_NAME  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--base", default=EMBEDDED_NAME,
-                   help=f"hub id or local SDXL pipeline dir (default: the embedded tiny SDXL, {EMBEDDED_NAME!r})")
+    p.add_argument("--base", default=None,
+                   help="hub id or local SDXL pipeline dir (default: the adapters' own base, else tsd-lora/mini-sdxl)")
     p.add_argument("--adapter", action="append", default=[], metavar="NAME=DIR",
                    help="a trainer output dir (with pytorch_lora_weights.safetensors); repeat for more")
     p.add_argument("--adapters_root", default=compare.DEFAULT_ADAPTERS_ROOT,
@@ -42,7 +41,7 @@ def main(argv: list[str] | None = None) -> None:
         adapters = compare.resolve_adapters(args.adapter, args.adapters_root)
     except ValueError as e:
         sys.exit(f"apps/compare.py: {e}")
-    app = compare.CompareApp(args.base, adapters, save_dir=args.save_dir or Path(args.adapters_root) / "compare",
+    app = compare.CompareApp(args.base or compare.default_base(adapters), adapters, save_dir=args.save_dir or Path(args.adapters_root) / "compare",
                              device=args.device, steps=args.steps, guidance=args.guidance, batch_size=args.batch_size)
     print(app.status_markdown())
     compare.launch(compare.build_app(app), host=args.host, port=args.port, share=args.share)

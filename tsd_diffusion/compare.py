@@ -32,6 +32,7 @@ from PIL import Image, ImageDraw
 
 from shared.export import DIFFUSERS_WEIGHT_NAME
 
+from .mini_sdxl import CLASSES, EVALUATION_DIR, MINI_NAME
 from .tiny import resolve_pretrained
 
 __all__ = [
@@ -175,6 +176,19 @@ def resolve_adapters(specs: Sequence[str], root: str | Path = DEFAULT_ADAPTERS_R
     return found
 
 
+def default_base(adapters: Mapping[str, str | Path]) -> str:
+    """The base the adapters were trained on (``pretrained_model_name_or_path`` in the first one's
+    ``training_args.json``), else the shipped mini SDXL."""
+    for path in adapters.values():
+        try:
+            base = json.loads((Path(path) / "training_args.json").read_text()).get("pretrained_model_name_or_path")
+        except (OSError, ValueError, AttributeError):
+            continue
+        if isinstance(base, str) and base:
+            return base
+    return MINI_NAME
+
+
 @dataclass
 class AdapterInfo:
     """What the app knows about one adapter: files, training record, and whether it is loaded."""
@@ -206,7 +220,18 @@ class AdapterInfo:
         return [self.name, "loaded" if self.loaded else "not loaded", self.method, ta.get("rank", ""), ranks,
                 ta.get("dash_directions", "") if self.method in ("dash", "tsd") else "", self.layers,
                 self.parameters, round(self.size_bytes / 2**20, 3), ta.get("max_train_steps", ""),
-                ta.get("instance_prompt", ""), self.message]
+                ta.get("instance_prompt", ""), *self.validation_scores(), self.message]
+
+    def validation_scores(self) -> tuple[Any, Any]:
+        """The trainer's last validation metrics (mini SDXL bases): subject probe of the subject prompt, and of the
+        class prompt (leakage); blank when the run wrote none."""
+        steps = sorted(self.path.glob("validation/step-*/metrics.json"), key=lambda p: int(p.parent.name[5:]))
+        try:
+            metrics = json.loads(steps[-1].read_text()) if steps else []
+        except (OSError, ValueError):
+            return "", ""
+        probes = [round(m["subject_probe"], 3) for m in metrics if isinstance(m, dict) and "subject_probe" in m]
+        return (probes[0] if probes else "", probes[1] if len(probes) > 1 else "")
 
 
 def _read_adapter(name: str, path: Path) -> tuple[AdapterInfo, dict[str, torch.Tensor] | None]:
@@ -289,7 +314,8 @@ class CompareApp:
     """One pipeline, named adapters, the handlers. ``adapters`` maps a name to a trainer output dir."""
 
     TABLE_HEADERS = ["adapter", "status", "method", "rank (trained)", "rank (file)", "dash directions",
-                     "LoRA layers", "parameters", "size (MiB)", "steps", "instance prompt", "message"]
+                     "LoRA layers", "parameters", "size (MiB)", "steps", "instance prompt", "subject probe",
+                     "class-prompt leak", "message"]
 
     def __init__(self, base: str, adapters: Mapping[str, str | Path], *, save_dir: str | Path,
                  device: str | None = None, dtype: torch.dtype | None = None, steps: int = 25,
@@ -314,7 +340,12 @@ class CompareApp:
         self.columns = [BASELINE, *self.loaded]
         subject = next((s for a in self.adapters.values() if (s := subject_of(a.training_args))), None)
         self.token, self.class_name = subject or ("sks", "object")
-        self.prompts = [t.format(f"{self.token} {self.class_name}") for t in prompt_templates(self.class_name)]
+        if (Path(self.base) / EVALUATION_DIR).is_dir():  # the mini SDXL knows CIFAR captions, not DreamBooth scenes
+            others = [c for c in CLASSES if c != self.class_name][:3]
+            self.prompts = [f"a photo of {self.token} {self.class_name}", f"a {self.token} {self.class_name}",
+                            f"a photo of a {self.class_name}", *(f"a photo of a {c}" for c in others)]
+        else:
+            self.prompts = [t.format(f"{self.token} {self.class_name}") for t in prompt_templates(self.class_name)]
 
     def _load(self, name: str, path: Path) -> AdapterInfo:
         info, state = _read_adapter(name, path)

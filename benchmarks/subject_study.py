@@ -1,0 +1,146 @@
+"""Subject-driven fine-tuning on the shipped mini SDXL: lora vs dash vs the inits, measured with
+:class:`tsd_diffusion.evaluation.SubjectEvaluator` (issue 7's study, run by ``python -m benchmarks.run``).
+
+A cell trains ``apps/train_sdxl.py``'s default recipe (text-encoder LoRA, replay prior) on one subject with one
+method and seed, then scores ``--num_validation_images`` generations of three prompts with the same seeds:
+
+- ``a photo of sks <class>``: subject fidelity (``subject_probe``, ``subject_retrieval``) and class accuracy;
+- ``a photo of a <class>``: the class prompt must stay the class, not become the subject (leakage = its probe);
+- ``a photo of a <other>``: another class must stay intact (drift).
+
+A ``base`` cell scores the untrained pipeline on the same prompts and seeds (the "before" row).
+
+Subjects: ``car``, the toy car the project draws (``tsd_diffusion.tiny.make_subject_images(subject="car")``), and
+the real DreamBooth photos ``cat`` and ``dog`` of ``../shared/data/dreambooth`` (CC BY 4.0, read in place and
+downscaled by the trainer; absent data -> the cell is skipped with the reason).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+SUBJECTS = {"car": "automobile", "cat": "cat", "dog": "dog"}  # subject -> its mini SDXL (CIFAR) class
+OTHER_CLASS = {"automobile": "dog", "cat": "airplane", "dog": "airplane"}
+IDENTIFIER = "sks"
+
+
+class SkipCell(RuntimeError):
+    """The cell cannot run here (missing data); the runner records the reason."""
+
+
+def dreambooth_data_dir() -> Path | None:
+    """``$TSD_DREAMBOOTH_DATA``, else ``../shared/data/dreambooth`` beside the repository, if it exists."""
+    env = os.environ.get("TSD_DREAMBOOTH_DATA")
+    path = Path(env) if env else Path(__file__).resolve().parents[2] / "shared" / "data" / "dreambooth"
+    return path if path.is_dir() else None
+
+
+def subject_photos(subject: str, work: Path) -> Path:
+    """The instance dir of a subject (drawn into ``work`` for ``car``)."""
+    from tsd_diffusion.tiny import make_subject_images
+
+    if subject == "car":
+        make_subject_images(work / "car_photos", n=5, size=96, seed=0, subject="car")
+        return work / "car_photos"
+    root = dreambooth_data_dir()
+    if root is None or not (root / subject).is_dir():
+        raise SkipCell(f"the DreamBooth photos of {subject!r} are not here (../shared/data/dreambooth or "
+                       "$TSD_DREAMBOOTH_DATA)")
+    return root / subject
+
+
+def prompts(subject: str) -> list[str]:
+    cls = SUBJECTS[subject]
+    return [f"a photo of {IDENTIFIER} {cls}", f"a photo of a {cls}", f"a photo of a {OTHER_CLASS[cls]}"]
+
+
+def run_cell(cfg: dict[str, Any], work: Path) -> dict[str, Any]:
+    """Train one (subject, method, seed) with the default mini SDXL recipe and return its validation metrics."""
+    from accelerate.state import AcceleratorState
+
+    from tsd_diffusion.train_sdxl import main, parse_args
+
+    photos = subject_photos(cfg["subject"], work)
+    if cfg["method"] == "base":
+        return {"metrics": score_base(cfg, photos)}
+    AcceleratorState._reset_state(reset_partial_state=True)
+    p = prompts(cfg["subject"])
+    argv = ["--output_dir", str(work / "run"), "--instance_data_dir", str(photos), "--instance_prompt", p[0],
+            "--method", cfg["method"], "--seed", str(cfg["seed"]), "--max_train_steps", str(cfg["steps"]),
+            "--train_batch_size", str(cfg["batch_size"]), "--rank", str(cfg["rank"]),
+            "--dash_warmup_steps", str(cfg["dash_warmup_steps"]), "--num_validation_images", str(cfg["num_images"]),
+            "--checkpointing_steps", "1000000", *[x for q in p for x in ("--validation_prompt", q)]]
+    summary = main(parse_args(argv))
+    import csv
+
+    with open(work / "run" / "loss_log.csv") as f:
+        log = list(csv.DictReader(f))
+    adapters = summary["adapters"]
+    return {"metrics": summary["validation_metrics"], "final_loss": summary["final_loss"],
+            "train_s": float(log[-1]["elapsed"]), "loss_curve": [float(r["loss"]) for r in log],
+            "trainable_parameters": sum(p.numel() for a in adapters.values() for p in a.trainable_parameters()),
+            "lora_file_bytes": (work / "run" / "pytorch_lora_weights.safetensors").stat().st_size}
+
+
+def score_base(cfg: dict[str, Any], photos: Path) -> list[dict[str, Any]]:
+    """The untrained pipeline on the cell's prompts, with the trainer's validation settings and seeds."""
+    import torch
+    from diffusers import StableDiffusionXLPipeline
+
+    from tsd_diffusion.data import list_instance_images
+    from tsd_diffusion.evaluation import SubjectEvaluator
+    from tsd_diffusion.mini_sdxl import MINI_NAME, RESOLUTION
+    from tsd_diffusion.tiny import resolve_pretrained
+
+    base = resolve_pretrained(MINI_NAME)
+    evaluator = SubjectEvaluator.for_base(base, list_instance_images(photos), RESOLUTION)
+    pipe = StableDiffusionXLPipeline.from_pretrained(base, dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    out = []
+    for prompt in prompts(cfg["subject"]):
+        images = pipe(prompt, num_images_per_prompt=cfg["num_images"], generator=torch.Generator().manual_seed(cfg["seed"]),
+                      num_inference_steps=25, height=RESOLUTION, width=RESOLUTION, output_type="np").images
+        out.append(evaluator.score(prompt, torch.from_numpy(images).permute(0, 3, 1, 2).float() * 2 - 1))
+    return out
+
+
+def cells(subjects: list[str], methods: list[str], seeds: list[int], **settings: Any) -> list[dict[str, Any]]:
+    """Every (subject, method, seed) cell, plus the base rows, with the shared settings."""
+    return [{"kind": "subject", "subject": subject, "method": method, "seed": seed, **settings}
+            for method in ["base", *methods] for subject in subjects for seed in seeds]  # method-major order
+
+
+def summarize(results: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], str]:
+    """Mean ± std over seeds per (subject, method) and per method over subjects; rows and a markdown table."""
+    import statistics
+
+    def stat(values: list[float]) -> str:
+        values = [v for v in values if v is not None]
+        if not values:
+            return "–"
+        sd = statistics.stdev(values) if len(values) > 1 else 0.0
+        return f"{statistics.mean(values):.3f} ± {sd:.3f}"
+
+    keys = [("subject_probe", 0, "sks: subject probe ↑"), ("subject_retrieval", 0, "sks: retrieval ↑"),
+            ("class_accuracy", 0, "sks: class acc"), ("subject_probe", 1, "class prompt: probe (leak) ↓"),
+            ("class_accuracy", 1, "class prompt: class acc ↑"), ("class_accuracy", 2, "other class: acc ↑"),
+            ("diversity", 0, "sks: diversity")]
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for r in results:
+        if "result" in r:
+            groups.setdefault((r["config"]["subject"], r["config"]["method"]), []).append(r["result"])
+    for (_, method), rs in list(groups.items()):
+        groups.setdefault(("all", method), []).extend(rs)
+    rows = []
+    for (subject, method), rs in sorted(groups.items(), key=lambda kv: (kv[0][0] == "all", kv[0][0], kv[0][1] != "base", kv[0][1])):
+        row = {"subject": subject, "method": method, "n": len(rs)}
+        for key, i, label in keys:
+            row[label] = stat([m["metrics"][i][key] for m in rs])
+        row["train s"] = stat([m.get("train_s") for m in rs])
+        rows.append(row)
+    header = list(rows[0]) if rows else []
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(r[h]) for h in header) + " |" for r in rows]
+    return rows, "\n".join(lines)
