@@ -12,7 +12,6 @@ final training loss (loss smoothed over 10 steps).
 from __future__ import annotations
 
 import csv
-import json
 import statistics
 from pathlib import Path
 from typing import Any
