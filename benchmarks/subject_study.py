@@ -108,8 +108,12 @@ def score_base(cfg: dict[str, Any], photos: Path) -> list[dict[str, Any]]:
 
 def cells(subjects: list[str], methods: list[str], seeds: list[int], **settings: Any) -> list[dict[str, Any]]:
     """Every (subject, method, seed) cell, plus the base rows, with the shared settings."""
+    # order: the untrained base, lora and dash on every (seed, subject) first, then the inits, so that a partial
+    # run (--limit, or stopped) already compares lora with dash across subjects
+    first = [m for m in ("base", "lora", "dash") if m == "base" or m in methods]
+    rest = [m for m in methods if m not in first]
     return [{"kind": "subject", "subject": subject, "method": method, "seed": seed, **settings}
-            for method in ["base", *methods] for subject in subjects for seed in seeds]  # method-major order
+            for tier in (first, rest) for seed in seeds for subject in subjects for method in tier]
 
 
 def summarize(results: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], str]:
