@@ -54,9 +54,8 @@ def cell_id(cfg: dict[str, Any]) -> str:
 
 
 def run_one(cfg_path: Path) -> None:
-    """Child process: run the cell of ``cfg_path`` and write its result (or its skip reason / error) beside it."""
-    import torch
-
+    """Child process: run the cell of ``cfg_path`` and write its result (or why it was skipped) beside it; an error
+    exits non-zero and the parent stops with the cell's name."""
     from shared.io import atomic_write_json
 
     from . import subject_study, text_quality
@@ -64,7 +63,6 @@ def run_one(cfg_path: Path) -> None:
 
     cfg = json.loads(cfg_path.read_text())
     out = cfg_path.with_name(cfg_path.name.replace(".config.json", ".json"))
-    torch.manual_seed(0)
     work = WORK / cfg_path.parent.parent.name / out.stem
     runner = {"subject": subject_study.run_cell, "text": text_quality.run_cell}[cfg["kind"]]
     record: dict[str, Any] = {"config": cfg, "machine": machine_info("peft", "diffusers", "transformers")}
@@ -100,7 +98,13 @@ def run_suite(suite: str, only: list[str] | None, limit: int | None) -> list[dic
         cfg_path.unlink()
         print(f"    done in {time.perf_counter() - t:.0f} s", flush=True)
         done += 1
-    return [json.loads(p.read_text()) for p in sorted(cells_dir.glob("*.json")) if not p.name.endswith(".config.json")]
+    return read_cells(suite)
+
+
+def read_cells(suite: str) -> list[dict[str, Any]]:
+    """Every finished cell file of a suite."""
+    return [json.loads(p.read_text()) for p in sorted((RESULTS / suite / "cells").glob("*.json"))
+            if not p.name.endswith(".config.json")]
 
 
 def write_report(suite: str, records: list[dict[str, Any]]) -> Path:
@@ -151,8 +155,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     t = time.perf_counter()
     if args.report_only:
-        records = [json.loads(p.read_text()) for p in sorted((RESULTS / args.suite / "cells").glob("*.json"))
-                   if not p.name.endswith(".config.json")]
+        records = read_cells(args.suite)
     else:
         records = run_suite(args.suite, args.only, args.limit)
     path = write_report(args.suite, records)

@@ -93,17 +93,15 @@ def score_base(cfg: dict[str, Any], photos: Path) -> list[dict[str, Any]]:
     from tsd_diffusion.evaluation import SubjectEvaluator
     from tsd_diffusion.mini_sdxl import MINI_NAME, RESOLUTION
     from tsd_diffusion.tiny import resolve_pretrained
+    from tsd_diffusion.train_sdxl import VALIDATION_INFERENCE_STEPS, generate
 
     base = resolve_pretrained(MINI_NAME)
     evaluator = SubjectEvaluator.for_base(base, list_instance_images(photos), RESOLUTION)
     pipe = StableDiffusionXLPipeline.from_pretrained(base, dtype=torch.float32)
     pipe.set_progress_bar_config(disable=True)
-    out = []
-    for prompt in prompts(cfg["subject"]):
-        images = pipe(prompt, num_images_per_prompt=cfg["num_images"], generator=torch.Generator().manual_seed(cfg["seed"]),
-                      num_inference_steps=25, height=RESOLUTION, width=RESOLUTION, output_type="np").images
-        out.append(evaluator.score(prompt, torch.from_numpy(images).permute(0, 3, 1, 2).float() * 2 - 1))
-    return out
+    return [evaluator.score(p, generate(pipe, p, cfg["num_images"], cfg["seed"], VALIDATION_INFERENCE_STEPS,
+                                        RESOLUTION))
+            for p in prompts(cfg["subject"])]
 
 
 def cells(subjects: list[str], methods: list[str], seeds: list[int], **settings: Any) -> list[dict[str, Any]]:

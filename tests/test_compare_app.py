@@ -327,3 +327,23 @@ def test_browser_click_generate_and_screenshot(app, tmp_path):
         finally:
             browser.close()
     assert Image.open(shot).size[0] == 1280 and Image.open(tsd_shot).size[0] == 1280
+
+
+def test_default_base_and_validation_scores_come_from_the_run_dirs(tmp_path):
+    """With no --base the app uses the base the adapters were trained on; the table shows the subject probe of the
+    subject prompt and of the class prompt from the run's *last* validation step."""
+    from tsd_diffusion.mini_sdxl import MINI_NAME
+
+    run = tmp_path / "run"
+    run.mkdir()
+    assert compare.default_base({"a": run}) == MINI_NAME  # no training_args.json
+    (run / "training_args.json").write_text(json.dumps({"pretrained_model_name_or_path": "org/base"}))
+    assert compare.default_base({"x": tmp_path / "missing", "a": run}) == "org/base"
+    info = compare.AdapterInfo("a", run)
+    assert info.validation_scores() == ("", "")
+    for step, probes in ((50, (0.9, 0.8)), (200, (0.4, 0.2)), (100, (0.1, 0.1))):  # 200 is the last, not the newest
+        d = run / "validation" / f"step-{step}"
+        d.mkdir(parents=True)
+        (d / "metrics.json").write_text(json.dumps([{"subject_probe": p} for p in probes] + [{"class_accuracy": 1.0}]))
+    assert info.validation_scores() == (0.4, 0.2)
+    assert len(info.row()) == len(compare.CompareApp.TABLE_HEADERS)

@@ -246,22 +246,19 @@ class SubjectProbe:
 
 
 def load_images(paths: "list[Path]", resolution: int) -> torch.Tensor:
-    """Image files -> N x 3 x R x R in [-1, 1]: shorter side resized to ``resolution`` (Lanczos), centre crop, RGB
-    (through :func:`tsd_diffusion.data.load_image`, which handles EXIF, alpha, CMYK and 16-bit files)."""
-    import numpy as np
-    from PIL import Image
+    """Image files -> N x 3 x R x R in [-1, 1], as the trainer sees them with ``--center_crop`` (the trainer's
+    :class:`tsd_diffusion.data.SDXLTransform` after :func:`tsd_diffusion.data.load_image`)."""
+    from .data import SDXLTransform, load_image
 
-    from .data import load_image
+    transform = SDXLTransform(resolution, center_crop=True)
+    return torch.stack([transform(load_image(p))[0] for p in paths])
 
-    out = []
-    for p in paths:
-        img = load_image(p)
-        scale = resolution / min(img.size)
-        img = img.resize((max(resolution, round(img.width * scale)), max(resolution, round(img.height * scale))),
-                         Image.Resampling.LANCZOS)
-        left, top = (img.width - resolution) // 2, (img.height - resolution) // 2
-        out.append(np.asarray(img.crop((left, top, left + resolution, top + resolution)), dtype=np.uint8))
-    return torch.from_numpy(np.stack(out)).permute(0, 3, 1, 2).float() / 127.5 - 1
+
+def prompt_class(prompt: str, classes: "tuple[str, ...]") -> str | None:
+    """The class a prompt names (its last word that is one of ``classes``): ``"a photo of sks automobile"`` ->
+    ``"automobile"``; None when it names none."""
+    words = prompt.lower().replace(",", " ").split()
+    return next((w for w in reversed(words) if w in classes), None)
 
 
 class SubjectEvaluator:
@@ -298,21 +295,17 @@ class SubjectEvaluator:
         gallery, _ = held_out_images()
         return cls(load_classifier(directory), load_images(subject_paths, resolution), gallery, CLASSES)
 
-    def prompt_class(self, prompt: str) -> int | None:
-        """Index of the class a prompt names (its last class word), else None."""
-        words = prompt.lower().replace(",", " ").split()
-        return next((self.classes.index(w) for w in reversed(words) if w in self.classes), None)
-
     def score(self, prompt: str, images: torch.Tensor) -> dict[str, float | str | int | None]:
         """All metrics of one prompt's generations (N x 3 x R x R in [-1, 1])."""
-        c = self.prompt_class(prompt)
+        name = prompt_class(prompt, self.classes)
+        c = self.classes.index(name) if name is not None else None
         return {
             "prompt": prompt, "num_images": len(images),
             "subject_probe": self.probe.score(images),
             "subject_retrieval": subject_retrieval(images, self.subject, self.gallery),
             "subject_rmse": float(nearest_rmse(images, self.subject)[0].mean()),
             "feature_similarity": feature_similarity(self.classifier, images, self.subject, self.center),
-            "class": self.classes[c] if c is not None else None,
+            "class": name,
             "class_accuracy": class_accuracy(self.classifier, images, c) if c is not None else None,
             "diversity": diversity(images) if len(images) > 1 else None,
         }

@@ -213,13 +213,13 @@ def materialize_replay_prior(per_class: int = 100, cache_dir: str | Path | None 
     order (what ``--num_class_images`` cuts) cycles through the classes."""
     from PIL import Image
 
-    from .tiny import build_cached_dir, tiny_cache_dir
+    from .tiny import DONE, build_cached_dir, tiny_cache_dir
 
     if not 1 <= per_class <= TRAIN_PER_CLASS:
         raise ValueError(f"per_class must be in [1, {TRAIN_PER_CLASS}], got {per_class}")
     root = Path(cache_dir).expanduser().resolve() if cache_dir is not None else tiny_cache_dir()
     final = root / f"mini-sdxl-replay-{per_class}"
-    if (final / "done").is_file():
+    if (final / DONE).is_file():  # a cache hit must not decode the 10 000 CIFAR images
         return final / "images"
     x, y = load_cifar(fetched_asset("bigbench"))
     x_train, y_train, _, _ = split_cifar(x, y)

@@ -30,7 +30,7 @@ from shared.io import atomic_write_json, atomic_write_text
 from shared.checkpoint import resolve_resume, save_training_checkpoint
 from shared.launch import check_launch
 
-from .evaluation import SubjectEvaluator
+from .evaluation import SubjectEvaluator, prompt_class
 from .data import DreamBoothDataset, LatentCache, collate, validate_resolution
 from .mini_sdxl import CLASSES, MINI_NAME, materialize_replay_prior
 from .tiny import EMBEDDED_NAME, make_subject_images, resolve_pretrained
@@ -50,6 +50,7 @@ EMBEDDED_DEFAULTS: dict[str, dict[str, Any]] = {
     EMBEDDED_NAME: dict(subject="teapot", instance_prompt="a photo of sks teapot", resolution=64, learning_rate=1e-3,
                         max_train_steps=300),
 }
+VALIDATION_INFERENCE_STEPS = 25
 #: what a flag is when neither the user nor an embedded default set it (diffusers' defaults)
 GENERIC_DEFAULTS: dict[str, Any] = dict(resolution=1024, learning_rate=1e-4, train_text_encoder=False,
                                         text_encoder_lr=5e-6, with_prior_preservation=False, class_prompt_dropout=0.0,
@@ -119,7 +120,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a("--validation_prompt", action="append", default=None, help="repeat for several prompts")
     a("--num_validation_images", type=int, default=None, help="per prompt; default 4 (8 for the mini SDXL)")
     a("--validation_steps", type=int, default=None, help="validate every N steps (and always at the end)")
-    a("--validation_inference_steps", type=int, default=25)
+    a("--validation_inference_steps", type=int, default=VALIDATION_INFERENCE_STEPS)
     a("--checkpointing_steps", type=int, default=500)
     a("--checkpoints_total_limit", type=int, default=None)
     a("--resume_from_checkpoint", default=None, help='a checkpoint dir or "latest"')
@@ -171,18 +172,12 @@ def finalize_args(args: argparse.Namespace) -> argparse.Namespace:
     return args
 
 
-def subject_class(instance_prompt: str) -> str | None:
-    """The mini SDXL class a prompt names (``"a photo of sks automobile"`` -> ``"automobile"``), else None."""
-    words = instance_prompt.lower().replace(",", " ").split()
-    return next((w for w in reversed(words) if w in CLASSES), None)
-
-
 def _default_validation_prompts(args: argparse.Namespace) -> list[str]:
     """The subject prompt, plus for the mini SDXL the plain class prompt and another class (drift checks), or for
     the tiny one a recontextualisation."""
     prompt = args.instance_prompt
     if args.pretrained_model_name_or_path == MINI_NAME:
-        cls = subject_class(prompt)
+        cls = prompt_class(prompt, CLASSES)
         if cls is not None:
             other = "dog" if cls != "dog" else "cat"
             return [prompt, f"a photo of a {cls}", f"a photo of a {other}"]
@@ -289,12 +284,23 @@ def unet_loss(unet, scheduler, latents, embeds, pooled, time_ids, *, snr_gamma=N
 
 # ---------------------------------------------------------------------------------------------- validation
 @torch.no_grad()
+def generate(pipe, prompt: str, num_images: int, seed: int, steps: int, resolution: int) -> torch.Tensor:
+    """The validation images of one prompt (CPU generator seeded with ``seed``): N x 3 x R x R in [-1, 1]."""
+    images = pipe(prompt, num_images_per_prompt=num_images, generator=torch.Generator(device="cpu").manual_seed(seed),
+                  num_inference_steps=steps, height=resolution, width=resolution, output_type="pt").images
+    return images.float().cpu() * 2 - 1
+
+
+@torch.no_grad()
 def run_validation(parts: SDXLParts, base: str, args, accelerator, step: int, out_dir: Path,
                    evaluator=None) -> tuple[list[Path], list[dict[str, Any]]]:
     """Generate ``--num_validation_images`` per validation prompt (seeded), save them, a grid (a row per prompt)
     and, when the base ships an evaluator (the mini SDXL), ``metrics.json`` with the subject metrics per prompt."""
+    import numpy as np
     from diffusers import StableDiffusionXLPipeline
     from PIL import Image
+
+    from .mini_sdxl import to_uint8
 
     pipe = StableDiffusionXLPipeline.from_pretrained(
         base, vae=parts.vae, unet=accelerator.unwrap_model(parts.unet),
@@ -309,20 +315,16 @@ def run_validation(parts: SDXLParts, base: str, args, accelerator, step: int, ou
     step_dir.mkdir(parents=True, exist_ok=True)
     paths, rows, metrics = [], [], []
     for i, prompt in enumerate(args.validation_prompt):
-        gen = torch.Generator(device="cpu").manual_seed(args.seed)
-        images = pipe(prompt, num_images_per_prompt=args.num_validation_images, generator=gen,
-                      num_inference_steps=args.validation_inference_steps, height=args.resolution,
-                      width=args.resolution, output_type="np").images
-        pixels = (images * 255).round().clip(0, 255).astype("uint8")
+        images = generate(pipe, prompt, args.num_validation_images, args.seed, args.validation_inference_steps,
+                          args.resolution)
+        pixels = to_uint8(images)
         for j, img in enumerate(pixels):
             path = step_dir / f"prompt{i}-{j}.png"
             Image.fromarray(img).save(path)
             paths.append(path)
         rows.append(pixels)
         if evaluator is not None:
-            metrics.append(evaluator.score(prompt, torch.from_numpy(images).permute(0, 3, 1, 2).float() * 2 - 1))
-    import numpy as np
-
+            metrics.append(evaluator.score(prompt, images))
     grid = np.concatenate([np.concatenate(list(r), axis=1) for r in rows], axis=0)
     scale = max(1, 96 // args.resolution)  # small bases: enlarge (nearest) so the grid is visible
     Image.fromarray(grid).resize((grid.shape[1] * scale, grid.shape[0] * scale), Image.Resampling.NEAREST).save(
