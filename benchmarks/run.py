@@ -6,7 +6,8 @@ file exists is not run again, so an interrupted ``full`` suite resumes where it 
 becomes a new cell. After the cells, the report is rebuilt from every cell file of the suite:
 ``report.md`` (tables, machine, versions, date) and PNG plots beside it. Nothing in the report is typed by hand.
 
-Kinds: ``subject`` (:mod:`benchmarks.subject_study`) and ``text`` (:mod:`benchmarks.text_quality`).
+Kinds: ``subject`` (:mod:`benchmarks.subject_study`), ``text`` (:mod:`benchmarks.text_quality`), ``tsd``
+(:mod:`benchmarks.tsd_analysis`) and ``teacher`` (:mod:`benchmarks.teacher_study`).
 """
 
 from __future__ import annotations
@@ -27,14 +28,18 @@ WORK = ROOT / "work"  # training outputs of the cells (gitignored)
 
 
 def suite_cells(suite: str) -> list[dict[str, Any]]:
-    from . import subject_study, text_quality
+    from . import subject_study, teacher_study, text_quality, tsd_analysis
 
     if suite == "quick":  # <= 15 min on 2 CPU cores: one subject, one seed; MiniLM at a short budget
         subject = subject_study.cells(["car"], ["lora", "dash"], [0], steps=100, batch_size=8, rank=4,
                                       dash_warmup_steps=50, num_images=8)
         text = text_quality.cells("minilm", ["lora", "dash"], ranks=[4], seeds=[0, 1], lrs=[1e-3], steps=60,
                                   eval_examples=400)
-        return subject + text
+        tsd = tsd_analysis.cells(["minilm"], [0], rank=4, directions=8, lora_lr=1e-3, full_lr=5e-5,
+                                 checkpoints=[10, 25, 50, 100], reference_steps=100, eval_examples=400)
+        teacher = teacher_study.cells(["lora", "dash"], [0], **TEACHER, teacher_band="moderate", steps=150,
+                                      dash_warmup_steps=50)
+        return subject + text + tsd + teacher
     if suite == "full":
         subject = subject_study.cells(list(subject_study.SUBJECTS), ["lora", "dash", "lora_init", "tsd", "eva",
                                                                      "lora_da", "pissa", "lora_ga"],
@@ -44,8 +49,29 @@ def suite_cells(suite: str) -> list[dict[str, Any]]:
                                     lrs=[3e-4, 1e-3, 3e-3], steps=300, eval_examples=1000),
                 *text_quality.cells("smollm2", text_quality.METHODS, ranks=[4, 16], seeds=[0, 1, 2],
                                     lrs=[1e-4, 5e-4, 2e-3], steps=150, eval_examples=400)]
-        return subject + text
+        tsd = [*tsd_analysis.cells(["minilm"], [0, 1, 2], rank=4, directions=8, lora_lr=1e-3, full_lr=5e-5,
+                                   checkpoints=[10, 25, 50, 100, 200, 400], reference_steps=400, eval_examples=1000),
+               *tsd_analysis.cells(["smollm2"], [0, 1, 2], rank=4, directions=8, lora_lr=5e-4, full_lr=1e-5,
+                                   checkpoints=[10, 25, 50, 100, 200, 400], reference_steps=400, eval_examples=400)]
+        teacher = [*teacher_study.cells(list(text_quality.METHODS), [0, 1, 2], **TEACHER, teacher_band="moderate",
+                                        steps=400, dash_warmup_steps=100),
+                   # the positive control: directions the data excites most (top σ)
+                   *teacher_study.cells(["lora", "dash"], [0, 1, 2], **TEACHER, teacher_band="top", steps=400,
+                                        dash_warmup_steps=100)]
+        return subject + tsd + teacher + text
     raise ValueError(f"unknown suite {suite!r}")
+
+
+#: the teacher study's task and student: 8 teacher directions per layer, student rank 4 and s = 8
+TEACHER = dict(rank=4, directions=8, teacher_directions=8, teacher_rate=4.0, batch_size=16, lr=1e-3, eval_every=25,
+               train_images=2000)
+
+
+def cell_kinds() -> dict[str, Any]:
+    """Cell kind -> its module (``run_cell(cfg, work)``, ``report(records, out_dir)``, ``TITLE``), in report order."""
+    from . import subject_study, teacher_study, text_quality, tsd_analysis
+
+    return {"subject": subject_study, "text": text_quality, "tsd": tsd_analysis, "teacher": teacher_study}
 
 
 def cell_id(cfg: dict[str, Any]) -> str:
@@ -58,13 +84,13 @@ def run_one(cfg_path: Path) -> None:
     exits non-zero and the parent stops with the cell's name."""
     from shared.io import atomic_write_json
 
-    from . import subject_study, text_quality
+    from . import subject_study
     from .report import machine_info
 
     cfg = json.loads(cfg_path.read_text())
     out = cfg_path.with_name(cfg_path.name.replace(".config.json", ".json"))
     work = WORK / cfg_path.parent.parent.name / out.stem
-    runner = {"subject": subject_study.run_cell, "text": text_quality.run_cell}[cfg["kind"]]
+    runner = cell_kinds()[cfg["kind"]].run_cell
     record: dict[str, Any] = {"config": cfg, "machine": machine_info("peft", "diffusers", "transformers")}
     t = time.perf_counter()
     try:
@@ -75,14 +101,16 @@ def run_one(cfg_path: Path) -> None:
     atomic_write_json(out, record)
 
 
-def run_suite(suite: str, only: list[str] | None, limit: int | None) -> list[dict[str, Any]]:
+def run_suite(suite: str, only: list[str] | None, limit: int | None, shard: tuple[int, int] = (0, 1)) -> list[dict[str, Any]]:
+    """Run the suite's missing cells in order; ``shard=(k, n)`` runs only every n-th cell from the k-th, so n
+    runners (e.g. one CPU thread each) share a suite without running a cell twice."""
     cells_dir = RESULTS / suite / "cells"
     cells_dir.mkdir(parents=True, exist_ok=True)
     todo = [c for c in suite_cells(suite) if not only or c["kind"] in only]
     done = 0
     for i, cfg in enumerate(todo):
         name = cell_id(cfg)
-        if (cells_dir / f"{name}.json").is_file():
+        if i % shard[1] != shard[0] or (cells_dir / f"{name}.json").is_file():
             continue
         if limit is not None and done >= limit:
             break
@@ -107,42 +135,53 @@ def read_cells(suite: str) -> list[dict[str, Any]]:
             if not p.name.endswith(".config.json")]
 
 
-def write_report(suite: str, records: list[dict[str, Any]]) -> Path:
-    """``report.md`` and the plots of a suite, from its cell files only."""
-    from shared.io import atomic_write_text
+README = ROOT.parent / "README.md"
+README_BEGIN = "<!-- benchmark results: generated by `python -m benchmarks.run --suite full`, do not edit by hand -->"
+README_END = "<!-- end of generated benchmark results -->"
 
-    from . import subject_study, text_quality
+
+def write_report(suite: str, records: list[dict[str, Any]]) -> Path:
+    """``report.md`` and the plots of a suite, from its cell files only; the ``full`` suite's results also replace
+    the README's block between :data:`README_BEGIN` and :data:`README_END`."""
+    import re
+
+    from shared.io import atomic_write_text
 
     out = RESULTS / suite
     machines = [r["machine"] for r in records if "machine" in r]
-    parts = [f"# Benchmark suite `{suite}`", "",
-             f"Generated by `python -m benchmarks.run --suite {suite}` from {len(records)} cell files in `cells/`."]
+    head = [f"Generated by `python -m benchmarks.run --suite {suite}` from {len(records)} cell files in `cells/`."]
     if machines:
         m = machines[-1]
         dates = sorted(x["date"] for x in machines)
-        parts += [f"Machine: {m['processor']}, {m['cpu_count']} CPUs, {m['platform']}, Python {m['python']}; "
-                  f"versions {', '.join(f'{k} {v}' for k, v in m['versions'].items())}; cells run {dates[0]} … {dates[-1]}."]
+        head += [f"Machine: {m['processor']}, {m['cpu_count']} CPUs, {m['platform']}, Python {m['python']}; "
+                 f"versions {', '.join(f'{k} {v}' for k, v in m['versions'].items())}; cells run {dates[0]} … {dates[-1]}."]
     skipped = [r for r in records if "skipped" in r]
     if skipped:
-        parts += ["", f"Skipped cells: {len(skipped)} (" + "; ".join(sorted({r['skipped'] for r in skipped})) + ")"]
-    subject = [r for r in records if r["config"]["kind"] == "subject"]
-    if subject:
-        _, table = subject_study.summarize(subject)
-        parts += ["", "## Subject-driven fine-tuning on the mini SDXL", "", subject_study.__doc__.split("\n\n")[1], "",
-                  table]
-    text = [r for r in records if r["config"]["kind"] == "text"]
-    if text:
-        parts += ["", "## Text quality", "", text_quality.report(text, out)]
+        head += ["", f"Skipped cells: {len(skipped)} (" + "; ".join(sorted({r['skipped'] for r in skipped})) + ")"]
+    body: list[str] = []
+    for kind, module in cell_kinds().items():
+        mine = [r for r in records if r["config"]["kind"] == kind]
+        if mine:
+            body += ["", f"## {module.TITLE}", "", module.__doc__.split("\n\n")[1], "", module.report(mine, out)]
     path = out / "report.md"
-    atomic_write_text(path, "\n".join(parts) + "\n")
+    atomic_write_text(path, "\n".join([f"# Benchmark suite `{suite}`", "", *head, *body]) + "\n")
+    if suite == "full" and README.is_file():
+        text = README.read_text()
+        if README_BEGIN in text and README_END in text:
+            block = "\n".join([*head, *(line.replace("## ", "### ", 1) if line.startswith("## ") else line for line in body)])
+            block = re.sub(r"!\[([^\]]*)\]\(([^)/]+\.png)\)", rf"![\1]({out.relative_to(ROOT.parent)}/\2)", block)
+            start, end = text.index(README_BEGIN) + len(README_BEGIN), text.index(README_END)
+            atomic_write_text(README, text[:start] + "\n" + block + "\n" + text[end:])
     return path
 
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--suite", choices=["quick", "full"], default="quick")
-    ap.add_argument("--only", action="append", choices=["subject", "text"], help="run only these cell kinds")
+    ap.add_argument("--only", action="append", choices=["subject", "text", "tsd", "teacher"],
+                    help="run only these cell kinds")
     ap.add_argument("--limit", type=int, default=None, help="run at most N new cells, then write the report")
+    ap.add_argument("--shard", default="0/1", help="K/N: run only cells K, K+N, K+2N, ... (parallel runners)")
     ap.add_argument("--report_only", action="store_true", help="rebuild the report from the existing cell files")
     ap.add_argument("--cell", type=Path, help=argparse.SUPPRESS)  # internal: run one cell in this process
     args = ap.parse_args(argv)
@@ -157,7 +196,10 @@ def main(argv: list[str] | None = None) -> None:
     if args.report_only:
         records = read_cells(args.suite)
     else:
-        records = run_suite(args.suite, args.only, args.limit)
+        k, n = (int(x) for x in args.shard.split("/"))
+        if not 0 <= k < n:
+            raise SystemExit(f"--shard {args.shard}: need 0 <= K < N")
+        records = run_suite(args.suite, args.only, args.limit, (k, n))
     path = write_report(args.suite, records)
     print(path.read_text())
     print(f"wrote {path} ({time.perf_counter() - t:.0f} s)")

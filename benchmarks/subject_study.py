@@ -21,6 +21,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+TITLE = "Subject-driven fine-tuning on the mini SDXL"
 SUBJECTS = {"car": "automobile", "cat": "cat", "dog": "dog"}  # subject -> its mini SDXL (CIFAR) class
 OTHER_CLASS = {"automobile": "dog", "cat": "airplane", "dog": "airplane"}
 IDENTIFIER = "sks"
@@ -112,6 +113,10 @@ def cells(subjects: list[str], methods: list[str], seeds: list[int], **settings:
     rest = [m for m in methods if m not in first]
     return [{"kind": "subject", "subject": subject, "method": method, "seed": seed, **settings}
             for tier in (first, rest) for seed in seeds for subject in subjects for method in tier]
+
+
+def report(records: list[dict[str, Any]], out_dir: Path) -> str:
+    return summarize(records)[1]
 
 
 def summarize(results: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], str]:

@@ -16,6 +16,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
+TITLE = "Text quality"
 METHODS = ["lora", "dash", "lora_init", "tsd", "eva", "lora_da", "pissa", "lora_ga"]
 TASKS = {
     "minilm": dict(asset="minilm", data=("polarity", "polarity.csv"), task="classification", eval_split=1000,
@@ -33,15 +34,12 @@ def cells(model: str, methods: list[str], *, ranks: list[int], seeds: list[int],
             for m in methods for r in ranks for lr in lrs for s in seeds]
 
 
-def run_cell(cfg: dict[str, Any], work: Path) -> dict[str, Any]:
-    from accelerate.state import AcceleratorState
-
+def train_argv(cfg: dict[str, Any], work: Path) -> list[str]:
+    """``apps/train_text.py`` arguments of a text cell (model, data, targets, budget of its ``TASKS`` entry)."""
     from scripts.fetch_assets import require_asset
-    from tsd_text.train import main, parse_args
 
     spec = TASKS[cfg["model"]]
     data_asset, data_file = spec["data"]
-    AcceleratorState._reset_state(reset_partial_state=True)
     argv = ["--model_name_or_path", str(require_asset(spec["asset"])), "--task", spec["task"],
             "--train_file", str(require_asset(data_asset) / data_file), "--eval_split", str(spec["eval_split"]),
             "--max_eval_samples", str(cfg["eval_examples"]), "--method", cfg["method"], "--rank", str(cfg["rank"]),
@@ -52,6 +50,16 @@ def run_cell(cfg: dict[str, Any], work: Path) -> dict[str, Any]:
             "--eval_before", "--no-report_plot", "--output_dir", str(work)]
     if "max_train_samples" in spec:
         argv += ["--max_train_samples", str(spec["max_train_samples"])]
+    return argv
+
+
+def run_cell(cfg: dict[str, Any], work: Path) -> dict[str, Any]:
+    from accelerate.state import AcceleratorState
+
+    from tsd_text.train import main, parse_args
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    argv = train_argv(cfg, work)
     result = main(parse_args(argv))
     with open(work / "loss_log.csv") as f:
         losses = [float(r["loss"]) for r in csv.DictReader(f)]

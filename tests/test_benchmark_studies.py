@@ -1,0 +1,106 @@
+"""The TSD analysis and teacher study cells of ``benchmarks.run``: their metrics on known answers, and tiny real runs."""
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from benchmarks import teacher_study, tsd_analysis
+from shared import tsd
+
+
+def _weight_svd(n: int = 48, m: int = 40, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    W = torch.randn(n, m, generator=g)
+    U, S, Vh = torch.linalg.svd(W, full_matrices=False)
+    return W, U, S, Vh
+
+
+def test_teacher_change_is_its_own_task_specific_direction_set():
+    W, U, S, Vh = _weight_svd()
+    k = S.numel()
+    idx, dW = teacher_study.teacher_change(U, S, Vh, 6, 0.8, torch.Generator().manual_seed(3))
+    assert idx.numel() == 6 and idx.min() >= k // 4 and idx.max() < 3 * k // 4
+    rate = tsd.change_rate(S, tsd.delta_sigma(U, Vh, dW, torch.eye(W.shape[1])))
+    # δ = 0.8 on I*, 0 elsewhere (dense reference: diag(Uᵀ ΔW V))
+    dense = (U.T @ dW @ Vh.T).diagonal().abs() / S
+    torch.testing.assert_close(rate, dense, atol=1e-5, rtol=1e-5)
+    expected = torch.zeros(k)
+    expected[idx] = 0.8
+    torch.testing.assert_close(rate, expected, atol=1e-5, rtol=1e-5)
+    assert set(tsd.select_directions(rate, 6).tolist()) == set(idx.tolist())
+
+
+def test_recovery_scores_known_updates():
+    W, U, S, Vh = _weight_svd()
+    idx, dW = teacher_study.teacher_change(U, S, Vh, 6, 0.5, torch.Generator().manual_seed(1))
+    ds_true = tsd.delta_sigma(U, Vh, dW, torch.eye(W.shape[1]))[idx]
+    # the teacher's own update, factored B A: everything recovered
+    exact = teacher_study.recovery(U, S, Vh, idx, ds_true, Vh[idx], U[:, idx] * ds_true, 6)
+    assert exact["teacher_recall_final"] == 1.0
+    assert exact["recovered_change"] == pytest.approx(1.0, abs=1e-5)
+    assert exact["energy_on_teacher"] == pytest.approx(1.0, abs=1e-5)
+    # half the change on the same directions
+    half = teacher_study.recovery(U, S, Vh, idx, ds_true, Vh[idx], 0.5 * U[:, idx] * ds_true, 6)
+    assert half["recovered_change"] == pytest.approx(0.5, abs=1e-5) and half["teacher_recall_final"] == 1.0
+    # an update on other directions only: no recall, no recovered change, no energy on I*
+    others = torch.tensor([i for i in range(S.numel()) if i not in set(idx.tolist())][:6])
+    off = teacher_study.recovery(U, S, Vh, idx, ds_true, Vh[others], U[:, others] * S[others], 6)
+    assert off["teacher_recall_final"] == 0.0
+    assert off["recovered_change"] == pytest.approx(0.0, abs=1e-5)
+    assert off["energy_on_teacher"] == pytest.approx(0.0, abs=1e-6)
+
+
+def test_tsd_analysis_helpers():
+    assert tsd_analysis.relative_positions(torch.tensor([0, 5, 10]), 11) == [0.0, 0.5, 1.0]
+    assert tsd_analysis.overlap(torch.tensor([1, 2, 3, 4]), torch.tensor([4, 3, 9, 8])) == 0.5
+    assert tsd_analysis.layer_type("bert.encoder.layer.3.attention.self.query") == "attention.self.query"
+    assert tsd_analysis.layer_type("bert.encoder.layer.3.output.dense") == "output.dense"
+    assert tsd_analysis.layer_type("model.layers.11.mlp.up_proj") == "mlp.up_proj"
+    assert tsd_analysis.layer_type("bert.pooler.dense") == "bert.pooler.dense"
+
+
+@pytest.mark.slow
+def test_tsd_analysis_cell_on_real_minilm(tmp_path: Path):
+    pytest.importorskip("transformers")
+    cfg = tsd_analysis.cells(["minilm"], [0], rank=4, directions=4, lora_lr=1e-3, full_lr=5e-5, checkpoints=[1, 2, 3],
+                             reference_steps=3, eval_examples=32)[0]
+    r = tsd_analysis.run_cell(cfg, tmp_path / "work")
+    by_t = {row["t"]: row for row in r["by_t"]}
+    # each reference against itself: full overlap and rank correlation
+    assert by_t[2]["overlap_final"] == 1.0 and by_t[3]["overlap_longer"] == 1.0
+    assert by_t[2]["spearman_final"] == pytest.approx(1.0)
+    for row in r["by_t"]:
+        for key in ("overlap_final", "overlap_longer", "overlap_full"):
+            assert 0.0 <= row[key] <= 1.0
+        assert -1.0 <= row["spearman_full"] <= 1.0 and not math.isnan(row["spearman_full"])
+    for key in ("full", "lora_final"):
+        props = r[key]
+        assert sum(props["position_histogram"]) == r["layers"] * cfg["directions"]
+        assert props["flat_top_s_mass"] < props["top_s_mass"] <= 1.0  # the top s carry more than a flat share
+        assert 0.0 <= props["median_relative_position"] <= 1.0
+    assert r["random_overlap"] == pytest.approx(4 / 384)
+    text = tsd_analysis.report([{"config": cfg, "result": r}], tmp_path)
+    assert "| 3 |" in text and (tmp_path / "tsd_minilm.png").is_file()
+
+
+@pytest.mark.slow
+def test_teacher_study_cell_learns_toward_the_teacher(tmp_path: Path):
+    records = []
+    for method in ("lora", "dash"):
+        cfg = teacher_study.cells([method], [0], rank=4, directions=8, teacher_directions=8, teacher_rate=2.0,
+                                  teacher_band="moderate", dash_warmup_steps=3, steps=6, batch_size=8, lr=1e-3, eval_every=3,
+                                  train_images=64)[0]
+        r = teacher_study.run_cell(cfg, tmp_path / method)
+        assert r["base_error"] > 0
+        assert r["relative_error"] < 1.0  # closer to the teacher than the untrained base
+        assert [s for s, _ in r["error_curve"]] == [3, 6]
+        for key in ("teacher_recall_final", "energy_on_teacher"):
+            assert 0.0 <= r[key] <= 1.0
+        assert (r["teacher_recall_at_switch"] is None) == (method == "lora") == (r["dash_share"] is None)
+        if method == "dash":
+            assert 0.0 < r["dash_share"] < 1.0  # λ moved off 0 after the switch, LoRA kept training too
+        records.append({"config": cfg, "result": r})
+    text = teacher_study.report(records, tmp_path)
+    assert "| moderate | dash | 1 |" in text and (tmp_path / "teacher_error.png").is_file()
