@@ -213,13 +213,27 @@ def collect(
 
 def shared_input_groups(model: nn.Module, layers: dict[str, nn.Module], batch: Any,
                         forward_fn: ForwardFn = default_forward_fn) -> list[list[str]]:
-    """Groups of layers that receive the identical input tensor (q/k/v, gate/up), from one forward pass."""
-    keys: dict[str, tuple] = {}
+    """Groups of layers that receive the identical input tensor in a row (q/k/v, gate/up), from one forward pass.
+
+    A layer joins the group of the layer hooked just before it when its input is that very tensor. The previous
+    input is held until the next hook runs, so its memory cannot be freed and reused by a different tensor of the
+    same shape (which a bare ``data_ptr`` comparison would take for the same input). Layers sharing an input but
+    not called in a row get groups of their own: slower, never wrong.
+    """
+    group_of: dict[str, int] = {}
+    previous: list[Any] = [None, -1]  # the last hooked input (kept alive) and its group
+
+    def same(x: Any, y: Any) -> bool:
+        return (isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor) and x.data_ptr() == y.data_ptr()
+                and x.shape == y.shape and x.stride() == y.stride() and x.dtype == y.dtype)
 
     def make_hook(name: str):
         def hook(module, args, output) -> None:
+            if name in group_of:
+                return
             x = args[0] if args else None
-            keys.setdefault(name, (x.data_ptr(), tuple(x.shape), x.dtype) if isinstance(x, torch.Tensor) else (name,))
+            group_of[name] = previous[1] if same(x, previous[0]) else len(group_of)
+            previous[:] = [x, group_of[name]]
 
         return hook
 
@@ -230,9 +244,10 @@ def shared_input_groups(model: nn.Module, layers: dict[str, nn.Module], batch: A
     finally:
         for h in handles:
             h.remove()
-    groups: dict[tuple, list[str]] = {}
+        previous[:] = [None, -1]
+    groups: dict[Any, list[str]] = {}
     for name in layers:
-        groups.setdefault(keys.get(name, (name,)), []).append(name)
+        groups.setdefault(group_of.get(name, name), []).append(name)
     return list(groups.values())
 
 

@@ -156,3 +156,44 @@ def test_lora_init_starts_at_base_and_uses_top_change_rate_directions():
     B, A = adapter.lora_factors(name)
     torch.testing.assert_close((adapter.scale(name) * B @ A).double(), expected, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(adapter.original_weight(name).double(), W0[name].double(), rtol=1e-5, atol=1e-6)
+
+
+class _FreshInputs(torch.nn.Module):
+    """q/k/v read one tensor; a and b read two different temporaries of the same shape, the first freed before
+    the second exists (so the allocator may hand its memory to the second)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.q, self.k, self.v, self.a, self.b = (torch.nn.Linear(256, 8) for _ in range(5))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.q(x) + self.k(x) + self.v(x)
+        h = h + self.a(x * 2.0)
+        return h + self.b(x * 3.0)
+
+
+def test_shared_input_groups_never_merge_different_inputs():
+    from shared.statistics import shared_input_groups
+
+    torch.manual_seed(0)
+    model = _FreshInputs()
+    layers = {n: getattr(model, n) for n in "qkvab"}
+    for _ in range(20):  # the address reuse is up to the allocator: try many times
+        groups = shared_input_groups(model, layers, torch.randn(64, 256), lambda m, b: m(b))
+        assert sorted(groups) == [["a"], ["b"], ["q", "k", "v"]]
+
+
+def test_lora_da_survives_a_rank_deficient_input_moment():
+    """A pooler sees one row per sequence: with fewer samples than inputs Z is singular, and in fp32 Z + 1e-6 I is
+    not positive definite; the init must damp more (with a warning naming the layer), not crash."""
+    g = torch.Generator().manual_seed(0)
+    X = 100 * torch.randn(6, 64, generator=g)  # 6 samples, 64 inputs
+    Z = X.T @ X / 6
+    with pytest.raises(RuntimeError):
+        torch.linalg.cholesky((Z + Z.T) / 2 + 1e-6 * torch.eye(64))
+    G, y = torch.randn(16, 64, generator=g), torch.rand(16, generator=g)
+    with pytest.warns(UserWarning, match=r"LoRA-DA \(pooler\)"):
+        A, B = lora_da_factors(G, Z, y, r=4, alpha=1.0, beta=0.03, gamma=1024.0, population=6, damping=1e-6,
+                               where=" (pooler)")
+    assert A.shape == (4, 64) and B.shape == (16, 4)
+    assert torch.isfinite(A).all() and torch.isfinite(B).all() and B.abs().sum() > 0

@@ -16,6 +16,7 @@ The base weight is not changed (as in the reference code), so the model moves by
 from __future__ import annotations
 
 import itertools
+import warnings
 from typing import Any
 
 import torch
@@ -25,12 +26,28 @@ from ..config import AdapterConfig
 from ..statistics import FisherGradient, ForwardFn, batch_size_of, collect
 
 
+def damped_cholesky(Z: torch.Tensor, damping: float, where: str = "") -> torch.Tensor:
+    """Cholesky factor of sym(Z) + λI with the reference's λ; when that is not positive definite in this precision
+    (Z from fewer samples than inputs, e.g. a pooler that sees one row per sequence), λ grows from 1e-7 · mean(diag Z)
+    by factors of 10 until it is, with a warning naming the layer."""
+    Z = (Z + Z.T) / 2
+    eye = torch.eye(Z.shape[0], dtype=Z.dtype, device=Z.device)
+    used = damping
+    for _ in range(12):
+        L, info = torch.linalg.cholesky_ex(Z + used * eye)
+        if int(info) == 0:
+            if used != damping:
+                warnings.warn(f"LoRA-DA{where}: Z + {damping:g} I is not positive definite in {Z.dtype} (fewer samples "
+                              f"than inputs?); damped with {used:.3g} instead")
+            return L
+        used = max(used * 10, 1e-7 * float(Z.diagonal().mean().clamp_min(torch.finfo(Z.dtype).tiny)))
+    raise ValueError(f"LoRA-DA{where}: the input second moment Z is not positive definite even damped by {used:.3g}")
+
+
 def lora_da_factors(G: torch.Tensor, Z: torch.Tensor, y: torch.Tensor, *, r: int, alpha: float, beta: float,
-                    gamma: float, population: int, damping: float) -> tuple[torch.Tensor, torch.Tensor]:
+                    gamma: float, population: int, damping: float, where: str = "") -> tuple[torch.Tensor, torch.Tensor]:
     """LoRA-DA's closed form; returns peft's (lora_A: r × in, lora_B: out × r). All inputs fp32."""
-    d_in = Z.shape[0]
-    eye = torch.eye(d_in, dtype=Z.dtype, device=Z.device)
-    L = torch.linalg.cholesky((Z + Z.T) / 2 + damping * eye)
+    L = damped_cholesky(Z, damping, where)
     y_inv = 1.0 / (y + damping)
     D = -torch.cholesky_solve(G.T.contiguous(), L) * y_inv.unsqueeze(0)
     sigma = torch.linalg.matrix_norm(D, ord=2)
@@ -60,6 +77,6 @@ def lora_da_init(model: nn.Module, targets: dict[str, nn.Module], config: Adapte
     return {
         name: lora_da_factors(acc.grad, acc.z.value, acc.y, r=config.r, alpha=config.lora_da_alpha,
                               beta=config.lora_da_beta, gamma=config.lora_da_gamma, population=population,
-                              damping=config.lora_da_damping)
+                              damping=config.lora_da_damping, where=f" ({name})")
         for name, acc in accs.items()
     }
