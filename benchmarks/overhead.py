@@ -26,6 +26,10 @@ Reported: median step time over all timed steps and the ratio against peft three
 medians, median of the per-repeat ratios, median of the per-round paired ratios), the switch time (the
 ``adapter.step`` call that switches, median over fresh attaches), trainable/frozen/optimizer-state bytes, and
 peak RSS of each method measured in a fresh subprocess (psutil sampling thread + ``ru_maxrss``).
+
+The pieces take any method of ``shared.METHODS`` (``benchmarks.cost`` times all of them): data-driven inits
+(``shared.config.DATA_METHODS``) read their batches from :class:`InitData` (the model's batch function, seeds
+1, 2, ...; the timed batch is seed 0) through ``loss_fn``; ``tsd`` switches at ``dash_warmup_steps`` like ``dash``.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ import argparse
 import copy
 import gc
 import importlib.util
+import itertools
 import json
 import os
 import resource
@@ -155,31 +160,71 @@ def model_specs(names: list[str]) -> tuple[list[ModelSpec], dict[str, str]]:
 
 
 # ---------------------------------------------------------------------------------------------- runners
-class Runner:
-    """One adapted copy of the base model with its optimizer; ``step`` is one full training step."""
+def loss_fn(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The training loss of a batch, ``model(**batch).loss`` (also the data-driven inits' ``forward_fn``)."""
+    return model(**batch).loss
 
-    def __init__(self, base: nn.Module, method: str, targets: list[str], lr: float = 1e-4) -> None:
+
+def peft_lora(model: nn.Module, targets: list[str]) -> nn.Module:
+    """The baseline: ``peft.get_peft_model`` with a plain ``LoraConfig`` at the shared settings."""
+    from peft import LoraConfig, get_peft_model
+
+    return get_peft_model(model, LoraConfig(r=R, lora_alpha=ALPHA, lora_dropout=0.0, target_modules=list(targets)))
+
+
+def adapter_config(method: str, targets: list[str], overrides: dict[str, Any] | None = None) -> shared.AdapterConfig:
+    """``shared.AdapterConfig`` of ``method`` at the shared settings; ``overrides``: other fields (eva_tau, ...)."""
+    fields = dict(r=R, alpha=ALPHA, dropout=0.0, dash_warmup_steps=T, dash_directions=S, seed=0)
+    return shared.AdapterConfig(method=method, target_modules=list(targets), **{**fields, **(overrides or {})})
+
+
+class InitData:
+    """Endless batches for the data-driven inits (seeds 1, 2, ...); every ``iter`` starts again at seed 1, so
+    every attach, and peft's EVA in ``benchmarks.cost``, reads the same batches in the same order."""
+
+    def __init__(self, spec: ModelSpec, model: nn.Module) -> None:
+        self.spec, self.model = spec, model
+
+    def __iter__(self):
+        return (self.spec.batch(self.model, seed) for seed in itertools.count(1))
+
+
+class Runner:
+    """One adapted copy of the base model with its optimizer; ``step`` is one full training step.
+
+    ``init_s`` is the wall time of ``get_peft_model`` / ``shared.attach`` alone (with the data statistics of a
+    data-driven init; not the deepcopy of the base nor the optimizer).
+    """
+
+    def __init__(self, base: nn.Module, method: str, targets: list[str], lr: float = 1e-4,
+                 data: InitData | None = None, overrides: dict[str, Any] | None = None) -> None:
         model = copy.deepcopy(base)
         self.method, self.adapter = method, None
+        t0 = time.perf_counter()
         if method == "peft":
-            from peft import LoraConfig, get_peft_model
-
-            model = get_peft_model(model, LoraConfig(r=R, lora_alpha=ALPHA, lora_dropout=0.0,
-                                                     target_modules=list(targets)))
+            model = peft_lora(model, targets)
         else:
-            cfg = shared.AdapterConfig(method=method, r=R, alpha=ALPHA, dropout=0.0, target_modules=list(targets),
-                                       dash_warmup_steps=T, dash_directions=S, seed=0)
-            self.adapter = shared.attach(model, cfg)
+            cfg = adapter_config(method, targets, overrides)
+            self.adapter = shared.attach(model, cfg, data=data if cfg.needs_data else None, forward_fn=loss_fn,
+                                         progress=False)
+        self.init_s = time.perf_counter() - t0
         self.model = model.train()
         self.params = ([p for p in model.parameters() if p.requires_grad] if self.adapter is None
                        else self.adapter.trainable_parameters())
         self.opt = torch.optim.AdamW(self.params, lr=lr)
 
-    def step(self, batch: dict[str, torch.Tensor]) -> None:
-        loss = self.model(**batch).loss
-        loss.backward()
+    @property
+    def uses_dash(self) -> bool:
+        return self.adapter is not None and self.adapter.config.uses_dash
+
+    def update(self, batch: dict[str, torch.Tensor]) -> None:
+        """Forward, backward, optimizer step, zero_grad: the step without ``adapter.step``."""
+        loss_fn(self.model, batch).backward()
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
+
+    def step(self, batch: dict[str, torch.Tensor]) -> None:
+        self.update(batch)
         if self.adapter is not None:
             self.adapter.step(self.opt)
 
@@ -251,7 +296,7 @@ def wait_idle(max_wait_s: float, threshold: float = 0.10, window_s: float = 0.5)
 
 
 class ContentionGuard:
-    """Re-runs a timed unit (a round, a block, a switch) that other processes disturbed, within a wait budget.
+    """Re-runs a timed unit (a round, a block, an attach) that other processes disturbed, within a wait budget.
 
     A unit is *contended* when other processes used >= ``threshold`` of the CPUs while it ran. It is then
     discarded, the guard waits for the machine to calm down and the unit runs again, up to ``retries``
@@ -260,7 +305,9 @@ class ContentionGuard:
     """
 
     def __init__(self, threshold: float = 0.10, wait_s: float = 30.0, budget_s: float = 120.0, retries: int = 3):
-        self.threshold, self.wait_s, self.budget_s, self.retries = threshold, wait_s, budget_s, retries
+        # wait_s <= 0: never wait, and never re-run (a re-run at once would meet the same neighbour)
+        self.threshold, self.wait_s, self.retries = threshold, wait_s, retries
+        self.budget_s = budget_s if wait_s > 0 else 0.0
         self.waited = 0.0
         self.discarded = 0
         self.kept_contended = 0
@@ -313,6 +360,7 @@ def _round(runners: dict[str, Runner], order: tuple[str, ...], batch: dict[str, 
 
 def time_model(spec: ModelSpec, repeats: int, steps: int, warmup: int, guard: ContentionGuard,
                interleave: str = "step") -> dict[str, Any]:
+    """Step times of ``METHODS`` on ``spec`` (see :func:`time_runners`), dash timed after its switch."""
     base = spec.build()
     batch = spec.batch(base, 0)
     runners = {m: Runner(base, m, spec.targets) for m in METHODS}
@@ -323,13 +371,30 @@ def time_model(spec: ModelSpec, repeats: int, steps: int, warmup: int, guard: Co
     for _ in range(T):
         runners["dash"].step(batch)
     assert runners["dash"].adapter.switched, "dash did not switch"
+    res = {"num_lora_layers": len(layer_sets["peft"]),
+           **time_runners(spec, runners, batch, repeats, steps, warmup, guard, interleave)}
+    del runners
+    gc.collect()
+    return res
 
-    times: dict[str, list[list[float]]] = {m: [] for m in METHODS}
+
+def time_runners(spec: ModelSpec, runners: dict[str, Runner], batch: dict[str, torch.Tensor], repeats: int,
+                 steps: int, warmup: int, guard: ContentionGuard, interleave: str = "step") -> dict[str, Any]:
+    """Median step time of every runner (one of them ``peft``) and its ratios against peft's.
+
+    Each repeat runs ``warmup`` untimed steps per method, then ``steps`` timed units: rounds of one step per
+    method (``interleave="step"``, order rotating every round) or blocks of ``steps`` steps per method; the
+    method order rotates every repeat and contended units are re-run by ``guard``. Runners of dash methods must
+    have switched already.
+    """
+    methods = tuple(runners)
+    assert "peft" in methods, "the ratios are against peft"
+    times: dict[str, list[list[float]]] = {m: [] for m in methods}
     shares: list[float] = []  # foreign CPU share of every kept unit (round or block)
-    clean: dict[str, list[float]] = {m: [] for m in METHODS}  # step times of uncontended units only
-    clean_paired: dict[str, list[float]] = {m: [] for m in METHODS}  # ratios to peft of uncontended rounds
+    clean: dict[str, list[float]] = {m: [] for m in methods}  # step times of uncontended units only
+    clean_paired: dict[str, list[float]] = {m: [] for m in methods}  # ratios to peft of uncontended rounds
     for rep in range(repeats):
-        order = METHODS[rep % len(METHODS):] + METHODS[:rep % len(METHODS)]
+        order = methods[rep % len(methods):] + methods[:rep % len(methods)]
         guard.wait()
         rep_shares = []
         if interleave == "step":
@@ -338,17 +403,17 @@ def time_model(spec: ModelSpec, repeats: int, steps: int, warmup: int, guard: Co
                     runners[m].step(batch)
             gc.collect()
             # round-robin: every round times one step of each method, so a noisy second hits all alike
-            block: dict[str, list[float]] = {m: [] for m in METHODS}
+            block: dict[str, list[float]] = {m: [] for m in methods}
             for i in range(steps):
                 rot = order[i % len(order):] + order[:i % len(order)]
                 rnd, share = guard.run(lambda: _round(runners, rot, batch))
                 rep_shares.append(share)
-                for m in METHODS:
+                for m in methods:
                     block[m].append(rnd[m])
                     if share < guard.threshold:
                         clean[m].append(rnd[m])
                         clean_paired[m].append(rnd[m] / rnd["peft"])
-            for m in METHODS:
+            for m in methods:
                 times[m].append(block[m])
         else:
             for m in order:
@@ -359,18 +424,17 @@ def time_model(spec: ModelSpec, repeats: int, steps: int, warmup: int, guard: Co
                     clean[m] += ts
         shares += rep_shares
         print(f"[overhead] {spec.name} repeat {rep + 1}/{repeats}: "
-              + ", ".join(f"{m} {1e3 * statistics.median(times[m][-1]):.2f} ms" for m in METHODS)
+              + ", ".join(f"{m} {1e3 * statistics.median(times[m][-1]):.2f} ms" for m in methods)
               + f" (other processes: up to {100 * max(rep_shares):.0f}% of the CPUs; "
               f"{sum(x >= guard.threshold for x in rep_shares)}/{len(rep_shares)} units contended; "
               f"waited {guard.waited:.0f} s so far)",
               flush=True)
 
-    res: dict[str, Any] = {"description": spec.description, "num_lora_layers": len(layer_sets["peft"]),
-                           "interleave": interleave, "foreign_cpu_share_max": max(shares),
-                           "foreign_cpu_share_mean": statistics.mean(shares),
+    res: dict[str, Any] = {"description": spec.description, "interleave": interleave,
+                           "foreign_cpu_share_max": max(shares), "foreign_cpu_share_mean": statistics.mean(shares),
                            "contended_units": sum(x >= guard.threshold for x in shares), "units": len(shares),
                            "methods": {}}
-    for m in METHODS:
+    for m in methods:
         pooled = [t for block in times[m] for t in block]
         res["methods"][m] = {
             "median_step_ms": 1e3 * statistics.median(pooled),
@@ -383,7 +447,9 @@ def time_model(spec: ModelSpec, repeats: int, steps: int, warmup: int, guard: Co
             "clean_median_step_ms": 1e3 * statistics.median(clean[m]) if clean[m] else None,
             **runners[m].bytes_report(),
         }
-    for m in ("lora", "dash"):
+    for m in methods:
+        if m == "peft":
+            continue
         per_rep = [statistics.median(a) / statistics.median(b) for a, b in zip(times[m], times["peft"])]
         if interleave == "step":  # step i of every method ran in the same round: paired ratios
             paired = [a / b for ra, rb in zip(times[m], times["peft"]) for a, b in zip(ra, rb)]
@@ -396,8 +462,6 @@ def time_model(spec: ModelSpec, repeats: int, steps: int, warmup: int, guard: Co
                                                                   if clean_paired[m] else None)
         res["methods"][m]["ratio_vs_peft_per_repeat"] = per_rep
         res["methods"][m]["ratio_vs_peft_median_of_repeats"] = statistics.median(per_rep)
-    del runners
-    gc.collect()
     return res
 
 
@@ -408,36 +472,63 @@ def _quantile(xs: list[float], q: float) -> float:
     return xs[lo] + (xs[hi] - xs[lo]) * (i - lo)
 
 
-def time_switch(spec: ModelSpec, n: int, guard: ContentionGuard) -> dict[str, Any]:
-    """Wall time of the ``adapter.step`` call that switches (SVDs, Δσ, selection), on fresh attaches."""
-    base = spec.build()
-    batch = spec.batch(base, 0)
-    out, shares = [], []
-    for _ in range(n):
-        def unit() -> float:
-            runner = Runner(base, "dash", spec.targets)
-            for _ in range(T - 1):
-                runner.step(batch)
-            loss = runner.model(**batch).loss
-            loss.backward()
-            runner.opt.step()
-            runner.opt.zero_grad(set_to_none=True)
-            gc.collect()
-            t0 = time.perf_counter()
-            switched = runner.adapter.step(runner.opt)
-            dt = time.perf_counter() - t0
-            assert switched
-            return dt
+def time_attaches(spec: ModelSpec, base: nn.Module, batch: dict[str, torch.Tensor], methods: tuple[str, ...],
+                  n: int, guard: ContentionGuard, overrides: dict[str, Any] | None = None
+                  ) -> tuple[dict[str, dict[str, Any]], dict[str, Runner]]:
+    """Init time of every method and switch time of the dash methods, on ``n`` fresh attaches each.
 
-        guard.wait()
-        dt, share = guard.run(unit)
-        out.append(dt)
-        shares.append(share)
+    A unit is one fresh :class:`Runner` (its ``init_s``: ``get_peft_model`` / ``shared.attach`` with the data
+    statistics) and, for dash and tsd, ``T - 1`` training steps and the update of step T, then the timed
+    ``adapter.step`` call that switches (SVDs, Δσ, selection). The method order rotates every attach and
+    contended units are re-run by ``guard``. Returns per method ``{"init": summary, "switch": summary}``
+    (``switch`` for dash methods only, summaries as :func:`_summary`) and the runners of the last attach,
+    the dash ones switched.
+    """
+    samples: dict[str, dict[str, list[float]]] = {m: {"init": [], "switch": [], "share": []} for m in methods}
+    last: dict[str, Runner] = {}
+
+    def unit(method: str) -> tuple[Runner, float | None]:
+        runner = Runner(base, method, spec.targets, data=InitData(spec, base), overrides=overrides)
+        if not runner.uses_dash:
+            return runner, None
+        for _ in range(T - 1):
+            runner.step(batch)
+        runner.update(batch)
         gc.collect()
-    ok = [x for x, sh in zip(out, shares) if sh < guard.threshold]
-    return {"median_ms": 1e3 * statistics.median(out), "all_ms": [1e3 * x for x in out], "attaches": n,
-            "foreign_cpu_share": shares, "clean_median_ms": 1e3 * statistics.median(ok) if ok else None,
-            "clean_attaches": len(ok)}
+        t0 = time.perf_counter()
+        switched = runner.adapter.step(runner.opt)
+        dt = time.perf_counter() - t0
+        assert switched, f"{method} did not switch at step {T}"
+        return runner, dt
+
+    for i in range(n):
+        guard.wait()
+        for m in methods[i % len(methods):] + methods[:i % len(methods)]:
+            last.pop(m, None)
+            gc.collect()
+            (last[m], switch_s), share = guard.run(lambda: unit(m))
+            samples[m]["init"].append(last[m].init_s)
+            samples[m]["share"].append(share)
+            if switch_s is not None:
+                samples[m]["switch"].append(switch_s)
+    out = {m: {k: _summary(x[k], x["share"], guard.threshold) for k in ("init", "switch") if x[k]}
+           for m, x in samples.items()}
+    return out, {m: last[m] for m in methods}
+
+
+def _summary(seconds: list[float], shares: list[float], threshold: float) -> dict[str, Any]:
+    """Median (ms) of timed units, all of them and the uncontended ones, with their foreign CPU shares."""
+    ok = [x for x, sh in zip(seconds, shares) if sh < threshold]
+    return {"median_ms": 1e3 * statistics.median(seconds), "all_ms": [1e3 * x for x in seconds],
+            "attaches": len(seconds), "foreign_cpu_share": shares,
+            "clean_median_ms": 1e3 * statistics.median(ok) if ok else None, "clean_attaches": len(ok)}
+
+
+def time_switch(spec: ModelSpec, n: int, guard: ContentionGuard) -> dict[str, Any]:
+    """Wall time of the ``adapter.step`` call that switches (SVDs, Δσ, selection), on fresh attaches of dash."""
+    base = spec.build()
+    res, _ = time_attaches(spec, base, spec.batch(base, 0), ("dash",), n, guard)
+    return res["dash"]["switch"]
 
 
 # ---------------------------------------------------------------------------------------------- memory
@@ -447,9 +538,12 @@ def _rss() -> int:
     return psutil.Process().memory_info().rss
 
 
-def memory_probe(model_name: str, method: str, steps: int) -> dict[str, Any]:
-    """Run in a fresh process: RSS before attaching, peak RSS while attaching and training ``steps`` steps."""
-    torch.set_num_threads(2)
+def memory_probe(model_name: str, method: str, steps: int, overrides: dict[str, Any] | None = None,
+                 threads: int = 2) -> dict[str, Any]:
+    """Run in a fresh process: RSS before attaching, peak RSS while attaching (with a data-driven init's
+    statistics) and training ``steps`` steps; the sampled peak per phase: attach, and for dash methods the
+    training before the switch, the switch and the training after it (else the training)."""
+    torch.set_num_threads(threads)
     (spec,), _ = model_specs([model_name])
     base = spec.build().train()
     batch = spec.batch(base, 0)
@@ -458,59 +552,64 @@ def memory_probe(model_name: str, method: str, steps: int) -> dict[str, Any]:
     rss0 = _rss()
     maxrss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     peak, stop = [rss0], threading.Event()
+    phases: dict[str, float] = {}
 
     def sample() -> None:
         while not stop.is_set():
             peak[0] = max(peak[0], _rss())
             time.sleep(0.0005)
 
+    def end_phase(name: str) -> None:
+        phases[name], peak[0] = max(peak[0], _rss()), _rss()
+
     th = threading.Thread(target=sample, daemon=True)
     th.start()
     # adapt in place (no deepcopy, so the base is not counted twice)
     if method == "peft":
-        from peft import LoraConfig, get_peft_model
-
-        model = get_peft_model(base, LoraConfig(r=R, lora_alpha=ALPHA, lora_dropout=0.0, target_modules=spec.targets))
+        model = peft_lora(base, spec.targets)
         params, adapter = [p for p in model.parameters() if p.requires_grad], None
     else:
-        cfg = shared.AdapterConfig(method=method, r=R, alpha=ALPHA, dropout=0.0, target_modules=spec.targets,
-                                   dash_warmup_steps=T, dash_directions=S, seed=0)
-        adapter = shared.attach(base, cfg)
+        cfg = adapter_config(method, spec.targets, overrides)
+        adapter = shared.attach(base, cfg, data=InitData(spec, base) if cfg.needs_data else None, forward_fn=loss_fn,
+                                progress=False)
         model, params = base, adapter.trainable_parameters()
+    end_phase("attach")
     opt = torch.optim.AdamW(params, lr=1e-4)
     model.train()
-    phases: dict[str, float] = {}  # sampled peak RSS per phase: before the switch, the switch, after it
+    uses_dash = adapter is not None and adapter.config.uses_dash
     for i in range(steps):
-        model(**batch).loss.backward()
+        loss_fn(model, batch).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
         if adapter is not None:
-            if method == "dash" and i == T - 1:  # this adapter.step runs the switch
-                phases["train_before_switch"], peak[0] = max(peak[0], _rss()), _rss()
+            if uses_dash and i == T - 1:  # this adapter.step runs the switch
+                end_phase("train_before_switch")
                 adapter.step(opt)
-                phases["switch"], peak[0] = max(peak[0], _rss()), _rss()
+                end_phase("switch")
                 continue
             adapter.step(opt)
     stop.set()
     th.join()
-    peak[0] = max(peak[0], _rss())
+    end_phase("train_after_switch" if uses_dash else "train")
     maxrss1 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     mb = 1 / 2**20
-    overall = max([peak[0], *phases.values()])
-    if method == "dash":
-        assert adapter is not None and adapter.switched
-        phases["train_after_switch"] = peak[0]
+    overall = max(phases.values())
+    if uses_dash:
+        assert adapter is not None and adapter.switched, f"{method} did not switch in {steps} steps (needs >= {T})"
     return {"rss_before_mb": rss0 * mb, "sampled_peak_mb": overall * mb, "sampled_extra_mb": (overall - rss0) * mb,
             "phase_peak_extra_mb": {k: (v - rss0) * mb for k, v in phases.items()},
             "ru_maxrss_before_mb": maxrss0 * mb, "ru_maxrss_end_mb": maxrss1 * mb,
             "ru_maxrss_extra_mb": max(0, maxrss1 - rss0) * mb, "steps": steps}
 
 
-def measure_memory(spec: ModelSpec, steps: int) -> dict[str, Any]:
+def measure_memory(spec: ModelSpec, steps: int, methods: tuple[str, ...] = METHODS,
+                   overrides: dict[str, Any] | None = None, threads: int = 2) -> dict[str, Any]:
+    """:func:`memory_probe` of every method, each in a fresh subprocess (``{"error": ...}`` where one failed)."""
     out = {}
-    for m in METHODS:
-        cmd = [sys.executable, "-m", "benchmarks.overhead", "--memory-probe", spec.name, m, "--steps", str(steps)]
-        env = dict(os.environ, OMP_NUM_THREADS="2",
+    for m in methods:
+        cmd = [sys.executable, "-m", "benchmarks.overhead", "--memory-probe", spec.name, m,
+               "--memory-steps", str(steps), "--probe-overrides", json.dumps(overrides or {}), "--threads", str(threads)]
+        env = dict(os.environ, OMP_NUM_THREADS=str(threads),
                    PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
         p = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
         lines = [ln for ln in p.stdout.splitlines() if ln.startswith("{")]
@@ -591,17 +690,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
                     help="a timed unit is contended when other processes used this share of the CPUs")
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
     ap.add_argument("--memory-probe", nargs=2, metavar=("MODEL", "METHOD"), help=argparse.SUPPRESS)
+    ap.add_argument("--probe-overrides", type=json.loads, default={}, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
 
     if args.memory_probe:
-        print(json.dumps(memory_probe(*args.memory_probe, steps=args.memory_steps)), flush=True)
+        print(json.dumps(memory_probe(*args.memory_probe, steps=args.memory_steps, overrides=args.probe_overrides,
+                                      threads=args.threads)), flush=True)
         return None
     if args.repeats < 1 or args.steps < 1:
         raise SystemExit("--repeats and --steps must be >= 1")
     torch.set_num_threads(args.threads)
     t_start = time.perf_counter()
     specs, skipped = model_specs(args.models)
-    guard = ContentionGuard(args.contention, args.idle_wait, args.idle_budget if args.idle_wait > 0 else 0.0)
+    guard = ContentionGuard(args.contention, args.idle_wait, args.idle_budget)
     result: dict[str, Any] = {
         "machine": machine_info("peft", "transformers"),
         "settings": {"r": R, "alpha": ALPHA, "dash_directions": S, "dash_warmup_steps": T, "batch": BATCH,

@@ -7,7 +7,8 @@ becomes a new cell. After the cells, the report is rebuilt from every cell file 
 ``report.md`` (tables, machine, versions, date) and PNG plots beside it. Nothing in the report is typed by hand.
 
 Kinds: ``subject`` (:mod:`benchmarks.subject_study`), ``text`` (:mod:`benchmarks.text_quality`), ``tsd``
-(:mod:`benchmarks.tsd_analysis`) and ``teacher`` (:mod:`benchmarks.teacher_study`).
+(:mod:`benchmarks.tsd_analysis`), ``teacher`` (:mod:`benchmarks.teacher_study`) and ``cost``
+(:mod:`benchmarks.cost`).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ WORK = ROOT / "work"  # training outputs of the cells (gitignored)
 
 
 def suite_cells(suite: str) -> list[dict[str, Any]]:
-    from . import subject_study, teacher_study, text_quality, tsd_analysis
+    from . import cost, subject_study, teacher_study, text_quality, tsd_analysis
 
     if suite == "quick":  # <= 15 min on 2 CPU cores: one subject, one seed; MiniLM at a short budget
         subject = subject_study.cells(["car"], ["lora", "dash"], [0], steps=100, batch_size=8, rank=4,
@@ -37,9 +38,10 @@ def suite_cells(suite: str) -> list[dict[str, Any]]:
                                   eval_examples=400)
         tsd = tsd_analysis.cells(["minilm"], [0], rank=4, directions=8, lora_lr=1e-3, full_lr=5e-5,
                                  checkpoints=[10, 25, 50, 100], reference_steps=100, eval_examples=400)
-        teacher = teacher_study.cells(["lora", "dash"], [0], **TEACHER, teacher_band="moderate", steps=150,
-                                      dash_warmup_steps=50)
-        return subject + text + tsd + teacher
+        teacher = teacher_study.cells(["lora", "dash"], [0], **TEACHER, teacher_band="moderate",
+                                      teacher_rate=TEACHER_RATES["moderate"], steps=150, dash_warmup_steps=50)
+        costs = cost.cells(["llama"], attaches=2, repeats=2, steps=8, memory_steps=0, idle_wait=10.0, idle_budget=30.0)
+        return costs + subject + text + tsd + teacher
     if suite == "full":
         subject = subject_study.cells(list(subject_study.SUBJECTS), ["lora", "dash", "lora_init", "tsd", "eva",
                                                                      "lora_da", "pissa", "lora_ga"],
@@ -53,25 +55,25 @@ def suite_cells(suite: str) -> list[dict[str, Any]]:
                                    checkpoints=[10, 25, 50, 100, 200, 400], reference_steps=400, eval_examples=1000),
                *tsd_analysis.cells(["smollm2"], [0, 1, 2], rank=4, directions=8, lora_lr=5e-4, full_lr=1e-5,
                                    checkpoints=[10, 25, 50, 100, 200, 400], reference_steps=400, eval_examples=400)]
-        teacher = [*teacher_study.cells(list(text_quality.METHODS), [0, 1, 2], **TEACHER, teacher_band="moderate",
-                                        steps=400, dash_warmup_steps=100),
-                   # the positive control: directions the data excites most (top σ)
-                   *teacher_study.cells(["lora", "dash"], [0, 1, 2], **TEACHER, teacher_band="top", steps=400,
-                                        dash_warmup_steps=100)]
-        return subject + tsd + teacher + text
+        teacher = [cell for band in ("moderate", "top")  # top σ: the directions the data excites most (a control)
+                   for cell in teacher_study.cells(list(text_quality.METHODS), [0, 1, 2], **TEACHER, teacher_band=band,
+                                                   teacher_rate=TEACHER_RATES[band], steps=400, dash_warmup_steps=100)]
+        return cost.cells(["llama", "minilm"]) + subject + tsd + teacher + text
     raise ValueError(f"unknown suite {suite!r}")
 
 
 #: the teacher study's task and student: 8 teacher directions per layer, student rank 4 and s = 8
-TEACHER = dict(rank=4, directions=8, teacher_directions=8, teacher_rate=4.0, batch_size=16, lr=1e-3, eval_every=25,
-               train_images=2000)
+TEACHER = dict(rank=4, directions=8, teacher_directions=8, batch_size=16, lr=1e-3, eval_every=25, train_images=2000)
+#: change rates that give both bands about the same base error (held-out MSE to the teacher ~0.006, measured)
+TEACHER_RATES = {"moderate": 4.0, "top": 0.5}
 
 
 def cell_kinds() -> dict[str, Any]:
     """Cell kind -> its module (``run_cell(cfg, work)``, ``report(records, out_dir)``, ``TITLE``), in report order."""
-    from . import subject_study, teacher_study, text_quality, tsd_analysis
+    from . import cost, subject_study, teacher_study, text_quality, tsd_analysis
 
-    return {"subject": subject_study, "text": text_quality, "tsd": tsd_analysis, "teacher": teacher_study}
+    return {"subject": subject_study, "text": text_quality, "tsd": tsd_analysis, "teacher": teacher_study,
+            "cost": cost}
 
 
 def cell_id(cfg: dict[str, Any]) -> str:
@@ -178,7 +180,7 @@ def write_report(suite: str, records: list[dict[str, Any]]) -> Path:
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--suite", choices=["quick", "full"], default="quick")
-    ap.add_argument("--only", action="append", choices=["subject", "text", "tsd", "teacher"],
+    ap.add_argument("--only", action="append", choices=["subject", "text", "tsd", "teacher", "cost"],
                     help="run only these cell kinds")
     ap.add_argument("--limit", type=int, default=None, help="run at most N new cells, then write the report")
     ap.add_argument("--shard", default="0/1", help="K/N: run only cells K, K+N, K+2N, ... (parallel runners)")

@@ -19,7 +19,8 @@ the init):
 - ``relative error``: held-out MSE(ε_student, ε_teacher) / MSE(ε_base, ε_teacher) on 256 fixed (image, noise,
   t) triples of held-out CIFAR images (1 = nothing learned, 0 = the teacher matched);
 - ``teacher recall at switch`` (dash, tsd): |I ∩ I*| / |I*| of the directions the dash switch selected;
-- ``teacher recall of the final update``: the same for the top-s change rates of each method's final update;
+- ``teacher recall of the final update``: the same for the top-s change rates δ of each method's final update,
+  and for the top-s |Δσ| (no division by σ);
 - ``recovered change``: mean over I* of Δσ_i(learned) / Δσ_i(teacher) (1 = the teacher's change recovered
   along its own directions);
 - ``update energy on I*``: ‖U_I*ᵀ ΔW V_I*‖_F² / ‖ΔW‖_F² of the learned update;
@@ -186,7 +187,16 @@ def run_cell(cfg: dict[str, Any], work: Path) -> dict[str, Any]:
             "teacher_recall_at_switch": statistics.mean(recall_switch) if recall_switch else None,
             "dash_share": statistics.mean(dash_share) if dash_share else None,
             **{key: statistics.mean(r[key] for r in per_layer) for key in per_layer[0]},
+            "by_layer_type": {ty: {key: statistics.mean(r[key] for n, r in zip(names, per_layer) if layer_type(n) == ty)
+                                   for key in per_layer[0]} for ty in sorted({layer_type(n) for n in names})},
             "trainable_parameters": sum(p.numel() for p in params)}
+
+
+def layer_type(name: str) -> str:
+    """"attn1.to_q" (self-attention) ... "attn2.to_out.0" (cross-attention to the text)."""
+    parts = name.split(".")
+    i = max(i for i, p in enumerate(parts) if p.startswith("attn"))
+    return ".".join(parts[i:])
 
 
 def overlap_with(truth: torch.Tensor, found: torch.Tensor) -> float:
@@ -198,7 +208,8 @@ def recovery(U: torch.Tensor, S: torch.Tensor, Vh: torch.Tensor, idx_true: torch
              A: torch.Tensor, B: torch.Tensor, s: int) -> dict[str, float]:
     """How much of the teacher's change a learned update ΔW = B A recovered, along the teacher's own directions.
 
-    ``teacher_recall_final``: overlap of top-s(δ) of ΔW with I*; ``recovered_change``: mean_i∈I* Δσ_i / Δσ*_i;
+    ``teacher_recall_final``: overlap of top-s(δ) of ΔW with I* (the paper's rule); ``teacher_recall_final_abs``:
+    the same for top-s(|Δσ|), without the division by σ that favours small-σ directions; ``recovered_change``: mean_i∈I* Δσ_i / Δσ*_i;
     ``energy_on_teacher``: ‖U_I*ᵀ ΔW V_I*‖_F² / ‖ΔW‖_F².
     """
     from shared import tsd
@@ -206,6 +217,7 @@ def recovery(U: torch.Tensor, S: torch.Tensor, Vh: torch.Tensor, idx_true: torch
     ds = tsd.delta_sigma(U, Vh, B, A)
     chosen = tsd.select_directions(tsd.change_rate(S, ds), s)
     return {"teacher_recall_final": overlap_with(idx_true, chosen),
+            "teacher_recall_final_abs": overlap_with(idx_true, tsd.select_directions(ds.abs(), s)),
             "recovered_change": float((ds[idx_true] / ds_true).mean()),
             "energy_on_teacher": tsd.energy_share(U[:, idx_true], Vh[idx_true], B, A)}
 
@@ -217,27 +229,39 @@ def report(records: list[dict[str, Any]], out_dir: Path) -> str:
     if not done:
         return ""
     c = done[0]["config"]
-    groups = sorted({(r["config"]["teacher_band"], r["config"]["method"]) for r in done},
-                    key=lambda g: (g[0] != "moderate", g[0], METHODS.index(g[1])))
-    lines = [f"Teacher: {c['teacher_directions']} directions per layer at change rate {c['teacher_rate']:g} on "
+    key = lambda r: (f"{r['config']['teacher_band']}, δ* = {r['config']['teacher_rate']:g}", r["config"]["method"])  # noqa: E731
+    groups = sorted({key(r) for r in done}, key=lambda g: (not g[0].startswith("moderate"), g[0], METHODS.index(g[1])))
+    lines = [f"Teacher: {c['teacher_directions']} directions per layer (change rate δ* on them) on "
              f"{done[0]['result']['layers']} attention layers (k = {done[0]['result']['k']}); student rank {c['rank']}, "
              f"s = {c['directions']}, dash switch at step {c['dash_warmup_steps']}, {c['steps']} steps of batch "
              f"{c['batch_size']} at lr {c['lr']:g}. A random choice of s directions recalls about s / k of I*.", "",
              "| teacher band | method | seeds | relative error ↓ | teacher recall at switch | teacher recall, final "
-             "update | recovered change | update energy on I* | dash share | trainable params |",
+             "update: by δ / by abs Δσ | recovered change | update energy on I* | dash share | trainable params |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     curves = {}
     for band, m in groups:
-        rs = [r["result"] for r in done if (r["config"]["teacher_band"], r["config"]["method"]) == (band, m)]
+        rs = [r["result"] for r in done if key(r) == (band, m)]
         at_switch = [x["teacher_recall_at_switch"] for x in rs if x["teacher_recall_at_switch"] is not None]
         shares = [x["dash_share"] for x in rs if x["dash_share"] is not None]
         lines.append(f"| {band} | {m} | {len(rs)} | **{_ms([x['relative_error'] for x in rs])}** "
-                     f"| {_ms(at_switch) if at_switch else '–'} | {_ms([x['teacher_recall_final'] for x in rs])} "
+                     f"| {_ms(at_switch) if at_switch else '–'} | {_ms([x['teacher_recall_final'] for x in rs])} / "
+                     f"{_ms([x['teacher_recall_final_abs'] for x in rs])} "
                      f"| {_ms([x['recovered_change'] for x in rs])} | {_ms([x['energy_on_teacher'] for x in rs])} "
                      f"| {_ms(shares) if shares else '–'} | {rs[0]['trainable_parameters']:,} |")
         curves[f"{m} ({band})"] = ([p[0] for p in rs[0]["error_curve"]],
                                    [statistics.mean(x["error_curve"][i][1] for x in rs)
                                     for i in range(len(rs[0]["error_curve"]))])
+    types = sorted({ty for r in done for ty in r["result"]["by_layer_type"]})
+    lines += ["", "By layer type (mean over seeds): teacher recall by abs Δσ / recovered change.", "",
+              "| layer type | " + " | ".join(f"{m} ({band})" for band, m in groups) + " |",
+              "|---|" + "---|" * len(groups)]
+    for ty in types:
+        cells = []
+        for band, m in groups:
+            rs = [r["result"]["by_layer_type"][ty] for r in done if key(r) == (band, m)]
+            cells.append(f"{statistics.mean(x['teacher_recall_final_abs'] for x in rs):.2f} / "
+                         f"{statistics.mean(x['recovered_change'] for x in rs):.3f}")
+        lines.append(f"| {ty} | " + " | ".join(cells) + " |")
     lines += ["", f"![teacher study]({_plot(curves, c, out_dir / 'teacher_error.png')})", ""]
     return "\n".join(lines)
 

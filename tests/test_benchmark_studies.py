@@ -38,7 +38,7 @@ def test_recovery_scores_known_updates():
     ds_true = tsd.delta_sigma(U, Vh, dW, torch.eye(W.shape[1]))[idx]
     # the teacher's own update, factored B A: everything recovered
     exact = teacher_study.recovery(U, S, Vh, idx, ds_true, Vh[idx], U[:, idx] * ds_true, 6)
-    assert exact["teacher_recall_final"] == 1.0
+    assert exact["teacher_recall_final"] == exact["teacher_recall_final_abs"] == 1.0
     assert exact["recovered_change"] == pytest.approx(1.0, abs=1e-5)
     assert exact["energy_on_teacher"] == pytest.approx(1.0, abs=1e-5)
     # half the change on the same directions
@@ -47,7 +47,7 @@ def test_recovery_scores_known_updates():
     # an update on other directions only: no recall, no recovered change, no energy on I*
     others = torch.tensor([i for i in range(S.numel()) if i not in set(idx.tolist())][:6])
     off = teacher_study.recovery(U, S, Vh, idx, ds_true, Vh[others], U[:, others] * S[others], 6)
-    assert off["teacher_recall_final"] == 0.0
+    assert off["teacher_recall_final"] == off["teacher_recall_final_abs"] == 0.0
     assert off["recovered_change"] == pytest.approx(0.0, abs=1e-5)
     assert off["energy_on_teacher"] == pytest.approx(0.0, abs=1e-6)
 
@@ -59,6 +59,7 @@ def test_tsd_analysis_helpers():
     assert tsd_analysis.layer_type("bert.encoder.layer.3.output.dense") == "output.dense"
     assert tsd_analysis.layer_type("model.layers.11.mlp.up_proj") == "mlp.up_proj"
     assert tsd_analysis.layer_type("bert.pooler.dense") == "bert.pooler.dense"
+    assert teacher_study.layer_type("down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_out.0") == "attn2.to_out.0"
 
 
 @pytest.mark.slow
@@ -96,11 +97,12 @@ def test_teacher_study_cell_learns_toward_the_teacher(tmp_path: Path):
         assert r["base_error"] > 0
         assert r["relative_error"] < 1.0  # closer to the teacher than the untrained base
         assert [s for s, _ in r["error_curve"]] == [3, 6]
-        for key in ("teacher_recall_final", "energy_on_teacher"):
+        for key in ("teacher_recall_final", "teacher_recall_final_abs", "energy_on_teacher"):
             assert 0.0 <= r[key] <= 1.0
         assert (r["teacher_recall_at_switch"] is None) == (method == "lora") == (r["dash_share"] is None)
         if method == "dash":
             assert 0.0 < r["dash_share"] < 1.0  # λ moved off 0 after the switch, LoRA kept training too
+        assert set(r["by_layer_type"]) == {f"attn{a}.{t}" for a in (1, 2) for t in ("to_q", "to_k", "to_v", "to_out.0")}
         records.append({"config": cfg, "result": r})
     text = teacher_study.report(records, tmp_path)
     assert "| moderate | dash | 1 |" in text and (tmp_path / "teacher_error.png").is_file()

@@ -1,12 +1,16 @@
 """benchmarks.run: cells are keyed by their config, finished cells are not run again, and the report's numbers are
-the cell files' (best lr per method, mean ± std over seeds, steps to reach LoRA's final loss)."""
+the cell files' (best lr per method, mean ± std over seeds, steps to reach LoRA's final loss); the cost cell measures
+every method against peft on the small random LLaMA (tiniest settings)."""
 
 import json
 import statistics
 
 import pytest
 
-from benchmarks import run, subject_study, text_quality
+import shared
+from benchmarks import cost, overhead, run, subject_study, text_quality
+
+TINY_INIT = {"lora_init_steps": 2, "eva_max_batches": 2, "lora_ga_batches": 2, "lora_da_num_samples": 16}
 
 
 def _text(method, lr, seed, acc, losses):
@@ -78,3 +82,73 @@ def test_subject_summary_is_mean_and_std_over_seeds():
     assert lora["n"] == 2 and lora["sks: subject probe ↑"] == f"0.300 ± {statistics.stdev([0.2, 0.4]):.3f}"
     assert [r["method"] for r in rows if r["subject"] == "car"] == ["base", "lora"]  # base first
     assert any(r["subject"] == "all" for r in rows) and "| car | lora | 2 |" in table
+
+
+@pytest.fixture(scope="module")
+def cost_record(tmp_path_factory):
+    cfg, = cost.cells(["llama"], repeats=1, steps=2, warmup=1, attaches=1, memory_steps=0, threads=1, idle_wait=0.0,
+                      init=TINY_INIT)
+    return {"config": cfg, "result": cost.run_cell(cfg, tmp_path_factory.mktemp("cost"))}
+
+
+def test_cost_cell_measures_every_method_against_peft(cost_record):
+    res = cost_record["result"]
+    s = res["summary"]
+    assert list(s) == ["peft", *shared.METHODS]
+    peft = s["peft"]
+    assert peft["init_ratio"] == peft["step_ratio"] == peft["step_ratio_paired"] == peft["export_ratio"]["peft"] == 1
+    for m, x in s.items():
+        assert min(x["init_ms"], x["init_ratio"], x["step_ms"], x["step_ratio"], x["step_ratio_paired"]) > 0, m
+        assert x["trainable_params"] > 0 and x["lora_layers"] > 0
+        assert (x["switch_ms"] is not None) == (m in ("dash", "tsd")), m  # only the dash methods switch
+        assert set(x["export_bytes"]) == ({"peft"} if m == "peft" else set(cost.EXPORT_FORMATS))
+        assert all(b > 0 for b in x["export_bytes"].values()), m
+        assert x["rss_extra_mb"] is None  # memory probe off ...
+    assert "peak RSS" in res["skipped"]  # ... and said so
+    layers = s["lora"]["lora_layers"]
+    assert s["dash"]["trainable_params"] == s["lora"]["trainable_params"] + overhead.S * layers  # + s λ per layer
+    # portable files fold dash to rank r + s (here 2r) and residualised inits to 2r; the native dash file is compact
+    assert s["dash"]["export_bytes"]["peft"] > 1.9 * s["lora"]["export_bytes"]["peft"]
+    assert s["lora"]["export_bytes"]["peft"] == pytest.approx(peft["export_bytes"]["peft"], rel=0.01)
+    assert s["lora"]["export_bytes"]["tsd"] < s["dash"]["export_bytes"]["tsd"] < s["dash"]["export_bytes"]["peft"]
+    assert s["pissa"]["export_bytes"]["peft"] > 1.9 * s["lora"]["export_bytes"]["peft"]
+
+
+def test_cost_cell_compares_our_eva_with_pefts_on_the_same_batches(cost_record):
+    eva = cost_record["result"]["eva"]
+    assert (eva["tau"], eva["max_batches"], eva["use_label_mask"]) == (0.99, 2, True) and eva["layers"] == 28
+    assert eva["ours"]["forwards"] == eva["peft"]["forwards"] == 3  # one probe forward + the cap of 2 batches
+    assert eva["ours"]["rank_sum"] == eva["peft"]["rank_sum"] == 8 * eva["layers"]  # the budget is kept on both sides
+    # same batches, tau, rho and SVD seed: the same ranks and the same subspaces as peft's EVA (before the fix of
+    # shared_input_groups, layers whose freed inputs' memory was reused were merged, and agreement was 0.39-0.82)
+    assert eva["rank_agreement"] == 1.0 and eva["init_ratio_ours_vs_peft"] > 0
+    assert eva["subspace_agreement_min"] == pytest.approx(1.0, abs=1e-4)
+    assert all(0 <= v <= 1 + 1e-9 for v in eva["subspace_per_layer"].values())
+
+
+def test_cost_report_renders_the_ratios_and_the_eva_comparison(cost_record, tmp_path):
+    s = cost_record["result"]["summary"]
+    md = cost.report([cost_record, {"config": {"kind": "cost", "model": "minilm"}, "skipped": "no MiniLM"}], tmp_path)
+    costs, eva = md.split("EVA, ours vs peft's")
+    rows = {line.split(" | ")[0].strip("| "): line for line in costs.splitlines() if line.startswith("| ")}
+    assert set(cost.METHODS) <= set(rows) and "1 (baseline)" in rows["peft"]
+    assert f"**{s['dash']['step_ratio']:.3f}** / {s['dash']['step_ratio_paired']:.3f}" in rows["dash"]
+    assert f"**{s['eva']['init_ratio']:.1f}**" in rows["eva"] and f"| {s['eva']['trainable_params']:,} |" in rows["eva"]
+    assert "| ours |" in eva and "| peft |" in eva
+    assert f"**{cost_record['result']['eva']['rank_agreement']:.3f}**" in eva
+    assert "subspace agreement" in md and "skipped: peak RSS" in md and "contention" in md
+    assert "### minilm" not in md  # skipped cells have no section
+    assert (tmp_path / "cost_llama.png").stat().st_size > 0
+
+
+def test_cost_cells_take_known_settings_only():
+    cfg, = cost.cells(["minilm"], repeats=5)
+    assert cfg["kind"] == "cost" and cfg["repeats"] == 5 and cfg["init"] == cost.DEFAULTS["init"]
+    with pytest.raises(ValueError, match="unknown cost cell setting"):
+        cost.cells(["llama"], repeat=5)
+
+
+def test_memory_probe_covers_a_data_driven_dash_method():
+    r = overhead.memory_probe("llama", "tsd", steps=overhead.T, overrides={"lora_init_steps": 2}, threads=1)
+    assert list(r["phase_peak_extra_mb"]) == ["attach", "train_before_switch", "switch", "train_after_switch"]
+    assert r["sampled_extra_mb"] == pytest.approx(max(r["phase_peak_extra_mb"].values())) and r["sampled_extra_mb"] > 0
