@@ -103,12 +103,15 @@ def run_one(cfg_path: Path) -> None:
     atomic_write_json(out, record)
 
 
-def run_suite(suite: str, only: list[str] | None, limit: int | None, shard: tuple[int, int] = (0, 1)) -> list[dict[str, Any]]:
+def run_suite(suite: str, only: list[str] | None, limit: int | None, shard: tuple[int, int] = (0, 1),
+              where: dict[str, str] | None = None) -> list[dict[str, Any]]:
     """Run the suite's missing cells in order; ``shard=(k, n)`` runs only every n-th cell from the k-th, so n
-    runners (e.g. one CPU thread each) share a suite without running a cell twice."""
+    runners (e.g. one CPU thread each) share a suite without running a cell twice; ``where`` keeps the cells whose
+    config has these values (compared as strings)."""
     cells_dir = RESULTS / suite / "cells"
     cells_dir.mkdir(parents=True, exist_ok=True)
-    todo = [c for c in suite_cells(suite) if not only or c["kind"] in only]
+    todo = [c for c in suite_cells(suite) if (not only or c["kind"] in only)
+            and all(str(c.get(k)) == v for k, v in (where or {}).items())]
     done = 0
     for i, cfg in enumerate(todo):
         name = cell_id(cfg)
@@ -183,6 +186,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--only", action="append", choices=["subject", "text", "tsd", "teacher", "cost"],
                     help="run only these cell kinds")
     ap.add_argument("--limit", type=int, default=None, help="run at most N new cells, then write the report")
+    ap.add_argument("--where", action="append", default=[], metavar="KEY=VALUE",
+                    help="run only the cells whose config has this value, e.g. method=dash (repeatable)")
     ap.add_argument("--shard", default="0/1", help="K/N: run only cells K, K+N, K+2N, ... (parallel runners)")
     ap.add_argument("--report_only", action="store_true", help="rebuild the report from the existing cell files")
     ap.add_argument("--cell", type=Path, help=argparse.SUPPRESS)  # internal: run one cell in this process
@@ -201,7 +206,8 @@ def main(argv: list[str] | None = None) -> None:
         k, n = (int(x) for x in args.shard.split("/"))
         if not 0 <= k < n:
             raise SystemExit(f"--shard {args.shard}: need 0 <= K < N")
-        records = run_suite(args.suite, args.only, args.limit, (k, n))
+        where = dict(w.split("=", 1) for w in args.where)
+        records = run_suite(args.suite, args.only, args.limit, (k, n), where)
     path = write_report(args.suite, records)
     print(path.read_text())
     print(f"wrote {path} ({time.perf_counter() - t:.0f} s)")

@@ -56,6 +56,26 @@ def test_finished_cells_are_not_run_again(tmp_path, monkeypatch):
     assert run.run_suite("quick", None, None) and launched == ["dash"]  # all done: nothing runs
 
 
+def test_shards_and_filters_split_a_suite_without_overlap(tmp_path, monkeypatch):
+    monkeypatch.setattr(run, "RESULTS", tmp_path)
+    cells = [{"kind": "teacher", "method": m, "seed": s} for s in (0, 1) for m in ("lora", "dash", "eva")]
+    monkeypatch.setattr(run, "suite_cells", lambda suite: cells)
+    launched = []
+
+    def fake_run(cmd, cwd):
+        cfg = json.loads(open(cmd[-1]).read())
+        launched.append((cfg["method"], cfg["seed"]))
+        open(cmd[-1].replace(".config.json", ".json"), "w").write(json.dumps({"config": cfg}))
+        return type("P", (), {"returncode": 0})()
+
+    monkeypatch.setattr(run.subprocess, "run", fake_run)
+    run.run_suite("full", None, None, where={"method": "dash"})
+    assert launched == [("dash", 0), ("dash", 1)]
+    run.run_suite("full", None, None, shard=(1, 2))  # cells 1, 3, 5 of the suite; 1 (dash, 0) is done
+    run.run_suite("full", None, None, shard=(0, 2))  # cells 0, 2, 4; 4 (dash, 1) is done
+    assert sorted(launched) == sorted((m, s) for s in (0, 1) for m in ("lora", "dash", "eva"))
+
+
 def test_text_report_picks_each_methods_best_lr_and_counts_steps_to_loras_loss(tmp_path):
     lora = [1.0, 0.8, 0.6, 0.5]
     records = [_text("lora", 1e-3, 0, 0.70, lora), _text("lora", 1e-3, 1, 0.80, lora),
