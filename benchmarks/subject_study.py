@@ -128,23 +128,30 @@ def summarize(results: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], str]
         if not values:
             return "–"
         sd = statistics.stdev(values) if len(values) > 1 else 0.0
-        return f"{statistics.mean(values):.3f} ± {sd:.3f}"
+        return f"{round(statistics.mean(values), 3) + 0.0:.3f} ± {sd:.3f}"  # + 0.0: no "-0.000"
 
     keys = [("subject_probe", 0, "sks: subject probe ↑"), ("subject_retrieval", 0, "sks: retrieval ↑"),
             ("class_accuracy", 0, "sks: class acc"), ("subject_probe", 1, "class prompt: probe (leak) ↓"),
             ("class_accuracy", 1, "class prompt: class acc ↑"), ("class_accuracy", 2, "other class: acc ↑"),
             ("diversity", 0, "sks: diversity")]
     groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    probe_of: dict[tuple[str, str, int], float] = {}  # (subject, method, seed) -> sks subject probe
     for r in results:
         if "result" in r:
-            groups.setdefault((r["config"]["subject"], r["config"]["method"]), []).append(r["result"])
-    for (_, method), rs in list(groups.items()):
-        groups.setdefault(("all", method), []).extend(rs)
+            c = r["config"]
+            groups.setdefault((c["subject"], c["method"]), []).append({**r["result"], "seed": c["seed"]})
+            probe_of[(c["subject"], c["method"], c["seed"])] = r["result"]["metrics"][0]["subject_probe"]
+    for (subject, method), rs in list(groups.items()):
+        groups.setdefault(("all", method), []).extend({**m, "subject": subject} for m in rs)
     rows = []
     for (subject, method), rs in sorted(groups.items(), key=lambda kv: (kv[0][0] == "all", kv[0][0], kv[0][1] != "base", kv[0][1])):
         row = {"subject": subject, "method": method, "n": len(rs)}
         for key, i, label in keys:
             row[label] = stat([m["metrics"][i][key] for m in rs])
+        # paired with lora on the same subject and seed: the comparison the study is for
+        paired = [m["metrics"][0]["subject_probe"] - probe_of[(m.get("subject", subject), "lora", m["seed"])]
+                  for m in rs if (m.get("subject", subject), "lora", m["seed"]) in probe_of]
+        row["sks probe − lora's (paired)"] = stat(paired) if method not in ("base", "lora") else "–"
         row["train s"] = stat([m.get("train_s") for m in rs])
         rows.append(row)
     header = list(rows[0]) if rows else []

@@ -97,10 +97,14 @@ def test_subject_summary_is_mean_and_std_over_seeds():
         return {"config": {"subject": "car", "method": method, "seed": seed}, "result": {"metrics": metrics}}
 
     rows, table = subject_study.summarize([rec("lora", 0, 0.2), rec("lora", 1, 0.4), rec("base", 0, 0.0),
+                                           rec("dash", 0, 0.3), rec("dash", 1, 0.3),
                                            {"config": {"subject": "cat", "method": "lora", "seed": 0}, "skipped": "x"}])
     lora = next(r for r in rows if r["subject"] == "car" and r["method"] == "lora")
     assert lora["n"] == 2 and lora["sks: subject probe ↑"] == f"0.300 ± {statistics.stdev([0.2, 0.4]):.3f}"
-    assert [r["method"] for r in rows if r["subject"] == "car"] == ["base", "lora"]  # base first
+    assert [r["method"] for r in rows if r["subject"] == "car"] == ["base", "dash", "lora"]  # base first
+    # dash - lora on the same seed: +0.1 and -0.1
+    dash = next(r for r in rows if r["subject"] == "all" and r["method"] == "dash")
+    assert dash["sks probe − lora's (paired)"] == f"0.000 ± {statistics.stdev([0.1, -0.1]):.3f}"
     assert any(r["subject"] == "all" for r in rows) and "| car | lora | 2 |" in table
 
 
