@@ -260,7 +260,7 @@ def report(records: list[dict[str, Any]], out_dir: Path) -> str:
         for band, m in groups:
             rs = [r["result"]["by_layer_type"][ty] for r in done if key(r) == (band, m)]
             cells.append(f"{statistics.mean(x['teacher_recall_final_abs'] for x in rs):.2f} / "
-                         f"{statistics.mean(x['recovered_change'] for x in rs):.3f}")
+                         f"{round(statistics.mean(x['recovered_change'] for x in rs), 3) + 0.0:.3f}")  # no -0.000
         lines.append(f"| {ty} | " + " | ".join(cells) + " |")
     lines += ["", f"![teacher study]({_plot(curves, c, out_dir / 'teacher_error.png')})", ""]
     return "\n".join(lines)

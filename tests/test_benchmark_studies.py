@@ -105,4 +105,4 @@ def test_teacher_study_cell_learns_toward_the_teacher(tmp_path: Path):
         assert set(r["by_layer_type"]) == {f"attn{a}.{t}" for a in (1, 2) for t in ("to_q", "to_k", "to_v", "to_out.0")}
         records.append({"config": cfg, "result": r})
     text = teacher_study.report(records, tmp_path)
-    assert "| moderate | dash | 1 |" in text and (tmp_path / "teacher_error.png").is_file()
+    assert "| moderate, δ* = 2 | dash | 1 |" in text and (tmp_path / "teacher_error.png").is_file()
