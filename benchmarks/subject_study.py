@@ -17,6 +17,7 @@ downscaled by the trainer; absent data -> the cell is skipped with the reason).
 
 from __future__ import annotations
 
+import csv
 import os
 from pathlib import Path
 from typing import Any
@@ -74,15 +75,13 @@ def run_cell(cfg: dict[str, Any], work: Path) -> dict[str, Any]:
             "--dash_warmup_steps", str(cfg["dash_warmup_steps"]), "--num_validation_images", str(cfg["num_images"]),
             "--checkpointing_steps", "1000000", *[x for q in p for x in ("--validation_prompt", q)]]
     summary = main(parse_args(argv))
-    import csv
-
     with open(work / "run" / "loss_log.csv") as f:
         log = list(csv.DictReader(f))
     adapters = summary["adapters"]
     return {"metrics": summary["validation_metrics"], "final_loss": summary["final_loss"],
             "train_s": float(log[-1]["elapsed"]), "loss_curve": [float(r["loss"]) for r in log],
             "trainable_parameters": sum(p.numel() for a in adapters.values() for p in a.trainable_parameters()),
-            "lora_file_bytes": (work / "run" / "pytorch_lora_weights.safetensors").stat().st_size}
+            "lora_file_bytes": (work / "run" / "pytorch_lora_weights.safetensors").mean_std().st_size}
 
 
 def score_base(cfg: dict[str, Any], photos: Path) -> list[dict[str, Any]]:
@@ -121,14 +120,7 @@ def report(records: list[dict[str, Any]], out_dir: Path) -> str:
 
 def summarize(results: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], str]:
     """Mean ± std over seeds per (subject, method) and per method over subjects; rows and a markdown table."""
-    import statistics
-
-    def stat(values: list[float]) -> str:
-        values = [v for v in values if v is not None]
-        if not values:
-            return "–"
-        sd = statistics.stdev(values) if len(values) > 1 else 0.0
-        return f"{round(statistics.mean(values), 3) + 0.0:.3f} ± {sd:.3f}"  # + 0.0: no "-0.000"
+    from .report import mean_std
 
     keys = [("subject_probe", 0, "sks: subject probe ↑"), ("subject_retrieval", 0, "sks: retrieval ↑"),
             ("class_accuracy", 0, "sks: class acc"), ("subject_probe", 1, "class prompt: probe (leak) ↓"),
@@ -147,12 +139,12 @@ def summarize(results: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], str]
     for (subject, method), rs in sorted(groups.items(), key=lambda kv: (kv[0][0] == "all", kv[0][0], kv[0][1] != "base", kv[0][1])):
         row = {"subject": subject, "method": method, "n": len(rs)}
         for key, i, label in keys:
-            row[label] = stat([m["metrics"][i][key] for m in rs])
+            row[label] = mean_std([m["metrics"][i][key] for m in rs])
         # paired with lora on the same subject and seed: the comparison the study is for
         paired = [m["metrics"][0]["subject_probe"] - probe_of[(m.get("subject", subject), "lora", m["seed"])]
                   for m in rs if (m.get("subject", subject), "lora", m["seed"]) in probe_of]
-        row["sks probe − lora's (paired)"] = stat(paired) if method not in ("base", "lora") else "–"
-        row["train s"] = stat([m.get("train_s") for m in rs])
+        row["sks probe − lora's (paired)"] = mean_std(paired) if method not in ("base", "lora") else "–"
+        row["train s"] = mean_std([m.get("train_s") for m in rs])
         rows.append(row)
     header = list(rows[0]) if rows else []
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]

@@ -223,7 +223,8 @@ def recovery(U: torch.Tensor, S: torch.Tensor, Vh: torch.Tensor, idx_true: torch
 
 
 def report(records: list[dict[str, Any]], out_dir: Path) -> str:
-    from .text_quality import METHODS, _ms
+    from .report import mean_std
+    from .text_quality import METHODS
 
     done = [r for r in records if "result" in r]
     if not done:
@@ -243,11 +244,11 @@ def report(records: list[dict[str, Any]], out_dir: Path) -> str:
         rs = [r["result"] for r in done if key(r) == (band, m)]
         at_switch = [x["teacher_recall_at_switch"] for x in rs if x["teacher_recall_at_switch"] is not None]
         shares = [x["dash_share"] for x in rs if x["dash_share"] is not None]
-        lines.append(f"| {band} | {m} | {len(rs)} | **{_ms([x['relative_error'] for x in rs])}** "
-                     f"| {_ms(at_switch) if at_switch else '–'} | {_ms([x['teacher_recall_final'] for x in rs])} / "
-                     f"{_ms([x['teacher_recall_final_abs'] for x in rs])} "
-                     f"| {_ms([x['recovered_change'] for x in rs])} | {_ms([x['energy_on_teacher'] for x in rs])} "
-                     f"| {_ms(shares) if shares else '–'} | {rs[0]['trainable_parameters']:,} |")
+        lines.append(f"| {band} | {m} | {len(rs)} | **{mean_std([x['relative_error'] for x in rs])}** "
+                     f"| {mean_std(at_switch) if at_switch else '–'} | {mean_std([x['teacher_recall_final'] for x in rs])} / "
+                     f"{mean_std([x['teacher_recall_final_abs'] for x in rs])} "
+                     f"| {mean_std([x['recovered_change'] for x in rs])} | {mean_std([x['energy_on_teacher'] for x in rs])} "
+                     f"| {mean_std(shares) if shares else '–'} | {rs[0]['trainable_parameters']:,} |")
         curves[f"{m} ({band})"] = ([p[0] for p in rs[0]["error_curve"]],
                                    [statistics.mean(x["error_curve"][i][1] for x in rs)
                                     for i in range(len(rs[0]["error_curve"]))])
@@ -260,7 +261,7 @@ def report(records: list[dict[str, Any]], out_dir: Path) -> str:
         for band, m in groups:
             rs = [r["result"]["by_layer_type"][ty] for r in done if key(r) == (band, m)]
             cells.append(f"{statistics.mean(x['teacher_recall_final_abs'] for x in rs):.2f} / "
-                         f"{round(statistics.mean(x['recovered_change'] for x in rs), 3) + 0.0:.3f}")  # no -0.000
+                         f"{round(statistics.mean(x['recovered_change'] for x in rs), 3) + 0.0:.3f}")  # + 0.0: no -0.000
         lines.append(f"| {ty} | " + " | ".join(cells) + " |")
     lines += ["", f"![teacher study]({_plot(curves, c, out_dir / 'teacher_error.png')})", ""]
     return "\n".join(lines)

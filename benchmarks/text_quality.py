@@ -16,6 +16,8 @@ import statistics
 from pathlib import Path
 from typing import Any
 
+from .report import mean_std
+
 TITLE = "Text quality"
 METHODS = ["lora", "dash", "lora_init", "tsd", "eva", "lora_da", "pissa", "lora_ga"]
 TASKS = {
@@ -96,19 +98,14 @@ def report(records: list[dict[str, Any]], out_dir: Path) -> str:
         for (method, rank), (lr, rs) in sorted(best.items(), key=lambda kv: (kv[0][1], METHODS.index(kv[0][0]))):
             target = curves.get(("lora", rank), [None])[-1]
             reach = next((i + 1 for i, v in enumerate(curves[(method, rank)]) if target is not None and v <= target), None)
-            lines.append(f"| {method} | {rank} | {lr:g} | {len(rs)} | {_ms([x['before']['accuracy'] for x in rs])} "
-                         f"| **{_ms([x['after']['accuracy'] for x in rs])}** | {_ms([x['train']['final_loss'] for x in rs])} "
+            lines.append(f"| {method} | {rank} | {lr:g} | {len(rs)} | {mean_std([x['before']['accuracy'] for x in rs])} "
+                         f"| **{mean_std([x['after']['accuracy'] for x in rs])}** | {mean_std([x['train']['final_loss'] for x in rs])} "
                          f"| {reach if reach is not None else 'not reached'} | {rs[0]['trainable_parameters']:,} "
                          f"| {rs[0]['adapter_file_bytes'] / 1024:.0f} KiB |")
         lines.append("")
         lines.append(f"![loss curves]({_plot(curves, out_dir / f'text_{model}_loss.png', model)})")
         lines.append("")
     return "\n".join(lines)
-
-
-def _ms(values: list[float]) -> str:
-    sd = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{statistics.mean(values):.3f} ± {sd:.3f}"
 
 
 def _plot(curves: dict[tuple[str, int], list[float]], path: Path, title: str) -> str:

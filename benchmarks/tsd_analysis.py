@@ -185,7 +185,7 @@ def run_cell(cfg: dict[str, Any], work: Path) -> dict[str, Any]:
 
 def report(records: list[dict[str, Any]], out_dir: Path) -> str:
     """Overlap@s vs t and the concentration / position properties, mean ± std over seeds, with plots."""
-    from .text_quality import _ms
+    from .report import mean_std
 
     done = [r for r in records if "result" in r]
     lines: list[str] = []
@@ -195,22 +195,22 @@ def report(records: list[dict[str, Any]], out_dir: Path) -> str:
         lines += [f"### {model}: {rs[0]['layers']} adapted layers (k = {rs[0]['k']}), s = {c['directions']}, "
                   f"{len(rs)} seed(s)", "",
                   f"LoRA r={c['rank']} at lr {c['lora_lr']:g}; full fine-tune of the same layers and the head at lr "
-                  f"{c['full_lr']:g} for {c['reference_steps']} steps. Accuracy: base {_ms([x['accuracy']['base'] for x in rs])}, "
-                  f"LoRA {_ms([x['accuracy']['lora'] for x in rs])}, full {_ms([x['accuracy']['full'] for x in rs])}.", "",
+                  f"{c['full_lr']:g} for {c['reference_steps']} steps. Accuracy: base {mean_std([x['accuracy']['base'] for x in rs])}, "
+                  f"LoRA {mean_std([x['accuracy']['lora'] for x in rs])}, full {mean_std([x['accuracy']['full'] for x in rs])}.", "",
                   f"Overlap@s of LoRA's TSDs at step t with the reference TSDs (a random choice: "
                   f"{statistics.mean(x['random_overlap'] for x in rs):.3f}):", "",
                   "| t | vs LoRA final | vs LoRA longer | vs full FT | Spearman δ vs full FT |", "|---|---|---|---|---|"]
         for i, t in enumerate(c["checkpoints"]):
             get = lambda key: [x["by_t"][i][key] for x in rs]  # noqa: E731
-            lines.append(f"| {t} | {_ms(get('overlap_final'))} | {_ms(get('overlap_longer'))} "
-                         f"| {_ms(get('overlap_full'))} | {_ms(get('spearman_full'))} |")
+            lines.append(f"| {t} | {mean_std(get('overlap_final'))} | {mean_std(get('overlap_longer'))} "
+                         f"| {mean_std(get('overlap_full'))} | {mean_std(get('spearman_full'))} |")
         lines += ["", "| update | top-s share of Σδ | same for a flat δ | median relative σ position of TSDs "
                   "| TSDs in top σ decile | in bottom decile |", "|---|---|---|---|---|---|"]
         for key, label in (("full", "full fine-tune"), ("lora_final", "LoRA final")):
             get = lambda k: [x[key][k] for x in rs]  # noqa: E731
-            lines.append(f"| {label} | {_ms(get('top_s_mass'))} | {_ms(get('flat_top_s_mass'))} "
-                         f"| {_ms(get('median_relative_position'))} | {_ms(get('share_in_top_decile'))} "
-                         f"| {_ms(get('share_in_bottom_decile'))} |")
+            lines.append(f"| {label} | {mean_std(get('top_s_mass'))} | {mean_std(get('flat_top_s_mass'))} "
+                         f"| {mean_std(get('median_relative_position'))} | {mean_std(get('share_in_top_decile'))} "
+                         f"| {mean_std(get('share_in_bottom_decile'))} |")
         lines += ["", f"![TSD analysis]({_plot(model, c, rs, out_dir / f'tsd_{model}.png')})", ""]
     return "\n".join(lines)
 

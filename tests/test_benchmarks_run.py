@@ -176,3 +176,19 @@ def test_memory_probe_covers_a_data_driven_dash_method():
     r = overhead.memory_probe("llama", "tsd", steps=overhead.T, overrides={"lora_init_steps": 2}, threads=1)
     assert list(r["phase_peak_extra_mb"]) == ["attach", "train_before_switch", "switch", "train_after_switch"]
     assert r["sampled_extra_mb"] == pytest.approx(max(r["phase_peak_extra_mb"].values())) and r["sampled_extra_mb"] > 0
+
+
+def test_subject_cells_are_skipped_with_the_reason_without_the_dreambooth_photos(tmp_path, monkeypatch):
+    monkeypatch.setenv("TSD_DREAMBOOTH_DATA", str(tmp_path / "absent"))
+    assert subject_study.dreambooth_data_dir() is None
+    cfg = subject_study.cells(["cat"], ["lora"], [0], steps=1)[0]
+    cfg_path = tmp_path / "suite" / "cells" / f"{run.cell_id(cfg)}.config.json"
+    cfg_path.parent.mkdir(parents=True)
+    cfg_path.write_text(json.dumps(cfg))
+    run.run_one(cfg_path)
+    record = json.loads(cfg_path.with_name(f"{run.cell_id(cfg)}.json").read_text())
+    assert "result" not in record and "DreamBooth photos of 'cat' are not here" in record["skipped"]
+    monkeypatch.setattr(run, "RESULTS", tmp_path)
+    (tmp_path / "quick").mkdir()
+    text = run.write_report("quick", [record]).read_text()
+    assert "Skipped cells: 1 (the DreamBooth photos of 'cat' are not here" in text
