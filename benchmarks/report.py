@@ -44,11 +44,11 @@ def write_result(result: dict[str, Any], out: Path, markdown: Callable[[dict[str
 
 
 def mean_std(values: list[float | None]) -> str:
-    """"mean ± std" to 3 decimals over the values that are not None ("–" if none; std 0 for one value)."""
+    """"mean ± std" (sample std) to 3 decimals over the values that are not None; one value alone, "–" if none."""
     import statistics
 
     values = [v for v in values if v is not None]
     if not values:
         return "–"
-    sd = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{round(statistics.mean(values), 3) + 0.0:.3f} ± {sd:.3f}"  # + 0.0 turns a rounded -0.0 into 0.0
+    mean = f"{round(statistics.mean(values), 3) + 0.0:.3f}"  # + 0.0 turns a rounded -0.0 into 0.0
+    return f"{mean} ± {statistics.stdev(values):.3f}" if len(values) > 1 else mean

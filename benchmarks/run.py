@@ -47,10 +47,13 @@ def suite_cells(suite: str) -> list[dict[str, Any]]:
                                                                      "lora_da", "pissa", "lora_ga"],
                                       [0, 1, 2], steps=200, batch_size=8, rank=4, dash_warmup_steps=100,
                                       num_images=16)  # the default recipe at half its batch (CPU time)
+        done = read_cells(suite)  # the text grid's second stage follows from its finished lr sweep
         text = [*text_quality.cells("minilm", text_quality.METHODS, ranks=[4, 16], seeds=[0, 1, 2],
-                                    lrs=[3e-4, 1e-3, 3e-3], steps=300, eval_examples=1000),
+                                    lrs=[3e-4, 1e-3, 3e-3], steps=200, eval_examples=1000, done=done,
+                                    extra_ranks={"lora": [32]}),
                 *text_quality.cells("smollm2", text_quality.METHODS, ranks=[4, 16], seeds=[0, 1, 2],
-                                    lrs=[1e-4, 5e-4, 2e-3], steps=150, eval_examples=400)]
+                                    lrs=[1e-4, 5e-4, 2e-3], steps=150, eval_examples=400, done=done,
+                                    extra_ranks={"lora": [32]})]
         tsd = [*tsd_analysis.cells(["minilm"], [0, 1, 2], rank=4, directions=8, lora_lr=1e-3, full_lr=5e-5,
                                    checkpoints=[10, 25, 50, 100, 200, 400], reference_steps=400, eval_examples=1000),
                *tsd_analysis.cells(["smollm2"], [0, 1, 2], rank=4, directions=8, lora_lr=5e-4, full_lr=1e-5,
@@ -105,20 +108,22 @@ def run_one(cfg_path: Path) -> None:
 
 def run_suite(suite: str, only: list[str] | None, limit: int | None, shard: tuple[int, int] = (0, 1),
               where: dict[str, str] | None = None) -> list[dict[str, Any]]:
-    """Run the suite's missing cells in order; ``shard=(k, n)`` runs only every n-th cell from the k-th, so n
+    """Run the suite's missing cells in order until none is left (a finished cell may add cells, e.g. the text
+    grid's second stage after its lr sweep); ``shard=(k, n)`` runs only the cells whose id hashes to k mod n, so n
     runners (e.g. one CPU thread each) share a suite without running a cell twice; ``where`` keeps the cells whose
     config has these values (compared as strings)."""
     cells_dir = RESULTS / suite / "cells"
     cells_dir.mkdir(parents=True, exist_ok=True)
-    todo = [c for c in suite_cells(suite) if (not only or c["kind"] in only)
-            and all(str(c.get(k)) == v for k, v in (where or {}).items())]
-    done = 0
-    for i, cfg in enumerate(todo):
-        name = cell_id(cfg)
-        if i % shard[1] != shard[0] or (cells_dir / f"{name}.json").is_file():
-            continue
-        if limit is not None and done >= limit:
+    done, tried = 0, set()
+    while limit is None or done < limit:
+        todo = [c for c in suite_cells(suite) if (not only or c["kind"] in only)
+                and all(str(c.get(k)) == v for k, v in (where or {}).items())]
+        mine = [(i, c, cell_id(c)) for i, c in enumerate(todo) if int(cell_id(c).rsplit("-", 1)[1], 16) % shard[1]
+                == shard[0] and cell_id(c) not in tried and not (cells_dir / f"{cell_id(c)}.json").is_file()]
+        if not mine:
             break
+        i, cfg, name = mine[0]
+        tried.add(name)
         cfg_path = cells_dir / f"{name}.config.json"
         cfg_path.write_text(json.dumps(cfg, indent=1, sort_keys=True) + "\n")
         label = ", ".join(f"{k}={v}" for k, v in cfg.items() if k in ("kind", "subject", "model", "method", "rank",
@@ -160,6 +165,12 @@ def write_report(suite: str, records: list[dict[str, Any]]) -> Path:
         dates = sorted(x["date"] for x in machines)
         head += [f"Machine: {m['processor']}, {m['cpu_count']} CPUs, {m['platform']}, Python {m['python']}; "
                  f"versions {', '.join(f'{k} {v}' for k, v in m['versions'].items())}; cells run {dates[0]} … {dates[-1]}."]
+    have = {cell_id(r["config"]) for r in records}
+    missing = [c["kind"] for c in suite_cells(suite) if cell_id(c) not in have]
+    if missing:
+        head += ["", f"Cells of the suite not run yet: {len(missing)} ("
+                 + ", ".join(f"{k} {missing.count(k)}" for k in cell_kinds() if k in missing)
+                 + "); the tables below are from the finished cells only."]
     skipped = [r for r in records if "skipped" in r]
     if skipped:
         head += ["", f"Skipped cells: {len(skipped)} (" + "; ".join(sorted({r['skipped'] for r in skipped})) + ")"]
@@ -188,7 +199,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--limit", type=int, default=None, help="run at most N new cells, then write the report")
     ap.add_argument("--where", action="append", default=[], metavar="KEY=VALUE",
                     help="run only the cells whose config has this value, e.g. method=dash (repeatable)")
-    ap.add_argument("--shard", default="0/1", help="K/N: run only cells K, K+N, K+2N, ... (parallel runners)")
+    ap.add_argument("--shard", default="0/1", help="K/N: run only the cells whose id hashes to K mod N (N parallel runners)")
     ap.add_argument("--report_only", action="store_true", help="rebuild the report from the existing cell files")
     ap.add_argument("--cell", type=Path, help=argparse.SUPPRESS)  # internal: run one cell in this process
     args = ap.parse_args(argv)

@@ -1,12 +1,13 @@
 """Text quality cells: ``apps/train_text.py`` on real models and data (run by ``python -m benchmarks.run``).
 
-- ``minilm``: all-MiniLM-L6-v2 (BERT) classifying Pang & Lee polarity sentences (eval: 1 000 held out);
+- ``minilm``: all-MiniLM-L6-v2 (BERT) classifying Pang & Lee polarity sentences (3 000 train, 1 000 held out);
 - ``smollm2``: SmolLM2-135M (LLaMA) on BIG-bench ``social_iqa``, multiple choice by length-normalised
   log-likelihood (eval: 400 held out).
 
-Each method is reported at its own best learning rate of the sweep (the lr with the best mean accuracy over
-seeds), mean ± std over seeds, with trainable parameters and the step at which it first reached plain LoRA's
-final training loss (loss smoothed over 10 steps).
+The grid runs in two stages so that every method is compared at its own best learning rate: a sweep (each method
+at the first rank and the first seed, every lr), then that method's best lr of the sweep at every rank and seed.
+Each row is mean ± std over seeds at that lr (the sweep's seed included), with trainable parameters, the stored
+adapter file, and the step at which the method first reached plain LoRA's final training loss (10-step mean).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from __future__ import annotations
 import csv
 import statistics
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 from .report import mean_std
 
@@ -22,18 +23,44 @@ TITLE = "Text quality"
 METHODS = ["lora", "dash", "lora_init", "tsd", "eva", "lora_da", "pissa", "lora_ga"]
 TASKS = {
     "minilm": dict(asset="minilm", data=("polarity", "polarity.csv"), task="classification", eval_split=1000,
-                   targets=["query", "key", "value", "dense"], batch=32, max_length=64, warmup=50),
+                   targets=["query", "key", "value", "dense"], batch=16, max_length=64, warmup=50),
     "smollm2": dict(asset="smollm2-135m", data=("bigbench", "social_iqa/task.json"), task="causal-mc",
                     eval_split=400, max_train_samples=1200,
                     targets=["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"], batch=8, max_length=128, warmup=30),
 }
 
 
+def _cell(model: str, method: str, rank: int, lr: float, seed: int, steps: int, eval_examples: int) -> dict[str, Any]:
+    return {"kind": "text", "model": model, "method": method, "rank": rank, "lr": lr, "seed": seed, "steps": steps,
+            "eval_examples": eval_examples}
+
+
+def best_lr(records: Iterable[dict[str, Any]], model: str, method: str, rank: int, seed: int,
+            lrs: list[float] | None = None) -> float | None:
+    """The lr of the sweep (``model``, ``method`` at ``rank`` and ``seed``) with the best held-out accuracy, the
+    smaller lr on a tie; ``None`` while any of ``lrs`` (when given) has no finished cell."""
+    acc = {r["config"]["lr"]: r["result"]["after"]["accuracy"] for r in records if "result" in r
+           and r["config"]["kind"] == "text"
+           and (r["config"]["model"], r["config"]["method"], r["config"]["rank"], r["config"]["seed"])
+           == (model, method, rank, seed)}
+    if not acc or (lrs is not None and not set(lrs) <= set(acc)):
+        return None
+    return max(sorted(acc), key=lambda lr: acc[lr])
+
+
 def cells(model: str, methods: list[str], *, ranks: list[int], seeds: list[int], lrs: list[float], steps: int,
-          eval_examples: int) -> list[dict[str, Any]]:
-    return [{"kind": "text", "model": model, "method": m, "rank": r, "lr": lr, "seed": s, "steps": steps,
-             "eval_examples": eval_examples}
-            for m in methods for r in ranks for lr in lrs for s in seeds]
+          eval_examples: int, done: Iterable[dict[str, Any]] = (),
+          extra_ranks: dict[str, list[int]] | None = None) -> list[dict[str, Any]]:
+    """The sweep (``ranks[0]``, ``seeds[0]``, every lr) and, for each method whose sweep is finished in ``done``
+    (or has one lr only), its best lr at every rank (``ranks`` plus its ``extra_ranks``) and seed."""
+    done = [r for r in done if r["config"].get("steps") == steps and r["config"].get("eval_examples") == eval_examples]
+    out = [_cell(model, m, ranks[0], lr, seeds[0], steps, eval_examples) for m in methods for lr in lrs]
+    for m in methods:
+        lr = lrs[0] if len(lrs) == 1 else best_lr(done, model, m, ranks[0], seeds[0], lrs)
+        if lr is not None:
+            out += [c for r in [*ranks, *(extra_ranks or {}).get(m, [])] for s in seeds
+                    if (c := _cell(model, m, r, lr, s, steps, eval_examples)) not in out]
+    return out
 
 
 def train_argv(cfg: dict[str, Any], work: Path) -> list[str]:
@@ -76,35 +103,51 @@ def _smooth(values: list[float], k: int = 10) -> list[float]:
 
 
 def report(records: list[dict[str, Any]], out_dir: Path) -> str:
-    """Tables (best lr per method, mean ± std over seeds) and a loss-curve plot per model."""
+    """Per model: the lr sweep, the table of each method at its best lr (mean ± std over seeds), the paper's
+    fewer-parameters comparison (dash at the smallest rank against lora at larger ones) and a loss-curve plot."""
     done = [r for r in records if "result" in r]
     lines = []
     for model in sorted({r["config"]["model"] for r in done}):
         rows = [r for r in done if r["config"]["model"] == model]
-        lines += [f"### {model}", "", "| method | rank | best lr | seeds | accuracy before | accuracy after | final loss "
-                  "| steps to lora's final loss | trainable params | adapter file |", "|---|---|---|---|---|---|---|---|---|---|"]
-        groups: dict[tuple[str, int, float], list[dict[str, Any]]] = {}
+        rank0, seed0 = min(r["config"]["rank"] for r in rows), min(r["config"]["seed"] for r in rows)
+        methods = [m for m in METHODS if any(r["config"]["method"] == m for r in rows)]
+        lrs = sorted({r["config"]["lr"] for r in rows})
+        chosen = {m: best_lr(rows, model, m, rank0, seed0) for m in methods}
+        sweep = {(r["config"]["method"], r["config"]["lr"]): r["result"]["after"]["accuracy"] for r in rows
+                 if (r["config"]["rank"], r["config"]["seed"]) == (rank0, seed0)}
+        lines += [f"### {model}", "", f"Learning-rate sweep (held-out accuracy, rank {rank0}, seed {seed0}; the best "
+                  "lr in bold is the one each method uses below):", "",
+                  "| method | " + " | ".join(f"lr {lr:g}" for lr in lrs) + " |", "|---" * (len(lrs) + 1) + "|"]
+        for m in methods:
+            cells_ = [("**{:.3f}**" if lr == chosen[m] else "{:.3f}").format(sweep[(m, lr)]) if (m, lr) in sweep
+                      else "–" for lr in lrs]
+            lines.append(f"| {m} | " + " | ".join(cells_) + " |")
+        groups: dict[tuple[str, int], list[dict[str, Any]]] = {}
         for r in rows:
             c = r["config"]
-            groups.setdefault((c["method"], c["rank"], c["lr"]), []).append(r["result"])
-        best: dict[tuple[str, int], tuple[float, list[dict[str, Any]]]] = {}
-        for (method, rank, lr), rs in groups.items():
-            acc = statistics.mean(x["after"]["accuracy"] for x in rs)
-            if (method, rank) not in best or acc > statistics.mean(x["after"]["accuracy"] for x in best[(method, rank)][1]):
-                best[(method, rank)] = (lr, rs)
-        curves = {}
-        for (method, rank), (lr, rs) in sorted(best.items(), key=lambda kv: (kv[0][1], METHODS.index(kv[0][0]))):
-            curves[(method, rank)] = [statistics.mean(v) for v in zip(*[_smooth(x["loss_curve"]) for x in rs])]
-        for (method, rank), (lr, rs) in sorted(best.items(), key=lambda kv: (kv[0][1], METHODS.index(kv[0][0]))):
+            if c["lr"] == chosen[c["method"]]:
+                groups.setdefault((c["method"], c["rank"]), []).append(r["result"])
+        order = sorted(groups, key=lambda k: (k[1], METHODS.index(k[0])))
+        curves = {k: [statistics.mean(v) for v in zip(*[_smooth(x["loss_curve"]) for x in groups[k]])] for k in order}
+        lines += ["", "| method | rank | lr | seeds | accuracy before | accuracy after | final loss "
+                  "| steps to lora's final loss | trainable params | adapter file |", "|---|---|---|---|---|---|---|---|---|---|"]
+        for method, rank in order:
+            rs = groups[(method, rank)]
             target = curves.get(("lora", rank), [None])[-1]
             reach = next((i + 1 for i, v in enumerate(curves[(method, rank)]) if target is not None and v <= target), None)
-            lines.append(f"| {method} | {rank} | {lr:g} | {len(rs)} | {mean_std([x['before']['accuracy'] for x in rs])} "
+            lines.append(f"| {method} | {rank} | {chosen[method]:g} | {len(rs)} | {mean_std([x['before']['accuracy'] for x in rs])} "
                          f"| **{mean_std([x['after']['accuracy'] for x in rs])}** | {mean_std([x['train']['final_loss'] for x in rs])} "
                          f"| {reach if reach is not None else 'not reached'} | {rs[0]['trainable_parameters']:,} "
                          f"| {rs[0]['adapter_file_bytes'] / 1024:.0f} KiB |")
-        lines.append("")
-        lines.append(f"![loss curves]({_plot(curves, out_dir / f'text_{model}_loss.png', model)})")
-        lines.append("")
+        bigger = [k for k in order if k[0] == "lora" and k[1] > rank0]
+        if ("dash", rank0) in groups and bigger:
+            def acc(k: tuple[str, int]) -> str:
+                rs = groups[k]
+                return (f"{k[0]} r={k[1]} {mean_std([x['after']['accuracy'] for x in rs])} "
+                        f"({rs[0]['trainable_parameters']:,} trainable)")
+            lines += ["", "Fewer parameters (the paper's claim that dash at a small rank matches lora at a larger one): "
+                      + " vs ".join(acc(k) for k in [("dash", rank0), *bigger]) + "."]
+        lines += ["", f"![loss curves]({_plot(curves, out_dir / f'text_{model}_loss.png', model)})", ""]
     return "\n".join(lines)
 
 

@@ -13,11 +13,11 @@ from benchmarks import cost, overhead, run, subject_study, text_quality
 TINY_INIT = {"lora_init_steps": 2, "eva_max_batches": 2, "lora_ga_batches": 2, "lora_da_num_samples": 16}
 
 
-def _text(method, lr, seed, acc, losses):
-    return {"config": {"kind": "text", "model": "minilm", "method": method, "rank": 4, "lr": lr, "seed": seed,
+def _text(method, lr, seed, acc, losses, rank=4, params=100):
+    return {"config": {"kind": "text", "model": "minilm", "method": method, "rank": rank, "lr": lr, "seed": seed,
                        "steps": len(losses), "eval_examples": 10},
             "result": {"before": {"accuracy": 0.5}, "after": {"accuracy": acc}, "train": {"final_loss": losses[-1]},
-                       "loss_curve": losses, "trainable_parameters": 100, "adapter_file_bytes": 2048}}
+                       "loss_curve": losses, "trainable_parameters": params, "adapter_file_bytes": 2048}}
 
 
 def test_cell_ids_follow_the_config_and_suites_are_well_formed():
@@ -71,22 +71,46 @@ def test_shards_and_filters_split_a_suite_without_overlap(tmp_path, monkeypatch)
     monkeypatch.setattr(run.subprocess, "run", fake_run)
     run.run_suite("full", None, None, where={"method": "dash"})
     assert launched == [("dash", 0), ("dash", 1)]
-    run.run_suite("full", None, None, shard=(1, 2))  # cells 1, 3, 5 of the suite; 1 (dash, 0) is done
-    run.run_suite("full", None, None, shard=(0, 2))  # cells 0, 2, 4; 4 (dash, 1) is done
+    shard_of = {(c["method"], c["seed"]): int(run.cell_id(c)[-12:], 16) % 2 for c in cells}
+    for k in (1, 0):
+        before = len(launched)
+        run.run_suite("full", None, None, shard=(k, 2))
+        assert {c for c in launched[before:]} == {c for c, s in shard_of.items() if s == k and c[0] != "dash"}
     assert sorted(launched) == sorted((m, s) for s in (0, 1) for m in ("lora", "dash", "eva"))
+
+
+def test_text_grid_sweeps_lrs_first_then_runs_each_methods_best_lr_at_every_rank_and_seed():
+    grid = dict(ranks=[4, 16], seeds=[0, 1], lrs=[1e-3, 3e-3], steps=4, eval_examples=10, extra_ranks={"lora": [32]})
+    sweep = text_quality.cells("minilm", ["lora", "dash"], **grid)
+    assert {(c["method"], c["rank"], c["lr"], c["seed"]) for c in sweep} == {
+        (m, 4, lr, 0) for m in ("lora", "dash") for lr in (1e-3, 3e-3)}
+    losses = [1.0] * 4
+    done = [_text("lora", 1e-3, 0, 0.7, losses), _text("lora", 3e-3, 0, 0.8, losses), _text("dash", 1e-3, 0, 0.9, losses),
+            _text("lora", 1e-3, 0, 0.99, [1.0] * 5)]  # another step budget: not part of this grid
+    second = [c for c in text_quality.cells("minilm", ["lora", "dash"], **grid, done=done) if c not in sweep]
+    # dash's sweep is unfinished (3e-3 missing); lora's best lr is 3e-3, run at ranks 4, 16, 32 x seeds 0, 1
+    assert sorted((c["method"], c["rank"], c["lr"], c["seed"]) for c in second) == [
+        ("lora", r, 3e-3, s) for r in (4, 16, 32) for s in (0, 1) if (r, s) != (4, 0)]
+    assert text_quality.best_lr(done, "minilm", "dash", 4, 0) == 1e-3
+    assert text_quality.best_lr(done, "minilm", "dash", 4, 0, [1e-3, 3e-3]) is None
+    single = text_quality.cells("minilm", ["dash"], **{**grid, "lrs": [1e-3]})  # one lr: no sweep to wait for
+    assert len(single) == 4
 
 
 def test_text_report_picks_each_methods_best_lr_and_counts_steps_to_loras_loss(tmp_path):
     lora = [1.0, 0.8, 0.6, 0.5]
     records = [_text("lora", 1e-3, 0, 0.70, lora), _text("lora", 1e-3, 1, 0.80, lora),
-               _text("lora", 3e-3, 0, 0.60, lora), _text("lora", 3e-3, 1, 0.60, lora),
-               _text("dash", 1e-3, 0, 0.90, [0.4] * 4), _text("dash", 1e-3, 1, 0.70, [0.4] * 4)]
+               _text("lora", 3e-3, 0, 0.60, lora), _text("lora", 3e-3, 1, 0.95, lora),
+               _text("dash", 1e-3, 0, 0.90, [0.4] * 4), _text("dash", 1e-3, 1, 0.70, [0.4] * 4),
+               _text("lora", 1e-3, 0, 0.75, lora, rank=16, params=400)]
     table = text_quality.report(records, tmp_path)
-    rows = {line.split(" | ")[0].strip("| "): line for line in table.splitlines() if line.startswith("| lora")
-            or line.startswith("| dash")}
-    assert "| 0.001 | 2 |" in rows["lora"] and f"{statistics.mean([0.7, 0.8]):.3f} ± {statistics.stdev([0.7, 0.8]):.3f}" in rows["lora"]
+    assert "| lora | **0.700** | 0.600 |" in table  # the sweep: rank 4, seed 0; lr 1e-3 wins there
+    rows = {line.split(" | ")[0].strip("| ") + line.split(" | ")[1]: line for line in table.splitlines()
+            if line.startswith(("| lora | 4 |", "| dash | 4 |", "| lora | 16 |"))}
+    assert "| 0.001 | 2 |" in rows["lora4"] and f"{statistics.mean([0.7, 0.8]):.3f} ± {statistics.stdev([0.7, 0.8]):.3f}" in rows["lora4"]
     # lora's smoothed final loss is mean(1, .8, .6, .5) = 0.725; lora's own curve reaches it at step 4, dash at 1
-    assert rows["lora"].split(" | ")[7] == "4" and rows["dash"].split(" | ")[7] == "1"
+    assert rows["lora4"].split(" | ")[7] == "4" and rows["dash4"].split(" | ")[7] == "1"
+    assert "dash r=4 0.800 ± 0.141 (100 trainable) vs lora r=16 0.750 (400 trainable)" in table
     assert (tmp_path / "text_minilm_loss.png").stat().st_size > 0
 
 
