@@ -81,7 +81,7 @@ def run_cell(cfg: dict[str, Any], work: Path) -> dict[str, Any]:
     return {"metrics": summary["validation_metrics"], "final_loss": summary["final_loss"],
             "train_s": float(log[-1]["elapsed"]), "loss_curve": [float(r["loss"]) for r in log],
             "trainable_parameters": sum(p.numel() for a in adapters.values() for p in a.trainable_parameters()),
-            "lora_file_bytes": (work / "run" / "pytorch_lora_weights.safetensors").mean_std().st_size}
+            "lora_file_bytes": (work / "run" / "pytorch_lora_weights.safetensors").stat().st_size}
 
 
 def score_base(cfg: dict[str, Any], photos: Path) -> list[dict[str, Any]]:

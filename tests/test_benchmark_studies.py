@@ -1,4 +1,5 @@
-"""The TSD analysis and teacher study cells of ``benchmarks.run``: their metrics on known answers, and tiny real runs."""
+"""The cells of ``benchmarks.run`` (TSD analysis, teacher study, subject study, text quality): their metrics on known
+answers, and tiny real runs of each cell's ``run_cell``."""
 
 import math
 from pathlib import Path
@@ -6,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from benchmarks import teacher_study, tsd_analysis
+from benchmarks import subject_study, teacher_study, text_quality, tsd_analysis
 from shared import tsd
 
 
@@ -106,3 +107,26 @@ def test_teacher_study_cell_learns_toward_the_teacher(tmp_path: Path):
         records.append({"config": cfg, "result": r})
     text = teacher_study.report(records, tmp_path)
     assert "| moderate, δ* = 2 | dash | 1 |" in text and (tmp_path / "teacher_error.png").is_file()
+
+
+@pytest.mark.slow
+def test_subject_cell_trains_and_scores_the_toy_car(tmp_path: Path):
+    cfg, = [c for c in subject_study.cells(["car"], ["dash"], [0], steps=3, batch_size=2, rank=2, dash_warmup_steps=1,
+                                           num_images=1) if c["method"] == "dash"]
+    r = subject_study.run_cell(cfg, tmp_path)
+    assert r["lora_file_bytes"] > 0 and r["trainable_parameters"] > 0 and len(r["loss_curve"]) == 3
+    assert [m["prompt"] for m in r["metrics"]] == subject_study.prompts("car")
+    assert all(0.0 <= m["class_accuracy"] <= 1.0 for m in r["metrics"])
+
+
+@pytest.mark.slow
+@pytest.mark.real_assets
+def test_text_cell_trains_real_minilm_on_polarity(tmp_path: Path):
+    from scripts.fetch_assets import asset_path
+
+    if not (asset_path("minilm") and asset_path("polarity")):
+        pytest.skip("assets minilm, polarity not fetched (python scripts/fetch_assets.py --only minilm polarity)")
+    cfg = text_quality.cells("minilm", ["lora"], ranks=[2], seeds=[0], lrs=[1e-3], steps=3, eval_examples=16)[0]
+    r = text_quality.run_cell(cfg, tmp_path)
+    assert r["after"]["num_examples"] == 16 and len(r["loss_curve"]) == 3
+    assert r["trainable_parameters"] > 0 and r["adapter_file_bytes"] > 0

@@ -3,7 +3,8 @@
 For every target layer the right singular vectors of its (masked) inputs are estimated by incremental
 PCA (peft's ``IncrementalPCA``, a port of sklearn's: centred, randomized SVD with a fixed seed). After
 each batch a layer counts as converged when the cosine similarity between successive components is at
-least τ for all components it is currently allotted. Ranks are redistributed over the global budget
+least τ for all components it is currently allotted; as in peft, a converged layer's PCA is frozen until a
+redistribution allots it more components than have converged. Ranks are redistributed over the global budget
 R = Σ_ℓ r by pooling the first round(ρ r) explained-variance ratios of every layer and keeping the top R
 (Sec. 3.2). Init: A = top-r'_ℓ components (rows divided by √σ_i with ``whiten``), B = 0, α scaled by r'/r
 so the LoRA scale stays α/r. Unlike peft, the number of batches is capped (``eva_max_batches``).
@@ -36,10 +37,13 @@ class EvaPCA:
         self.n_components = n_components
         self.tau = tau
         self.converged = torch.zeros(n_components, dtype=torch.bool)
+        self.needed = n_components  # components the current rank distribution asks of this group
         self.fitted = False
         self.pending: list[torch.Tensor] = []
 
     def update(self, x: torch.Tensor, g: torch.Tensor | None, batch_size: int) -> None:
+        if self.done(self.needed):
+            return  # frozen while converged, as peft removes the hook (refitted if a redistribution asks for more)
         # layers that see few rows per batch (a pooler sees one per sequence) are buffered across batches:
         # a randomized SVD step needs at least 2k rows
         self.pending.append(x)
@@ -91,7 +95,9 @@ def eva_components(model: nn.Module, targets: dict[str, nn.Module], config: Adap
             return False
         ratios = {n: accs[n].ipca.explained_variance_ratio_[: max_rank[n]].cpu() for n in targets}
         ranks = redistribute_ranks(ratios, budget)
-        return all(accs[g[0]].done(max(ranks[n] for n in g)) for g in groups)
+        for g in groups:
+            accs[g[0]].needed = max(ranks[n] for n in g)
+        return all(accs[g[0]].done(accs[g[0]].needed) for g in groups)
 
     n_used = collect(
         model, targets, accs, itertools.cycle(batches), forward_fn,
