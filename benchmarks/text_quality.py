@@ -55,11 +55,13 @@ def cells(model: str, methods: list[str], *, ranks: list[int], seeds: list[int],
     (or has one lr only), its best lr at every rank (``ranks`` plus its ``extra_ranks``) and seed."""
     done = [r for r in done if r["config"].get("steps") == steps and r["config"].get("eval_examples") == eval_examples]
     out = [_cell(model, m, ranks[0], lr, seeds[0], steps, eval_examples) for m in methods for lr in lrs]
-    for m in methods:
-        lr = lrs[0] if len(lrs) == 1 else best_lr(done, model, m, ranks[0], seeds[0], lrs)
-        if lr is not None:
-            out += [c for r in [*ranks, *(extra_ranks or {}).get(m, [])] for s in seeds
-                    if (c := _cell(model, m, r, lr, s, steps, eval_examples)) not in out]
+    best = {m: lrs[0] if len(lrs) == 1 else best_lr(done, model, m, ranks[0], seeds[0], lrs) for m in methods}
+    all_ranks = sorted({*ranks, *(r for m in methods for r in (extra_ranks or {}).get(m, []))})
+    # rank by rank, so that a partial run has every method's seeds at the first rank before any larger rank
+    for r in all_ranks:
+        out += [c for s in seeds for m in methods if best[m] is not None
+                and (r in ranks or r in (extra_ranks or {}).get(m, []))
+                and (c := _cell(model, m, r, best[m], s, steps, eval_examples)) not in out]
     return out
 
 
