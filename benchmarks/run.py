@@ -164,7 +164,8 @@ def write_report(suite: str, records: list[dict[str, Any]]) -> Path:
         m = machines[-1]
         dates = sorted(x["date"] for x in machines)
         head += [f"Machine: {m['processor']}, {m['cpu_count']} CPUs, {m['platform']}, Python {m['python']}; "
-                 f"versions {', '.join(f'{k} {v}' for k, v in m['versions'].items())}; cells run {dates[0]} … {dates[-1]}."]
+                 f"versions {', '.join(f'{k} {v}' for k, v in m['versions'].items())}; cells run {dates[0]} … {dates[-1]}; "
+                 f"the cells' wall times add up to {sum(r.get('wall_s', 0.0) for r in records) / 60:.1f} min."]
     have = {cell_id(r["config"]) for r in records}
     missing = [c["kind"] for c in suite_cells(suite) if cell_id(c) not in have]
     if missing:

@@ -144,7 +144,7 @@ def summarize(results: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], str]
         paired = [m["metrics"][0]["subject_probe"] - probe_of[(m.get("subject", subject), "lora", m["seed"])]
                   for m in rs if (m.get("subject", subject), "lora", m["seed"]) in probe_of]
         row["sks probe − lora's (paired)"] = mean_std(paired) if method not in ("base", "lora") else "–"
-        row["train s"] = mean_std([m.get("train_s") for m in rs])
+        row["train s"] = mean_std([m.get("train_s") for m in rs], digits=0)
         rows.append(row)
     header = list(rows[0]) if rows else []
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
