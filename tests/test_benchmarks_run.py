@@ -169,7 +169,7 @@ def test_cost_cell_compares_our_eva_with_pefts_on_the_same_batches(cost_record):
     assert eva["ours"]["rank_sum"] == eva["peft"]["rank_sum"] == 8 * eva["layers"]  # the budget is kept on both sides
     # same batches, tau, rho and SVD seed: the same ranks and the same subspaces as peft's EVA (before the fix of
     # shared_input_groups, layers whose freed inputs' memory was reused were merged, and agreement was 0.39-0.82)
-    assert eva["rank_agreement"] == eva["rank_agreement_up_to_ties"] == 1.0 and eva["init_ratio_ours_vs_peft"] > 0
+    assert eva["rank_agreement"] == eva["ranks_equal_up_to_ties"] == 1.0 and eva["init_ratio_ours_vs_peft"] > 0
     assert eva["subspace_agreement_min"] == pytest.approx(1.0, abs=1e-4)
     assert all(0 <= v <= 1 + 1e-9 for v in eva["subspace_per_layer"].values())
 
@@ -180,7 +180,7 @@ def test_our_eva_matches_pefts_when_layers_converge_at_different_batches():
     (spec,), _ = overhead.model_specs(["llama"])
     eva = cost.compare_eva(spec, spec.build(), {"eva_max_batches": 12}, overhead.ContentionGuard(wait_s=0.0))
     assert eva["ours"]["forwards"] == eva["peft"]["forwards"] and eva["ours"]["rank_sum"] == eva["peft"]["rank_sum"]
-    assert eva["rank_agreement_up_to_ties"] == 1.0  # q/k/v pool equal ratios; each side breaks their ties its way
+    assert eva["ranks_equal_up_to_ties"] == 1.0  # q/k/v pool equal ratios; each side breaks their ties its way
     assert eva["subspace_agreement_min"] == pytest.approx(1.0, abs=1e-4)
 
 
