@@ -94,10 +94,20 @@ def run_cell(cfg: dict[str, Any], work: Path) -> dict[str, Any]:
     result = main(parse_args(argv))
     with open(work / "loss_log.csv") as f:
         losses = [float(r["loss"]) for r in csv.DictReader(f)]
-    stored = sum(p.stat().st_size for p in work.glob("adapter_model.safetensors"))
+    adapter_file = work / "adapter_model.safetensors"
     return {"before": result.results["before"], "after": result.results["after"], "train": result.results["train"],
             "loss_curve": losses, "trainable_parameters": sum(p.numel() for p in result.adapter.trainable_parameters()),
-            "adapter_file_bytes": stored}
+            "stored_parameters": stored_parameters(adapter_file), "adapter_file_bytes": adapter_file.stat().st_size}
+
+
+def stored_parameters(path: Path) -> int:
+    """Values stored in a safetensors file (the saved adapter: LoRA factors, folded dash directions, the head)."""
+    import math
+
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        return sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
 
 
 def _smooth(values: list[float], k: int = 10) -> list[float]:
@@ -132,14 +142,16 @@ def report(records: list[dict[str, Any]], out_dir: Path) -> str:
         order = sorted(groups, key=lambda k: (k[1], METHODS.index(k[0])))
         curves = {k: [statistics.mean(v) for v in zip(*[_smooth(x["loss_curve"]) for x in groups[k]])] for k in order}
         lines += ["", "| method | rank | lr | seeds | accuracy before | accuracy after | final loss "
-                  "| steps to lora's final loss | trainable params | adapter file |", "|---|---|---|---|---|---|---|---|---|---|"]
+                  "| steps to lora's final loss | trainable params | stored params | adapter file |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
         for method, rank in order:
             rs = groups[(method, rank)]
             target = curves.get(("lora", rank), [None])[-1]
             reach = next((i + 1 for i, v in enumerate(curves[(method, rank)]) if target is not None and v <= target), None)
+            stored = next((f"{x['stored_parameters']:,}" for x in rs if "stored_parameters" in x), "–")
             lines.append(f"| {method} | {rank} | {chosen[method]:g} | {len(rs)} | {mean_std([x['before']['accuracy'] for x in rs])} "
                          f"| **{mean_std([x['after']['accuracy'] for x in rs])}** | {mean_std([x['train']['final_loss'] for x in rs])} "
-                         f"| {reach if reach is not None else 'not reached'} | {rs[0]['trainable_parameters']:,} "
+                         f"| {reach if reach is not None else 'not reached'} | {rs[0]['trainable_parameters']:,} | {stored} "
                          f"| {rs[0]['adapter_file_bytes'] / 1024:.0f} KiB |")
         bigger = [k for k in order if k[0] == "lora" and k[1] > rank0]
         if ("dash", rank0) in groups and bigger:

@@ -129,4 +129,4 @@ def test_text_cell_trains_real_minilm_on_polarity(tmp_path: Path):
     cfg = text_quality.cells("minilm", ["lora"], ranks=[2], seeds=[0], lrs=[1e-3], steps=3, eval_examples=16)[0]
     r = text_quality.run_cell(cfg, tmp_path)
     assert r["after"]["num_examples"] == 16 and len(r["loss_curve"]) == 3
-    assert r["trainable_parameters"] > 0 and r["adapter_file_bytes"] > 0
+    assert 0 < r["trainable_parameters"] <= r["stored_parameters"] < r["adapter_file_bytes"] / 4  # fp32 + header

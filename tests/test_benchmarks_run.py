@@ -17,7 +17,8 @@ def _text(method, lr, seed, acc, losses, rank=4, params=100):
     return {"config": {"kind": "text", "model": "minilm", "method": method, "rank": rank, "lr": lr, "seed": seed,
                        "steps": len(losses), "eval_examples": 10},
             "result": {"before": {"accuracy": 0.5}, "after": {"accuracy": acc}, "train": {"final_loss": losses[-1]},
-                       "loss_curve": losses, "trainable_parameters": params, "adapter_file_bytes": 2048}}
+                       "loss_curve": losses, "trainable_parameters": params, "stored_parameters": 3 * params,
+                       "adapter_file_bytes": 2048}}
 
 
 def test_cell_ids_follow_the_config_and_suites_are_well_formed():
@@ -110,6 +111,7 @@ def test_text_report_picks_each_methods_best_lr_and_counts_steps_to_loras_loss(t
     assert "| 0.001 | 2 |" in rows["lora4"] and f"{statistics.mean([0.7, 0.8]):.3f} ± {statistics.stdev([0.7, 0.8]):.3f}" in rows["lora4"]
     # lora's smoothed final loss is mean(1, .8, .6, .5) = 0.725; lora's own curve reaches it at step 4, dash at 1
     assert rows["lora4"].split(" | ")[7] == "4" and rows["dash4"].split(" | ")[7] == "1"
+    assert rows["lora4"].split(" | ")[8:11] == ["100", "300", "2 KiB |"]  # trainable, stored, file
     assert "dash r=4 0.800 ± 0.141 (100 trainable) vs lora r=16 0.750 (400 trainable)" in table
     assert (tmp_path / "text_minilm_loss.png").stat().st_size > 0
 
