@@ -12,6 +12,7 @@ a leaf that requires grad when nothing upstream does; everything downstream then
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Mapping
 from typing import Any, Callable, Iterable, Protocol
 
 import torch
@@ -37,10 +38,10 @@ def model_device(model: nn.Module) -> torch.device:
 
 
 def move_to(batch: Any, device: torch.device) -> Any:
-    """Move every tensor of a (nested) dict/list/tuple batch to ``device``."""
+    """Move every tensor of a (nested) mapping/list/tuple batch to ``device`` (mappings come back as dicts)."""
     if isinstance(batch, torch.Tensor):
         return batch.to(device)
-    if isinstance(batch, dict):
+    if isinstance(batch, Mapping):
         return {k: move_to(v, device) for k, v in batch.items()}
     if isinstance(batch, (list, tuple)):
         return type(batch)(move_to(v, device) for v in batch)
@@ -52,9 +53,9 @@ def default_forward_fn(model: nn.Module, batch: Any) -> Any:
 
     Forward-only statistics (EVA) need no loss, so batches without labels work there.
     """
-    if not isinstance(batch, dict):
+    if not isinstance(batch, Mapping):
         raise TypeError(
-            f"the default forward_fn needs dict batches (model(**batch)); got {type(batch).__name__}. "
+            f"the default forward_fn needs mapping batches (model(**batch)); got {type(batch).__name__}. "
             "Pass forward_fn=(model, batch) -> loss for other batch types"
         )
     out = model(**move_to(batch, model_device(model)))
@@ -76,7 +77,7 @@ def require_loss(loss: Any) -> torch.Tensor:
 
 def token_mask(batch: Any, use_label_mask: bool = True, ignore_index: int = -100) -> torch.Tensor | None:
     """Tokens that count: ``attention_mask`` and, if asked, ``labels != ignore_index`` (``inits.md`` §1.1 step 1)."""
-    if not isinstance(batch, dict):
+    if not isinstance(batch, Mapping):
         return None
     mask = batch.get("attention_mask")
     mask = mask.bool() if isinstance(mask, torch.Tensor) else None
@@ -91,9 +92,9 @@ def batch_size_of(batch: Any) -> int:
     """Number of samples in a batch: the leading dimension of its first tensor."""
     if isinstance(batch, torch.Tensor):
         return int(batch.shape[0]) if batch.dim() else 1
-    values = batch.values() if isinstance(batch, dict) else batch if isinstance(batch, (list, tuple)) else []
+    values = batch.values() if isinstance(batch, Mapping) else batch if isinstance(batch, (list, tuple)) else []
     for v in values:
-        if isinstance(v, (torch.Tensor, dict, list, tuple)):
+        if isinstance(v, (torch.Tensor, Mapping, list, tuple)):
             return batch_size_of(v)
     return 1
 

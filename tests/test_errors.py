@@ -73,6 +73,18 @@ def test_eva_needs_no_labels():
     assert len(adapter.layers) == 2
 
 
+def test_data_driven_inits_take_mapping_batches_such_as_batch_encoding():
+    import torch
+    from transformers import BatchEncoding
+
+    cfg = shared.AdapterConfig(method="eva", r=2, alpha=4, target_modules=["q_proj"], eva_max_batches=4)
+    batches = lm_batches()
+    as_dicts = shared.attach(tiny_llama(), cfg, data=batches)
+    as_encodings = shared.attach(tiny_llama(), cfg, data=[BatchEncoding(b) for b in batches])
+    for name in as_dicts.layers:
+        torch.testing.assert_close(as_encodings.lora_factors(name)[1], as_dicts.lora_factors(name)[1], atol=0, rtol=0)
+
+
 def test_loading_a_non_tsd_file_is_refused(tmp_path):
     from safetensors.torch import save_file
     import torch

@@ -109,6 +109,19 @@ def test_classification_dash_end_to_end_deberta(text, tmp_path):
     _assert_stock_peft_reproduces(result, base, _batch(model_dir, ["the film was great", "dull and weak film"]))
 
 
+@pytest.mark.parametrize("method", ["eva", "lora_da"])
+def test_classification_with_a_data_driven_init(text, tmp_path, method):
+    # the classification collator yields transformers' BatchEncoding (a Mapping, not a dict); EVA reads the
+    # loader's batches as they come
+    train_file, eval_file, model_dir = text
+    result = main(parse_args(["--model_name_or_path", str(model_dir), "--task", "classification", "--train_file",
+                              str(train_file), "--eval_file", str(eval_file), "--target_modules",
+                              "query_proj,value_proj", "--method", method, "--max_steps", "2", "--no-eval_before",
+                              "--output_dir", str(tmp_path / "o"), *QUICK, "--adapter_options",
+                              *INIT_OPTIONS[method]]))
+    assert result.adapter.config.method == method and result.results["after"]["num_examples"] == 12
+
+
 #: small statistics budgets for the data-driven inits (the toy task has 22 training rows)
 INIT_OPTIONS = {"lora_init": ["lora_init_steps=3"], "tsd": ["lora_init_steps=3"], "eva": ["eva_max_batches=4"],
                 "lora_da": ["lora_da_num_samples=16"], "lora_ga": ["lora_ga_batches=2"]}
