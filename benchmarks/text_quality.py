@@ -134,23 +134,32 @@ def report(records: list[dict[str, Any]], out_dir: Path) -> str:
             cells_ = [("**{:.3f}**" if lr == chosen[m] else "{:.3f}").format(sweep[(m, lr)]) if (m, lr) in sweep
                       else "–" for lr in lrs]
             lines.append(f"| {m} | " + " | ".join(cells_) + " |")
+        unfinished = [m for m in methods if any((m, lr) not in sweep for lr in lrs)]
+        if unfinished:
+            lines += ["", f"Sweep not finished for {', '.join(unfinished)}: their rows below use the best lr so far."]
         groups: dict[tuple[str, int], list[dict[str, Any]]] = {}
         for r in rows:
             c = r["config"]
             if c["lr"] == chosen[c["method"]]:
-                groups.setdefault((c["method"], c["rank"]), []).append(r["result"])
+                groups.setdefault((c["method"], c["rank"]), []).append({**r["result"], "seed": c["seed"]})
         order = sorted(groups, key=lambda k: (k[1], METHODS.index(k[0])))
         curves = {k: [statistics.mean(v) for v in zip(*[_smooth(x["loss_curve"]) for x in groups[k]])] for k in order}
-        lines += ["", "| method | rank | lr | seeds | accuracy before | accuracy after | final loss "
-                  "| steps to lora's final loss | trainable params | stored params | adapter file |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|"]
+        lines += ["", "Accuracy − lora's pairs each seed with lora's run at the same rank and seed (the seed also draws "
+                  "the held-out split, so pairing removes the split's variance).", "",
+                  "| method | rank | lr | seeds | accuracy before | accuracy after | accuracy − lora's (paired) "
+                  "| final loss | steps to lora's final loss | trainable params | stored params | adapter file |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for method, rank in order:
             rs = groups[(method, rank)]
             target = curves.get(("lora", rank), [None])[-1]
             reach = next((i + 1 for i, v in enumerate(curves[(method, rank)]) if target is not None and v <= target), None)
             stored = next((f"{x['stored_parameters']:,}" for x in rs if "stored_parameters" in x), "–")
+            lora_acc = {x["seed"]: x["after"]["accuracy"] for x in groups.get(("lora", rank), [])}
+            paired = "–" if method == "lora" else mean_std([x["after"]["accuracy"] - lora_acc[x["seed"]] for x in rs
+                                                             if x["seed"] in lora_acc])
             lines.append(f"| {method} | {rank} | {chosen[method]:g} | {len(rs)} | {mean_std([x['before']['accuracy'] for x in rs])} "
-                         f"| **{mean_std([x['after']['accuracy'] for x in rs])}** | {mean_std([x['train']['final_loss'] for x in rs])} "
+                         f"| **{mean_std([x['after']['accuracy'] for x in rs])}** | {paired} "
+                         f"| {mean_std([x['train']['final_loss'] for x in rs])} "
                          f"| {reach if reach is not None else 'not reached'} | {rs[0]['trainable_parameters']:,} | {stored} "
                          f"| {rs[0]['adapter_file_bytes'] / 1024:.0f} KiB |")
         bigger = [k for k in order if k[0] == "lora" and k[1] > rank0]

@@ -110,8 +110,11 @@ def test_text_report_picks_each_methods_best_lr_and_counts_steps_to_loras_loss(t
             if line.startswith(("| lora | 4 |", "| dash | 4 |", "| lora | 16 |"))}
     assert "| 0.001 | 2 |" in rows["lora4"] and f"{statistics.mean([0.7, 0.8]):.3f} ± {statistics.stdev([0.7, 0.8]):.3f}" in rows["lora4"]
     # lora's smoothed final loss is mean(1, .8, .6, .5) = 0.725; lora's own curve reaches it at step 4, dash at 1
-    assert rows["lora4"].split(" | ")[7] == "4" and rows["dash4"].split(" | ")[7] == "1"
-    assert rows["lora4"].split(" | ")[8:11] == ["100", "300", "2 KiB |"]  # trainable, stored, file
+    assert rows["lora4"].split(" | ")[8] == "4" and rows["dash4"].split(" | ")[8] == "1"
+    assert rows["lora4"].split(" | ")[9:12] == ["100", "300", "2 KiB |"]  # trainable, stored, file
+    # dash - lora on the same seed: 0.9 - 0.7 and 0.7 - 0.8
+    assert rows["dash4"].split(" | ")[6] == f"0.050 ± {statistics.stdev([0.2, -0.1]):.3f}"
+    assert "Sweep not finished for dash" in table  # dash has no cell at lr 3e-3
     assert "dash r=4 0.800 ± 0.141 (100 trainable) vs lora r=16 0.750 (400 trainable)" in table
     assert (tmp_path / "text_minilm_loss.png").stat().st_size > 0
 
