@@ -4,8 +4,8 @@
 - ``smollm2``: SmolLM2-135M (LLaMA) on BIG-bench ``social_iqa``, multiple choice by length-normalised
   log-likelihood (eval: 400 held out).
 
-The grid runs in two stages so that every method is compared at its own best learning rate: a sweep (each method
-at the first rank and the first seed, every lr), then that method's best lr of the sweep at every rank and seed.
+The grid runs rank by rank in two stages so that every method is compared at its own best learning rate: a sweep
+(each method at the first seed and every lr), then that method's best lr of the sweep at the other seeds.
 Each row is mean ± std over seeds at that lr (the sweep's seed included), with trainable parameters, the stored
 adapter file, and the step at which the method first reached plain LoRA's final training loss (10-step mean).
 """
@@ -51,17 +51,18 @@ def best_lr(records: Iterable[dict[str, Any]], model: str, method: str, rank: in
 def cells(model: str, methods: list[str], *, ranks: list[int], seeds: list[int], lrs: list[float], steps: int,
           eval_examples: int, done: Iterable[dict[str, Any]] = (),
           extra_ranks: dict[str, list[int]] | None = None) -> list[dict[str, Any]]:
-    """The sweep (``ranks[0]``, ``seeds[0]``, every lr) and, for each method whose sweep is finished in ``done``
-    (or has one lr only), its best lr at every rank (``ranks`` plus its ``extra_ranks``) and seed."""
+    """Rank by rank (``ranks`` plus a method's ``extra_ranks``): the sweep (every method at ``seeds[0]`` and every
+    lr) and, for each method whose sweep at that rank is finished in ``done`` (or has one lr only), its best lr at
+    every seed."""
     done = [r for r in done if r["config"].get("steps") == steps and r["config"].get("eval_examples") == eval_examples]
-    out = [_cell(model, m, ranks[0], lr, seeds[0], steps, eval_examples) for m in methods for lr in lrs]
-    best = {m: lrs[0] if len(lrs) == 1 else best_lr(done, model, m, ranks[0], seeds[0], lrs) for m in methods}
-    all_ranks = sorted({*ranks, *(r for m in methods for r in (extra_ranks or {}).get(m, []))})
-    # rank by rank, so that a partial run has every method's seeds at the first rank before any larger rank
-    for r in all_ranks:
-        out += [c for s in seeds for m in methods if best[m] is not None
-                and (r in ranks or r in (extra_ranks or {}).get(m, []))
-                and (c := _cell(model, m, r, best[m], s, steps, eval_examples)) not in out]
+    ranks_of = {m: [*ranks, *(extra_ranks or {}).get(m, [])] for m in methods}
+    out: list[dict[str, Any]] = []
+    for r in sorted({r for rs in ranks_of.values() for r in rs}):
+        at_r = [m for m in methods if r in ranks_of[m]]
+        out += [_cell(model, m, r, lr, seeds[0], steps, eval_examples) for m in at_r for lr in lrs]
+        best = {m: lrs[0] if len(lrs) == 1 else best_lr(done, model, m, r, seeds[0], lrs) for m in at_r}
+        out += [_cell(model, m, r, best[m], s, steps, eval_examples) for s in seeds[1:] for m in at_r
+                if best[m] is not None]
     return out
 
 
@@ -124,23 +125,25 @@ def report(records: list[dict[str, Any]], out_dir: Path) -> str:
         rank0, seed0 = min(r["config"]["rank"] for r in rows), min(r["config"]["seed"] for r in rows)
         methods = [m for m in METHODS if any(r["config"]["method"] == m for r in rows)]
         lrs = sorted({r["config"]["lr"] for r in rows})
-        chosen = {m: best_lr(rows, model, m, rank0, seed0) for m in methods}
-        sweep = {(r["config"]["method"], r["config"]["lr"]): r["result"]["after"]["accuracy"] for r in rows
-                 if (r["config"]["rank"], r["config"]["seed"]) == (rank0, seed0)}
-        lines += [f"### {model}", "", f"Learning-rate sweep (held-out accuracy, rank {rank0}, seed {seed0}; the best "
-                  "lr in bold is the one each method uses below):", "",
-                  "| method | " + " | ".join(f"lr {lr:g}" for lr in lrs) + " |", "|---" * (len(lrs) + 1) + "|"]
-        for m in methods:
-            cells_ = [("**{:.3f}**" if lr == chosen[m] else "{:.3f}").format(sweep[(m, lr)]) if (m, lr) in sweep
-                      else "–" for lr in lrs]
-            lines.append(f"| {m} | " + " | ".join(cells_) + " |")
-        unfinished = [m for m in methods if any((m, lr) not in sweep for lr in lrs)]
+        pairs = sorted({(r["config"]["method"], r["config"]["rank"]) for r in rows},
+                       key=lambda k: (k[1], METHODS.index(k[0])))
+        chosen = {(m, rank): best_lr(rows, model, m, rank, seed0) for m, rank in pairs}
+        sweep = {(r["config"]["method"], r["config"]["rank"], r["config"]["lr"]): r["result"]["after"]["accuracy"]
+                 for r in rows if r["config"]["seed"] == seed0}
+        lines += [f"### {model}", "", f"Learning-rate sweep (held-out accuracy, seed {seed0}; the best lr of each "
+                  "method and rank, in bold, is the one its row below uses):", "",
+                  "| method | rank | " + " | ".join(f"lr {lr:g}" for lr in lrs) + " |", "|---" * (len(lrs) + 2) + "|"]
+        for m, rank in pairs:
+            cells_ = [("**{:.3f}**" if lr == chosen[(m, rank)] else "{:.3f}").format(sweep[(m, rank, lr)])
+                      if (m, rank, lr) in sweep else "–" for lr in lrs]
+            lines.append(f"| {m} | {rank} | " + " | ".join(cells_) + " |")
+        unfinished = [f"{m} r={rank}" for m, rank in pairs if any((m, rank, lr) not in sweep for lr in lrs)]
         if unfinished:
             lines += ["", f"Sweep not finished for {', '.join(unfinished)}: their rows below use the best lr so far."]
         groups: dict[tuple[str, int], list[dict[str, Any]]] = {}
         for r in rows:
             c = r["config"]
-            if c["lr"] == chosen[c["method"]]:
+            if c["lr"] == chosen[(c["method"], c["rank"])]:
                 groups.setdefault((c["method"], c["rank"]), []).append({**r["result"], "seed": c["seed"]})
         order = sorted(groups, key=lambda k: (k[1], METHODS.index(k[0])))
         curves = {k: [statistics.mean(v) for v in zip(*[_smooth(x["loss_curve"]) for x in groups[k]])] for k in order}
@@ -157,7 +160,7 @@ def report(records: list[dict[str, Any]], out_dir: Path) -> str:
             lora_acc = {x["seed"]: x["after"]["accuracy"] for x in groups.get(("lora", rank), [])}
             paired = "–" if method == "lora" else mean_std([x["after"]["accuracy"] - lora_acc[x["seed"]] for x in rs
                                                              if x["seed"] in lora_acc])
-            lines.append(f"| {method} | {rank} | {chosen[method]:g} | {len(rs)} | {mean_std([x['before']['accuracy'] for x in rs])} "
+            lines.append(f"| {method} | {rank} | {chosen[(method, rank)]:g} | {len(rs)} | {mean_std([x['before']['accuracy'] for x in rs])} "
                          f"| **{mean_std([x['after']['accuracy'] for x in rs])}** | {paired} "
                          f"| {mean_std([x['train']['final_loss'] for x in rs])} "
                          f"| {reach if reach is not None else 'not reached'} | {rs[0]['trainable_parameters']:,} | {stored} "

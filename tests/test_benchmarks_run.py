@@ -80,18 +80,19 @@ def test_shards_and_filters_split_a_suite_without_overlap(tmp_path, monkeypatch)
     assert sorted(launched) == sorted((m, s) for s in (0, 1) for m in ("lora", "dash", "eva"))
 
 
-def test_text_grid_sweeps_lrs_first_then_runs_each_methods_best_lr_at_every_rank_and_seed():
+def test_text_grid_sweeps_lrs_at_each_rank_then_runs_the_best_lr_at_every_seed():
     grid = dict(ranks=[4, 16], seeds=[0, 1], lrs=[1e-3, 3e-3], steps=4, eval_examples=10, extra_ranks={"lora": [32]})
     sweep = text_quality.cells("minilm", ["lora", "dash"], **grid)
     assert {(c["method"], c["rank"], c["lr"], c["seed"]) for c in sweep} == {
-        (m, 4, lr, 0) for m in ("lora", "dash") for lr in (1e-3, 3e-3)}
+        (m, r, lr, 0) for m in ("lora", "dash") for r in (4, 16) for lr in (1e-3, 3e-3)} | {
+        ("lora", 32, lr, 0) for lr in (1e-3, 3e-3)}
     losses = [1.0] * 4
     done = [_text("lora", 1e-3, 0, 0.7, losses), _text("lora", 3e-3, 0, 0.8, losses), _text("dash", 1e-3, 0, 0.9, losses),
+            _text("lora", 1e-3, 0, 0.9, losses, rank=16), _text("lora", 3e-3, 0, 0.6, losses, rank=16),
             _text("lora", 1e-3, 0, 0.99, [1.0] * 5)]  # another step budget: not part of this grid
     second = [c for c in text_quality.cells("minilm", ["lora", "dash"], **grid, done=done) if c not in sweep]
-    # dash's sweep is unfinished (3e-3 missing); lora's best lr is 3e-3, run at ranks 4, 16, 32 x seeds 0, 1
-    assert sorted((c["method"], c["rank"], c["lr"], c["seed"]) for c in second) == [
-        ("lora", r, 3e-3, s) for r in (4, 16, 32) for s in (0, 1) if (r, s) != (4, 0)]
+    # dash's sweeps are unfinished; lora's best lr is 3e-3 at rank 4 and 1e-3 at rank 16 (each rank its own sweep)
+    assert [(c["method"], c["rank"], c["lr"], c["seed"]) for c in second] == [("lora", 4, 3e-3, 1), ("lora", 16, 1e-3, 1)]
     assert text_quality.best_lr(done, "minilm", "dash", 4, 0) == 1e-3
     assert text_quality.best_lr(done, "minilm", "dash", 4, 0, [1e-3, 3e-3]) is None
     single = text_quality.cells("minilm", ["dash"], **{**grid, "lrs": [1e-3]})  # one lr: no sweep to wait for
@@ -105,7 +106,7 @@ def test_text_report_picks_each_methods_best_lr_and_counts_steps_to_loras_loss(t
                _text("dash", 1e-3, 0, 0.90, [0.4] * 4), _text("dash", 1e-3, 1, 0.70, [0.4] * 4),
                _text("lora", 1e-3, 0, 0.75, lora, rank=16, params=400)]
     table = text_quality.report(records, tmp_path)
-    assert "| lora | **0.700** | 0.600 |" in table  # the sweep: rank 4, seed 0; lr 1e-3 wins there
+    assert "| lora | 4 | **0.700** | 0.600 |" in table  # the sweep: rank 4, seed 0; lr 1e-3 wins there
     rows = {line.split(" | ")[0].strip("| ") + line.split(" | ")[1]: line for line in table.splitlines()
             if line.startswith(("| lora | 4 |", "| dash | 4 |", "| lora | 16 |"))}
     assert "| 0.001 | 2 |" in rows["lora4"] and f"{statistics.mean([0.7, 0.8]):.3f} ± {statistics.stdev([0.7, 0.8]):.3f}" in rows["lora4"]
@@ -114,7 +115,7 @@ def test_text_report_picks_each_methods_best_lr_and_counts_steps_to_loras_loss(t
     assert rows["lora4"].split(" | ")[9:12] == ["100", "300", "2 KiB |"]  # trainable, stored, file
     # dash - lora on the same seed: 0.9 - 0.7 and 0.7 - 0.8
     assert rows["dash4"].split(" | ")[6] == f"0.050 ± {statistics.stdev([0.2, -0.1]):.3f}"
-    assert "Sweep not finished for dash" in table  # dash has no cell at lr 3e-3
+    assert "Sweep not finished for dash r=4, lora r=16" in table  # no cell at lr 3e-3
     assert "dash r=4 0.800 ± 0.141 (100 trainable) vs lora r=16 0.750 (400 trainable)" in table
     assert (tmp_path / "text_minilm_loss.png").stat().st_size > 0
 
