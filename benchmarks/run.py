@@ -71,6 +71,11 @@ TEACHER = dict(rank=4, directions=8, teacher_directions=8, batch_size=16, lr=1e-
 TEACHER_RATES = {"moderate": 4.0, "top": 0.5}
 
 
+def section_intro(module: Any) -> str:
+    """What a cell kind measures, for its report section: its module docstring without the title line."""
+    return module.__doc__.split("\n\n", 1)[1].strip()
+
+
 def cell_kinds() -> dict[str, Any]:
     """Cell kind -> its module (``run_cell(cfg, work)``, ``report(records, out_dir)``, ``TITLE``), in report order."""
     from . import cost, subject_study, teacher_study, text_quality, tsd_analysis
@@ -155,6 +160,8 @@ def write_report(suite: str, records: list[dict[str, Any]]) -> Path:
     the README's block between :data:`README_BEGIN` and :data:`README_END`."""
     import re
 
+    from . import claims
+
     from shared.io import atomic_write_text
 
     out = RESULTS / suite
@@ -176,10 +183,13 @@ def write_report(suite: str, records: list[dict[str, Any]]) -> Path:
     if skipped:
         head += ["", f"Skipped cells: {len(skipped)} (" + "; ".join(sorted({r['skipped'] for r in skipped})) + ")"]
     body: list[str] = []
+    checked = claims.report(records)
+    if checked:
+        body += ["", f"## {claims.TITLE}", "", section_intro(claims), "", checked]
     for kind, module in cell_kinds().items():
         mine = [r for r in records if r["config"]["kind"] == kind]
         if mine:
-            body += ["", f"## {module.TITLE}", "", module.__doc__.split("\n\n")[1], "", module.report(mine, out)]
+            body += ["", f"## {module.TITLE}", "", section_intro(module), "", module.report(mine, out)]
     path = out / "report.md"
     atomic_write_text(path, "\n".join([f"# Benchmark suite `{suite}`", "", *head, *body]) + "\n")
     if suite == "full" and README.is_file():

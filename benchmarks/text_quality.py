@@ -115,6 +115,20 @@ def _smooth(values: list[float], k: int = 10) -> list[float]:
     return [statistics.mean(values[max(0, i - k + 1):i + 1]) for i in range(len(values))]
 
 
+def at_best_lr(rows: list[dict[str, Any]]) -> tuple[dict[tuple[str, int], float], dict[tuple[str, int], list[dict[str, Any]]]]:
+    """For the finished cells ``rows`` of one model, per (method, rank) in rank then :data:`METHODS` order: the lr
+    its sweep chose (at the smallest seed) and the results at that lr, each with its ``seed``."""
+    model, seed0 = rows[0]["config"]["model"], min(r["config"]["seed"] for r in rows)
+    keys = sorted({(r["config"]["method"], r["config"]["rank"]) for r in rows}, key=lambda k: (k[1], METHODS.index(k[0])))
+    chosen = {(m, rank): best_lr(rows, model, m, rank, seed0) for m, rank in keys}
+    groups: dict[tuple[str, int], list[dict[str, Any]]] = {}
+    for r in sorted(rows, key=lambda r: r["config"]["seed"]):
+        c = r["config"]
+        if c["lr"] == chosen[(c["method"], c["rank"])]:
+            groups.setdefault((c["method"], c["rank"]), []).append({**r["result"], "seed": c["seed"]})
+    return chosen, {k: groups[k] for k in keys if k in groups}
+
+
 def report(records: list[dict[str, Any]], out_dir: Path) -> str:
     """Per model: the lr sweep, the table of each method at its best lr (mean ± std over seeds), the paper's
     fewer-parameters comparison (dash at the smallest rank against lora at larger ones) and a loss-curve plot."""
@@ -125,9 +139,8 @@ def report(records: list[dict[str, Any]], out_dir: Path) -> str:
         rank0, seed0 = min(r["config"]["rank"] for r in rows), min(r["config"]["seed"] for r in rows)
         methods = [m for m in METHODS if any(r["config"]["method"] == m for r in rows)]
         lrs = sorted({r["config"]["lr"] for r in rows})
-        pairs = sorted({(r["config"]["method"], r["config"]["rank"]) for r in rows},
-                       key=lambda k: (k[1], METHODS.index(k[0])))
-        chosen = {(m, rank): best_lr(rows, model, m, rank, seed0) for m, rank in pairs}
+        chosen, groups = at_best_lr(rows)
+        pairs = list(chosen)
         sweep = {(r["config"]["method"], r["config"]["rank"], r["config"]["lr"]): r["result"]["after"]["accuracy"]
                  for r in rows if r["config"]["seed"] == seed0}
         lines += [f"### {model}", "", f"Learning-rate sweep (held-out accuracy, seed {seed0}; the best lr of each "
@@ -140,12 +153,7 @@ def report(records: list[dict[str, Any]], out_dir: Path) -> str:
         unfinished = [f"{m} r={rank}" for m, rank in pairs if any((m, rank, lr) not in sweep for lr in lrs)]
         if unfinished:
             lines += ["", f"Sweep not finished for {', '.join(unfinished)}: their rows below use the best lr so far."]
-        groups: dict[tuple[str, int], list[dict[str, Any]]] = {}
-        for r in rows:
-            c = r["config"]
-            if c["lr"] == chosen[(c["method"], c["rank"])]:
-                groups.setdefault((c["method"], c["rank"]), []).append({**r["result"], "seed": c["seed"]})
-        order = sorted(groups, key=lambda k: (k[1], METHODS.index(k[0])))
+        order = list(groups)
         curves = {k: [statistics.mean(v) for v in zip(*[_smooth(x["loss_curve"]) for x in groups[k]])] for k in order}
         lines += ["", "Accuracy − lora's pairs each seed with lora's run at the same rank and seed (the seed also draws "
                   "the held-out split, so pairing removes the split's variance).", "",

@@ -8,7 +8,7 @@ import statistics
 import pytest
 
 import shared
-from benchmarks import cost, overhead, run, subject_study, text_quality
+from benchmarks import claims, cost, overhead, run, subject_study, text_quality
 
 TINY_INIT = {"lora_init_steps": 2, "eva_max_batches": 2, "lora_ga_batches": 2, "lora_da_num_samples": 16}
 
@@ -33,6 +33,13 @@ def test_cell_ids_follow_the_config_and_suites_are_well_formed():
     assert {c["subject"] for c in full if c["kind"] == "subject"} == set(subject_study.SUBJECTS)
     with pytest.raises(ValueError, match="unknown suite"):
         run.suite_cells("nope")
+
+
+def test_every_report_section_opens_with_whole_sentences():
+    # the section intro once stopped at the docstring's first blank line, mid-sentence ("They claim that")
+    for kind, module in run.cell_kinds().items():
+        intro = run.section_intro(module)
+        assert intro.rstrip().endswith((".", ")")), (kind, intro[-80:])
 
 
 def test_finished_cells_are_not_run_again(tmp_path, monkeypatch):
@@ -232,3 +239,38 @@ def test_subject_cells_are_skipped_with_the_reason_without_the_dreambooth_photos
     (tmp_path / "quick").mkdir()
     text = run.write_report("quick", [record]).read_text()
     assert "Skipped cells: 1 (the DreamBooth photos of 'cat' are not here" in text
+
+
+def test_paired_verdicts_need_every_seed_and_a_margin_over_the_noise():
+    assert claims.paired_verdict([0.02, 0.03, 0.025]) == "**holds**"
+    assert claims.paired_verdict([-0.02, -0.03, -0.025]) == "**does not hold**"
+    assert claims.paired_verdict([0.05, 0.04, -0.001]) == "within seed noise"  # one seed the other way
+    assert claims.paired_verdict([0.001, 0.2, 0.001]) == "within seed noise"  # mean 0.067 < 2 * 0.115 / √3
+    assert claims.paired_verdict([0.5]) == "one seed, no verdict"
+    assert claims.not_worse_verdict([0.001, -0.002, 0.0]).startswith("**holds**")
+    assert claims.not_worse_verdict([-0.02, -0.03, -0.025]) == "**does not hold**"
+
+
+def test_claims_report_pairs_dash_with_lora_by_seed_and_reads_the_direction_properties():
+    records = [_text("lora", 1e-3, s, acc, [1.0] * 4) for s, acc in enumerate((0.70, 0.72, 0.74))]
+    records += [_text("dash", 1e-3, s, acc, [1.0] * 4) for s, acc in enumerate((0.75, 0.78, 0.77))]
+    records += [_text("lora", 1e-3, s, acc, [1.0] * 4, rank=16, params=400) for s, acc in enumerate((0.80, 0.81, 0.82))]
+    by_t = [{"overlap_full": 0.3, "overlap_final": 0.4}]
+    props = {"top_s_mass": 0.5, "flat_top_s_mass": 0.02, "median_relative_position": 0.9, "share_in_top_decile": 0.0,
+             "share_in_bottom_decile": 0.8}
+    records.append({"config": {"kind": "tsd", "model": "minilm", "checkpoints": [10]},
+                    "result": {"by_t": by_t, "random_overlap": 0.02, "full": props}})
+    records += [{"config": {"kind": "teacher", "method": "dash", "teacher_band": "moderate", "directions": 8, "seed": s},
+                 "result": {"teacher_recall_at_switch": 0.5, "relative_error": 0.1, "k": [64]}} for s in (0, 1)]
+    text = claims.report(records)
+    rows = {line.split(" | ")[0].strip("| "): line for line in text.splitlines() if line.startswith("| text")}
+    same = rows["text, minilm r=4: held-out accuracy ↑"]
+    # dash - lora per seed: 0.05, 0.06, 0.03: all > 0, mean 0.047 > 2 * 0.015 / √3; 0.047 / 0.72 = 6.5 %
+    assert "| 0.047 ± 0.015 (+6.5 % of lora's) | 3 | **holds** |" in same
+    fewer = next(v for k, v in rows.items() if k.startswith("text, minilm: dash r=4"))
+    assert "| -0.043 ± 0.012" in fewer and fewer.endswith("| **does not hold** |")  # lora r=16 wins every seed
+    assert "(context) lora r=16 better than lora r=4" in text
+    assert "the top s carry 0.500 of Σδ, 25 times a flat δ's 0.020: **holds**" in text
+    assert "median relative σ position 0.900" in text and "they sit at the smallest σ" in text
+    assert "step 10 with the full fine-tune's 0.300" in text and "**in part**" in text
+    assert "recalls 0.500 of the teacher's directions, a random choice about 0.125: **holds**" in text

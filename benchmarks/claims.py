@@ -1,0 +1,163 @@
+"""The paper's claims, checked against the finished cells of a suite, each with its numbers and a verdict.
+
+Si et al. (arXiv 2409.01035) claim that LoRA-Dash beats LoRA at the same rank (commonsense average, LLaMA-7B r=4:
+39.5 -> 75.7; LLaMA3-8B r=16: 82.8 -> 84.4), that dash at a small rank matches LoRA at a larger one, and that
+task-specific directions (TSDs) are few, sit at moderate singular values and are visible after a few LoRA steps
+(Sec. 3-4). Every verdict below follows a fixed rule from the cell files, never a hand-written conclusion:
+
+- a comparison pairs runs of the same seed (and subject, rank or teacher band); over the n paired differences d
+  (signed so that d > 0 favours the claim's side), it **holds** when every d > 0 and mean(d) > 2 std(d) / √n,
+  **does not hold** when every d < 0 and -mean(d) > 2 std(d) / √n, and is **within seed noise** otherwise
+  (a single pair gets no verdict);
+- "few": the top s of the change rates δ carry at least 10 times the share s / k that a flat δ would;
+- "moderate σ": the median relative position (0 = largest σ, 1 = smallest) of the TSDs lies in [0.25, 0.75];
+- "visible early": overlap@s of the TSDs of LoRA at its first checkpoint with those of the full fine-tune is at
+  least 0.5 (**holds**), at least 5 times a random choice's (**in part**), or less (**does not hold**);
+- the teacher study: dash's switch recalls the teacher's directions at least 2 times as often as a random choice.
+
+A verdict says whether an effect is there, not whether it is large: the paired difference is also given in
+percent of the other side's mean, to set against the paper's gains (+36.2 and +1.6 accuracy points above).
+"""
+
+from __future__ import annotations
+
+import statistics
+from typing import Any
+
+from .report import mean_std
+
+TITLE = "The paper's claims, checked"
+
+
+def paired_verdict(diffs: list[float]) -> str:
+    """The rule above for paired differences ``diffs`` (> 0 favours the claim)."""
+    if len(diffs) < 2:
+        return "one seed, no verdict"
+    mean, margin = statistics.mean(diffs), 2 * statistics.stdev(diffs) / len(diffs) ** 0.5
+    if all(d > 0 for d in diffs) and mean > margin:
+        return "**holds**"
+    if all(d < 0 for d in diffs) and -mean > margin:
+        return "**does not hold**"
+    return "within seed noise"
+
+
+def not_worse_verdict(diffs: list[float]) -> str:
+    """Non-inferiority (the fewer-parameters claim): it fails only when the other side wins by the rule above."""
+    verdict = paired_verdict(diffs)
+    return verdict if verdict in ("one seed, no verdict", "**does not hold**") else "**holds** (not worse beyond seed noise)"
+
+
+def _paired(a: dict[Any, float], b: dict[Any, float], higher_is_better: bool = True) -> list[float]:
+    sign = 1.0 if higher_is_better else -1.0
+    return [sign * (a[k] - b[k]) for k in sorted(a) if k in b]
+
+
+def _line(what: str, a: str, b: str, va: dict[Any, float], vb: dict[Any, float], higher_is_better: bool = True,
+          verdict: Any = paired_verdict) -> str:
+    d = _paired(va, vb, higher_is_better)
+    size = f" ({100 * statistics.mean(d) / abs(statistics.mean(vb.values())):+.1f} % of {b}'s)" if d else ""
+    return (f"| {what} | {a} {mean_std(list(va.values()))} vs {b} {mean_std(list(vb.values()))} "
+            f"| {mean_std(d)}{size} | {len(d)} | {verdict(d)} |")
+
+
+def same_rank_lines(records: list[dict[str, Any]]) -> list[str]:
+    """dash vs lora at the same rank: text accuracy (each at its best lr), subject probe, teacher error."""
+    from .text_quality import at_best_lr
+
+    lines = []
+    done = [r for r in records if "result" in r]
+    text = [r for r in done if r["config"]["kind"] == "text"]
+    for model in sorted({r["config"]["model"] for r in text}):
+        _, groups = at_best_lr([r for r in text if r["config"]["model"] == model])
+        for rank in sorted({k[1] for k in groups}):
+            acc = {m: {x["seed"]: x["after"]["accuracy"] for x in groups.get((m, rank), [])} for m in ("dash", "lora")}
+            if acc["dash"] and acc["lora"]:
+                lines.append(_line(f"text, {model} r={rank}: held-out accuracy ↑", "dash", "lora", acc["dash"], acc["lora"]))
+    subject = [r for r in done if r["config"]["kind"] == "subject"]
+    for name in sorted({r["config"]["subject"] for r in subject}):
+        probe = {m: {r["config"]["seed"]: r["result"]["metrics"][0]["subject_probe"] for r in subject
+                     if (r["config"]["subject"], r["config"]["method"]) == (name, m)} for m in ("dash", "lora")}
+        if probe["dash"] and probe["lora"]:
+            lines.append(_line(f"subject {name}: sks subject probe ↑", "dash", "lora", probe["dash"], probe["lora"]))
+    teacher = [r for r in done if r["config"]["kind"] == "teacher"]
+    for band in sorted({r["config"]["teacher_band"] for r in teacher}):
+        err = {m: {r["config"]["seed"]: r["result"]["relative_error"] for r in teacher
+                   if (r["config"]["teacher_band"], r["config"]["method"]) == (band, m)} for m in ("dash", "lora")}
+        if err["dash"] and err["lora"]:
+            lines.append(_line(f"teacher, {band} band: relative error ↓", "dash", "lora", err["dash"], err["lora"],
+                               higher_is_better=False))
+    return lines
+
+
+def fewer_parameters_lines(records: list[dict[str, Any]]) -> list[str]:
+    """dash at the smallest rank vs lora at each larger rank (text accuracy), with lora at the small rank against
+    the same larger ranks: if lora itself gains nothing from the rank, the task cannot test the claim."""
+    from .text_quality import at_best_lr
+
+    lines = []
+    text = [r for r in records if "result" in r and r["config"]["kind"] == "text"]
+    for model in sorted({r["config"]["model"] for r in text}):
+        _, groups = at_best_lr([r for r in text if r["config"]["model"] == model])
+        acc = {k: {x["seed"]: x["after"]["accuracy"] for x in v} for k, v in groups.items()}
+        params = {k: v[0]["trainable_parameters"] for k, v in groups.items()}
+        small = min(rank for m, rank in groups if m == "dash") if any(m == "dash" for m, _ in groups) else None
+        for m, rank in groups:
+            if m == "lora" and small is not None and rank > small:
+                lines.append(_line(f"text, {model}: dash r={small} ({params[('dash', small)]:,} params) not worse than "
+                                   f"lora r={rank} ({params[('lora', rank)]:,} params)", f"dash r={small}",
+                                   f"lora r={rank}", acc[("dash", small)], acc[("lora", rank)],
+                                   verdict=not_worse_verdict))
+                if ("lora", small) in acc:
+                    lines.append(_line(f"text, {model}: (context) lora r={rank} better than lora r={small}",
+                                       f"r={rank}", f"r={small}", acc[("lora", rank)], acc[("lora", small)]))
+    return lines
+
+
+def direction_lines(records: list[dict[str, Any]]) -> list[str]:
+    """The TSD properties (the tsd cells, mean over seeds) and the teacher study's recall at the dash switch."""
+    lines = []
+    done = [r for r in records if "result" in r]
+    for model in sorted({r["config"]["model"] for r in done if r["config"]["kind"] == "tsd"}):
+        rs = [r["result"] for r in done if r["config"]["kind"] == "tsd" and r["config"]["model"] == model]
+        share = statistics.mean(x["full"]["top_s_mass"] for x in rs)
+        flat = statistics.mean(x["full"]["flat_top_s_mass"] for x in rs)
+        lines.append(f"- TSDs are few ({model}, full fine-tune, {len(rs)} seed(s)): the top s carry {share:.3f} of Σδ, "
+                     f"{share / flat:.0f} times a flat δ's {flat:.3f}: {'**holds**' if share >= 10 * flat else '**does not hold**'}.")
+        pos = statistics.mean(x["full"]["median_relative_position"] for x in rs)
+        top = statistics.mean(x["full"]["share_in_top_decile"] for x in rs)
+        bottom = statistics.mean(x["full"]["share_in_bottom_decile"] for x in rs)
+        where = ("**holds**" if 0.25 <= pos <= 0.75 else
+                 "**does not hold**: they sit at the " + ("smallest" if pos > 0.75 else "largest") + " σ")
+        lines.append(f"- TSDs at moderate σ ({model}, full fine-tune): median relative σ position {pos:.3f} "
+                     f"(0 = largest σ), {top:.3f} of them in the top σ decile, {bottom:.3f} in the bottom one: {where}.")
+        first = [x["by_t"][0] for x in rs]
+        t0 = next(r["config"]["checkpoints"][0] for r in done if r["config"]["kind"] == "tsd" and r["config"]["model"] == model)
+        overlap, chance = statistics.mean(b["overlap_full"] for b in first), statistics.mean(x["random_overlap"] for x in rs)
+        early = ("**holds**" if overlap >= 0.5 else
+                 "**in part**: far above chance, but most of the predicted directions are not the full fine-tune's"
+                 if overlap >= 5 * chance else "**does not hold**")
+        lines.append(f"- TSDs visible early ({model}): overlap@s of LoRA's TSDs at step {t0} with the full fine-tune's "
+                     f"{overlap:.3f}, against the final LoRA update's {statistics.mean(b['overlap_final'] for b in first):.3f}; "
+                     f"a random choice {chance:.3f}: {early}.")
+    teacher = [r for r in done if r["config"]["kind"] == "teacher" and r["config"]["method"] == "dash"]
+    for band in sorted({r["config"]["teacher_band"] for r in teacher}):
+        rs = [r for r in teacher if r["config"]["teacher_band"] == band]
+        recall = statistics.mean(r["result"]["teacher_recall_at_switch"] for r in rs)
+        chance = statistics.mean(r["config"]["directions"] / k for r in rs for k in r["result"]["k"])
+        lines.append(f"- Dash's switch finds the task's directions (teacher study, {band} band, {len(rs)} seed(s)): it "
+                     f"recalls {recall:.3f} of the teacher's directions, a random choice about {chance:.3f}: "
+                     f"{'**holds**' if recall >= 2 * chance else '**does not hold**'}.")
+    return lines
+
+
+def report(records: list[dict[str, Any]]) -> str:
+    """The comparison table (same rank, fewer parameters) and the direction properties, from finished cells."""
+    rows = same_rank_lines(records) + fewer_parameters_lines(records)
+    lines = []
+    if rows:
+        lines += ["| claim: dash better than lora, or as stated | measured (mean ± std over seeds) "
+                  "| paired difference (> 0 favours the claim) | pairs | verdict |", "|---|---|---|---|---|", *rows]
+    directions = direction_lines(records)
+    if directions:
+        lines += ["", *directions]
+    return "\n".join(lines)
