@@ -128,6 +128,11 @@ def direction_lines(records: list[dict[str, Any]]) -> list[str]:
         bottom = statistics.mean(x["full"]["share_in_bottom_decile"] for x in rs)
         where = ("**holds**" if 0.25 <= pos <= 0.75 else
                  "**does not hold**: they sit at the " + ("smallest" if pos > 0.75 else "largest") + " σ")
+        control = [x["full_by_abs_change"] for x in rs if "full_by_abs_change" in x]
+        if control:
+            where += (f" (control, {len(control)} seed(s): the top s by |Δσ| alone, without the division by σ, have "
+                      f"median position {statistics.mean(c['median_relative_position'] for c in control):.3f}, "
+                      f"{statistics.mean(c['share_in_bottom_decile'] for c in control):.3f} in the bottom decile)")
         lines.append(f"- TSDs at moderate σ ({model}, full fine-tune): median relative σ position {pos:.3f} "
                      f"(0 = largest σ), {top:.3f} of them in the top σ decile, {bottom:.3f} in the bottom one: {where}.")
         first = [x["by_t"][0] for x in rs]

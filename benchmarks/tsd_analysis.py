@@ -17,7 +17,9 @@ One cell (model, seed) measures these on a real model and task (the text cells' 
   its continuation ("longer", ``checkpoints[-1]``) and the full fine-tune ("full"), with the Spearman correlation
   of δ_t and δ_ref; a random choice of s of k directions overlaps s / k in expectation;
 - the concentration of δ (share of Σδ on the top s, against s / k for a flat δ) and the relative rank positions
-  (p - 1) / (k - 1) of the TSDs in the σ order (0: largest σ, 1: smallest), for the full fine-tune and LoRA.
+  (p - 1) / (k - 1) of the TSDs in the σ order (0: largest σ, 1: smallest), for the full fine-tune and LoRA;
+- a control for the positions: the same properties of the full fine-tune's top s by |Δσ_i| alone (δ_i σ_i, no
+  division by σ_i), which tells whether the TSDs' σ positions come from where the update acts or from the division.
 """
 
 from __future__ import annotations
@@ -129,10 +131,12 @@ def run_cell(cfg: dict[str, Any], work: Path) -> dict[str, Any]:
     full_losses = _train(run, full_params, cfg["full_lr"], cfg["reference_steps"], spec["batch"], cfg["seed"])
     acc_full = _accuracy(run, spec["batch"])
     full: dict[str, torch.Tensor] = {}
+    full_abs_change: dict[str, torch.Tensor] = {}
     for n, m in zip(names, bases):
         U, S, Vh = svd[n]
         dW = dense_weight(m).detach().float() - original.pop(n)
-        full[n] = tsd.change_rate(S, tsd.delta_sigma(U, Vh, dW, torch.eye(Vh.shape[1])))
+        d_sigma = tsd.delta_sigma(U, Vh, dW, torch.eye(Vh.shape[1]))
+        full[n], full_abs_change[n] = tsd.change_rate(S, d_sigma), d_sigma.abs()
     del run, adapter, bases, full_params, head
 
     # the LoRA run, δ_t recorded at each checkpoint from its factors against the same SVDs
@@ -180,7 +184,8 @@ def run_cell(cfg: dict[str, Any], work: Path) -> dict[str, Any]:
             "random_overlap": statistics.mean(s / svd[n][1].numel() for n in names),
             "accuracy": {"base": acc_before, "full": acc_full, "lora": acc_lora},
             "final_loss": {"full": statistics.mean(full_losses[-10:]), "lora": statistics.mean(lora_losses[-10:])},
-            "by_t": by_t, "full": properties(full), "lora_final": properties(refs["final"])}
+            "by_t": by_t, "full": properties(full), "lora_final": properties(refs["final"]),
+            "full_by_abs_change": properties(full_abs_change)}
 
 
 def report(records: list[dict[str, Any]], out_dir: Path) -> str:
@@ -206,8 +211,13 @@ def report(records: list[dict[str, Any]], out_dir: Path) -> str:
                          f"| {mean_std(get('overlap_full'))} | {mean_std(get('spearman_full'))} |")
         lines += ["", "| update | top-s share of Σδ | same for a flat δ | median relative σ position of TSDs "
                   "| TSDs in top σ decile | in bottom decile |", "|---|---|---|---|---|---|"]
-        for key, label in (("full", "full fine-tune"), ("lora_final", "LoRA final")):
-            get = lambda k: [x[key][k] for x in rs]  # noqa: E731
+        for key, label in (("full", "full fine-tune"), ("lora_final", "LoRA final"),
+                           ("full_by_abs_change", "control: full fine-tune, top s by \\|Δσ\\| (no ÷ σ)")):
+            has = [x for x in rs if key in x]  # the control was added after the first minilm seed had run
+            if not has:
+                continue
+            get = lambda k: [x[key][k] for x in has]  # noqa: E731
+            label += f", {len(has)} seed(s)" if len(has) < len(rs) else ""
             lines.append(f"| {label} | {mean_std(get('top_s_mass'))} | {mean_std(get('flat_top_s_mass'))} "
                          f"| {mean_std(get('median_relative_position'))} | {mean_std(get('share_in_top_decile'))} "
                          f"| {mean_std(get('share_in_bottom_decile'))} |")
@@ -232,8 +242,11 @@ def _plot(model: str, cfg: dict[str, Any], rs: list[dict[str, Any]], path: Path)
     ax1.set_ylabel("overlap@s")
     ax1.legend(fontsize=7)
     edges = [(i + 0.5) / POSITION_BINS for i in range(POSITION_BINS)]
-    for key, label in (("full", "full fine-tune"), ("lora_final", "LoRA final")):
-        hist = [statistics.mean(x[key]["position_histogram"][i] for x in rs) for i in range(POSITION_BINS)]
+    for key, label in (("full", "full fine-tune"), ("lora_final", "LoRA final"),
+                       ("full_by_abs_change", "control: full FT, top s by |Δσ|")):
+        if not any(key in x for x in rs):
+            continue
+        hist = [statistics.mean(x[key]["position_histogram"][i] for x in rs if key in x) for i in range(POSITION_BINS)]
         ax2.plot(edges, [h / sum(hist) for h in hist], marker="o", label=label)
     ax2.axhline(1 / POSITION_BINS, color="gray", ls=":", label="uniform")
     ax2.set_xlabel("relative position in the σ order (0 = largest σ)")

@@ -77,7 +77,7 @@ def test_tsd_analysis_cell_on_real_minilm(tmp_path: Path):
         for key in ("overlap_final", "overlap_longer", "overlap_full"):
             assert 0.0 <= row[key] <= 1.0
         assert -1.0 <= row["spearman_full"] <= 1.0 and not math.isnan(row["spearman_full"])
-    for key in ("full", "lora_final"):
+    for key in ("full", "lora_final", "full_by_abs_change"):
         props = r[key]
         assert sum(props["position_histogram"]) == r["layers"] * cfg["directions"]
         assert props["flat_top_s_mass"] < props["top_s_mass"] <= 1.0  # the top s carry more than a flat share
@@ -85,6 +85,7 @@ def test_tsd_analysis_cell_on_real_minilm(tmp_path: Path):
     assert r["random_overlap"] == pytest.approx(4 / 384)
     text = tsd_analysis.report([{"config": cfg, "result": r}], tmp_path)
     assert "| 3 |" in text and (tmp_path / "tsd_minilm.png").is_file()
+    assert "| control: full fine-tune, top s by \\|Δσ\\| (no ÷ σ) |" in text
 
 
 @pytest.mark.slow

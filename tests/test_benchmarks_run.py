@@ -260,6 +260,10 @@ def test_claims_report_pairs_dash_with_lora_by_seed_and_reads_the_direction_prop
              "share_in_bottom_decile": 0.8}
     records.append({"config": {"kind": "tsd", "model": "minilm", "checkpoints": [10]},
                     "result": {"by_t": by_t, "random_overlap": 0.02, "full": props}})
+    records.append({"config": {"kind": "tsd", "model": "minilm", "checkpoints": [10]},
+                    "result": {"by_t": by_t, "random_overlap": 0.02, "full": props,
+                               "full_by_abs_change": {**props, "median_relative_position": 0.4,
+                                                      "share_in_bottom_decile": 0.1}}})
     records += [{"config": {"kind": "teacher", "method": "dash", "teacher_band": "moderate", "directions": 8, "seed": s},
                  "result": {"teacher_recall_at_switch": 0.5, "relative_error": 0.1, "k": [64]}} for s in (0, 1)]
     text = claims.report(records)
@@ -272,5 +276,8 @@ def test_claims_report_pairs_dash_with_lora_by_seed_and_reads_the_direction_prop
     assert "(context) lora r=16 better than lora r=4" in text
     assert "the top s carry 0.500 of Σδ, 25 times a flat δ's 0.020: **holds**" in text
     assert "median relative σ position 0.900" in text and "they sit at the smallest σ" in text
+    # the |Δσ| control is read from the seeds that have it (here one of two)
+    assert "(control, 1 seed(s): the top s by |Δσ| alone, without the division by σ, have median position 0.400, " \
+           "0.100 in the bottom decile)" in text
     assert "step 10 with the full fine-tune's 0.300" in text and "**in part**" in text
     assert "recalls 0.500 of the teacher's directions, a random choice about 0.125: **holds**" in text
