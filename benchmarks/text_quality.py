@@ -24,7 +24,7 @@ METHODS = ["lora", "dash", "lora_init", "tsd", "eva", "lora_da", "pissa", "lora_
 TASKS = {
     "minilm": dict(asset="minilm", data=("polarity", "polarity.csv"), task="classification", eval_split=1000,
                    targets=["query", "key", "value", "dense"], batch=16, max_length=64, warmup=50),
-    "smollm2": dict(asset="smollm2-135m", data=("bigbench", "social_iqa/task.json"), task="causal-mc",
+    "smollm2": dict(asset="smollm2", data=("bigbench", "social_iqa/task.json"), task="causal-mc",
                     eval_split=400, max_train_samples=1200,
                     targets=["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"], batch=8, max_length=128, warmup=30),
 }

@@ -120,14 +120,24 @@ def test_subject_cell_trains_and_scores_the_toy_car(tmp_path: Path):
     assert all(0.0 <= m["class_accuracy"] <= 1.0 for m in r["metrics"])
 
 
+@pytest.mark.parametrize("model", sorted(text_quality.TASKS))
+def test_text_tasks_name_assets_the_fetcher_knows(model: str):
+    from scripts.fetch_assets import ASSETS
+
+    spec = text_quality.TASKS[model]
+    assert spec["asset"] in ASSETS and spec["data"][0] in ASSETS
+
+
 @pytest.mark.slow
 @pytest.mark.real_assets
-def test_text_cell_trains_real_minilm_on_polarity(tmp_path: Path):
+@pytest.mark.parametrize("model", sorted(text_quality.TASKS))
+def test_text_cell_trains_the_real_model_on_its_task(tmp_path: Path, model: str):
     from scripts.fetch_assets import asset_path
 
-    if not (asset_path("minilm") and asset_path("polarity")):
-        pytest.skip("assets minilm, polarity not fetched (python scripts/fetch_assets.py --only minilm polarity)")
-    cfg = text_quality.cells("minilm", ["lora"], ranks=[2], seeds=[0], lrs=[1e-3], steps=3, eval_examples=16)[0]
+    assets = [text_quality.TASKS[model]["asset"], text_quality.TASKS[model]["data"][0]]
+    if not all(asset_path(a) for a in assets):
+        pytest.skip(f"assets {', '.join(assets)} not fetched (python scripts/fetch_assets.py --only {' '.join(assets)})")
+    cfg = text_quality.cells(model, ["lora"], ranks=[2], seeds=[0], lrs=[1e-3], steps=3, eval_examples=16)[0]
     r = text_quality.run_cell(cfg, tmp_path)
     assert r["after"]["num_examples"] == 16 and len(r["loss_curve"]) == 3
     assert 0 < r["trainable_parameters"] <= r["stored_parameters"] < r["adapter_file_bytes"] / 4  # fp32 + header
