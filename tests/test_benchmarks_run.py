@@ -220,7 +220,12 @@ def test_cost_cells_take_known_settings_only():
 
 
 def test_memory_probe_covers_a_data_driven_dash_method():
-    r = overhead.memory_probe("llama", "tsd", steps=overhead.T, overrides={"lora_init_steps": 2}, threads=1)
+    # in a fresh process, as the suite runs it: inside pytest the heap already holds freed pages, the attach reuses
+    # them and RSS need not grow at all
+    (spec,), _ = overhead.model_specs(["llama"])
+    r = overhead.measure_memory(spec, steps=overhead.T, methods=("tsd",), overrides={"lora_init_steps": 2},
+                                threads=1)["tsd"]
+    assert "error" not in r, r.get("error")
     assert list(r["phase_peak_extra_mb"]) == ["attach", "train_before_switch", "switch", "train_after_switch"]
     assert r["sampled_extra_mb"] == pytest.approx(max(r["phase_peak_extra_mb"].values())) and r["sampled_extra_mb"] > 0
 
