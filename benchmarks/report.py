@@ -43,13 +43,16 @@ def write_result(result: dict[str, Any], out: Path, markdown: Callable[[dict[str
     print(f"\nwrote {out} ({result['wall_s']:.0f} s)")
 
 
-def mean_std(values: list[float | None], digits: int = 3) -> str:
-    """"mean ± std" (sample std) to ``digits`` decimals over the values that are not None; one value alone, "–" if
-    none."""
+def mean_std(values: list[float | None], digits: int = 3, significant: bool = False) -> str:
+    """"mean ± std" (sample std) to ``digits`` decimals (``significant``: significant digits, for values spanning
+    magnitudes) over the values that are not None; one value alone, "–" if none."""
     import statistics
 
     values = [v for v in values if v is not None]
     if not values:
         return "–"
+    if significant:
+        mean = f"{statistics.mean(values):.{digits}g}"
+        return f"{mean} ± {statistics.stdev(values):.{digits}g}" if len(values) > 1 else mean
     mean = f"{round(statistics.mean(values), digits) + 0.0:.{digits}f}"  # + 0.0 turns a rounded -0.0 into 0.0
     return f"{mean} ± {statistics.stdev(values):.{digits}f}" if len(values) > 1 else mean

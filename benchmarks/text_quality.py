@@ -98,7 +98,31 @@ def run_cell(cfg: dict[str, Any], work: Path) -> dict[str, Any]:
     adapter_file = work / "adapter_model.safetensors"
     return {"before": result.results["before"], "after": result.results["after"], "train": result.results["train"],
             "loss_curve": losses, "trainable_parameters": sum(p.numel() for p in result.adapter.trainable_parameters()),
-            "stored_parameters": stored_parameters(adapter_file), "adapter_file_bytes": adapter_file.stat().st_size}
+            "stored_parameters": stored_parameters(adapter_file), "adapter_file_bytes": adapter_file.stat().st_size,
+            **({"dash_scale": dash_scale(result.adapter)} if result.adapter.switched else {})}
+
+
+def dash_scale(adapter: Any) -> dict[str, float]:
+    """How large the trained dash term U_I diag(λ) V_Iᵀ is next to what it adds to (medians over layers and
+    directions i; U_I, V_I are orthonormal, so the term's Frobenius norm is ‖λ‖₂):
+
+    - ``lam_over_lora_norm``: ‖λ‖₂ / ‖γBA‖_F, the dash term against the LoRA update of the same layer;
+    - ``lam_over_sigma``: |λ_i| / σ_i, against the pretrained singular value it amplifies;
+    - ``lam_over_lora_dsigma``: |λ_i| / |u_iᵀ γBA v_i|, against the LoRA update's own change along direction i.
+    """
+    from shared import tsd
+
+    by_norm, by_sigma, by_dsigma = [], [], []
+    for name, layer in adapter.dash_layers.items():
+        dash = layer.tsd_dash
+        lam = dash.lam.detach().float().abs()
+        P, Q = adapter.update_factors(name)
+        lora_norm = float(((P.T @ P) * (Q @ Q.T)).sum().clamp_min(0).sqrt())
+        by_norm.append(float(lam.norm()) / lora_norm)
+        by_sigma += (lam / dash.sigma[dash.indices]).tolist()
+        by_dsigma += (lam / tsd.delta_sigma(dash.U.float(), dash.Vh.float(), P, Q).abs()).tolist()
+    return {"lam_over_lora_norm": statistics.median(by_norm), "lam_over_sigma": statistics.median(by_sigma),
+            "lam_over_lora_dsigma": statistics.median(by_dsigma)}
 
 
 def stored_parameters(path: Path) -> int:
@@ -173,6 +197,15 @@ def report(records: list[dict[str, Any]], out_dir: Path) -> str:
                          f"| {mean_std([x['train']['final_loss'] for x in rs])} "
                          f"| {reach if reach is not None else 'not reached'} | {rs[0]['trainable_parameters']:,} | {stored} "
                          f"| {rs[0]['adapter_file_bytes'] / 1024:.0f} KiB |")
+        scales = [(k, [x["dash_scale"] for x in groups[k] if "dash_scale" in x]) for k in order]
+        scales = [(k, xs) for k, xs in scales if xs]
+        if scales:
+            lines += ["", "Size of the trained dash term U_I diag(λ) V_Iᵀ at the end (medians over layers and directions, "
+                      "mean ± std over seeds): ‖λ‖ against the LoRA update's ‖γBA‖_F, and |λ_i| against the "
+                      "pretrained σ_i and against the LoRA update's own change u_iᵀ γBA v_i along the same direction.",
+                      "", "| method | rank | seeds | ‖λ‖ / ‖γBA‖_F | λ_i / σ_i | λ_i / (u_iᵀ γBA v_i) |", "|---|---|---|---|---|---|"]
+            lines += [f"| {m} | {rank} | {len(xs)} | " + " | ".join(mean_std([x[key] for x in xs], 2, significant=True) for key in
+                      ("lam_over_lora_norm", "lam_over_sigma", "lam_over_lora_dsigma")) + " |" for (m, rank), xs in scales]
         bigger = [k for k in order if k[0] == "lora" and k[1] > rank0]
         if ("dash", rank0) in groups and bigger:
             def acc(k: tuple[str, int]) -> str:

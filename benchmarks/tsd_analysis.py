@@ -58,7 +58,7 @@ def _train(run: Any, params: list[torch.nn.Parameter], lr: float, steps: int, ba
                 torch.nn.utils.clip_grad_norm_(params, 1.0)
                 opt.step()
                 opt.zero_grad(set_to_none=True)
-                losses.append(float(loss))
+                losses.append(loss.item())
                 bar.update(1)
                 if on_step is not None:
                     on_step(len(losses))

@@ -2,11 +2,14 @@
 answers, and tiny real runs of each cell's ``run_cell``."""
 
 import math
+import statistics
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import LLAMA_TARGETS, lm_batches, tiny_llama, train
 
+import shared
 from benchmarks import subject_study, teacher_study, text_quality, tsd_analysis
 from shared import tsd
 
@@ -141,3 +144,25 @@ def test_text_cell_trains_the_real_model_on_its_task(tmp_path: Path, model: str)
     r = text_quality.run_cell(cfg, tmp_path)
     assert r["after"]["num_examples"] == 16 and len(r["loss_curve"]) == 3
     assert 0 < r["trainable_parameters"] <= r["stored_parameters"] < r["adapter_file_bytes"] / 4  # fp32 + header
+
+
+def test_dash_scale_measures_the_trained_dash_term_against_dense_references():
+    adapter = shared.attach(tiny_llama(), shared.AdapterConfig(method="dash", r=4, alpha=8, target_modules=LLAMA_TARGETS,
+                                                               dash_warmup_steps=2, dash_directions=3))
+    train(adapter, lm_batches(), steps=5)
+    assert adapter.switched
+    norms, by_sigma, by_dsigma = [], [], []
+    for name, layer in adapter.dash_layers.items():
+        dash = layer.tsd_dash
+        assert torch.count_nonzero(dash.lam) > 0, name  # λ trained after the switch
+        term = (dash.U * dash.lam).detach() @ dash.Vh
+        lora = (adapter.delta_weight(name) - term).double()  # dense γBA
+        norms.append(float(term.norm() / lora.norm()))
+        S = torch.linalg.svdvals(adapter.original_weight(name).double())
+        by_sigma += (dash.lam.detach().abs().double() / S[dash.indices]).tolist()
+        by_dsigma += [abs(float(dash.lam.detach()[j])) / abs(float(dash.U[:, j].double() @ lora @ dash.Vh[j].double()))
+                      for j in range(dash.lam.numel())]
+    got = text_quality.dash_scale(adapter)
+    assert got["lam_over_lora_norm"] == pytest.approx(statistics.median(norms), rel=1e-4)
+    assert got["lam_over_sigma"] == pytest.approx(statistics.median(by_sigma), rel=1e-4)
+    assert got["lam_over_lora_dsigma"] == pytest.approx(statistics.median(by_dsigma), rel=1e-4)
