@@ -130,9 +130,13 @@ def direction_lines(records: list[dict[str, Any]]) -> list[str]:
                  "**does not hold**: they sit at the " + ("smallest" if pos > 0.75 else "largest") + " σ")
         control = [x["full_by_abs_change"] for x in rs if "full_by_abs_change" in x]
         if control:
+            cpos = statistics.mean(c["median_relative_position"] for c in control)
+            why = ("" if 0.25 <= pos <= 0.75 else "; so the update itself acts most along the same σ"
+                   if (cpos > 0.5) == (pos > 0.5) else "; so the update itself acts most along the other end of the "
+                   "spectrum, and the TSDs' place comes from the division by σ")
             where += (f" (control, {len(control)} seed(s): the top s by |Δσ| alone, without the division by σ, have "
-                      f"median position {statistics.mean(c['median_relative_position'] for c in control):.3f}, "
-                      f"{statistics.mean(c['share_in_bottom_decile'] for c in control):.3f} in the bottom decile)")
+                      f"median position {cpos:.3f}, {statistics.mean(c['share_in_bottom_decile'] for c in control):.3f} "
+                      f"in the bottom decile{why})")
         lines.append(f"- TSDs at moderate σ ({model}, full fine-tune): median relative σ position {pos:.3f} "
                      f"(0 = largest σ), {top:.3f} of them in the top σ decile, {bottom:.3f} in the bottom one: {where}.")
         first = [x["by_t"][0] for x in rs]

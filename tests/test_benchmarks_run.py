@@ -282,7 +282,9 @@ def test_claims_report_pairs_dash_with_lora_by_seed_and_reads_the_direction_prop
     assert "the top s carry 0.500 of Σδ, 25 times a flat δ's 0.020: **holds**" in text
     assert "median relative σ position 0.900" in text and "they sit at the smallest σ" in text
     # the |Δσ| control is read from the seeds that have it (here one of two)
+    # ... and read: TSDs at 0.9, |Δσ| alone at 0.4, so the division by σ moves them
     assert "(control, 1 seed(s): the top s by |Δσ| alone, without the division by σ, have median position 0.400, " \
-           "0.100 in the bottom decile)" in text
+           "0.100 in the bottom decile; so the update itself acts most along the other end of the spectrum, and the " \
+           "TSDs' place comes from the division by σ)" in text
     assert "step 10 with the full fine-tune's 0.300" in text and "**in part**" in text
     assert "recalls 0.500 of the teacher's directions, a random choice about 0.125: **holds**" in text
