@@ -203,7 +203,7 @@ def report(records: list[dict[str, Any]], out_dir: Path) -> str:
             lines += ["", "Size of the trained dash term U_I diag(λ) V_Iᵀ at the end (medians over layers and directions, "
                       "mean ± std over seeds): ‖λ‖ against the LoRA update's ‖γBA‖_F, and |λ_i| against the "
                       "pretrained σ_i and against the LoRA update's own change u_iᵀ γBA v_i along the same direction.",
-                      "", "| method | rank | seeds | ‖λ‖ / ‖γBA‖_F | λ_i / σ_i | λ_i / (u_iᵀ γBA v_i) |", "|---|---|---|---|---|---|"]
+                      "", "| method | rank | seeds | ‖λ‖ / ‖γBA‖_F | \\|λ_i\\| / σ_i | \\|λ_i\\| / \\|u_iᵀ γBA v_i\\| |", "|---|---|---|---|---|---|"]
             lines += [f"| {m} | {rank} | {len(xs)} | " + " | ".join(mean_std([x[key] for x in xs], 2, significant=True) for key in
                       ("lam_over_lora_norm", "lam_over_sigma", "lam_over_lora_dsigma")) + " |" for (m, rank), xs in scales]
         bigger = [k for k in order if k[0] == "lora" and k[1] > rank0]
