@@ -89,6 +89,25 @@ def same_rank_lines(records: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
+def dash_size_lines(records: list[dict[str, Any]]) -> list[str]:
+    """Context for the same-rank rows: how large dash's trained term is next to the LoRA update it adds to (the text
+    cells that record it, each at its best lr; see :func:`benchmarks.text_quality.dash_scale`)."""
+    from .text_quality import at_best_lr
+
+    lines = []
+    text = [r for r in records if "result" in r and r["config"]["kind"] == "text"]
+    for model in sorted({r["config"]["model"] for r in text}):
+        _, groups = at_best_lr([r for r in text if r["config"]["model"] == model])
+        for (m, rank), rs in groups.items():
+            xs = [x["dash_scale"] for x in rs if "dash_scale" in x]
+            if m == "dash" and xs:
+                lines.append(f"- Size of dash's term ({model} r={rank}, {len(xs)} seed(s), medians over layers): "
+                             f"‖λ‖ is {statistics.mean(x['lam_over_lora_norm'] for x in xs):.3f} of the LoRA update's "
+                             f"Frobenius norm, while |λ_i| is {statistics.mean(x['lam_over_sigma'] for x in xs):.2f} "
+                             f"of σ_i: it rescales its s directions strongly, but they carry little of the update.")
+    return lines
+
+
 def fewer_parameters_lines(records: list[dict[str, Any]]) -> list[str]:
     """dash at the smallest rank vs lora at each larger rank (text accuracy), with lora at the small rank against
     the same larger ranks: if lora itself gains nothing from the rank, the task cannot test the claim."""
@@ -166,7 +185,7 @@ def report(records: list[dict[str, Any]]) -> str:
     if rows:
         lines += ["| claim: dash better than lora, or as stated | measured (mean ± std over seeds) "
                   "| paired difference (> 0 favours the claim) | pairs | verdict |", "|---|---|---|---|---|", *rows]
-    directions = direction_lines(records)
+    directions = dash_size_lines(records) + direction_lines(records)
     if directions:
         lines += ["", *directions]
     return "\n".join(lines)

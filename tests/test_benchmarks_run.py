@@ -112,10 +112,13 @@ def test_text_report_picks_each_methods_best_lr_and_counts_steps_to_loras_loss(t
                _text("lora", 3e-3, 0, 0.60, lora), _text("lora", 3e-3, 1, 0.95, lora),
                _text("dash", 1e-3, 0, 0.90, [0.4] * 4), _text("dash", 1e-3, 1, 0.70, [0.4] * 4),
                _text("lora", 1e-3, 0, 0.75, lora, rank=16, params=400)]
+    for r, size in zip(records[4:6], (0.01, 0.03)):
+        r["result"]["dash_scale"] = {"lam_over_lora_norm": size, "lam_over_sigma": 0.5, "lam_over_lora_dsigma": 2.0}
     table = text_quality.report(records, tmp_path)
+    assert "| dash | 4 | 2 | 0.02 ± 0.014 | 0.5 ± 0 | 2 ± 0 |" in table  # the dash term's size, 2 significant digits
     assert "| lora | 4 | **0.700** | 0.600 |" in table  # the sweep: rank 4, seed 0; lr 1e-3 wins there
     rows = {line.split(" | ")[0].strip("| ") + line.split(" | ")[1]: line for line in table.splitlines()
-            if line.startswith(("| lora | 4 |", "| dash | 4 |", "| lora | 16 |"))}
+            if line.startswith(("| lora | 4 |", "| dash | 4 |", "| lora | 16 |")) and line.endswith(" KiB |")}
     assert "| 0.001 | 2 |" in rows["lora4"] and f"{statistics.mean([0.7, 0.8]):.3f} ± {statistics.stdev([0.7, 0.8]):.3f}" in rows["lora4"]
     # lora's smoothed final loss is mean(1, .8, .6, .5) = 0.725; lora's own curve reaches it at step 4, dash at 1
     assert rows["lora4"].split(" | ")[8] == "4" and rows["dash4"].split(" | ")[8] == "1"
@@ -259,6 +262,8 @@ def test_paired_verdicts_need_every_seed_and_a_margin_over_the_noise():
 def test_claims_report_pairs_dash_with_lora_by_seed_and_reads_the_direction_properties():
     records = [_text("lora", 1e-3, s, acc, [1.0] * 4) for s, acc in enumerate((0.70, 0.72, 0.74))]
     records += [_text("dash", 1e-3, s, acc, [1.0] * 4) for s, acc in enumerate((0.75, 0.78, 0.77))]
+    for r, size in zip(records[3:], (0.01, 0.02, 0.03)):
+        r["result"]["dash_scale"] = {"lam_over_lora_norm": size, "lam_over_sigma": 10 * size, "lam_over_lora_dsigma": 1.0}
     records += [_text("lora", 1e-3, s, acc, [1.0] * 4, rank=16, params=400) for s, acc in enumerate((0.80, 0.81, 0.82))]
     by_t = [{"overlap_full": 0.3, "overlap_final": 0.4}]
     props = {"top_s_mass": 0.5, "flat_top_s_mass": 0.02, "median_relative_position": 0.9, "share_in_top_decile": 0.0,
@@ -286,5 +291,7 @@ def test_claims_report_pairs_dash_with_lora_by_seed_and_reads_the_direction_prop
     assert "(control, 1 seed(s): the top s by |Δσ| alone, without the division by σ, have median position 0.400, " \
            "0.100 in the bottom decile; so the update itself acts most along the other end of the spectrum, and the " \
            "TSDs' place comes from the division by σ)" in text
+    assert "Size of dash's term (minilm r=4, 3 seed(s), medians over layers): ‖λ‖ is 0.020 of the LoRA update's " \
+           "Frobenius norm, while |λ_i| is 0.20 of σ_i" in text
     assert "step 10 with the full fine-tune's 0.300" in text and "**in part**" in text
     assert "recalls 0.500 of the teacher's directions, a random choice about 0.125: **holds**" in text
