@@ -1,9 +1,9 @@
 """The paper's claims, checked against the finished cells of a suite, each with its numbers and a verdict.
 
 Si et al. (arXiv 2409.01035) claim that LoRA-Dash beats LoRA at the same rank (commonsense average, LLaMA-7B r=4:
-39.5 -> 75.7; LLaMA3-8B r=16: 82.8 -> 84.4), that dash at a small rank matches LoRA at a larger one, and that
-task-specific directions (TSDs) are few, sit at moderate singular values and are visible after a few LoRA steps
-(Sec. 3-4). Every verdict below follows a fixed rule from the cell files, never a hand-written conclusion:
+39.5 -> 75.7; LLaMA3-8B r=16: 82.8 -> 84.4), that LoRA-Init and LoRA-TSD (the two combined) improve on LoRA too,
+that dash at a small rank matches LoRA at a larger one, and that task-specific directions (TSDs) are few, sit at
+moderate singular values and are visible after a few LoRA steps (Sec. 3-4). Every verdict below follows a fixed rule from the cell files, never a hand-written conclusion:
 
 - a comparison pairs runs of the same seed (and subject, rank or teacher band); over the n paired differences d
   (signed so that d > 0 favours the claim's side), it **holds** when every d > 0 and mean(d) > 2 std(d) / √n,
@@ -60,8 +60,12 @@ def _line(what: str, a: str, b: str, va: dict[Any, float], vb: dict[Any, float],
             f"| {mean_std(d)}{size} | {len(d)} | {verdict(d)} |")
 
 
+CHALLENGERS = ("dash", "lora_init", "tsd")  # the paper's methods, each claimed to improve on LoRA at the same rank
+
+
 def same_rank_lines(records: list[dict[str, Any]]) -> list[str]:
-    """dash vs lora at the same rank: text accuracy (each at its best lr), subject probe, teacher error."""
+    """Each of :data:`CHALLENGERS` vs lora at the same rank: text accuracy (each at its best lr), subject probe,
+    teacher error."""
     from .text_quality import at_best_lr
 
     lines = []
@@ -70,22 +74,21 @@ def same_rank_lines(records: list[dict[str, Any]]) -> list[str]:
     for model in sorted({r["config"]["model"] for r in text}):
         _, groups = at_best_lr([r for r in text if r["config"]["model"] == model])
         for rank in sorted({k[1] for k in groups}):
-            acc = {m: {x["seed"]: x["after"]["accuracy"] for x in groups.get((m, rank), [])} for m in ("dash", "lora")}
-            if acc["dash"] and acc["lora"]:
-                lines.append(_line(f"text, {model} r={rank}: held-out accuracy ↑", "dash", "lora", acc["dash"], acc["lora"]))
+            acc = {m: {x["seed"]: x["after"]["accuracy"] for x in groups.get((m, rank), [])} for m in ("lora", *CHALLENGERS)}
+            lines += [_line(f"text, {model} r={rank}: held-out accuracy ↑", m, "lora", acc[m], acc["lora"])
+                      for m in CHALLENGERS if acc[m] and acc["lora"]]
     subject = [r for r in done if r["config"]["kind"] == "subject"]
     for name in sorted({r["config"]["subject"] for r in subject}):
         probe = {m: {r["config"]["seed"]: r["result"]["metrics"][0]["subject_probe"] for r in subject
-                     if (r["config"]["subject"], r["config"]["method"]) == (name, m)} for m in ("dash", "lora")}
-        if probe["dash"] and probe["lora"]:
-            lines.append(_line(f"subject {name}: sks subject probe ↑", "dash", "lora", probe["dash"], probe["lora"]))
+                     if (r["config"]["subject"], r["config"]["method"]) == (name, m)} for m in ("lora", *CHALLENGERS)}
+        lines += [_line(f"subject {name}: sks subject probe ↑", m, "lora", probe[m], probe["lora"])
+                  for m in CHALLENGERS if probe[m] and probe["lora"]]
     teacher = [r for r in done if r["config"]["kind"] == "teacher"]
     for band in sorted({r["config"]["teacher_band"] for r in teacher}):
         err = {m: {r["config"]["seed"]: r["result"]["relative_error"] for r in teacher
-                   if (r["config"]["teacher_band"], r["config"]["method"]) == (band, m)} for m in ("dash", "lora")}
-        if err["dash"] and err["lora"]:
-            lines.append(_line(f"teacher, {band} band: relative error ↓", "dash", "lora", err["dash"], err["lora"],
-                               higher_is_better=False))
+                   if (r["config"]["teacher_band"], r["config"]["method"]) == (band, m)} for m in ("lora", *CHALLENGERS)}
+        lines += [_line(f"teacher, {band} band: relative error ↓", m, "lora", err[m], err["lora"], higher_is_better=False)
+                  for m in CHALLENGERS if err[m] and err["lora"]]
     return lines
 
 
@@ -183,7 +186,7 @@ def report(records: list[dict[str, Any]]) -> str:
     rows = same_rank_lines(records) + fewer_parameters_lines(records)
     lines = []
     if rows:
-        lines += ["| claim: dash better than lora, or as stated | measured (mean ± std over seeds) "
+        lines += ["| claim: the method better than lora, or as stated | measured (mean ± std over seeds) "
                   "| paired difference (> 0 favours the claim) | pairs | verdict |", "|---|---|---|---|---|", *rows]
     directions = dash_size_lines(records) + direction_lines(records)
     if directions:

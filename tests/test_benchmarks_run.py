@@ -265,6 +265,7 @@ def test_claims_report_pairs_dash_with_lora_by_seed_and_reads_the_direction_prop
     for r, size in zip(records[3:], (0.01, 0.02, 0.03)):
         r["result"]["dash_scale"] = {"lam_over_lora_norm": size, "lam_over_sigma": 10 * size, "lam_over_lora_dsigma": 1.0}
     records += [_text("lora", 1e-3, s, acc, [1.0] * 4, rank=16, params=400) for s, acc in enumerate((0.80, 0.81, 0.82))]
+    records += [_text("tsd", 1e-3, s, acc, [1.0] * 4) for s, acc in enumerate((0.69, 0.71, 0.75))]
     by_t = [{"overlap_full": 0.3, "overlap_final": 0.4}]
     props = {"top_s_mass": 0.5, "flat_top_s_mass": 0.02, "median_relative_position": 0.9, "share_in_top_decile": 0.0,
              "share_in_bottom_decile": 0.8}
@@ -277,8 +278,11 @@ def test_claims_report_pairs_dash_with_lora_by_seed_and_reads_the_direction_prop
     records += [{"config": {"kind": "teacher", "method": "dash", "teacher_band": "moderate", "directions": 8, "seed": s},
                  "result": {"teacher_recall_at_switch": 0.5, "relative_error": 0.1, "k": [64]}} for s in (0, 1)]
     text = claims.report(records)
-    rows = {line.split(" | ")[0].strip("| "): line for line in text.splitlines() if line.startswith("| text")}
-    same = rows["text, minilm r=4: held-out accuracy ↑"]
+    rows = {line.split(" | ")[0].strip("| ") + ": " + line.split(" | ")[1].split()[0]: line for line in text.splitlines()
+            if line.startswith("| text")}
+    same = rows["text, minilm r=4: held-out accuracy ↑: dash"]
+    # tsd - lora per seed: -0.01, -0.01, +0.01: mixed signs
+    assert rows["text, minilm r=4: held-out accuracy ↑: tsd"].endswith("| 3 | within seed noise |")
     # dash - lora per seed: 0.05, 0.06, 0.03: all > 0, mean 0.047 > 2 * 0.015 / √3; 0.047 / 0.72 = 6.5 %
     assert "| 0.047 ± 0.015 (+6.5 % of lora's) | 3 | **holds** |" in same
     fewer = next(v for k, v in rows.items() if k.startswith("text, minilm: dash r=4"))
