@@ -249,7 +249,7 @@ def report(records: list[dict[str, Any]], out_dir: Path) -> str:
                      f"{mean_std([x['teacher_recall_final_abs'] for x in rs])} "
                      f"| {mean_std([x['recovered_change'] for x in rs])} | {mean_std([x['energy_on_teacher'] for x in rs])} "
                      f"| {mean_std(shares) if shares else '–'} | {rs[0]['trainable_parameters']:,} |")
-        curves[f"{m} ({band})"] = ([p[0] for p in rs[0]["error_curve"]],
+        curves[(m, band)] = ([p[0] for p in rs[0]["error_curve"]],
                                    [statistics.mean(x["error_curve"][i][1] for x in rs)
                                     for i in range(len(rs[0]["error_curve"]))])
     types = sorted({ty for r in done for ty in r["result"]["by_layer_type"]})
@@ -267,20 +267,26 @@ def report(records: list[dict[str, Any]], out_dir: Path) -> str:
     return "\n".join(lines)
 
 
-def _plot(curves: dict[str, tuple[list[int], list[float]]], cfg: dict[str, Any], path: Path) -> str:
+def _plot(curves: dict[tuple[str, str], tuple[list[int], list[float]]], cfg: dict[str, Any], path: Path) -> str:
+    """One panel per teacher band (their errors differ in scale), one colour per method."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for m, (x, y) in curves.items():
-        ax.plot(x, y, label=m)
-    ax.axvline(cfg["dash_warmup_steps"], color="gray", ls=":", lw=0.8)
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("held-out MSE to teacher / base's")
-    ax.set_title("teacher study (mean over seeds; dotted: the dash switch)")
-    ax.legend(fontsize=7)
+    bands = list(dict.fromkeys(band for _, band in curves))
+    methods = list(dict.fromkeys(m for m, _ in curves))
+    fig, axes = plt.subplots(1, len(bands), figsize=(5 * len(bands), 4), squeeze=False)
+    for ax, band in zip(axes[0], bands):
+        for (m, b), (x, y) in curves.items():
+            if b == band:
+                ax.plot(x, y, label=m, color=plt.cm.tab10(methods.index(m) % 10))
+        ax.axvline(cfg["dash_warmup_steps"], color="gray", ls=":", lw=0.8)
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel("held-out MSE to teacher / base's")
+        ax.set_title(f"{band} band", fontsize=10)
+        ax.legend(fontsize=7)
+    fig.suptitle("teacher study (mean over seeds; dotted: the dash switch)")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
