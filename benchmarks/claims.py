@@ -94,7 +94,8 @@ def same_rank_lines(records: list[dict[str, Any]]) -> list[str]:
 
 def dash_size_lines(records: list[dict[str, Any]]) -> list[str]:
     """Context for the same-rank rows: how large dash's trained term is next to the LoRA update it adds to (the text
-    cells that record it, each at its best lr; see :func:`benchmarks.text_quality.dash_scale`)."""
+    cells that record it, each at its best lr; see :func:`benchmarks.text_quality.dash_scale`). "Strongly": |λ_i| at
+    least 0.05 of σ_i; "small next to the LoRA update": ‖λ‖ below 0.1 of ‖γBA‖_F."""
     from .text_quality import at_best_lr
 
     lines = []
@@ -104,10 +105,14 @@ def dash_size_lines(records: list[dict[str, Any]]) -> list[str]:
         for (m, rank), rs in groups.items():
             xs = [x["dash_scale"] for x in rs if "dash_scale" in x]
             if m == "dash" and xs:
+                norm = statistics.mean(x["lam_over_lora_norm"] for x in xs)
+                sigma = statistics.mean(x["lam_over_sigma"] for x in xs)
                 lines.append(f"- Size of dash's term ({model} r={rank}, {len(xs)} seed(s), medians over layers): "
-                             f"‖λ‖ is {statistics.mean(x['lam_over_lora_norm'] for x in xs):.3f} of the LoRA update's "
-                             f"Frobenius norm, while |λ_i| is {statistics.mean(x['lam_over_sigma'] for x in xs):.2f} "
-                             f"of σ_i: it rescales its s directions strongly, but they carry little of the update.")
+                             f"‖λ‖ is {norm:.3g} of the LoRA update's Frobenius norm and |λ_i| is {sigma:.3g} of σ_i: "
+                             + ("it rescales its s directions strongly" if sigma >= 0.05 else
+                                "it changes its s directions by a small fraction of their σ")
+                             + (", " + ("but" if sigma >= 0.05 else "and") + " the term is small next to the LoRA update."
+                                if norm < 0.1 else ", and the term is not small next to the LoRA update."))
     return lines
 
 

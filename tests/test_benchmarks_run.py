@@ -295,7 +295,8 @@ def test_claims_report_pairs_dash_with_lora_by_seed_and_reads_the_direction_prop
     assert "(control, 1 seed(s): the top s by |Δσ| alone, without the division by σ, have median position 0.400, " \
            "0.100 in the bottom decile; so the update itself acts most along the other end of the spectrum, and the " \
            "TSDs' place comes from the division by σ)" in text
-    assert "Size of dash's term (minilm r=4, 3 seed(s), medians over layers): ‖λ‖ is 0.020 of the LoRA update's " \
-           "Frobenius norm, while |λ_i| is 0.20 of σ_i" in text
+    assert "Size of dash's term (minilm r=4, 3 seed(s), medians over layers): ‖λ‖ is 0.02 of the LoRA update's " \
+           "Frobenius norm and |λ_i| is 0.2 of σ_i: it rescales its s directions strongly, but the term is small next " \
+           "to the LoRA update." in text
     assert "step 10 with the full fine-tune's 0.300" in text and "**in part**" in text
     assert "recalls 0.500 of the teacher's directions, a random choice about 0.125: **holds**" in text
