@@ -13,6 +13,9 @@ moderate singular values and are visible after a few LoRA steps (Sec. 3-4). Ever
 - "moderate σ": the median relative position (0 = largest σ, 1 = smallest) of the TSDs lies in [0.25, 0.75];
 - "visible early": overlap@s of the TSDs of LoRA at its first checkpoint with those of the full fine-tune is at
   least 0.5 (**holds**), at least 5 times a random choice's (**in part**), or less (**does not hold**);
+- "fewer parameters": dash at the small rank is not worse than lora at a larger one unless lora wins by the rule
+  above; when lora at the larger rank does not itself beat lora at the small rank (by the same rule), a "not worse"
+  is reported as **not tested here**, since any method that matches the small rank would pass;
 - the teacher study: dash's switch recalls the teacher's directions at least 2 times as often as a random choice.
 
 A verdict says whether an effect is there, not whether it is large: the paired difference is also given in
@@ -130,10 +133,17 @@ def fewer_parameters_lines(records: list[dict[str, Any]]) -> list[str]:
         small = min(rank for m, rank in groups if m == "dash") if any(m == "dash" for m, _ in groups) else None
         for m, rank in groups:
             if m == "lora" and small is not None and rank > small:
+                gains = ("lora", small) not in acc or paired_verdict(
+                    _paired(acc[("lora", rank)], acc[("lora", small)])) == "**holds**"
+
+                def verdict(d: list[float], gains: bool = gains, rank: int = rank) -> str:
+                    v = not_worse_verdict(d)
+                    return v if gains or not v.startswith("**holds**") else (
+                        f"**not tested here** (not worse, but lora r={rank} does not beat lora r={small} on this task)")
+
                 lines.append(_line(f"text, {model}: dash r={small} ({params[('dash', small)]:,} params) not worse than "
                                    f"lora r={rank} ({params[('lora', rank)]:,} params)", f"dash r={small}",
-                                   f"lora r={rank}", acc[("dash", small)], acc[("lora", rank)],
-                                   verdict=not_worse_verdict))
+                                   f"lora r={rank}", acc[("dash", small)], acc[("lora", rank)], verdict=verdict))
                 if ("lora", small) in acc:
                     lines.append(_line(f"text, {model}: (context) lora r={rank} better than lora r={small}",
                                        f"r={rank}", f"r={small}", acc[("lora", rank)], acc[("lora", small)]))

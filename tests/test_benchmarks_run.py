@@ -300,3 +300,17 @@ def test_claims_report_pairs_dash_with_lora_by_seed_and_reads_the_direction_prop
            "to the LoRA update." in text
     assert "step 10 with the full fine-tune's 0.300" in text and "**in part**" in text
     assert "recalls 0.500 of the teacher's directions, a random choice about 0.125: **holds**" in text
+
+
+def test_fewer_parameters_claim_is_untested_when_the_larger_lora_rank_gains_nothing():
+    def fewer_rows(lora16):
+        records = [_text("lora", 1e-3, s, acc, [1.0]) for s, acc in enumerate((0.70, 0.72, 0.74))]
+        records += [_text("dash", 1e-3, s, acc, [1.0]) for s, acc in enumerate((0.73, 0.73, 0.75))]
+        records += [_text("lora", 1e-3, s, acc, [1.0], rank=16, params=400) for s, acc in enumerate(lora16)]
+        return next(line for line in claims.fewer_parameters_lines(records) if "dash r=4" in line)
+
+    # lora r=16 - r=4 per seed: -0.01, 0.00, -0.01: no gain, so dash r=4 matching it says nothing
+    assert fewer_rows((0.69, 0.72, 0.73)).endswith(
+        "| **not tested here** (not worse, but lora r=16 does not beat lora r=4 on this task) |")
+    # +0.02, +0.02, +0.02: lora gains from the rank; dash r=4 - lora r=16: +0.01, -0.01, -0.01 (mixed): not worse
+    assert fewer_rows((0.72, 0.74, 0.76)).endswith("| **holds** (not worse beyond seed noise) |")
