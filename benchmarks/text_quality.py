@@ -177,6 +177,11 @@ def report(records: list[dict[str, Any]], out_dir: Path) -> str:
         unfinished = [f"{m} r={rank}" for m, rank in pairs if any((m, rank, lr) not in sweep for lr in lrs)]
         if unfinished:
             lines += ["", f"Sweep not finished for {', '.join(unfinished)}: their rows below use the best lr so far."]
+        edge = [f"{m} r={rank} ({'lowest' if chosen[(m, rank)] == lrs[0] else 'highest'}, {chosen[(m, rank)]:g})"
+                for m, rank in pairs if f"{m} r={rank}" not in unfinished and chosen[(m, rank)] in (lrs[0], lrs[-1])]
+        if edge and len(lrs) > 1:
+            lines += ["", f"Best lr at the edge of the sweep for {', '.join(edge)}: the best lr may lie outside the "
+                      "swept range, so these rows may understate what the method reaches on this task."]
         order = list(groups)
         curves = {k: [statistics.mean(v) for v in zip(*[_smooth(x["loss_curve"]) for x in groups[k]])] for k in order}
         lines += ["", "Accuracy − lora's pairs each seed with lora's run at the same rank and seed (the seed also draws "

@@ -126,6 +126,8 @@ def test_text_report_picks_each_methods_best_lr_and_counts_steps_to_loras_loss(t
     # dash - lora on the same seed: 0.9 - 0.7 and 0.7 - 0.8
     assert rows["dash4"].split(" | ")[6] == f"0.050 ± {statistics.stdev([0.2, -0.1]):.3f}"
     assert "Sweep not finished for dash r=4, lora r=16" in table  # no cell at lr 3e-3
+    # lora r=4 chose 1e-3, the lowest lr swept; the unfinished sweeps are not judged
+    assert "Best lr at the edge of the sweep for lora r=4 (lowest, 0.001): the best lr may lie outside" in table
     assert "dash r=4 0.800 ± 0.141 (100 trainable) vs lora r=16 0.750 (400 trainable)" in table
     assert (tmp_path / "text_minilm_loss.png").stat().st_size > 0
 
