@@ -174,11 +174,19 @@ def write_report(suite: str, records: list[dict[str, Any]]) -> Path:
                  f"versions {', '.join(f'{k} {v}' for k, v in m['versions'].items())}; cells run {dates[0]} … {dates[-1]}; "
                  f"the cells' wall times add up to {sum(r.get('wall_s', 0.0) for r in records) / 60:.1f} min."]
     have = {cell_id(r["config"]) for r in records}
-    missing = [c["kind"] for c in suite_cells(suite) if cell_id(c) not in have]
+    planned = suite_cells(suite)
+    missing = [c["kind"] for c in planned if cell_id(c) not in have]
+    seeds: dict[tuple[Any, ...], set[int]] = {}  # a text sweep's other seeds are planned once the sweep is finished
+    for c in planned:
+        if c["kind"] == "text":
+            seeds.setdefault((c["model"], c["method"], c["rank"]), set()).add(c["seed"])
+    open_sweeps = sum(len(v) == 1 for v in seeds.values())
     if missing:
         head += ["", f"Cells of the suite not run yet: {len(missing)} ("
-                 + ", ".join(f"{k} {missing.count(k)}" for k in cell_kinds() if k in missing)
-                 + "); the tables below are from the finished cells only."]
+                 + ", ".join(f"{k} {missing.count(k)}" for k in cell_kinds() if k in missing) + ")"
+                 + (f", plus the other seeds of the {open_sweeps} text lr sweep(s) still open (planned at the best lr "
+                    "once the sweep is finished)" if open_sweeps else "")
+                 + "; the tables below are from the finished cells only."]
     skipped = [r for r in records if "skipped" in r]
     if skipped:
         head += ["", f"Skipped cells: {len(skipped)} (" + "; ".join(sorted({r['skipped'] for r in skipped})) + ")"]

@@ -316,3 +316,16 @@ def test_fewer_parameters_claim_is_untested_when_the_larger_lora_rank_gains_noth
         "| **not tested here** (not worse, but lora r=16 does not beat lora r=4 on this task) |")
     # +0.02, +0.02, +0.02: lora gains from the rank; dash r=4 - lora r=16: +0.01, -0.01, -0.01 (mixed): not worse
     assert fewer_rows((0.72, 0.74, 0.76)).endswith("| **holds** (not worse beyond seed noise) |")
+
+
+def test_report_counts_the_seed_cells_an_open_lr_sweep_will_add(tmp_path, monkeypatch):
+    lora = [_text("lora", lr, 0, acc, [1.0] * 4) for lr, acc in ((1e-3, 0.7), (3e-3, 0.8))]
+    planned = text_quality.cells("minilm", ["lora", "dash"], ranks=[4], seeds=[0, 1, 2], lrs=[1e-3, 3e-3], steps=4,
+                                 eval_examples=10, done=lora)
+    monkeypatch.setattr(run, "RESULTS", tmp_path)
+    monkeypatch.setattr(run, "suite_cells", lambda suite: planned)
+    (tmp_path / "quick").mkdir()
+    text = run.write_report("quick", lora).read_text()
+    # lora's sweep is finished: its seeds 1, 2 at lr 3e-3 are planned; dash's sweep (2 cells) is open
+    assert ("Cells of the suite not run yet: 4 (text 4), plus the other seeds of the 1 text lr sweep(s) still open"
+            in text)
