@@ -3,7 +3,8 @@
 Si et al. (arXiv 2409.01035) claim that LoRA-Dash beats LoRA at the same rank (commonsense average, LLaMA-7B r=4:
 39.5 -> 75.7; LLaMA3-8B r=16: 82.8 -> 84.4), that LoRA-Init and LoRA-TSD (the two combined) improve on LoRA too,
 that dash at a small rank matches LoRA at a larger one, and that task-specific directions (TSDs) are few, sit at
-moderate singular values and are visible after a few LoRA steps (Sec. 3-4). Every verdict below follows a fixed rule from the cell files, never a hand-written conclusion:
+moderate singular values and are visible after a few LoRA steps (Sec. 3-4). Every verdict below follows a fixed
+rule from the cell files, never a hand-written conclusion:
 
 - a comparison pairs runs of the same seed (and subject, rank or teacher band); over the n paired differences d
   (signed so that d > 0 favours the claim's side), it **holds** when every d > 0 and mean(d) > 2 std(d) / √n,
@@ -24,6 +25,7 @@ percent of the other side's mean, to set against the paper's gains (+36.2 and +1
 
 from __future__ import annotations
 
+import functools
 import statistics
 from typing import Any
 
@@ -44,10 +46,13 @@ def paired_verdict(diffs: list[float]) -> str:
     return "within seed noise"
 
 
-def not_worse_verdict(diffs: list[float]) -> str:
-    """Non-inferiority (the fewer-parameters claim): it fails only when the other side wins by the rule above."""
+def not_worse_verdict(diffs: list[float], untested_because: str | None = None) -> str:
+    """Non-inferiority (the fewer-parameters claim): it fails only when the other side wins by the rule above; a
+    "not worse" that cannot test the claim (``untested_because`` says why) is **not tested here**."""
     verdict = paired_verdict(diffs)
-    return verdict if verdict in ("one seed, no verdict", "**does not hold**") else "**holds** (not worse beyond seed noise)"
+    if verdict in ("one seed, no verdict", "**does not hold**"):
+        return verdict
+    return f"**not tested here** ({untested_because})" if untested_because else "**holds** (not worse beyond seed noise)"
 
 
 def _paired(a: dict[Any, float], b: dict[Any, float], higher_is_better: bool = True) -> list[float]:
@@ -135,15 +140,11 @@ def fewer_parameters_lines(records: list[dict[str, Any]]) -> list[str]:
             if m == "lora" and small is not None and rank > small:
                 gains = ("lora", small) not in acc or paired_verdict(
                     _paired(acc[("lora", rank)], acc[("lora", small)])) == "**holds**"
-
-                def verdict(d: list[float], gains: bool = gains, rank: int = rank) -> str:
-                    v = not_worse_verdict(d)
-                    return v if gains or not v.startswith("**holds**") else (
-                        f"**not tested here** (not worse, but lora r={rank} does not beat lora r={small} on this task)")
-
+                why = None if gains else f"not worse, but lora r={rank} does not beat lora r={small} on this task"
                 lines.append(_line(f"text, {model}: dash r={small} ({params[('dash', small)]:,} params) not worse than "
                                    f"lora r={rank} ({params[('lora', rank)]:,} params)", f"dash r={small}",
-                                   f"lora r={rank}", acc[("dash", small)], acc[("lora", rank)], verdict=verdict))
+                                   f"lora r={rank}", acc[("dash", small)], acc[("lora", rank)],
+                                   verdict=functools.partial(not_worse_verdict, untested_because=why)))
                 if ("lora", small) in acc:
                     lines.append(_line(f"text, {model}: (context) lora r={rank} better than lora r={small}",
                                        f"r={rank}", f"r={small}", acc[("lora", rank)], acc[("lora", small)]))

@@ -160,7 +160,7 @@ def write_report(suite: str, records: list[dict[str, Any]]) -> Path:
     the README's block between :data:`README_BEGIN` and :data:`README_END`."""
     import re
 
-    from . import claims
+    from . import claims, text_quality
 
     from shared.io import atomic_write_text
 
@@ -176,11 +176,7 @@ def write_report(suite: str, records: list[dict[str, Any]]) -> Path:
     have = {cell_id(r["config"]) for r in records}
     planned = suite_cells(suite)
     missing = [c["kind"] for c in planned if cell_id(c) not in have]
-    seeds: dict[tuple[Any, ...], set[int]] = {}  # a text sweep's other seeds are planned once the sweep is finished
-    for c in planned:
-        if c["kind"] == "text":
-            seeds.setdefault((c["model"], c["method"], c["rank"]), set()).add(c["seed"])
-    open_sweeps = sum(len(v) == 1 for v in seeds.values())
+    open_sweeps = text_quality.open_sweeps(planned)
     if missing:
         head += ["", f"Cells of the suite not run yet: {len(missing)} ("
                  + ", ".join(f"{k} {missing.count(k)}" for k in cell_kinds() if k in missing) + ")"

@@ -85,6 +85,16 @@ def train_argv(cfg: dict[str, Any], work: Path) -> list[str]:
     return argv
 
 
+def open_sweeps(planned: Iterable[dict[str, Any]]) -> int:
+    """How many (model, method, rank) sweeps among the ``planned`` cells of a suite :func:`cells` has not yet
+    followed with the other seeds: those planned at one seed only (every grid here has more than one seed)."""
+    seeds: dict[tuple[str, str, int], set[int]] = {}
+    for c in planned:
+        if c["kind"] == "text":
+            seeds.setdefault((c["model"], c["method"], c["rank"]), set()).add(c["seed"])
+    return sum(len(v) == 1 for v in seeds.values())
+
+
 def run_cell(cfg: dict[str, Any], work: Path) -> dict[str, Any]:
     from accelerate.state import AcceleratorState
 
