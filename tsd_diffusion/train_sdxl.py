@@ -418,7 +418,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
             for name, enc in zip(("text_encoder", "text_encoder_2"), parts.text_encoders):
                 adapters[name] = shared.load(enc, resume_dir / name)
     else:
-        stats = _statistics_batches(dataset, args, condition, latents_for) if args.method in _DATA_METHODS else None
+        stats = (_statistics_batches(dataset, args, condition, latents_for, accelerator.device, weight_dtype)
+                 if args.method in _DATA_METHODS else None)
         gen = torch.Generator(device=accelerator.device)
 
         def forward_fn(unet, batch):
@@ -564,16 +565,18 @@ def _check_switch_agrees(accelerator, adapter) -> dict[str, Any]:
 
 
 @torch.no_grad()
-def _statistics_batches(dataset, args, condition, latents_for) -> list[dict[str, Any]]:
-    """Instance batches for the data-driven inits: latents and conditioning ready for a UNet forward."""
+def _statistics_batches(dataset, args, condition, latents_for, device: torch.device,
+                        dtype: torch.dtype) -> list[dict[str, Any]]:
+    """Instance batches for the data-driven inits: latents and conditioning on the UNet's device and dtype, as the
+    training step feeds them."""
     out = []
     n = len(dataset)
     for i in range(args.statistics_batches):
         idx = [(i * args.train_batch_size + j) % n for j in range(args.train_batch_size)]
         batch = collate([dataset[k] for k in idx])
         embeds, pooled = condition(batch["prompts"])
-        out.append({"i": i, "latents": latents_for(batch), "embeds": embeds, "pooled": pooled,
-                    "time_ids": batch["time_ids"]})
+        out.append({"i": i, "latents": latents_for(batch), "embeds": embeds.to(dtype), "pooled": pooled.to(dtype),
+                    "time_ids": batch["time_ids"].to(device, dtype)})
     return out
 
 
