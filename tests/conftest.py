@@ -12,6 +12,19 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
+#: where accelerate puts the trainers' models: tests that compare them with a stock reload run both here
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+if DEVICE.type == "cuda":
+    # the equivalence tests (resume vs uninterrupted, export vs trained) compare to 1e-6 and expect run-to-run
+    # repeatability, which CUDA gives only with deterministic kernels and without TF32 (scripts/gpu_check.sh)
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.backends.cudnn.benchmark = False
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    for backend in ("flash", "mem_efficient", "cudnn"):  # their attention backward is not deterministic; math is
+        getattr(torch.backends.cuda, f"enable_{backend}_sdp")(False)
+
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 BERT_TARGETS = ["query", "key", "value", "dense"]

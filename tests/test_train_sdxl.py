@@ -10,6 +10,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import tsd_diffusion.train_sdxl as T
+from conftest import DEVICE
 
 
 @pytest.fixture(autouse=True)
@@ -32,6 +33,7 @@ def run(tmp, *extra, steps=6):
 
 
 def _images(pipe, prompt="a photo of sks teapot"):
+    pipe.to(DEVICE)  # the trained UNet is where accelerate put it; the stock reload joins it
     pipe.set_progress_bar_config(disable=True)
     return pipe(prompt, num_inference_steps=3, generator=torch.Generator().manual_seed(0), height=64, width=64,
                 output_type="np").images
@@ -219,14 +221,23 @@ def test_launch_check_refuses_a_cpu_launch_that_started_one_of_n(monkeypatch):
     check_launch(One(), [])
 
 
-def test_bf16_mixed_precision_keeps_trainable_fp32(tmp_path):
-    summary = run(tmp_path / "bf16", "--mixed_precision", "bf16", steps=4)
+@pytest.mark.parametrize("precision, dtype", [
+    ("bf16", torch.bfloat16),
+    pytest.param("fp16", torch.float16, marks=pytest.mark.skipif(
+        DEVICE.type != "cuda", reason="fp16 mixed precision needs a CUDA device (accelerate refuses it on CPU)")),
+])
+def test_mixed_precision_keeps_trainable_fp32_and_lambda_learns(precision, dtype, tmp_path):
+    """Frozen weights in half precision, adapter in fp32; under fp16 the grad scaler must also step λ, the
+    parameter group that joins the optimizer at the switch."""
+    summary = run(tmp_path / precision, "--mixed_precision", precision, "--learning_rate", "1e-2", steps=6)
     adapter = summary["adapters"]["unet"]
     layer = next(iter(adapter.layers.values()))
-    assert layer.get_base_layer().weight.dtype == torch.bfloat16
-    assert all(p.dtype == torch.float32 for p in adapter.trainable_parameters())
+    assert layer.get_base_layer().weight.dtype == dtype
+    assert all(p.dtype == torch.float32 and p.isfinite().all() for p in adapter.trainable_parameters())
     assert adapter.switched
-    assert (tmp_path / "bf16" / "pytorch_lora_weights.safetensors").is_file()
+    assert any(d.tsd_dash.lam.abs().max() > 0 for d in adapter.dash_layers.values())  # 3 post-switch steps moved λ
+    assert all(np.isfinite(r["loss"]) for r in T._read_loss_log(tmp_path / precision))
+    assert (tmp_path / precision / "pytorch_lora_weights.safetensors").is_file()
 
 
 def test_replay_prior_with_captions_and_empty_prompt_dropout(tmp_path):
