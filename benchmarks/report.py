@@ -12,7 +12,8 @@ from typing import Any, Callable
 
 
 def machine_info(*packages: str) -> dict[str, Any]:
-    """Date, Python, platform, CPU counts, load average, torch threads and the versions of ``packages``."""
+    """Date, Python, platform, CPU counts, load average, torch threads, the GPU (if any) and the versions of
+    ``packages``."""
     import torch
 
     try:
@@ -26,6 +27,8 @@ def machine_info(*packages: str) -> dict[str, Any]:
             "processor": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
             "cpu_count_physical": physical, "torch_threads": torch.get_num_threads(),
             "loadavg_at_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+            "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+            "cuda": torch.version.cuda,
             "versions": {p: importlib.import_module(p).__version__ for p in ("torch", *packages)}}
 
 

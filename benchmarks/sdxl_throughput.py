@@ -1,6 +1,12 @@
-"""Steady-state training throughput of the SDXL DreamBooth trainer against a minimal diffusers + peft LoRA loop, on CPU.
+"""Steady-state training throughput of the SDXL DreamBooth trainer against a minimal diffusers + peft LoRA loop.
 
-    python -m benchmarks.sdxl_throughput [--steps N] [--repeats R] [--out benchmarks/results/sdxl_throughput.json]
+    python -m benchmarks.sdxl_throughput [--steps N] [--repeats R] [--device cpu|cuda]
+                                         [--out benchmarks/results/sdxl_throughput.json]
+
+``--device cpu`` (the default) hides every GPU from the children (``CUDA_VISIBLE_DEVICES=""``), so the trainer's
+accelerate and the baseline both run on the CPU; ``--device cuda`` puts both on the first GPU (the trainer through
+accelerate, the baseline with ``.to("cuda")``) and also records each child's peak allocated GPU memory. Both loops
+call ``loss.item()`` every step, which waits for the GPU, so host clocks time whole steps.
 
 Everything runs on the embedded tiny SDXL pipeline (``tsd_diffusion.tiny.EMBEDDED_NAME``), resolution 64, batch 4,
 rank 4 (alpha 4), UNet targets ``to_q, to_k, to_v, to_out.0``, AdamW (lr 1e-3, weight decay 1e-4: the trainer's
@@ -89,7 +95,7 @@ def batch_sizes(steps: int) -> list[int]:
     return [per_epoch[i % len(per_epoch)] for i in range(steps)]
 
 
-def run_baseline(steps: int, workdir: Path, seed: int = 0) -> list[tuple[int, float]]:
+def run_baseline(steps: int, workdir: Path, device: str, seed: int = 0) -> list[tuple[int, float]]:
     """The minimal loop; returns ``[(step, elapsed)]`` like the trainer's loss log."""
     import torch
     import torch.nn.functional as F
@@ -109,7 +115,7 @@ def run_baseline(steps: int, workdir: Path, seed: int = 0) -> list[tuple[int, fl
     unet = UNet2DConditionModel.from_pretrained(base, subfolder="unet")
     scheduler = DDPMScheduler.from_pretrained(base, subfolder="scheduler")
     for m in (vae, unet, *encoders):
-        m.requires_grad_(False)
+        m.requires_grad_(False).to(device)
     unet.add_adapter(LoraConfig(r=RANK, lora_alpha=RANK, init_lora_weights="gaussian", target_modules=TARGETS))
     params = [p for p in unet.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=LR, weight_decay=WEIGHT_DECAY)
@@ -119,7 +125,7 @@ def run_baseline(steps: int, workdir: Path, seed: int = 0) -> list[tuple[int, fl
         for tok, enc in zip(tokenizers, encoders):
             ids = tok([PROMPT], padding="max_length", max_length=tok.model_max_length, truncation=True,
                       return_tensors="pt").input_ids
-            out = enc(ids, output_hidden_states=True)
+            out = enc(ids.to(device), output_hidden_states=True)
             pooled = out[0]
             hidden.append(out.hidden_states[-2])
         embeds = torch.cat(hidden, dim=-1)
@@ -137,15 +143,16 @@ def run_baseline(steps: int, workdir: Path, seed: int = 0) -> list[tuple[int, fl
         for batch in loader:
             if t_first is None:
                 t_first = time.perf_counter()
-            pix = batch["pixel_values"]
+            pix = batch["pixel_values"].to(device)
             bsz = pix.shape[0]
             with torch.no_grad():
                 latents = vae.encode(pix).latent_dist.sample() * vae.config.scaling_factor
             noise = torch.randn_like(latents)
-            t = torch.randint(0, scheduler.config.num_train_timesteps, (bsz,)).long()
+            t = torch.randint(0, scheduler.config.num_train_timesteps, (bsz,), device=device).long()
             noisy = scheduler.add_noise(latents, noise, t)
             pred = unet(noisy, t, embeds.expand(bsz, -1, -1),
-                        added_cond_kwargs={"text_embeds": pooled.expand(bsz, -1), "time_ids": batch["time_ids"]},
+                        added_cond_kwargs={"text_embeds": pooled.expand(bsz, -1),
+                                           "time_ids": batch["time_ids"].to(device)},
                         return_dict=False)[0]
             loss = F.mse_loss(pred.float(), noise.float())
             loss.backward()
@@ -196,7 +203,7 @@ def run_trainer(flags: list[str], steps: int, dash_warmup: int, workdir: Path) -
     return rows, checks
 
 
-def child(config: str, steps: int, skip: int, dash_warmup: int, keep: bool) -> dict[str, Any]:
+def child(config: str, steps: int, skip: int, dash_warmup: int, keep: bool, device: str) -> dict[str, Any]:
     t0 = time.perf_counter()
     import torch
 
@@ -205,7 +212,7 @@ def child(config: str, steps: int, skip: int, dash_warmup: int, keep: bool) -> d
     try:
         flags = CONFIGS[config][2]
         if flags is None:
-            rows, checks = run_baseline(steps, workdir), {}
+            rows, checks = run_baseline(steps, workdir, device), {}
         else:
             rows, checks = run_trainer(flags, steps, dash_warmup, workdir)
     finally:
@@ -219,6 +226,7 @@ def child(config: str, steps: int, skip: int, dash_warmup: int, keep: bool) -> d
     return {"config": config, "steps": steps, "skip": skip, "timed_steps": steps - skip, "window_s": window_s,
             "steps_per_s": (steps - skip) / window_s, "images_per_s": sum(sizes) / window_s,
             "elapsed": elapsed, "peak_rss_mib": _peak_rss_mib(), "child_wall_s": time.perf_counter() - t0,
+            "peak_cuda_mib": torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else None,
             "torch_threads": torch.get_num_threads(), "workdir": str(workdir) if keep else None, **checks}
 
 
@@ -254,8 +262,9 @@ class ForeignCpu:
 
 def run_child(config: str, args: argparse.Namespace) -> dict[str, Any]:
     cmd = [sys.executable, "-m", "benchmarks.sdxl_throughput", "--child", config, "--steps", str(args.steps),
-           "--skip", str(args.skip), "--dash-warmup", str(args.dash_warmup)] + (["--keep"] if args.keep else [])
-    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
+           "--skip", str(args.skip), "--dash-warmup", str(args.dash_warmup), "--device", args.device] + (
+               ["--keep"] if args.keep else [])
+    env = dict(os.environ, **({"CUDA_VISIBLE_DEVICES": ""} if args.device == "cpu" else {}), OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
                TOKENIZERS_PARALLELISM="false",
                PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
     mon = ForeignCpu()
@@ -283,6 +292,7 @@ def summarize(raw: list[dict[str, Any]], configs: list[str]) -> dict[str, Any]:
                  "median_step_ms": 1e3 / statistics.median(rates),
                  "peak_rss_mib_per_repeat": [r["peak_rss_mib"] for r in by[c]],
                  "median_peak_rss_mib": statistics.median(r["peak_rss_mib"] for r in by[c]),
+                 "peak_cuda_mib": max((r.get("peak_cuda_mib") or 0.0 for r in by[c]), default=0.0) or None,
                  "median_child_wall_s": statistics.median(r["process_wall_s"] for r in by[c])}
         if base:
             per_rep = [r["steps_per_s"] / base[r["repeat"]] for r in by[c] if r["repeat"] in base]
@@ -308,11 +318,15 @@ def markdown(result: dict[str, Any]) -> str:
         rows.append(f"| ({c}) {e['label']} | {e['description']} | {e['median_steps_per_s']:.2f} "
                     f"| {e['min_steps_per_s']:.2f}–{e['max_steps_per_s']:.2f} | {e['median_images_per_s']:.1f} "
                     f"| {ratio} | {e['median_peak_rss_mib']:.0f} | {e['median_child_wall_s']:.1f} |")
+    where = (result["machine"].get("gpu") or "the GPU") if s.get("device") == "cuda" else "the CPU"
     notes = [f"- tiny SDXL, {s['resolution']} px, batch {s['batch']} ({N_IMAGES} images: steps alternate "
-             f"{'/'.join(map(str, batch_sizes(2)))} images), rank {s['rank']}, fp32, 1 thread; steps/s over steps "
+             f"{'/'.join(map(str, batch_sizes(2)))} images), rank {s['rank']}, fp32, 1 thread, on {where}; "
+             f"steps/s over steps "
              f"{s['skip'] + 1}..{s['steps']} of each run ({s['steps'] - s['skip']} steps), median over "
              f"{s['repeats']} interleaved repeat(s); dash switch at step {s['dash_warmup']}"]
     for c, e in result["summary"].items():
+        if e.get("peak_cuda_mib"):
+            notes.append(f"- ({c}) peak allocated GPU memory {e['peak_cuda_mib']:.0f} MiB")
         if "cache_hits" in e:
             notes.append(f"- ({c}) latent cache: {e['cache_hits']} hits, {e['cache_misses']} misses per run")
     shares = [r["foreign_cpu_share"] for r in result["raw"] if r.get("foreign_cpu_share") is not None]
@@ -330,21 +344,30 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     ap.add_argument("--skip", type=int, default=6, help="leading steps not timed (default 6)")
     ap.add_argument("--dash-warmup", type=int, default=5, help="--dash_warmup_steps for (c)/(d2); must be < --skip")
     ap.add_argument("--configs", nargs="+", default=ORDER, choices=ORDER, help="subset to run (a is the baseline)")
-    ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where both loops run (default cpu)")
+    ap.add_argument("--out", type=Path, default=None,
+                    help=f"default {DEFAULT_OUT.relative_to(REPO)}, or ..._cuda.json with --device cuda")
     ap.add_argument("--child-timeout", type=float, default=600.0)
     ap.add_argument("--keep", action="store_true", help="keep every child's output dir (printed in the JSON)")
     ap.add_argument("--child", choices=ORDER, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.out is None:
+        args.out = DEFAULT_OUT if args.device == "cpu" else DEFAULT_OUT.with_name(f"{DEFAULT_OUT.stem}_cuda.json")
     if not 1 <= args.dash_warmup < args.skip:
         raise SystemExit("need 1 <= --dash-warmup < --skip (only post-switch steps are timed)")
     if args.steps < args.skip + 2 or args.repeats < 1:
         raise SystemExit("need --steps >= --skip + 2 and --repeats >= 1")
 
     if args.child:
-        print("RESULT " + json.dumps(child(args.child, args.steps, args.skip, args.dash_warmup, args.keep)), flush=True)
+        print("RESULT " + json.dumps(child(args.child, args.steps, args.skip, args.dash_warmup, args.keep,
+                                           args.device)), flush=True)
         return None
 
     t_start = time.perf_counter()
+    import torch
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: torch sees no CUDA device here")
     from tsd_diffusion.tiny import EMBEDDED_NAME, resolve_pretrained
 
     base = resolve_pretrained(EMBEDDED_NAME)  # build the tiny pipeline once, outside every child
@@ -359,6 +382,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
                      "resolution": RESOLUTION, "batch": BATCH, "rank": RANK, "lora_alpha": RANK, "targets": TARGETS,
                      "images": N_IMAGES, "batch_sizes_per_step": batch_sizes(args.steps), "learning_rate": LR,
                      "weight_decay": WEIGHT_DECAY, "threads": 1, "base": base, "order": configs,
+                     "device": args.device,
                      "trainer_flags": {c: CONFIGS[c][2] for c in configs if CONFIGS[c][2] is not None},
                      "trainer_common_flags": ["--num_validation_images", "1", "--validation_inference_steps", "2",
                                               "--checkpointing_steps", "100000", "--dash_warmup_steps",
