@@ -221,6 +221,27 @@ def test_launch_check_refuses_a_cpu_launch_that_started_one_of_n(monkeypatch):
     check_launch(One(), [])
 
 
+def test_statistics_batches_match_what_the_training_step_feeds_the_unet(tmp_path):
+    """The data-driven inits' UNet inputs carry the UNet's dtype and device (their time ids stayed fp32 on the CPU,
+    which crashed eva, lora_da, lora_init and tsd on CUDA)."""
+    from types import SimpleNamespace
+
+    from tsd_diffusion.data import DreamBoothDataset
+    from tsd_diffusion.tiny import make_subject_images
+
+    make_subject_images(tmp_path / "subject", n=3, size=64, seed=0)
+    dataset = DreamBoothDataset(tmp_path / "subject", "a photo of sks teapot", resolution=32)
+    condition = lambda prompts: (torch.randn(len(prompts), 7, 16), torch.randn(len(prompts), 16))  # noqa: E731
+    latents_for = lambda batch: torch.randn(len(batch["prompts"]), 4, 4, 4, dtype=torch.bfloat16)  # noqa: E731
+    args = SimpleNamespace(statistics_batches=2, train_batch_size=2)
+    batches = T._statistics_batches(dataset, args, condition, latents_for, torch.device("cpu"), torch.bfloat16)
+    assert [b["i"] for b in batches] == [0, 1]
+    for b in batches:
+        for key in ("latents", "embeds", "pooled", "time_ids"):
+            assert b[key].dtype == torch.bfloat16 and b[key].device.type == "cpu", key
+        assert b["time_ids"].shape == (2, 6)
+
+
 @pytest.mark.parametrize("precision, dtype", [
     ("bf16", torch.bfloat16),
     pytest.param("fp16", torch.float16, marks=pytest.mark.skipif(
