@@ -496,9 +496,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
             if t_first_step is None:
                 t_first_step = time.perf_counter()
             with accelerator.accumulate(*trained):
-                embeds, pooled = condition(batch["prompts"])
-                per_sample = unet_loss(parts.unet, parts.scheduler, latents_for(batch), embeds.to(weight_dtype),
-                                       pooled.to(weight_dtype), batch["time_ids"].to(accelerator.device, weight_dtype),
+                per_sample = unet_loss(parts.unet, parts.scheduler, latents_for(batch),
+                                       *unet_conditioning(condition, batch, accelerator.device, weight_dtype),
                                        snr_gamma=args.snr_gamma, reduce=False)
                 is_class = batch["is_class"].to(per_sample.device)
                 loss = per_sample[~is_class].mean()
@@ -564,19 +563,25 @@ def _check_switch_agrees(accelerator, adapter) -> dict[str, Any]:
     return {"step": adapter.num_steps, "processes": accelerator.num_processes, "fingerprints": every.tolist()}
 
 
+def unet_conditioning(condition, batch: dict[str, Any], device: torch.device,
+                      dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Prompt embeddings, pooled embeddings and SDXL time ids of ``batch`` on the UNet's device and dtype (what the
+    training step and the data-driven inits feed it); ``condition`` maps prompts to (embeddings, pooled)."""
+    embeds, pooled = condition(batch["prompts"])
+    return embeds.to(dtype), pooled.to(dtype), batch["time_ids"].to(device, dtype)
+
+
 @torch.no_grad()
 def _statistics_batches(dataset, args, condition, latents_for, device: torch.device,
                         dtype: torch.dtype) -> list[dict[str, Any]]:
-    """Instance batches for the data-driven inits: latents and conditioning on the UNet's device and dtype, as the
-    training step feeds them."""
+    """Instance batches for the data-driven inits: latents and conditioning as the training step feeds them."""
     out = []
     n = len(dataset)
     for i in range(args.statistics_batches):
         idx = [(i * args.train_batch_size + j) % n for j in range(args.train_batch_size)]
         batch = collate([dataset[k] for k in idx])
-        embeds, pooled = condition(batch["prompts"])
-        out.append({"i": i, "latents": latents_for(batch), "embeds": embeds.to(dtype), "pooled": pooled.to(dtype),
-                    "time_ids": batch["time_ids"].to(device, dtype)})
+        embeds, pooled, time_ids = unet_conditioning(condition, batch, device, dtype)
+        out.append({"i": i, "latents": latents_for(batch), "embeds": embeds, "pooled": pooled, "time_ids": time_ids})
     return out
 
 
