@@ -264,8 +264,8 @@ def run_child(config: str, args: argparse.Namespace) -> dict[str, Any]:
     cmd = [sys.executable, "-m", "benchmarks.sdxl_throughput", "--child", config, "--steps", str(args.steps),
            "--skip", str(args.skip), "--dash-warmup", str(args.dash_warmup), "--device", args.device] + (
                ["--keep"] if args.keep else [])
-    env = dict(os.environ, **({"CUDA_VISIBLE_DEVICES": ""} if args.device == "cpu" else {}), OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
-               TOKENIZERS_PARALLELISM="false",
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
+               TOKENIZERS_PARALLELISM="false", **({"CUDA_VISIBLE_DEVICES": ""} if args.device == "cpu" else {}),
                PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
     mon = ForeignCpu()
     t0 = time.perf_counter()
@@ -292,7 +292,7 @@ def summarize(raw: list[dict[str, Any]], configs: list[str]) -> dict[str, Any]:
                  "median_step_ms": 1e3 / statistics.median(rates),
                  "peak_rss_mib_per_repeat": [r["peak_rss_mib"] for r in by[c]],
                  "median_peak_rss_mib": statistics.median(r["peak_rss_mib"] for r in by[c]),
-                 "peak_cuda_mib": max((r.get("peak_cuda_mib") or 0.0 for r in by[c]), default=0.0) or None,
+                 "peak_cuda_mib": max((r["peak_cuda_mib"] for r in by[c] if r.get("peak_cuda_mib")), default=None),
                  "median_child_wall_s": statistics.median(r["process_wall_s"] for r in by[c])}
         if base:
             per_rep = [r["steps_per_s"] / base[r["repeat"]] for r in by[c] if r["repeat"] in base]
