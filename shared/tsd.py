@@ -34,11 +34,12 @@ def iter_svd(names: Sequence[str], weight_of: Callable[[str], Tensor], shape_of:
     """Yield ``(name, U, S, Vh)``: thin fp32 SVDs of many weights, stacked by equal shape into batched calls.
 
     Weights are materialised chunk by chunk (at most ``max_bytes`` of fp32 per call), so a whole model
-    never sits in memory twice. Signs are canonical (:func:`canonical_signs`): every process and every
-    reload that sees the same W gets the same singular vectors.
+    never sits in memory twice. Names are stacked in sorted order, so a reload passing the layers in another
+    order makes the same batched calls as the switch did. Signs are canonical (:func:`canonical_signs`): every
+    process and every reload that sees the same W gets the same singular vectors.
     """
     groups: dict[tuple, list[str]] = defaultdict(list)
-    for name in names:
+    for name in sorted(names):
         groups[tuple(shape_of(name))].append(name)
     for shape, members in groups.items():
         per = max(1, max_bytes // (4 * shape[0] * shape[1]))

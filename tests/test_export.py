@@ -91,6 +91,29 @@ def test_resume_from_native_equals_uninterrupted(tmp_path):
         torch.testing.assert_close(a[1] @ a[0], b[1] @ b[0], rtol=1e-5, atol=1e-6)
 
 
+def test_reload_recomputes_the_directions_with_the_switchs_svd_calls(tmp_path, monkeypatch):
+    """The reload recomputes U_I, V_Iᵀ by SVD: it must stack the same weights in the same order as the switch,
+    since a batched SVD on a GPU need not give each matrix the bits it gets in another batch (LAPACK does)."""
+    calls = []
+    svd = torch.linalg.svd
+
+    def recording_svd(A, *args, **kwargs):
+        calls.append(A.clone())
+        return svd(A, *args, **kwargs)
+
+    model, batches, cfg = _setup("llama", "dash")
+    adapter = shared.attach(model, cfg)
+    monkeypatch.setattr(torch.linalg, "svd", recording_svd)
+    train(adapter, batches, steps=4)
+    switch_calls, calls[:] = list(calls), []
+    assert adapter.switched and switch_calls
+    shared.export_lora(adapter, tmp_path, format="tsd")
+    shared.load(_fresh("llama"), tmp_path)
+    assert [c.shape for c in calls] == [c.shape for c in switch_calls]
+    for got, want in zip(calls, switch_calls):
+        assert torch.equal(got, want)
+
+
 def test_load_into_mismatched_base_names_module_and_shapes(tmp_path):
     from transformers import LlamaConfig, LlamaForCausalLM
 

@@ -50,6 +50,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 from accelerate.logging import get_logger
+from accelerate.utils import DistributedType
 from torch import nn
 from torch.utils.data import DataLoader
 
@@ -267,6 +268,10 @@ def setup(args: argparse.Namespace, accelerator: Any, resume_dir: Path | None = 
     notes += [f"{n} of {len(getattr(data, split))} {split} examples were longer than --max_length={args.max_length} "
               "and were truncated" for split, n in data.truncated.items() if n]
     model, head = task.load_model(args.model_name_or_path, data, tokenizer)
+    if accelerator.distributed_type not in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        # placed as the Trainer places models, so the data-driven inits run on the GPU and a resume recomputes
+        # the dash directions with the same SVD kernels as the switch did (LAPACK and cuSOLVER can differ in the last bits)
+        model.to(accelerator.device)
     config = dataclasses.replace(config, target_modules=resolve_targets(model, args.target_modules, head),
                                  modules_to_save=head)
     if resume_dir is not None:
