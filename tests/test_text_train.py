@@ -13,7 +13,7 @@ from scripts.fetch_assets import asset_path
 from tsd_text import causal
 from tsd_text.data import ensure_pad_token, load_mc
 from tsd_text.tiny import save_tiny_model, toy_mc_task, word_tokenizer, write_toy_classification, write_toy_mc
-from tsd_text.train import adapter_config, load_examples, main, parse_args, resolve_targets
+from tsd_text.train import TORCH_DTYPES, adapter_config, load_examples, main, parse_args, resolve_targets
 
 LLAMA = "q_proj,k_proj,v_proj,up_proj,down_proj"
 QUICK = ["--rank", "4", "--lora_alpha", "8", "--dash_warmup_steps", "3", "--dash_directions", "2",
@@ -90,28 +90,70 @@ def test_causal_mc_dash_end_to_end(mc, tmp_path):
     _assert_stock_peft_reproduces(result, base, _batch(mc[1], ["What color is the sky in picture 3?", "blue"]))
 
 
-@pytest.mark.parametrize("precision", [
-    "bf16",
-    pytest.param("fp16", marks=pytest.mark.skipif(
-        not torch.cuda.is_available(), reason="fp16 mixed precision needs a CUDA device (accelerate refuses it on CPU)")),
-])
-def test_mixed_precision_keeps_the_adapter_fp32_and_lambda_learns(mc, tmp_path, precision):
-    """Under autocast (and fp16's grad scaler) the adapter stays fp32, the switch happens and λ, the parameter group
-    that joins the optimizer at the switch, is stepped."""
+_NEEDS_CUDA = pytest.mark.skipif(not torch.cuda.is_available(),
+                                 reason="fp16 mixed precision needs a CUDA device (accelerate refuses it on CPU)")
+
+
+def _with_precision(run, *args):
     from accelerate.state import AcceleratorState
 
     AcceleratorState._reset_state(reset_partial_state=True)  # a new precision is a new "process" for accelerate
     try:
-        result = _run_mc(mc, tmp_path / precision, "--max_steps", "6", "--mixed_precision", precision,
-                         "--no-eval_before")
+        return run(*args)
     finally:
         AcceleratorState._reset_state(reset_partial_state=True)
+
+
+@pytest.mark.parametrize("precision,torch_dtype", [
+    ("bf16", "float32"),
+    ("bf16", "bfloat16"),
+    pytest.param("fp16", "float32", marks=_NEEDS_CUDA),
+    pytest.param("fp16", "float16", marks=_NEEDS_CUDA),
+])
+def test_mixed_precision_keeps_the_adapter_fp32_and_lambda_learns(mc, tmp_path, precision, torch_dtype):
+    """Under autocast (and fp16's grad scaler), over an fp32 or a half-precision frozen base, the adapter stays
+    fp32, the switch happens and λ, the parameter group that joins the optimizer at the switch, is stepped."""
+    result = _with_precision(_run_mc, mc, tmp_path / precision, "--max_steps", "6", "--mixed_precision", precision,
+                             "--torch_dtype", torch_dtype, "--no-eval_before")
     adapter = result.adapter
     assert adapter.switched
+    assert {layer.get_base_layer().weight.dtype for layer in adapter.layers.values()} == {TORCH_DTYPES[torch_dtype]}
     assert all(p.dtype == torch.float32 and p.isfinite().all() for p in adapter.trainable_parameters())
     assert any(layer.tsd_dash.lam.abs().max() > 0 for layer in adapter.dash_layers.values())
     log = list(csv.DictReader(open(result.output_dir / "loss_log.csv")))
     assert len(log) == 6 and all(torch.isfinite(torch.tensor(float(r["loss"]))) for r in log)
+
+
+def test_a_half_precision_base_without_autocast_is_refused_before_loading(mc, tmp_path, monkeypatch):
+    monkeypatch.setattr(causal, "load_model", lambda *a: pytest.fail("the model was loaded"))
+    with pytest.raises(ValueError, match="--torch_dtype bfloat16 .* add --mixed_precision bf16 or fp16"):
+        _run_mc(mc, tmp_path, "--torch_dtype", "bfloat16", "--mixed_precision", "no")
+
+
+def test_classification_over_a_bf16_base_trains_an_fp32_head_and_resumes_exactly(text, tmp_path):
+    """The new head stays fp32 over a bf16 encoder, and a resume restores it (and the adapter) bit for bit."""
+    from safetensors.torch import load_file
+
+    train_file, eval_file, model_dir = text
+
+    def run(out, *extra):
+        return main(parse_args(["--model_name_or_path", str(model_dir), "--task", "classification", "--train_file",
+                                str(train_file), "--eval_file", str(eval_file), "--target_modules",
+                                "query_proj,value_proj", "--max_steps", "5", "--checkpointing_steps", "2",
+                                "--torch_dtype", "bfloat16", "--mixed_precision", "bf16", "--no-eval_before",
+                                "--output_dir", str(out), *QUICK, *extra]))
+
+    full = _with_precision(run, tmp_path / "full")
+    heads = [p for n, p in full.adapter.model.named_parameters() if "modules_to_save" in n]
+    assert heads and all(p.dtype == torch.float32 and p.requires_grad for p in heads)
+    assert full.adapter.layers["deberta.encoder.layer.0.attention.self.query_proj"].base_layer.weight.dtype \
+        == torch.bfloat16
+    resumed = _with_precision(run, tmp_path / "resumed", "--resume_from_checkpoint",
+                              str(tmp_path / "full" / "checkpoint-4"))
+    want, got = (load_file(r.output_dir / "adapter_model.safetensors") for r in (full, resumed))
+    assert got.keys() == want.keys() and any("classifier" in k for k in want)
+    for key in want:
+        assert want[key].dtype == torch.float32 and torch.equal(got[key], want[key]), key
 
 
 def test_classification_dash_end_to_end_deberta(text, tmp_path):

@@ -168,11 +168,12 @@ def compute_metrics(pred: torch.Tensor, ref: torch.Tensor, info: dict[str, Any])
     return {"accuracy": float((pred == ref).double().mean())}
 
 
-def load_model(path: str, data: TaskData, tokenizer: Any) -> tuple[nn.Module, list[str] | None]:
-    """The causal LM in fp32 (SmolLM2's checkpoint is bf16); a causal LM trains no extra head."""
+def load_model(path: str, data: TaskData, tokenizer: Any,
+               dtype: torch.dtype = torch.float32) -> tuple[nn.Module, list[str] | None]:
+    """The causal LM with its weights in ``dtype`` (SmolLM2's checkpoint is bf16); a causal LM trains no extra head."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     return model, None

@@ -113,8 +113,13 @@ def head_modules(model: nn.Module, new_keys: list[str]) -> list[str]:
     return sorted(n for n in names if not any(n.startswith(m + ".") for m in names))
 
 
-def load_model(path: str, data: TaskData, tokenizer: Any) -> tuple[nn.Module, list[str]]:
-    """The classifier in fp32 with a head sized for the label space; returns it and its head modules."""
+def load_model(path: str, data: TaskData, tokenizer: Any,
+               dtype: torch.dtype = torch.float32) -> tuple[nn.Module, list[str]]:
+    """The classifier with a head sized for the label space; returns it and its head modules.
+
+    The encoder's weights are in ``dtype``; the head, new and trained in full, stays fp32 (a half-precision
+    optimizer step on it would lose small updates).
+    """
     from transformers import AutoModelForSequenceClassification
 
     names = data.info["labels"]
@@ -124,12 +129,15 @@ def load_model(path: str, data: TaskData, tokenizer: Any) -> tuple[nn.Module, li
         kw = {"num_labels": len(names), "id2label": dict(enumerate(names)),
               "label2id": {n: i for i, n in enumerate(names)}, "problem_type": "single_label_classification"}
     model, loading = AutoModelForSequenceClassification.from_pretrained(
-        path, dtype=torch.float32, output_loading_info=True, ignore_mismatched_sizes=True, **kw)
+        path, dtype=dtype, output_loading_info=True, ignore_mismatched_sizes=True, **kw)
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     new = list(loading.get("missing_keys", ())) + [k[0] if isinstance(k, tuple) else k
                                                   for k in loading.get("mismatched_keys", ())]
-    return model, head_modules(model, new)
+    head = head_modules(model, new)
+    for name in head:
+        model.get_submodule(name).float()
+    return model, head
 
 
 @torch.no_grad()

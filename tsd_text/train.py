@@ -66,6 +66,8 @@ logger = get_logger("tsd_text")  # logs on the main process only
 CHECKPOINT_ADAPTER = "adapter"  # sub-directory of a checkpoint with the adapter's native state
 LOSS_LOG_COLUMNS = ["step", "epoch", "loss", "lr", "dash_switched", "elapsed_s"]
 
+#: --torch_dtype choices: the dtype of the frozen pretrained weights
+TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 #: task name -> (task module: prepare / load_model / predict / compute_metrics / TASK_TYPE, file loader)
 TASKS: dict[str, tuple[ModuleType, Callable[[str], list]]] = {
     "causal-mc": (causal, load_mc),
@@ -87,6 +89,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     g.add_argument("--max_train_samples", type=int, default=None)
     g.add_argument("--max_eval_samples", type=int, default=None)
     g.add_argument("--max_length", type=int, default=256, help="longer sequences are truncated (and counted)")
+    g.add_argument("--torch_dtype", default="float32", choices=sorted(TORCH_DTYPES),
+                   help="dtype of the frozen pretrained weights (bfloat16/float16 halve their memory; needs "
+                        "--mixed_precision); the adapter and a new classification head stay float32")
     g = p.add_argument_group("adapter")
     g.add_argument("--method", default="dash", choices=shared.METHODS)
     g.add_argument("--rank", type=int, default=8)
@@ -267,7 +272,7 @@ def setup(args: argparse.Namespace, accelerator: Any, resume_dir: Path | None = 
     data: TaskData = task.prepare(tokenizer, train_examples, eval_examples, args.max_length)
     notes += [f"{n} of {len(getattr(data, split))} {split} examples were longer than --max_length={args.max_length} "
               "and were truncated" for split, n in data.truncated.items() if n]
-    model, head = task.load_model(args.model_name_or_path, data, tokenizer)
+    model, head = task.load_model(args.model_name_or_path, data, tokenizer, TORCH_DTYPES[args.torch_dtype])
     if accelerator.distributed_type not in (DistributedType.FSDP, DistributedType.DEEPSPEED):
         # placed as the Trainer places models, so the data-driven inits run on the GPU and a resume recomputes
         # the dash directions with the same SVD kernels as the switch did (LAPACK and cuSOLVER can differ in the last bits)
@@ -383,6 +388,10 @@ def main(args: argparse.Namespace) -> TrainResult:
         # the Trainer's sampler: a seeded shuffle, identical on every process (then sharded)
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed))
     check_launch(accelerator)
+    if args.torch_dtype != "float32" and accelerator.mixed_precision == "no":
+        raise ValueError(f"--torch_dtype {args.torch_dtype} stores the frozen base in {args.torch_dtype} but "
+                         "--mixed_precision is no: add --mixed_precision bf16 or fp16, whose autocast runs the "
+                         "float32 adapter and head at the base's precision")
     out = Path(args.output_dir)
     resume_dir = resolve_resume(args.resume_from_checkpoint, out, marker=CHECKPOINT_ADAPTER)
     set_seed(args.seed)
