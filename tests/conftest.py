@@ -14,6 +14,9 @@ torch.set_num_threads(min(2, torch.get_num_threads()))
 
 #: where accelerate puts the trainers' models: tests that compare them with a stock reload run both here
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+#: for the fp16 variants of the mixed-precision tests
+NEEDS_CUDA = pytest.mark.skipif(DEVICE.type != "cuda",
+                                reason="fp16 mixed precision needs a CUDA device (accelerate refuses it on CPU)")
 if DEVICE.type == "cuda":
     # the equivalence tests (resume vs uninterrupted, export vs trained) compare to 1e-6 and expect run-to-run
     # repeatability, which CUDA gives only with deterministic kernels and without TF32 (scripts/gpu_check.sh)

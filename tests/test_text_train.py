@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import shared
+from conftest import NEEDS_CUDA
 from scripts.fetch_assets import asset_path
 from tsd_text import causal
 from tsd_text.data import ensure_pad_token, load_mc
@@ -90,10 +91,6 @@ def test_causal_mc_dash_end_to_end(mc, tmp_path):
     _assert_stock_peft_reproduces(result, base, _batch(mc[1], ["What color is the sky in picture 3?", "blue"]))
 
 
-_NEEDS_CUDA = pytest.mark.skipif(not torch.cuda.is_available(),
-                                 reason="fp16 mixed precision needs a CUDA device (accelerate refuses it on CPU)")
-
-
 def _with_precision(run, *args):
     from accelerate.state import AcceleratorState
 
@@ -107,8 +104,8 @@ def _with_precision(run, *args):
 @pytest.mark.parametrize("precision,torch_dtype", [
     ("bf16", "float32"),
     ("bf16", "bfloat16"),
-    pytest.param("fp16", "float32", marks=_NEEDS_CUDA),
-    pytest.param("fp16", "float16", marks=_NEEDS_CUDA),
+    pytest.param("fp16", "float32", marks=NEEDS_CUDA),
+    pytest.param("fp16", "float16", marks=NEEDS_CUDA),
 ])
 def test_mixed_precision_keeps_the_adapter_fp32_and_lambda_learns(mc, tmp_path, precision, torch_dtype):
     """Under autocast (and fp16's grad scaler), over an fp32 or a half-precision frozen base, the adapter stays

@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import tsd_diffusion.train_sdxl as T
-from conftest import DEVICE
+from conftest import DEVICE, NEEDS_CUDA
 
 
 @pytest.fixture(autouse=True)
@@ -244,8 +244,7 @@ def test_statistics_batches_match_what_the_training_step_feeds_the_unet(tmp_path
 
 @pytest.mark.parametrize("precision, dtype", [
     ("bf16", torch.bfloat16),
-    pytest.param("fp16", torch.float16, marks=pytest.mark.skipif(
-        DEVICE.type != "cuda", reason="fp16 mixed precision needs a CUDA device (accelerate refuses it on CPU)")),
+    pytest.param("fp16", torch.float16, marks=NEEDS_CUDA),
 ])
 def test_mixed_precision_keeps_trainable_fp32_and_lambda_learns(precision, dtype, tmp_path):
     """Frozen weights in half precision, adapter in fp32; under fp16 the grad scaler must also step λ, the

@@ -274,8 +274,8 @@ def setup(args: argparse.Namespace, accelerator: Any, resume_dir: Path | None = 
               "and were truncated" for split, n in data.truncated.items() if n]
     model, head = task.load_model(args.model_name_or_path, data, tokenizer, TORCH_DTYPES[args.torch_dtype])
     if accelerator.distributed_type not in (DistributedType.FSDP, DistributedType.DEEPSPEED):
-        # placed as the Trainer places models, so the data-driven inits run on the GPU and a resume recomputes
-        # the dash directions with the same SVD kernels as the switch did (LAPACK and cuSOLVER can differ in the last bits)
+        # placed as the Trainer places models: the data-driven inits run on the GPU, and a resume recomputes the
+        # dash directions with the switch's SVD kernels (LAPACK and cuSOLVER can differ in the last bits)
         model.to(accelerator.device)
     config = dataclasses.replace(config, target_modules=resolve_targets(model, args.target_modules, head),
                                  modules_to_save=head)
