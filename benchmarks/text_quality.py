@@ -13,6 +13,7 @@ adapter file, and the step at which the method first reached plain LoRA's final 
 from __future__ import annotations
 
 import csv
+import math
 import statistics
 from pathlib import Path
 from typing import Any, Iterable
@@ -184,6 +185,11 @@ def report(records: list[dict[str, Any]], out_dir: Path) -> str:
             cells_ = [("**{:.3f}**" if lr == chosen[(m, rank)] else "{:.3f}").format(sweep[(m, rank, lr)])
                       if (m, rank, lr) in sweep else "–" for lr in lrs]
             lines.append(f"| {m} | {rank} | " + " | ".join(cells_) + " |")
+        accs = [r["result"]["after"] for r in rows if r["config"]["seed"] == seed0]
+        p, n = statistics.mean(a["accuracy"] for a in accs), min(a["num_examples"] for a in accs)
+        lines += ["", f"Each sweep cell is one seed on {n} held-out examples: at the sweep's mean accuracy {p:.3f} "
+                  f"its binomial standard error is √(p(1−p)/n) = {math.sqrt(p * (1 - p) / n):.3f}, so a sweep gap "
+                  "below about twice that picks the lr as much by chance as by merit."]
         unfinished = [f"{m} r={rank}" for m, rank in pairs if any((m, rank, lr) not in sweep for lr in lrs)]
         if unfinished:
             lines += ["", f"Sweep not finished for {', '.join(unfinished)}: their rows below use the best lr so far."]

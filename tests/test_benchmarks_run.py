@@ -16,7 +16,7 @@ TINY_INIT = {"lora_init_steps": 2, "eva_max_batches": 2, "lora_ga_batches": 2, "
 def _text(method, lr, seed, acc, losses, rank=4, params=100):
     return {"config": {"kind": "text", "model": "minilm", "method": method, "rank": rank, "lr": lr, "seed": seed,
                        "steps": len(losses), "eval_examples": 10},
-            "result": {"before": {"accuracy": 0.5}, "after": {"accuracy": acc}, "train": {"final_loss": losses[-1]},
+            "result": {"before": {"accuracy": 0.5}, "after": {"accuracy": acc, "num_examples": 100}, "train": {"final_loss": losses[-1]},
                        "loss_curve": losses, "trainable_parameters": params, "stored_parameters": 3 * params,
                        "adapter_file_bytes": 2048}}
 
@@ -126,6 +126,9 @@ def test_text_report_picks_each_methods_best_lr_and_counts_steps_to_loras_loss(t
     # dash - lora on the same seed: 0.9 - 0.7 and 0.7 - 0.8
     assert rows["dash4"].split(" | ")[6] == f"0.050 ± {statistics.stdev([0.2, -0.1]):.3f}"
     assert "Sweep not finished for dash r=4, lora r=16" in table  # no cell at lr 3e-3
+    # the sweep's noise: seed-0 accuracies .7, .6, .9, .75 -> p = 0.7375, √(p(1-p)/100) = 0.044
+    assert "one seed on 100 held-out examples: at the sweep's mean accuracy 0.738 its binomial standard error is " \
+           "√(p(1−p)/n) = 0.044" in table
     # lora r=4 chose 1e-3, the lowest lr swept; the unfinished sweeps are not judged
     assert "Best lr at the edge of the sweep for lora r=4 (lowest, 0.001): the best lr may lie outside" in table
     assert "dash r=4 0.800 ± 0.141 (100 trainable) vs lora r=16 0.750 (400 trainable)" in table
