@@ -16,7 +16,8 @@ TINY_INIT = {"lora_init_steps": 2, "eva_max_batches": 2, "lora_ga_batches": 2, "
 def _text(method, lr, seed, acc, losses, rank=4, params=100):
     return {"config": {"kind": "text", "model": "minilm", "method": method, "rank": rank, "lr": lr, "seed": seed,
                        "steps": len(losses), "eval_examples": 10},
-            "result": {"before": {"accuracy": 0.5}, "after": {"accuracy": acc, "num_examples": 100}, "train": {"final_loss": losses[-1]},
+            "result": {"before": {"accuracy": 0.5}, "after": {"accuracy": acc, "num_examples": 100},
+                       "train": {"final_loss": losses[-1]},
                        "loss_curve": losses, "trainable_parameters": params, "stored_parameters": 3 * params,
                        "adapter_file_bytes": 2048}}
 
