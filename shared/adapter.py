@@ -19,8 +19,8 @@ from torch import nn
 from . import tsd
 from .config import AdapterConfig
 from .dash import DashTerm, DashVariant
-from .layers import (dense_weight, find_targets, in_out_features, is_fan_in_fan_out, is_linear_like, iter_lora_layers,
-                     set_dense_weight)
+from .layers import (dense_weight, find_targets, full_tensor, in_out_features, is_dtensor, is_fan_in_fan_out,
+                     is_linear_like, iter_lora_layers, set_dense_weight)
 from .statistics import ForwardFn, batch_size_of, default_forward_fn, require_loss
 
 
@@ -31,6 +31,10 @@ class InitOffset(nn.Module):
         super().__init__()
         self.A0 = nn.Parameter(A0.detach().clone().contiguous(), requires_grad=False)
         self.B0 = nn.Parameter(B0.detach().clone().contiguous(), requires_grad=False)
+
+    def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B₀, A₀) in fp32, gathered under FSDP2."""
+        return full_tensor(self.B0).float(), full_tensor(self.A0).float()
 
 
 class Adapter:
@@ -108,16 +112,17 @@ class Adapter:
         return float(self.layers[name].scaling[self.adapter_name])
 
     def lora_factors(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, A) of a layer as stored by peft (B: out × r, A: r × in for linear layers)."""
+        """(B, A) of a layer as stored by peft (B: out × r, A: r × in for linear layers); gathered under FSDP2."""
         layer = self.layers[name]
-        return layer.lora_B[self.adapter_name].weight, layer.lora_A[self.adapter_name].weight
+        return full_tensor(layer.lora_B[self.adapter_name].weight), full_tensor(layer.lora_A[self.adapter_name].weight)
 
     def original_weight(self, name: str) -> torch.Tensor:
         """The pretrained W (fp32, out × in): the stored base weight plus γ B₀ A₀ for residualised methods."""
         layer = self.layers[name]
-        W = dense_weight(layer.get_base_layer()).detach().to(torch.float32)
+        W = full_tensor(dense_weight(layer.get_base_layer()).detach()).to(torch.float32)
         if hasattr(layer, "tsd_init"):
-            W = W + self.scale(name) * (layer.tsd_init.B0.float() @ layer.tsd_init.A0.float())
+            B0, A0 = layer.tsd_init.factors()
+            W = W + self.scale(name) * (B0 @ A0)
         return W
 
     def update_factors(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -126,8 +131,8 @@ class Adapter:
         B, A = (t.detach().float() for t in self.lora_factors(name))
         g = self.scale(name)
         if hasattr(layer, "tsd_init"):
-            off = layer.tsd_init
-            return torch.cat([g * B, -g * off.B0.float()], 1), torch.cat([A, off.A0.float()], 0)
+            B0, A0 = layer.tsd_init.factors()
+            return torch.cat([g * B, -g * B0], 1), torch.cat([A, A0], 0)
         return g * B, A
 
     def folded_factors(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -143,8 +148,9 @@ class Adapter:
         P, Q = self.update_factors(name)
         dash = getattr(layer, "tsd_dash", None)
         if dash is not None and dash.is_active:
-            P = torch.cat([P, dash.U.float() * dash.lam.detach().float()], 1)
-            Q = torch.cat([Q, dash.Vh.float()], 0)
+            U, lam, Vh = (full_tensor(t.detach()).float() for t in (dash.U, dash.lam, dash.Vh))
+            P = torch.cat([P, U * lam], 1)
+            Q = torch.cat([Q, Vh], 0)
         return Q.contiguous(), P.contiguous()
 
     def delta_weight(self, name: str) -> torch.Tensor:
@@ -218,7 +224,8 @@ def _broadcast_from_rank0(modules: list[DashTerm]) -> None:
         return
     for m in modules:
         for t in (m.U, m.Vh, m.indices, m.sigma, m.delta_sigma, m.energy):
-            dist.broadcast(t.data, src=0)
+            if not is_dtensor(t):  # FSDP2 shards were scattered from rank 0 already
+                dist.broadcast(t.data, src=0)
 
 
 # ---------------------------------------------------------------------------------------------- attach

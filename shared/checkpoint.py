@@ -21,14 +21,14 @@ from . import tsd
 from .adapter import Adapter, InitOffset, _add_dash, _cast_adapter, _inject, _set_lora
 from .config import AdapterConfig
 from .io import load_safetensors, save_safetensors
-from .layers import dense_weight, in_out_features, iter_lora_layers, set_dense_weight
+from .layers import dense_weight, full_tensor, in_out_features, iter_lora_layers, set_dense_weight
 
 NATIVE_WEIGHT_NAME = "tsd_adapter.safetensors"
 FORMAT_VERSION = "1"
 _DASH_KEYS = ("lam", "indices", "sigma", "delta_sigma", "energy")
 
 
-def save_native(adapter: Adapter, out_dir: Path) -> None:
+def save_native(adapter: Adapter, out_dir: Path, write: bool) -> None:
     from .export import _modules_to_save_state
 
     tensors: dict[str, torch.Tensor] = {}
@@ -37,17 +37,18 @@ def save_native(adapter: Adapter, out_dir: Path) -> None:
         tensors[f"layers.{name}.lora_A"] = A
         tensors[f"layers.{name}.lora_B"] = B
         if hasattr(layer, "tsd_init"):
-            tensors[f"layers.{name}.A0"] = layer.tsd_init.A0
-            tensors[f"layers.{name}.B0"] = layer.tsd_init.B0
+            tensors[f"layers.{name}.A0"] = full_tensor(layer.tsd_init.A0)
+            tensors[f"layers.{name}.B0"] = full_tensor(layer.tsd_init.B0)
         dash = getattr(layer, "tsd_dash", None)
         if dash is not None and dash.is_active:
             for key in _DASH_KEYS:
-                tensors[f"layers.{name}.dash.{key}"] = getattr(dash, key)
+                tensors[f"layers.{name}.dash.{key}"] = full_tensor(getattr(dash, key))
     for key, t in _modules_to_save_state(adapter).items():
         tensors[f"modules_to_save.{key}"] = t
     meta = {"format": "pt", "tsd_format_version": FORMAT_VERSION, "tsd_config": adapter.config.to_json(),
             "num_steps": str(adapter.num_steps)}
-    save_safetensors(tensors, Path(out_dir) / NATIVE_WEIGHT_NAME, metadata=meta)
+    if write:
+        save_safetensors(tensors, Path(out_dir) / NATIVE_WEIGHT_NAME, metadata=meta)
 
 
 def _read(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

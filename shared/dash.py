@@ -24,6 +24,8 @@ import torch
 from peft.tuners.lora.layer import LoraVariant
 from torch import nn
 
+from .layers import is_dtensor
+
 
 class DashTerm(nn.Module):
     """State of the dash term of one layer: λ, the directions, and the change rates seen at the switch."""
@@ -51,8 +53,8 @@ class DashTerm(nn.Module):
     def activate(self, U_I: torch.Tensor, Vh_I: torch.Tensor, indices: torch.Tensor, sigma: torch.Tensor,
                  dsigma: torch.Tensor, energy: torch.Tensor) -> None:
         """Fill the pre-allocated directions in place and turn the term on (λ stays as it is)."""
-        self.U.copy_(U_I)
-        self.Vh.copy_(Vh_I)
+        self.U.copy_(_layout_like(self.U, U_I))
+        self.Vh.copy_(_layout_like(self.Vh, Vh_I))
         self.indices.copy_(indices)
         self.sigma.copy_(sigma)
         self.delta_sigma.copy_(dsigma)
@@ -63,6 +65,15 @@ class DashTerm(nn.Module):
     def delta_weight(self) -> torch.Tensor:
         """U_I diag(λ) V_Iᵀ (out × in)."""
         return (self.U * self.lam) @ self.Vh
+
+
+def _layout_like(param: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """``value`` laid out as ``param``: under FSDP2 a DTensor of its mesh and placements, scattered from rank 0."""
+    if not is_dtensor(param):
+        return value
+    from torch.distributed.tensor import distribute_tensor
+
+    return distribute_tensor(value.to(param.dtype), param.device_mesh, param.placements)
 
 
 class DashVariant(LoraVariant):

@@ -13,11 +13,12 @@ import json
 import re
 from collections import Counter
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping
 
 import torch
 
 from .io import atomic_write_json, save_safetensors
+from .layers import full_tensor, is_sharded
 
 FORMATS = ("peft", "diffusers", "kohya", "tsd")
 #: kohya's component prefixes for the diffusers component names
@@ -39,21 +40,33 @@ def export_lora(adapter: Any, out_dir: str | Path, format: str = "peft", *, pref
             native training state that :func:`shared.load` restores; dash directions are recomputed
             from the base at load).
         prefix: diffusers component name when a single adapter is given.
+
+    Under FSDP2 (parameters sharded by ``fully_shard``) call it on every rank: the factors are gathered
+    collectively and rank 0 writes.
     """
     if format not in FORMATS:
         raise ValueError(f"unknown export format {format!r}; choose one of {', '.join(FORMATS)}")
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    components = adapter if isinstance(adapter, Mapping) else {prefix: adapter}
+    write = _writes_here(components.values())
+    if write:
+        out.mkdir(parents=True, exist_ok=True)
     if format == "tsd":
         from .checkpoint import save_native
 
-        save_native(_single(adapter, format), out)
+        save_native(_single(adapter, format), out, write)
     elif format == "peft":
-        _write_peft(_single(adapter, format), out, base_model_name_or_path, task_type, dtype)
+        _write_peft(_single(adapter, format), out, base_model_name_or_path, task_type, dtype, write)
     else:
-        components = adapter if isinstance(adapter, Mapping) else {prefix: adapter}
-        _write_diffusers(components, out, kohya=format == "kohya", dtype=dtype)
+        _write_diffusers(components, out, kohya=format == "kohya", dtype=dtype, write=write)
     return out
+
+
+def _writes_here(adapters: Iterable[Any]) -> bool:
+    """False only on ranks other than 0 of an FSDP2-sharded model: they gather with rank 0 but do not write."""
+    dist = torch.distributed
+    sharded = any(is_sharded(a.model) for a in adapters)
+    return not sharded or dist.get_rank() == 0
 
 
 def _single(adapter: Any, format: str) -> Any:
@@ -81,11 +94,12 @@ def _modules_to_save_state(adapter: Any) -> dict[str, torch.Tensor]:
     for name, module in adapter.model.named_modules():
         if isinstance(module, ModulesToSaveWrapper):
             for key, t in module.modules_to_save[adapter.adapter_name].state_dict().items():
-                out[f"{name}.{key}"] = t
+                out[f"{name}.{key}"] = full_tensor(t)
     return out
 
 
-def _write_peft(adapter: Any, out: Path, base: str | None, task_type: str | None, dtype: torch.dtype) -> None:
+def _write_peft(adapter: Any, out: Path, base: str | None, task_type: str | None, dtype: torch.dtype,
+                write: bool) -> None:
     from peft import LoraConfig
 
     folded = folded_state(adapter, dtype)
@@ -98,11 +112,13 @@ def _write_peft(adapter: Any, out: Path, base: str | None, task_type: str | None
     cfg = LoraConfig(target_modules=sorted(folded), modules_to_save=adapter.config.modules_to_save,
                      init_lora_weights=True, base_model_name_or_path=base, task_type=task_type,
                      **rank_config({n: A.shape[0] for n, (A, _) in folded.items()}))
+    if not write:
+        return
     save_safetensors(tensors, out / "adapter_model.safetensors", metadata={"format": "pt"})
     atomic_write_json(out / "adapter_config.json", _jsonable(cfg.to_dict()))
 
 
-def _write_diffusers(components: Mapping[str, Any], out: Path, kohya: bool, dtype: torch.dtype) -> None:
+def _write_diffusers(components: Mapping[str, Any], out: Path, kohya: bool, dtype: torch.dtype, write: bool) -> None:
     tensors: dict[str, torch.Tensor] = {}
     meta: dict[str, Any] = {}
     for comp, adapter in components.items():
@@ -124,7 +140,8 @@ def _write_diffusers(components: Mapping[str, Any], out: Path, kohya: bool, dtyp
     header = {"format": "pt", "tsd_methods": json.dumps({c: a.config.method for c, a in components.items()})}
     if not kohya:
         header["lora_adapter_metadata"] = json.dumps(meta, indent=2, sort_keys=True)
-    save_safetensors(tensors, out / DIFFUSERS_WEIGHT_NAME, metadata=header)
+    if write:
+        save_safetensors(tensors, out / DIFFUSERS_WEIGHT_NAME, metadata=header)
 
 
 def _jsonable(obj: Any) -> Any:

@@ -38,6 +38,28 @@ def dense_weight(module: nn.Module) -> torch.Tensor:
     return module.weight.T if is_fan_in_fan_out(module) else module.weight
 
 
+def full_tensor(t: torch.Tensor) -> torch.Tensor:
+    """``t`` itself, or for a DTensor (a parameter sharded by FSDP2's ``fully_shard``) the gathered whole.
+
+    Gathering is a collective: under FSDP2 every rank must make the same call.
+    """
+    return t.full_tensor() if is_dtensor(t) else t
+
+
+def is_dtensor(t: torch.Tensor) -> bool:
+    """True for a DTensor, the type of a parameter sharded by FSDP2."""
+    if not torch.distributed.is_available():
+        return False
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(t, DTensor)
+
+
+def is_sharded(module: nn.Module) -> bool:
+    """True if any parameter of ``module`` is a DTensor (FSDP2): reads of it must then run on every rank."""
+    return any(is_dtensor(p) for p in module.parameters())
+
+
 def set_dense_weight(module: nn.Module, w_out_in: torch.Tensor) -> None:
     """Overwrite a Linear/Conv1D weight in place from an out × in matrix, keeping its dtype."""
     target = module.weight.data

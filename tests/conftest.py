@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 from pathlib import Path
 
 import pytest
@@ -27,6 +28,23 @@ if DEVICE.type == "cuda":
     torch.backends.cudnn.allow_tf32 = False
     for backend in ("flash", "mem_efficient", "cudnn"):  # their attention backward is not deterministic; math is
         getattr(torch.backends.cuda, f"enable_{backend}_sdp")(False)
+
+#: set by a launcher for its children: a test that launches processes must not hand down its own
+LAUNCHER_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launcher_env(**extra: str) -> dict[str, str]:
+    """The environment for a multi-process launch from a test: no inherited rank variables, one thread per
+    process, offline hubs, then ``extra``."""
+    env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARS}
+    return {**env, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", **extra}
+
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]

@@ -10,13 +10,12 @@ model must equal those of a single-process run of the same evaluation.
 """
 
 import json
-import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from conftest import free_port, launcher_env
 
 from tsd_text.tiny import write_toy_classification, write_toy_mc
 from tsd_text.train import main, parse_args
@@ -28,20 +27,12 @@ COMMON = ["--rank", "4", "--lora_alpha", "8", "--method", "dash", "--dash_warmup
 TIMEOUT_S = 300
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _launch(app_args: list[str]) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--gpu_ids", "all", "--mixed_precision", "no", "--dynamo_backend", "no",
-           "--main_process_ip", "127.0.0.1", "--main_process_port", str(_free_port()),
+           "--main_process_ip", "127.0.0.1", "--main_process_port", str(free_port()),
            str(REPO / "apps" / "train_text.py"), *app_args]
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
-    env.update(ACCELERATE_USE_CPU="true", OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    env = launcher_env(ACCELERATE_USE_CPU="true")
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
     assert proc.returncode == 0, f"2-process run failed (rc={proc.returncode})\n{proc.stderr[-6000:]}"
     return proc
