@@ -12,6 +12,24 @@ CPU_LAUNCH_HINT = (
 )
 
 
+SHARDING_HINT = (
+    "launch with DDP (`accelerate launch --multi_gpu`) instead: a LoRA adapter and its optimizer state are small, "
+    "and `--torch_dtype bfloat16` halves the replicated frozen base. The core (shared.attach, Adapter.switch, "
+    "export_lora) does run under FSDP2 in a loop of your own (README, Distributed)"
+)
+
+
+def _refuse_parameter_sharding(accelerator: Any) -> None:
+    kind = str(getattr(getattr(accelerator, "distributed_type", None), "value", ""))
+    if kind == "FSDP":
+        raise ValueError("FSDP shards the parameters, which this trainer does not support: " + SHARDING_HINT)
+    if kind == "DEEPSPEED":
+        plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+        if plugin is not None and plugin.zero_stage == 3:
+            raise ValueError("DeepSpeed ZeRO stage 3 shards the parameters, which this trainer does not support "
+                             "(stages 1 and 2 do not shard them); " + SHARDING_HINT)
+
+
 def requested_processes(cmdline: list[str]) -> int | None:
     """The ``--num_processes`` value of an ``accelerate launch`` command line, or None."""
     for i, arg in enumerate(cmdline):
@@ -32,13 +50,16 @@ def _parent_cmdline() -> list[str]:
 
 
 def check_launch(accelerator: Any, parent_cmdline: list[str] | None = None) -> None:
-    """Refuse to run when the launch does not give the processes that were asked for.
+    """Refuse to run when the launch does not give the processes that were asked for, or shards parameters.
 
     - a launcher started several processes that did not join one distributed run: they would each train
       alone and race on the same output directory;
     - ``accelerate launch --cpu --num_processes N`` (N > 1) started a single process (accelerate 1.x's CPU
-      launcher does), which would silently train with 1/N of the requested batch.
+      launcher does), which would silently train with 1/N of the requested batch;
+    - FSDP or DeepSpeed ZeRO-3: the trainers save adapters and checkpoints from the main process alone, which
+      needs whole parameters; refused here instead of failing at the first save, after the compute.
     """
+    _refuse_parameter_sharding(accelerator)
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     if launched > 1 and accelerator.num_processes != launched:
         raise RuntimeError(

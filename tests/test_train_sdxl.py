@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import tsd_diffusion.train_sdxl as T
-from conftest import DEVICE, NEEDS_CUDA
+from conftest import DEVICE, NEEDS_CUDA, free_port, launcher_env
 
 
 @pytest.fixture(autouse=True)
@@ -171,16 +171,12 @@ def test_real_dreambooth_photos_train(shared_data, tmp_path):
 
 @pytest.mark.slow
 def test_two_process_gloo_run_switches_identically(tmp_path):
-    import os
-    import socket
     import subprocess
     from pathlib import Path
 
     repo = Path(__file__).resolve().parents[1]
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(repo)}
+    port = free_port()
+    env = launcher_env(ACCELERATE_USE_CPU="true", PYTHONPATH=str(repo))
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--gpu_ids", "all", "--main_process_port", str(port), "--mixed_precision", "no",
            "--dynamo_backend", "no", str(repo / "apps" / "train_sdxl.py"), "--pretrained_model_name_or_path", "tsd-lora/tiny-sdxl", "--output_dir", str(tmp_path / "ddp"),
@@ -219,6 +215,29 @@ def test_launch_check_refuses_a_cpu_launch_that_started_one_of_n(monkeypatch):
     check_launch(One(), [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "train.py"])
     check_launch(One(), ["bash", "run.sh", "--num_processes", "2"])  # not an accelerate launcher: nothing to say
     check_launch(One(), [])
+
+
+def test_launch_check_refuses_parameter_sharding(monkeypatch):
+    """FSDP and ZeRO-3 are refused before any loading (the trainers save from the main process alone)."""
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+
+    from shared.launch import check_launch
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+
+    def accelerator(kind, zero_stage=None):
+        plugin = None if zero_stage is None else SimpleNamespace(zero_stage=zero_stage)
+        return SimpleNamespace(num_processes=2, distributed_type=kind, state=SimpleNamespace(deepspeed_plugin=plugin))
+
+    with pytest.raises(ValueError, match="FSDP shards the parameters.*--multi_gpu"):
+        check_launch(accelerator(DistributedType.FSDP), [])
+    with pytest.raises(ValueError, match="ZeRO stage 3"):
+        check_launch(accelerator(DistributedType.DEEPSPEED, zero_stage=3), [])
+    for ok in (accelerator(DistributedType.DEEPSPEED, zero_stage=2), accelerator(DistributedType.MULTI_GPU),
+               accelerator(DistributedType.MULTI_CPU), accelerator(DistributedType.NO)):
+        check_launch(ok, [])
 
 
 def test_statistics_batches_match_what_the_training_step_feeds_the_unet(tmp_path):

@@ -273,7 +273,7 @@ def setup(args: argparse.Namespace, accelerator: Any, resume_dir: Path | None = 
     notes += [f"{n} of {len(getattr(data, split))} {split} examples were longer than --max_length={args.max_length} "
               "and were truncated" for split, n in data.truncated.items() if n]
     model, head = task.load_model(args.model_name_or_path, data, tokenizer, TORCH_DTYPES[args.torch_dtype])
-    if accelerator.distributed_type not in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+    if accelerator.distributed_type != DistributedType.DEEPSPEED:
         # placed as the Trainer places models: the data-driven inits run on the GPU, and a resume recomputes the
         # dash directions with the switch's SVD kernels (LAPACK and cuSOLVER can differ in the last bits)
         model.to(accelerator.device)
