@@ -172,7 +172,6 @@ def report(records: list[dict[str, Any]], out_dir: Path) -> str:
     for model in sorted({r["config"]["model"] for r in done}):
         rows = [r for r in done if r["config"]["model"] == model]
         rank0, seed0 = min(r["config"]["rank"] for r in rows), min(r["config"]["seed"] for r in rows)
-        methods = [m for m in METHODS if any(r["config"]["method"] == m for r in rows)]
         lrs = sorted({r["config"]["lr"] for r in rows})
         chosen, groups = at_best_lr(rows)
         pairs = list(chosen)
