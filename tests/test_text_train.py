@@ -224,6 +224,44 @@ def test_bad_data_fails_before_the_model_is_loaded(mc, tmp_path):
         parse_args(["--model_name_or_path", "m", "--task", "causal-mc", "--train_file", "f", "--output_dir", "o"])
 
 
+def test_the_trainer_spellings_of_flags_mean_the_same(capsys):
+    """transformers' Trainer names (--lr_scheduler_type, --warmup_steps, --save_steps, --bf16, ...) are accepted."""
+    base = ["--model_name_or_path", "m", "--task", "causal-mc", "--train_file", "f", "--eval_split", "4",
+            "--output_dir", "o"]
+    ours = vars(parse_args([*base, "--lr_scheduler", "cosine", "--lr_warmup_steps", "5", "--checkpointing_steps", "7",
+                            "--checkpoints_total_limit", "2", "--max_length", "64", "--mixed_precision", "bf16"]))
+    trainer = vars(parse_args([*base, "--lr_scheduler_type", "cosine", "--warmup_steps", "5", "--save_steps", "7",
+                               "--save_total_limit", "2", "--max_seq_length", "64", "--bf16"]))
+    assert {**trainer, "bf16": False} == ours
+    assert parse_args([*base, "--fp16", "--mixed_precision", "fp16"]).mixed_precision == "fp16"
+    for bad, message in ((["--bf16", "--fp16"], "exclude each other"),
+                         (["--fp16", "--mixed_precision", "bf16"], "--fp16 contradicts --mixed_precision bf16"),
+                         (["--warmup_ratio", "1.5"], "--warmup_ratio must be in")):
+        with pytest.raises(SystemExit):
+            parse_args([*base, *bad])
+        assert message in capsys.readouterr().err
+
+
+def test_warmup_ratio_and_adam_settings_reach_the_run(mc, tmp_path, monkeypatch):
+    seen = []
+
+    class RecordingAdamW(torch.optim.AdamW):
+        def __init__(self, params, **kwargs):
+            seen.append(kwargs)
+            super().__init__(params, **kwargs)
+
+    monkeypatch.setattr(torch.optim, "AdamW", RecordingAdamW)
+    lrs = {}
+    for name, flags in (("ratio", ["--warmup_ratio", "0.5"]), ("steps", ["--warmup_steps", "2"])):
+        _run_mc(mc, tmp_path / name, "--max_steps", "4", "--lr_scheduler_type", "linear", "--adam_beta1", "0.8",
+                "--adam_beta2", "0.99", "--adam_epsilon", "1e-6", *flags)
+        with open(tmp_path / name / "loss_log.csv") as f:
+            lrs[name] = [float(row["lr"]) for row in csv.DictReader(f)]
+    # linear warmup over ceil(0.5 * 4) = 2 steps to 1e-2, then linear decay to 0 at step 4 (logged after each step)
+    assert lrs["ratio"] == lrs["steps"] == pytest.approx([5e-3, 1e-2, 5e-3, 0.0])
+    assert [(k["betas"], k["eps"]) for k in seen] == [((0.8, 0.99), 1e-6)] * 2
+
+
 def test_missing_pad_token_and_truncations_are_reported(tmp_path):
     task = toy_mc_task(12)
     (tmp_path / "task.json").write_text(json.dumps(task))

@@ -88,7 +88,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="without --eval_file: hold out this fraction (<1) or count (>=1) of --train_file, by --seed")
     g.add_argument("--max_train_samples", type=int, default=None)
     g.add_argument("--max_eval_samples", type=int, default=None)
-    g.add_argument("--max_length", type=int, default=256, help="longer sequences are truncated (and counted)")
+    g.add_argument("--max_length", "--max_seq_length", type=int, default=256,
+                   help="longer sequences are truncated (and counted)")
     g.add_argument("--torch_dtype", default="float32", choices=sorted(TORCH_DTYPES),
                    help="dtype of the frozen pretrained weights (bfloat16/float16 halve their memory; needs "
                         "--mixed_precision); the adapter and a new classification head stay float32")
@@ -106,8 +107,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     g = p.add_argument_group("training")
     g.add_argument("--learning_rate", type=float, default=5e-4)
     g.add_argument("--weight_decay", type=float, default=0.0)
-    g.add_argument("--lr_scheduler", default="linear", help="a transformers scheduler name (linear, constant, ...)")
-    g.add_argument("--lr_warmup_steps", type=int, default=0)
+    g.add_argument("--adam_beta1", type=float, default=0.9)
+    g.add_argument("--adam_beta2", type=float, default=0.999)
+    g.add_argument("--adam_epsilon", type=float, default=1e-8)
+    g.add_argument("--lr_scheduler", "--lr_scheduler_type", default="linear",
+                   help="a transformers scheduler name (linear, constant, ...)")
+    g.add_argument("--lr_warmup_steps", "--warmup_steps", type=int, default=0)
+    g.add_argument("--warmup_ratio", type=float, default=0.0,
+                   help="warm up over this fraction of the optimizer steps (rounded up), unless --warmup_steps > 0")
     g.add_argument("--max_grad_norm", type=float, default=1.0, help="0 disables clipping")
     g.add_argument("--num_train_epochs", type=int, default=1)
     g.add_argument("--max_steps", type=int, default=-1, help="optimizer steps; overrides --num_train_epochs if > 0")
@@ -117,6 +124,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     g.add_argument("--seed", type=int, default=42)
     g.add_argument("--mixed_precision", default=None, choices=["no", "fp16", "bf16"],
                    help="default: accelerate's configuration")
+    g.add_argument("--bf16", action="store_true", help="the Trainer's spelling of --mixed_precision bf16")
+    g.add_argument("--fp16", action="store_true", help="the Trainer's spelling of --mixed_precision fp16")
     g.add_argument("--gradient_checkpointing", action="store_true")
     g = p.add_argument_group("evaluation and outputs")
     g.add_argument("--output_dir", required=True)
@@ -125,9 +134,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="evaluate the untrained model first (--no-eval_before skips it)")
     g.add_argument("--report_plot", action=argparse.BooleanOptionalAction, default=True,
                    help="also plot the TSD report to tsd_report.png (needs matplotlib; a few seconds)")
-    g.add_argument("--checkpointing_steps", type=int, default=500,
+    g.add_argument("--checkpointing_steps", "--save_steps", type=int, default=500,
                    help="save a resumable checkpoint-<step> every N optimizer steps (0: never)")
-    g.add_argument("--checkpoints_total_limit", type=int, default=None, help="keep only the newest N checkpoints")
+    g.add_argument("--checkpoints_total_limit", "--save_total_limit", type=int, default=None,
+                   help="keep only the newest N checkpoints")
     g.add_argument("--resume_from_checkpoint", default=None, help='a checkpoint-<step> dir, or "latest" in --output_dir')
     args = p.parse_args(argv)
     if args.target_modules:
@@ -145,6 +155,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         p.error("--eval_steps and --checkpointing_steps must be >= 0")
     if args.checkpoints_total_limit is not None and args.checkpoints_total_limit < 1:
         p.error("--checkpoints_total_limit must be >= 1")
+    if not 0 <= args.warmup_ratio < 1:
+        p.error(f"--warmup_ratio must be in [0, 1), got {args.warmup_ratio}")
+    if args.bf16 and args.fp16:
+        p.error("--bf16 and --fp16 exclude each other")
+    if args.bf16 or args.fp16:
+        asked = "bf16" if args.bf16 else "fp16"
+        if args.mixed_precision not in (None, asked):
+            p.error(f"--{asked} contradicts --mixed_precision {args.mixed_precision}")
+        args.mixed_precision = asked
     args.per_device_eval_batch_size = args.per_device_eval_batch_size or args.per_device_train_batch_size
     args.adapter_options = _key_values(p, args.adapter_options)
     return args
@@ -397,7 +416,8 @@ def main(args: argparse.Namespace) -> TrainResult:
     set_seed(args.seed)
     run = setup(args, accelerator, resume_dir)
     data, adapter = run.data, run.adapter
-    optimizer = torch.optim.AdamW(adapter.trainable_parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
+    optimizer = torch.optim.AdamW(adapter.trainable_parameters(), lr=args.learning_rate, weight_decay=args.weight_decay,
+                                  betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon)
     # its own generator: starting an epoch's iterator then draws no number from the global RNG, so a resumed
     # run's dropout masks are those of the uninterrupted run
     train_loader = DataLoader(data.train, batch_size=args.per_device_train_batch_size, shuffle=True,
@@ -407,8 +427,9 @@ def main(args: argparse.Namespace) -> TrainResult:
     updates_per_epoch = math.ceil(len(train_loader) / args.gradient_accumulation_steps)
     max_steps = args.max_steps if args.max_steps > 0 else args.num_train_epochs * updates_per_epoch
     world = accelerator.num_processes
+    warmup_steps = args.lr_warmup_steps or math.ceil(args.warmup_ratio * max_steps)  # the Trainer's rule
     # a prepared scheduler steps once per process each update, hence the factor (as in diffusers' examples)
-    scheduler = accelerator.prepare(get_scheduler(args.lr_scheduler, optimizer, num_warmup_steps=args.lr_warmup_steps * world,
+    scheduler = accelerator.prepare(get_scheduler(args.lr_scheduler, optimizer, num_warmup_steps=warmup_steps * world,
                                                   num_training_steps=max_steps * world))
     if adapter.config.uses_dash and adapter.config.dash_warmup_steps >= max_steps:
         run.notes.append(f"--dash_warmup_steps={adapter.config.dash_warmup_steps} >= {max_steps} optimizer steps: "
