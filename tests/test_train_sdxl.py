@@ -152,6 +152,48 @@ def test_bad_input_fails_before_training(extra, message, tmp_path):
     assert not (tmp_path / "bad" / "loss_log.csv").exists()
 
 
+def test_diffusers_dreambooth_flags_take_effect(tmp_path, monkeypatch):
+    """--scale_lr, --lr_power, --output_kohya_format, --logging_dir, --allow_tf32 and --local_rank as in diffusers."""
+    import csv
+
+    from diffusers.optimization import get_scheduler
+
+    import accelerate.utils
+
+    projects = []
+
+    class RecordingProjectConfiguration(accelerate.utils.ProjectConfiguration):
+        def __init__(self, **kwargs):
+            projects.append(kwargs)
+            super().__init__(**kwargs)
+
+    monkeypatch.setattr(accelerate.utils, "ProjectConfiguration", RecordingProjectConfiguration)
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    out = tmp_path / "run"
+    try:
+        run(out, "--scale_lr", "--learning_rate", "1e-3", "--lr_scheduler", "polynomial", "--lr_power", "2",
+            "--output_kohya_format", "--logging_dir", "tracker-logs", "--allow_tf32", "--local_rank", "0", steps=4)
+        assert torch.backends.cuda.matmul.allow_tf32
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+    assert [p["logging_dir"] for p in projects] == [str(out / "tracker-logs")]
+    record = json.loads((out / "training_args.json").read_text())
+    assert record["learning_rate"] == pytest.approx(2e-3) and record["output_format"] == "kohya"  # 1e-3 x batch 2
+    ref_opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=2e-3)
+    ref = get_scheduler("polynomial", optimizer=ref_opt, num_warmup_steps=0, num_training_steps=4, power=2.0)
+    want = []
+    for _ in range(4):
+        ref_opt.step()
+        ref.step()
+        want.append(ref.get_last_lr()[0])
+    with open(out / "loss_log.csv") as f:
+        assert [float(row["lr"]) for row in csv.DictReader(f)] == pytest.approx(want)
+    assert want[0] != pytest.approx(2e-3 * 0.75)  # the power is not the default 1
+    keys = load_file(str(out / "pytorch_lora_weights.safetensors")).keys()
+    assert keys and all(k.startswith("lora_unet_") for k in keys)
+
+
 def test_non_image_files_are_named(tmp_path):
     photos = tmp_path / "photos"
     photos.mkdir()

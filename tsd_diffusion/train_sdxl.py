@@ -92,9 +92,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a("--num_train_epochs", type=int, default=1)
     a("--learning_rate", type=float, default=None, help="default 1e-4, or 1e-3 for the embedded bases")
     a("--text_encoder_lr", type=float, default=None, help="default 5e-6 (1e-3 for the mini SDXL)")
+    a("--scale_lr", action="store_true",
+      help="multiply --learning_rate by processes x batch size x accumulation steps (as diffusers)")
     a("--lr_scheduler", default="constant",
       choices=["linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup"])
     a("--lr_warmup_steps", type=int, default=0)
+    a("--lr_num_cycles", type=int, default=1, help="hard restarts of cosine_with_restarts")
+    a("--lr_power", type=float, default=1.0, help="power of the polynomial scheduler")
     a("--snr_gamma", type=float, default=None, help="Min-SNR weighting gamma (5.0 is the paper's choice)")
     a("--max_grad_norm", type=float, default=1.0)
     a("--adam_beta1", type=float, default=0.9)
@@ -104,6 +108,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a("--use_8bit_adam", action="store_true")
     a("--gradient_checkpointing", action="store_true")
     a("--mixed_precision", default=None, choices=["no", "fp16", "bf16"])
+    a("--allow_tf32", action="store_true", help="TF32 matmuls on Ampere and newer GPUs (faster, ~10 mantissa bits)")
     a("--cache_latents", action="store_true", help="VAE-encode each (image, augmentation) once")
     a("--train_text_encoder", action=argparse.BooleanOptionalAction, default=None,
       help="LoRA on both text encoders; default on for the mini SDXL (its subject binding needs it), else off")
@@ -126,7 +131,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a("--resume_from_checkpoint", default=None, help='a checkpoint dir or "latest"')
     a("--output_dir", default="outputs/sdxl-lora")
     a("--output_format", default="diffusers", choices=["diffusers", "kohya", "peft"])
+    a("--output_kohya_format", action="store_true", help="diffusers' spelling of --output_format kohya")
     a("--report_to", default="none", help="tensorboard, wandb, all or none")
+    a("--logging_dir", default="logs", help="trackers' log dir, relative to --output_dir")
+    a("--local_rank", type=int, default=-1, help="accepted for old launch scripts; accelerate reads LOCAL_RANK")
     return p.parse_args(argv)
 
 
@@ -156,6 +164,10 @@ def finalize_args(args: argparse.Namespace) -> argparse.Namespace:
         args.class_data_dir = args.class_prompt = None
     if args.rank <= 0:
         raise ValueError(f"--rank must be > 0, got {args.rank}")
+    if args.output_kohya_format:
+        if args.output_format not in ("diffusers", "kohya"):
+            raise ValueError(f"--output_kohya_format contradicts --output_format {args.output_format}")
+        args.output_format = "kohya"
     args.lora_alpha = float(args.lora_alpha or args.rank)
     for name in ("train_batch_size", "gradient_accumulation_steps", "num_train_epochs", "num_validation_images",
                  "num_class_images"):
@@ -353,10 +365,14 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     accelerator = Accelerator(
         gradient_accumulation_steps=args.gradient_accumulation_steps, mixed_precision=args.mixed_precision,
         log_with=None if args.report_to == "none" else args.report_to,
-        project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),
+        project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / args.logging_dir)),
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
     )
     check_launch(accelerator)
+    if args.allow_tf32:
+        torch.backends.cuda.matmul.allow_tf32 = True
+    if args.scale_lr:
+        args.learning_rate *= args.gradient_accumulation_steps * args.train_batch_size * accelerator.num_processes
     if accelerator.is_main_process:
         if args.embedded_subject:
             make_subject_images(args.instance_data_dir, n=5, size=max(96, args.resolution), seed=args.seed,
@@ -442,8 +458,9 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         import bitsandbytes as bnb
 
         opt_cls = bnb.optim.AdamW8bit
-    optimizer = opt_cls(groups, betas=(args.adam_beta1, args.adam_beta2), weight_decay=args.adam_weight_decay,
-                        eps=args.adam_epsilon)
+    # lr= also sets the optimizer's default, which diffusers' polynomial schedule reads as its starting lr
+    optimizer = opt_cls(groups, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
+                        weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
     loader = torch.utils.data.DataLoader(dataset, batch_size=args.train_batch_size, shuffle=True, collate_fn=collate,
                                          num_workers=args.dataloader_num_workers)
     steps_per_epoch = math.ceil(len(loader) / args.gradient_accumulation_steps)
@@ -451,7 +468,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     epochs = math.ceil(max_steps / steps_per_epoch)
     lr_scheduler = get_scheduler(args.lr_scheduler, optimizer=optimizer,
                                  num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
-                                 num_training_steps=max_steps * accelerator.num_processes)
+                                 num_training_steps=max_steps * accelerator.num_processes,
+                                 num_cycles=args.lr_num_cycles, power=args.lr_power)
     trained = [parts.unet] + ([*parts.text_encoders] if args.train_text_encoder else [])
     *trained, optimizer, loader, lr_scheduler = accelerator.prepare(*trained, optimizer, loader, lr_scheduler)
     parts.unet = trained[0]
