@@ -194,6 +194,54 @@ def test_diffusers_dreambooth_flags_take_effect(tmp_path, monkeypatch):
     assert keys and all(k.startswith("lora_unet_") for k in keys)
 
 
+def test_missing_class_images_are_sampled_from_the_base(tmp_path):
+    """As diffusers' DreamBooth: a missing or short class dir is topped up from the base with --class_prompt,
+    seeded per image, so a re-sampled image is byte-identical; a full dir is left alone."""
+    from PIL import Image
+
+    class_dir = tmp_path / "class"  # does not exist yet
+    prior = ["--with_prior_preservation", "--class_data_dir", str(class_dir), "--class_prompt", "a photo of a teapot",
+             "--num_class_images", "3", "--sample_batch_size", "2"]
+    run(tmp_path / "a", *prior, steps=2)
+    files = sorted(class_dir.iterdir())
+    assert [f.name[:6] for f in files] == ["00000-", "00001-", "00002-"] and all(f.suffix == ".jpg" for f in files)
+    for f in files:
+        with Image.open(f) as img:
+            assert img.size == (64, 64) and img.mode == "RGB"
+    assert len({f.read_bytes() for f in files}) == 3  # three seeds, three images
+    last = files[-1].read_bytes()
+    files[-1].unlink()
+    run(tmp_path / "b", *prior, steps=1)
+    again = sorted(class_dir.iterdir())
+    assert [f.name for f in again] == [f.name for f in files] and again[-1].read_bytes() == last
+    stamps = [f.stat().st_mtime_ns for f in again]
+    run(tmp_path / "c", *prior, steps=1)  # full: nothing is sampled
+    assert [f.stat().st_mtime_ns for f in sorted(class_dir.iterdir())] == stamps
+
+
+def test_class_images_sample_at_half_precision_with_an_fp32_vae(tmp_path):
+    """Under bf16 the UNet's latents are half precision while SDXL's VAE stays fp32: the decode must cast."""
+    from PIL import Image
+
+    class_dir = tmp_path / "class"
+    run(tmp_path / "bf16", "--mixed_precision", "bf16", "--with_prior_preservation", "--class_data_dir",
+        str(class_dir), "--class_prompt", "a photo of a teapot", "--num_class_images", "1", steps=1)
+    (only,) = class_dir.iterdir()
+    with Image.open(only) as img:
+        assert img.size == (64, 64)
+
+
+def test_class_sampling_needs_a_prompt_and_usable_files_before_loading(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(ValueError, match=r"holds 0 of --num_class_images=2 images; sampling the other 2 .* --class_prompt"):
+        run(tmp_path / "out", "--with_prior_preservation", "--class_data_dir", str(empty), "--num_class_images", "2")
+    (empty / "notes.txt").write_text("not an image")
+    with pytest.raises(ValueError, match="notes.txt"):
+        run(tmp_path / "out", "--with_prior_preservation", "--class_data_dir", str(empty), "--class_prompt", "a teapot")
+    assert not (tmp_path / "out" / "loss_log.csv").exists()
+
+
 def test_non_image_files_are_named(tmp_path):
     photos = tmp_path / "photos"
     photos.mkdir()

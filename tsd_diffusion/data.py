@@ -214,9 +214,12 @@ def load_image(path: str | os.PathLike) -> Image.Image:
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def _scan_dir(directory: str | os.PathLike, kind: str = "instance") -> list[tuple[Path, tuple[int, int]]]:
+def _scan_dir(directory: str | os.PathLike, kind: str = "instance",
+              allow_empty: bool = False) -> list[tuple[Path, tuple[int, int]]]:
     """Validate a data dir; return ``[(path, (height, width) after EXIF orientation)]`` sorted by file name."""
     d = Path(directory).expanduser()
+    if allow_empty and not d.exists():
+        return []
     if not d.exists():
         raise ValueError(f"{kind} data dir {d} does not exist")
     if not d.is_dir():
@@ -225,6 +228,8 @@ def _scan_dir(directory: str | os.PathLike, kind: str = "instance") -> list[tupl
     files = [p for p in entries if not _is_hidden(p) and not p.is_dir()  # (broken links are reported below)
              and p.name != CAPTIONS_FILE]
     subdirs = [p.name for p in entries if not _is_hidden(p) and p.is_dir()]
+    if not files and allow_empty:
+        return []
     if not files:
         extra = f" (sub-folders are not searched: {', '.join(subdirs)})" if subdirs else ""
         raise ValueError(f"{kind} data dir {d} contains no images{extra}")
@@ -281,16 +286,17 @@ def read_captions(directory: str | os.PathLike, images: list[Path]) -> dict[str,
     return captions
 
 
-def list_instance_images(directory: str | os.PathLike, kind: str = "instance") -> list[Path]:
+def list_instance_images(directory: str | os.PathLike, kind: str = "instance", allow_empty: bool = False) -> list[Path]:
     """The image files of a DreamBooth data dir, sorted by name, after checking that every one decodes.
 
     Called at start-up, before any model is loaded, so a bad file fails in seconds rather than mid-training.
     Raises ``ValueError`` for a missing dir, a dir without images, and for files that are not images or are corrupt
     or truncated: the message names *every* offending file. Files whose name starts with a dot (``.DS_Store``,
     ``._IMG_1.jpg`` AppleDouble files, ``.ipynb_checkpoints``) are ignored; sub-folders are not searched.
-    Whether a file is an image is decided by decoding it, not by its extension.
+    Whether a file is an image is decided by decoding it, not by its extension. With ``allow_empty`` a missing
+    or empty dir gives ``[]`` (a class dir whose images are still to be generated).
     """
-    return [p for p, _ in _scan_dir(directory, kind)]
+    return [p for p, _ in _scan_dir(directory, kind, allow_empty)]
 
 
 # --------------------------------------------------------------------------------------------------------------------

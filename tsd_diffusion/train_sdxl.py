@@ -31,6 +31,7 @@ from shared.checkpoint import resolve_resume, save_training_checkpoint
 from shared.launch import check_launch
 
 from .evaluation import SubjectEvaluator, prompt_class
+from .class_images import missing_class_images, sample_class_images
 from .data import DreamBoothDataset, LatentCache, collate, validate_resolution
 from .mini_sdxl import CLASSES, MINI_NAME, materialize_replay_prior
 from .tiny import EMBEDDED_NAME, make_subject_images, resolve_pretrained
@@ -77,7 +78,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a("--with_prior_preservation", action=argparse.BooleanOptionalAction, default=None,
       help="default on for the mini SDXL (with its replay prior as --class_data_dir), else off")
     a("--prior_loss_weight", type=float, default=1.0)
-    a("--num_class_images", type=int, default=None, help="default 100 (1000 for the mini SDXL's replay prior)")
+    a("--num_class_images", type=int, default=None,
+      help="default 100 (1000 for the mini SDXL's replay prior); a class dir with fewer is topped up by sampling "
+           "--class_prompt from the base")
+    a("--sample_batch_size", type=int, default=4, help="images per pipeline call when sampling class images")
     a("--class_prompt_dropout", type=float, default=None,
       help="replace this share of class prompts by the empty prompt (trains the unconditional branch CFG uses)")
     a("--resolution", type=int, default=None, help="default 1024; 32 for the mini SDXL, 64 for the tiny one")
@@ -170,7 +174,7 @@ def finalize_args(args: argparse.Namespace) -> argparse.Namespace:
         args.output_format = "kohya"
     args.lora_alpha = float(args.lora_alpha or args.rank)
     for name in ("train_batch_size", "gradient_accumulation_steps", "num_train_epochs", "num_validation_images",
-                 "num_class_images"):
+                 "num_class_images", "sample_batch_size"):
         if getattr(args, name) <= 0:
             raise ValueError(f"--{name} must be > 0")
     if args.max_train_steps is not None and args.max_train_steps <= 0:
@@ -236,6 +240,19 @@ class SDXLParts:
                                        if index.is_file() else True)
         for m in (self.vae, self.unet, *self.text_encoders):
             m.requires_grad_(False)
+
+    def pipeline(self, base: str, args: argparse.Namespace, accelerator: Any) -> Any:
+        """A ``StableDiffusionXLPipeline`` over these components (the trained ones unwrapped), without progress bars."""
+        from diffusers import StableDiffusionXLPipeline
+
+        pipe = StableDiffusionXLPipeline.from_pretrained(
+            base, vae=self.vae, unet=accelerator.unwrap_model(self.unet),
+            text_encoder=accelerator.unwrap_model(self.text_encoders[0]),
+            text_encoder_2=accelerator.unwrap_model(self.text_encoders[1]), revision=args.revision,
+            variant=args.variant,
+        ).to(accelerator.device)
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
 
     def encode_prompt(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """SDXL conditioning: penultimate hidden states of both encoders concatenated, pooled from the second.
@@ -309,17 +326,11 @@ def run_validation(parts: SDXLParts, base: str, args, accelerator, step: int, ou
     """Generate ``--num_validation_images`` per validation prompt (seeded), save them, a grid (a row per prompt)
     and, when the base ships an evaluator (the mini SDXL), ``metrics.json`` with the subject metrics per prompt."""
     import numpy as np
-    from diffusers import StableDiffusionXLPipeline
     from PIL import Image
 
     from .mini_sdxl import to_uint8
 
-    pipe = StableDiffusionXLPipeline.from_pretrained(
-        base, vae=parts.vae, unet=accelerator.unwrap_model(parts.unet),
-        text_encoder=accelerator.unwrap_model(parts.text_encoders[0]),
-        text_encoder_2=accelerator.unwrap_model(parts.text_encoders[1]), revision=args.revision, variant=args.variant,
-    ).to(accelerator.device)
-    pipe.set_progress_bar_config(disable=True)
+    pipe = parts.pipeline(base, args, accelerator)
     trained = [m for m in (pipe.unet, pipe.text_encoder, pipe.text_encoder_2) if m.training]
     for m in trained:
         m.eval()
@@ -353,6 +364,15 @@ def run_validation(parts: SDXLParts, base: str, args, accelerator, step: int, ou
 
 
 # ---------------------------------------------------------------------------------------------- training
+def make_dataset(args: argparse.Namespace) -> DreamBoothDataset:
+    return DreamBoothDataset(
+        args.instance_data_dir, args.instance_prompt, args.resolution, args.center_crop, args.random_flip,
+        class_dir=args.class_data_dir, class_prompt=args.class_prompt, seed=args.seed,
+        num_class_images=args.num_class_images if args.with_prior_preservation else None,
+        class_prompt_dropout=args.class_prompt_dropout,
+    )
+
+
 def main(args: argparse.Namespace) -> dict[str, Any]:
     """Train, export and validate; returns a summary (paths, losses, steps)."""
     from accelerate import Accelerator
@@ -380,23 +400,24 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     accelerator.wait_for_everyone()
     if args.with_prior_preservation and not args.class_data_dir:  # the mini SDXL's replay prior (built once, locked)
         args.class_data_dir = str(materialize_replay_prior())
-    dataset = DreamBoothDataset(  # validates every image before any model is loaded
-        args.instance_data_dir, args.instance_prompt, args.resolution, args.center_crop, args.random_flip,
-        class_dir=args.class_data_dir, class_prompt=args.class_prompt, seed=args.seed,
-        num_class_images=args.num_class_images if args.with_prior_preservation else None,
-        class_prompt_dropout=args.class_prompt_dropout,
-    )
+    to_sample = missing_class_images(args)  # checks the data dirs before any model loads
+    dataset = None if to_sample else make_dataset(args)  # validates every image before any model loads
     set_seed(args.seed)
     base = resolve_pretrained(args.pretrained_model_name_or_path)
     parts = SDXLParts(args, base)
-    evaluator = (SubjectEvaluator.for_base(base, dataset.instance_images, args.resolution)
-                 if accelerator.is_main_process else None)
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
     vae_dtype = weight_dtype if parts.vae_fp16_safe else torch.float32  # SDXL's own VAE overflows in fp16
     for module, dtype in [(parts.unet, weight_dtype), (parts.vae, vae_dtype), *((e, weight_dtype) for e in parts.text_encoders)]:
         module.to(accelerator.device)
         if dtype != torch.float32:
             module.to(dtype=dtype)
+    if to_sample:  # with the frozen base at the training precision, before any adapter is attached
+        sample_class_images(parts.pipeline(base, args, accelerator), accelerator, args.class_data_dir,
+                            args.class_prompt, to_sample, batch_size=args.sample_batch_size,
+                            resolution=args.resolution, seed=args.seed)
+        dataset = make_dataset(args)
+    evaluator = (SubjectEvaluator.for_base(base, dataset.instance_images, args.resolution)
+                 if accelerator.is_main_process else None)
     if args.gradient_checkpointing:
         parts.unet.enable_gradient_checkpointing()
         if args.train_text_encoder:
