@@ -75,6 +75,33 @@ def test_classification_tables_csv_tsv_jsonl_json(tmp_path):
     assert [(e.text, e.where) for e in one] == [("good film", "one.json line 1")]
 
 
+@pytest.mark.parametrize("header, want_pair", [
+    (("sentence", "label", "idx"), False),  # SST-2, CoLA as datasets' to_csv writes them
+    (("sentence1", "sentence2", "label", "idx"), True),  # MRPC, RTE, STS-B
+    (("question", "sentence", "label", "idx"), True),  # QNLI
+    (("question1", "question2", "label", "idx"), True),  # QQP
+    (("premise", "hypothesis", "label", "idx"), True),  # MNLI
+])
+def test_glue_column_names_are_recognised(tmp_path, header, want_pair):
+    row = {"label": 1, "idx": 0, **{k: f"{k} words" for k in header if k not in ("label", "idx")}}
+    (tmp_path / "g.jsonl").write_text(json.dumps(row) + "\n")
+    for f in (_csv(tmp_path / "g.csv", [tuple(row[k] for k in header)], header), tmp_path / "g.jsonl"):
+        (ex,) = load_text(f)
+        assert ex.text == f"{header[0]} words" and str(ex.label) == "1"
+        assert ex.text_pair == (f"{header[1]} words" if want_pair else None)
+
+
+def test_named_text_and_label_columns(tmp_path):
+    rows = [("a review", "a title", "pos"), ("another", "t2", "neg")]
+    f = _csv(tmp_path / "r.csv", rows, header=("review", "title", "sentiment"))
+    exs = load_text(f, text_columns=["review", "title"], label_column="sentiment")
+    assert [(e.text, e.text_pair, e.label) for e in exs] == rows
+    (tmp_path / "r.jsonl").write_text(json.dumps({"review": "x", "sentiment": "pos"}))
+    assert [(e.text, e.label) for e in load_text(tmp_path / "r.jsonl", ["review"], "sentiment")] == [("x", "pos")]
+    with pytest.raises(DataError, match=r"--text_column_names body must name one or two of the columns"):
+        load_text(f, text_columns=["body"], label_column="sentiment")
+
+
 def test_split_is_fixed_by_seed():
     items = list(range(50))
     a, b = train_eval_split(items, 0.2, seed=3, path="x")
@@ -126,8 +153,10 @@ def test_missing_classification_fields_name_the_line(tmp_path, rows, match):
 
 
 def test_csv_without_label_column_and_empty_csv(tmp_path):
-    with pytest.raises(DataError, match=r"header must have 'text' and 'label'.*\['text', 'y'\]"):
+    with pytest.raises(DataError, match=r"a.csv: no label column 'label'; the columns are \['text', 'y'\]"):
         load_text(_csv(tmp_path / "a.csv", [("x", 1)], header=("text", "y")))
+    with pytest.raises(DataError, match=r"c.csv: no text column: the columns are \['body', 'label'\]"):
+        load_text(_csv(tmp_path / "c.csv", [("x", 1)], header=("body", "label")))
     with pytest.raises(DataError, match="b.csv: the dataset is empty"):
         load_text(_csv(tmp_path / "b.csv", []))
 

@@ -174,6 +174,35 @@ def test_classification_dash_end_to_end_deberta(text, tmp_path):
     _assert_stock_peft_reproduces(result, base, _batch(model_dir, ["the film was great", "dull and weak film"]))
 
 
+def test_named_columns_train_exactly_as_the_default_ones(text, tmp_path):
+    """--text_column_names/--label_column_name (run_classification.py's flags) only rename: same run, same metrics."""
+    train_file, eval_file, model_dir = text
+    renamed = []
+    for f in (train_file, eval_file):
+        with open(f, newline="") as src:
+            rows = list(csv.DictReader(src))
+        out = tmp_path / f.name
+        with open(out, "w", newline="") as dst:
+            writer = csv.DictWriter(dst, fieldnames=["review", "sentiment"])
+            writer.writeheader()
+            writer.writerows({"review": r["text"], "sentiment": r["label"]} for r in rows)
+        renamed.append(out)
+    common = ["--model_name_or_path", str(model_dir), "--task", "classification", "--target_modules",
+              "query_proj,value_proj", "--max_steps", "2", *QUICK]
+    default = main(parse_args([*common, "--train_file", str(train_file), "--eval_file", str(eval_file),
+                               "--output_dir", str(tmp_path / "a")])).results
+    named = main(parse_args([*common, "--train_file", str(renamed[0]), "--eval_file", str(renamed[1]),
+                             "--text_column_names", "review", "--label_column_name", "sentiment",
+                             "--output_dir", str(tmp_path / "b")])).results
+    timing = ("runtime_s", "tokens_per_s")
+    for r in (default, named):
+        r["train"] = {k: v for k, v in r["train"].items() if k not in timing}
+    assert named == default
+    with pytest.raises(SystemExit):
+        parse_args(["--model_name_or_path", "m", "--task", "causal-mc", "--train_file", "f", "--eval_split", "2",
+                    "--output_dir", "o", "--label_column_name", "y"])
+
+
 @pytest.mark.parametrize("method", ["eva", "lora_da"])
 def test_classification_with_a_data_driven_init(text, tmp_path, method):
     # the classification collator yields transformers' BatchEncoding (a Mapping, not a dict); EVA reads the

@@ -11,8 +11,10 @@ Formats are detected from the content (the suffix only decides CSV/TSV):
   from a ``choices`` list when there is one, else from the instruction's ``Answer format: a/b/c`` line (every row of
   commonsense_170k and of the eight test sets has one). ``output`` must end with ``answer``
   (``"the correct answer is true"``); what precedes the answer becomes part of the context.
-- ``table``: CSV/TSV with a header, JSON lines, or a JSON list of objects, with ``text`` [, ``text_pair``],
-  ``label`` (classification).
+- ``table``: CSV/TSV with a header, JSON lines, or a JSON list of objects, with a ``label`` and one or two text
+  columns (classification): ``text`` [, ``text_pair``], or GLUE's names as ``datasets`` exports them
+  (``sentence``, ``sentence1``/``sentence2``, ``question``/``sentence``, ``question1``/``question2``,
+  ``premise``/``hypothesis``), or any columns named by ``text_columns`` and ``label_column``.
 
 Every error names the file and the row: ``train.csv line 7`` (physical line, header = line 1), ``x.jsonl line 3``,
 ``task.json examples[12]``.
@@ -79,8 +81,18 @@ class Records:
     meta: dict[str, Any]
 
 
-def read_records(path: str | Path) -> Records:
-    """Read ``path`` and detect its format; raise :class:`DataError` for anything unrecognised."""
+#: text columns of a classification table, tried in this order: ours, then GLUE's (as ``run_glue.py``'s task_to_keys)
+TEXT_COLUMNS: tuple[tuple[str, ...], ...] = (("text", "text_pair"), ("sentence1", "sentence2"), ("question", "sentence"),
+                                             ("question1", "question2"), ("premise", "hypothesis"), ("text",),
+                                             ("sentence",))
+
+
+def read_records(path: str | Path, table_keys: Sequence[str] = ()) -> Records:
+    """Read ``path`` and detect its format; raise :class:`DataError` for anything unrecognised.
+
+    A JSON record is a table row when it has a ``label``, one of the :data:`TEXT_COLUMNS` sets, or a key of
+    ``table_keys`` (the columns a caller asks for).
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"data file not found: {path}")
@@ -109,7 +121,9 @@ def read_records(path: str | Path) -> Records:
     if not rows:
         raise DataError(f"{path}: the dataset is empty (no records)")
     first = rows[0][1]
-    fmt = "llm-adapters" if "instruction" in first else "table" if ("text" in first or "label" in first) else None
+    tabular = "label" in first or any(k in first for k in table_keys) or any(
+        all(k in first for k in cols) for cols in TEXT_COLUMNS)
+    fmt = "llm-adapters" if "instruction" in first else "table" if tabular else None
     if fmt is None:
         raise DataError(f"{path}: unknown format: the first record has keys {sorted(first)}; expected a BIG-bench "
                         "task ('examples'), instruction/input/output/answer (LLM-Adapters) or text/label")
@@ -119,11 +133,10 @@ def read_records(path: str | Path) -> Records:
 def _read_csv(path: Path, delimiter: str) -> list[tuple[str, dict[str, Any]]]:
     with open(path, newline="", encoding="utf-8-sig") as f:
         reader = csv.DictReader(f, delimiter=delimiter)
-        header = reader.fieldnames or []
-        if "text" not in header or "label" not in header:
-            raise DataError(f"{path}: the header must have 'text' and 'label' columns (and optionally 'text_pair'); "
-                            f"found {header}")
-        return [(f"{path.name} line {reader.line_num}", row) for row in reader]
+        rows = [(f"{path.name} line {reader.line_num}", row) for row in reader]
+        if not reader.fieldnames:
+            raise DataError(f"{path}: the file is empty (no header)")
+        return rows
 
 
 def _read_jsonl(path: Path, text: str) -> list[tuple[str, dict[str, Any]]] | None:
@@ -219,21 +232,47 @@ def _llm_adapters_example(where: str, row: dict[str, Any], meta: dict[str, Any])
 
 
 # ------------------------------------------------------------------------------------------------ classification
-def load_text(path: str | Path) -> list[TextExample]:
-    """Classification/regression rows (``text`` [, ``text_pair``], ``label``) of a CSV/TSV/JSONL/JSON file."""
-    rec = read_records(path)
+def load_text(path: str | Path, text_columns: Sequence[str] | None = None,
+              label_column: str = "label") -> list[TextExample]:
+    """Classification/regression rows (one or two text columns and a label) of a CSV/TSV/JSONL/JSON file.
+
+    Without ``text_columns`` the first of :data:`TEXT_COLUMNS` that the first row has is used (``text_pair``
+    only when the first row fills it); other columns (GLUE's ``idx``) are ignored.
+    """
+    rec = read_records(path, table_keys=[label_column, *(text_columns or [])])
     if rec.format != "table":
         raise DataError(f"{path}: task classification needs CSV/TSV or JSON lines with text/label; this is a "
                         f"{rec.format} file (use --task causal-mc)")
+    if not rec.rows:
+        return _nonempty(path, [])
+    first = rec.rows[0][1]
+    keys = _text_columns(path, first, text_columns)
+    if label_column not in first:
+        raise DataError(f"{path}: no label column {label_column!r}; the columns are {list(first)} "
+                        "(name another with --label_column_name)")
     out: list[TextExample] = []
-    paired = bool(rec.rows) and rec.rows[0][1].get("text_pair") not in (None, "")
     for where, row in rec.rows:
-        label = row.get("label")
+        label = row.get(label_column)
         if label is None or (isinstance(label, str) and not label.strip()):
-            raise DataError(f"{where}: missing 'label'")
-        pair = _field(where, row, "text_pair") if paired else None
-        out.append(TextExample(_field(where, row, "text"), pair, label, where))
+            raise DataError(f"{where}: missing '{label_column}'")
+        texts = [_field(where, row, k) for k in keys]
+        out.append(TextExample(texts[0], texts[1] if len(texts) > 1 else None, label, where))
     return _nonempty(path, out)
+
+
+def _text_columns(path: str | Path, first: dict[str, Any], given: Sequence[str] | None) -> tuple[str, ...]:
+    if given:
+        missing = [k for k in given if k not in first]
+        if missing or not 1 <= len(given) <= 2:
+            raise DataError(f"{path}: --text_column_names {','.join(given)} must name one or two of the columns "
+                            f"{list(first)}")
+        return tuple(given)
+    for cols in TEXT_COLUMNS:  # a pair only when the first row fills its second column (text_pair may be blank)
+        if cols[0] in first and all(first.get(k) not in (None, "") for k in cols[1:]):
+            return cols
+    raise DataError(f"{path}: no text column: the columns are {list(first)}; expected text [, text_pair], one of "
+                    "GLUE's (sentence, sentence1/sentence2, question/sentence, question1/question2, "
+                    "premise/hypothesis) or --text_column_names")
 
 
 # ---------------------------------------------------------------------------------------------------- splitting

@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import logging
 import math
@@ -84,6 +85,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     g.add_argument("--train_file", required=True,
                    help="causal-mc: BIG-bench task JSON or LLM-Adapters JSON; classification: CSV/TSV/JSONL")
     g.add_argument("--eval_file", default=None, help="evaluation file of the same format")
+    g.add_argument("--text_column_names", default=None,
+                   help="classification: one or two comma-separated text columns (default: text[,text_pair] or "
+                        "GLUE's names)")
+    g.add_argument("--label_column_name", default="label", help="classification: the label column")
     g.add_argument("--eval_split", type=float, default=None,
                    help="without --eval_file: hold out this fraction (<1) or count (>=1) of --train_file, by --seed")
     g.add_argument("--max_train_samples", type=int, default=None)
@@ -142,6 +147,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.target_modules:
         args.target_modules = [t for a in args.target_modules for t in a.split(",") if t]
+    if args.text_column_names is not None:
+        args.text_column_names = [c.strip() for c in args.text_column_names.split(",") if c.strip()]
+    if args.task != "classification" and (args.text_column_names or args.label_column_name != "label"):
+        p.error("--text_column_names and --label_column_name apply to --task classification only")
     if args.eval_file is None and args.eval_split is None:
         p.error("give --eval_file, or --eval_split to hold out part of --train_file")
     if args.eval_split is not None and args.eval_split <= 0:
@@ -284,6 +293,8 @@ def setup(args: argparse.Namespace, accelerator: Any, resume_dir: Path | None = 
     from transformers import AutoTokenizer
 
     task, load = TASKS[args.task]
+    if args.task == "classification":
+        load = functools.partial(load, text_columns=args.text_column_names, label_column=args.label_column_name)
     config = adapter_config(args)
     train_examples, eval_examples = load_examples(args, load)
     tokenizer = AutoTokenizer.from_pretrained(args.model_name_or_path)
