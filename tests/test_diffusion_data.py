@@ -426,6 +426,21 @@ def test_prior_preservation_collate_layout(tmp_path):
         DreamBoothDataset(inst, "a photo of sks dog", 64, class_dir=tmp_path / "nope", class_prompt="a dog")
 
 
+def test_instance_captions_from_metadata_jsonl(tmp_path):
+    """Instance photos may carry their own captions too (imagefolder's metadata.jsonl); the rest get
+    instance_prompt. Before, the file was skipped as a non-image and its captions silently ignored."""
+    inst = write_subject_dir(tmp_path / "inst", n=3)
+    names = sorted(p.name for p in inst.iterdir())
+    (inst / "metadata.jsonl").write_text(json.dumps({"file_name": names[1], "text": "sks dog on a beach"}) + "\n")
+    ds = DreamBoothDataset(inst, "a photo of sks dog", 32)
+    assert len(ds) == 3
+    assert [ds.plan(i)["prompt"] for i in range(3)] == ["a photo of sks dog", "sks dog on a beach", "a photo of sks dog"]
+    assert ds[1]["prompt"] == "sks dog on a beach"
+    (inst / "metadata.jsonl").write_text('{"file_name": "gone.png", "text": "x"}\n')
+    with pytest.raises(ValueError, match="'gone.png' is not an image"):
+        DreamBoothDataset(inst, "a photo of sks dog", 32)
+
+
 def test_replay_prior_captions_and_prompt_dropout(tmp_path):
     """A class dir with metadata.jsonl (Hugging Face imagefolder) gives every prior image its own caption; images
     without one fall back to class_prompt; class_prompt_dropout swaps in the empty prompt, the same for the same

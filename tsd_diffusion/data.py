@@ -562,6 +562,8 @@ class DreamBoothDataset(torch.utils.data.Dataset):
     """Instance images (+ optional class images for prior preservation) with per-epoch SDXL augmentation.
 
     - Start-up: both dirs are validated with :func:`list_instance_images` (every file decoded; errors name the files).
+    - Prompts: a dir's ``metadata.jsonl`` (:func:`read_captions`) gives its images their own captions; the others
+      get ``instance_prompt`` or ``class_prompt``.
     - ``len``: number of instance images, or ``max(#instance, #class)`` with a class dir (as in diffusers); index
       ``i`` uses instance image ``i % n_instance`` and class image ``i % n_class``.
     - ``ds[i]`` decodes and transforms at call time with a random state derived from ``(seed, epoch, kind, i)``, so
@@ -596,6 +598,7 @@ class DreamBoothDataset(torch.utils.data.Dataset):
         self.epoch = 0
         self._sizes: dict[tuple[str, int, int], tuple[int, int]] = {}  # (path, size, mtime_ns) -> (h, w)
         self.instance_images = self._register(_scan_dir(instance_dir, "instance"))
+        self.instance_captions = read_captions(instance_dir, self.instance_images)
         self.class_images: list[Path] = []
         self.class_captions: dict[str, str] = {}
         if class_dir is not None:
@@ -667,13 +670,16 @@ class DreamBoothDataset(torch.utils.data.Dataset):
             "crop_top_left": params.crop_top_left,
             "target_size": params.target_size,
             "flipped": params.flipped,
-            "prompt": self._class_prompt(path, index) if kind else self.instance_prompt,
+            "prompt": self._class_prompt(path, index) if kind else self._instance_prompt(path),
             "is_class": bool(kind),
             "cache_key": key,
             "path": str(path),
             "index": index,
         }
         return ex
+
+    def _instance_prompt(self, path: Path) -> str:
+        return self.instance_captions.get(path.name, self.instance_prompt)
 
     def _class_prompt(self, path: Path, index: int) -> str:
         """The image's caption (else ``class_prompt``); ``""`` (the empty prompt) with probability
