@@ -1,9 +1,10 @@
 """Prior-preservation class images sampled from the base model, as diffusers' DreamBooth scripts do.
 
-With ``--with_prior_preservation``, a ``--class_data_dir`` that is missing or holds fewer than ``--num_class_images``
-usable images is topped up: the missing images are sampled from the frozen base with ``--class_prompt``
-(``--sample_batch_size`` per pipeline call, the pipeline's default number of denoising steps), split across
-processes. Image ``i`` is seeded by ``(--seed, i)``, so a rerun, or a run with another number of processes, gives
+With ``--with_prior_preservation`` and a ``--class_prompt``, a ``--class_data_dir`` that is missing or holds fewer
+than ``--num_class_images`` usable images is topped up: the missing images are sampled from the frozen base with
+``--class_prompt`` (``--sample_batch_size`` per pipeline call, the pipeline's default number of denoising steps),
+split across processes. Without ``--class_prompt`` a dir that holds some images is used as it is (a captioned
+replay prior). Image ``i`` is seeded by ``(--seed, i)``, so a rerun, or a run with another number of processes, gives
 the same files. Each is written atomically as ``{i:05d}-{sha1[:12]}.jpg``, so an interrupted run keeps what it
 finished and the next run only samples the rest.
 """
@@ -36,8 +37,12 @@ def missing_class_images(args: Any) -> int:
     have = len(list_instance_images(class_dir, "class", allow_empty=True))
     missing = max(0, args.num_class_images - have)
     if missing and not args.class_prompt:
-        raise ValueError(f"class data dir {class_dir} holds {have} of --num_class_images={args.num_class_images} "
-                         f"images; sampling the other {missing} from the base needs --class_prompt")
+        if not have:
+            raise ValueError(f"class data dir {class_dir} holds no images; sampling --num_class_images="
+                             f"{args.num_class_images} from the base needs --class_prompt")
+        print(f"warning: class data dir {class_dir} holds {have} of --num_class_images={args.num_class_images} "
+              "images; without --class_prompt none are sampled, so the prior uses those it holds")
+        return 0
     if missing:
         list_instance_images(args.instance_data_dir, "instance")
     return missing
