@@ -291,6 +291,25 @@ def test_warmup_ratio_and_adam_settings_reach_the_run(mc, tmp_path, monkeypatch)
     assert [(k["betas"], k["eps"]) for k in seen] == [((0.8, 0.99), 1e-6)] * 2
 
 
+def test_report_to_tensorboard_logs_what_loss_log_holds(mc, tmp_path):
+    pytest.importorskip("tensorboard", reason="the tracker test needs tensorboard (the dev extra installs it)")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "tb"
+    _run_mc(mc, out, "--max_steps", "4", "--eval_steps", "2", "--report_to", "tensorboard", "--logging_dir", "tb-logs")
+    events = EventAccumulator(str(out / "tb-logs" / "tsd-text"))  # (the hyperparameters go to a sub-folder)
+    events.Reload()
+    scalars = {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+    with open(out / "loss_log.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert scalars["train/loss"] == [(int(r["step"]), pytest.approx(float(r["loss"]), rel=1e-6)) for r in rows]
+    assert [s for s, _ in scalars["train/learning_rate"]] == [1, 2, 3, 4]
+    evals = json.loads((out / "eval_results.json").read_text())
+    assert scalars["eval/accuracy"] == [(0, pytest.approx(evals["before"]["accuracy"])),
+                                        (2, pytest.approx(evals["history"][0]["accuracy"])),
+                                        (4, pytest.approx(evals["after"]["accuracy"]))]
+
+
 def test_missing_pad_token_and_truncations_are_reported(tmp_path):
     task = toy_mc_task(12)
     (tmp_path / "task.json").write_text(json.dumps(task))

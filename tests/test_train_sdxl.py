@@ -194,6 +194,19 @@ def test_diffusers_dreambooth_flags_take_effect(tmp_path, monkeypatch):
     assert keys and all(k.startswith("lora_unet_") for k in keys)
 
 
+def test_report_to_tensorboard_logs_the_loss(tmp_path):
+    pytest.importorskip("tensorboard", reason="the tracker test needs tensorboard (the dev extra installs it)")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "tb"
+    run(out, "--report_to", "tensorboard", steps=3)
+    events = EventAccumulator(str(out / "logs" / "tsd-sdxl"))
+    events.Reload()
+    logged = [(e.step, e.value) for e in events.Scalars("loss")]
+    assert logged == [(r["step"], pytest.approx(r["loss"], rel=1e-6)) for r in T._read_loss_log(out)]
+    assert [step for step, _ in logged] == [1, 2, 3]
+
+
 def test_missing_class_images_are_sampled_from_the_base(tmp_path):
     """As diffusers' DreamBooth: a missing or short class dir is topped up from the base with --class_prompt,
     seeded per image, so a re-sampled image is byte-identical; a full dir is left alone."""

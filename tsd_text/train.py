@@ -134,6 +134,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     g.add_argument("--gradient_checkpointing", action="store_true")
     g = p.add_argument_group("evaluation and outputs")
     g.add_argument("--output_dir", required=True)
+    g.add_argument("--report_to", default="none",
+                   help="trackers for loss, learning rate and eval metrics: tensorboard, wandb, ..., all or none "
+                        "(accelerate's log_with)")
+    g.add_argument("--logging_dir", default="logs", help="the trackers' log dir, relative to --output_dir")
     g.add_argument("--eval_steps", type=int, default=0, help="also evaluate every N optimizer steps (0: no)")
     g.add_argument("--eval_before", action=argparse.BooleanOptionalAction, default=True,
                    help="evaluate the untrained model first (--no-eval_before skips it)")
@@ -383,6 +387,7 @@ def train_loop(accelerator: Any, model: nn.Module, adapter: shared.Adapter, opti
             elapsed = prior_runtime + time.perf_counter() - start - eval_time
             state["loss_log"].append({"step": step, "epoch": epoch, "loss": mean_loss, "lr": lr,
                                       "dash_switched": adapter.switched, "elapsed_s": round(elapsed, 4)})
+            accelerator.log({"train/loss": mean_loss, "train/learning_rate": lr}, step=step)
             bar.update(1)
             bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}")
             if step < max_steps and (args.eval_steps and step % args.eval_steps == 0
@@ -409,12 +414,15 @@ def train_loop(accelerator: Any, model: nn.Module, adapter: shared.Adapter, opti
 
 def main(args: argparse.Namespace) -> TrainResult:
     from accelerate import Accelerator, DataLoaderConfiguration
-    from accelerate.utils import set_seed
+    from accelerate.utils import ProjectConfiguration, set_seed
     from transformers import get_scheduler
 
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    out = Path(args.output_dir)
     accelerator = Accelerator(
         gradient_accumulation_steps=args.gradient_accumulation_steps, mixed_precision=args.mixed_precision,
+        log_with=None if args.report_to == "none" else args.report_to,
+        project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / args.logging_dir)),
         # the Trainer's sampler: a seeded shuffle, identical on every process (then sharded)
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed))
     check_launch(accelerator)
@@ -422,7 +430,6 @@ def main(args: argparse.Namespace) -> TrainResult:
         raise ValueError(f"--torch_dtype {args.torch_dtype} stores the frozen base in {args.torch_dtype} but "
                          "--mixed_precision is no: add --mixed_precision bf16 or fp16, whose autocast runs the "
                          "float32 adapter and head at the base's precision")
-    out = Path(args.output_dir)
     resume_dir = resolve_resume(args.resume_from_checkpoint, out, marker=CHECKPOINT_ADAPTER)
     set_seed(args.seed)
     run = setup(args, accelerator, resume_dir)
@@ -468,10 +475,13 @@ def main(args: argparse.Namespace) -> TrainResult:
         accelerator.load_state(str(resume_dir))
         state.update(json.loads((resume_dir / "trainer_state.json").read_text()))
         logger.info(f"resumed from {resume_dir} at step {adapter.num_steps}")
+    accelerator.init_trackers("tsd-text", config={k: v for k, v in vars(args).items()
+                                                  if isinstance(v, (int, float, str, bool))})
 
     def run_eval(desc: str) -> dict[str, float]:
         metrics = evaluate(accelerator, model, eval_loader, run.task, data.info, desc)
         logger.info(f"eval ({desc}): {metrics}")
+        accelerator.log({f"eval/{k}": v for k, v in metrics.items()}, step=adapter.num_steps)
         return metrics
 
     if args.eval_before and resume_dir is None:
@@ -491,6 +501,7 @@ def main(args: argparse.Namespace) -> TrainResult:
         write_outputs(out, adapter, run.task, args, resolved, results, facts, state["loss_log"])
         logger.info(f"wrote {out}: before {results['before']}, after {results['after']}")
     accelerator.wait_for_everyone()
+    accelerator.end_training()
     return TrainResult(adapter, {**results, "train": facts}, out)
 
 
