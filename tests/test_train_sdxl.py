@@ -153,7 +153,8 @@ def test_bad_input_fails_before_training(extra, message, tmp_path):
 
 
 def test_diffusers_dreambooth_flags_take_effect(tmp_path, monkeypatch):
-    """--scale_lr, --lr_power, --output_kohya_format, --logging_dir, --allow_tf32 and --local_rank as in diffusers."""
+    """--scale_lr, --lr_power, --output_kohya_format, --logging_dir, --allow_tf32, --local_rank and
+    --validation_epochs as in diffusers."""
     import csv
 
     from diffusers.optimization import get_scheduler
@@ -173,11 +174,14 @@ def test_diffusers_dreambooth_flags_take_effect(tmp_path, monkeypatch):
     out = tmp_path / "run"
     try:
         run(out, "--scale_lr", "--learning_rate", "1e-3", "--lr_scheduler", "polynomial", "--lr_power", "2",
-            "--output_kohya_format", "--logging_dir", "tracker-logs", "--allow_tf32", "--local_rank", "0", steps=4)
+            "--output_kohya_format", "--logging_dir", "tracker-logs", "--allow_tf32", "--local_rank", "0",
+            "--validation_epochs", "1", steps=4)
         assert torch.backends.cuda.matmul.allow_tf32
     finally:
         torch.backends.cuda.matmul.allow_tf32 = tf32
     assert [p["logging_dir"] for p in projects] == [str(out / "tracker-logs")]
+    # 5 photos in batches of 2: epoch 1 ends at step 3, then the final validation at step 4
+    assert sorted(p.name for p in (out / "validation").iterdir()) == ["step-3", "step-4"]
     record = json.loads((out / "training_args.json").read_text())
     assert record["learning_rate"] == pytest.approx(2e-3) and record["output_format"] == "kohya"  # 1e-3 x batch 2
     ref_opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=2e-3)

@@ -129,6 +129,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a("--validation_prompt", action="append", default=None, help="repeat for several prompts")
     a("--num_validation_images", type=int, default=None, help="per prompt; default 4 (8 for the mini SDXL)")
     a("--validation_steps", type=int, default=None, help="validate every N steps (and always at the end)")
+    a("--validation_epochs", type=int, default=None, help="validate after every N epochs (diffusers' spelling)")
     a("--validation_inference_steps", type=int, default=VALIDATION_INFERENCE_STEPS)
     a("--checkpointing_steps", type=int, default=500)
     a("--checkpoints_total_limit", type=int, default=None)
@@ -177,8 +178,9 @@ def finalize_args(args: argparse.Namespace) -> argparse.Namespace:
                  "num_class_images", "sample_batch_size"):
         if getattr(args, name) <= 0:
             raise ValueError(f"--{name} must be > 0")
-    if args.max_train_steps is not None and args.max_train_steps <= 0:
-        raise ValueError("--max_train_steps must be > 0")
+    for name in ("max_train_steps", "validation_steps", "validation_epochs"):
+        if getattr(args, name) is not None and getattr(args, name) <= 0:
+            raise ValueError(f"--{name} must be > 0")
     if args.use_8bit_adam:
         try:
             import bitsandbytes  # noqa: F401
@@ -560,7 +562,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
             loss_value = accelerator.gather(loss.detach()).mean().item()
             loss_log.append({"step": global_step, "loss": loss_value, "lr": lr_scheduler.get_last_lr()[0],
                              "elapsed": time.perf_counter() - t_first_step})
-            accelerator.log({"loss": loss_value}, step=global_step)
+            accelerator.log({"loss": loss_value, "lr": lr_scheduler.get_last_lr()[0]}, step=global_step)
             bar.update(1)
             bar.set_postfix(loss=f"{loss_value:.4f}")
             if global_step % args.checkpointing_steps == 0 and global_step < max_steps:
@@ -573,6 +575,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
                 break
         if global_step >= max_steps:
             break
+        if args.validation_epochs and (epoch + 1) % args.validation_epochs == 0 and accelerator.is_main_process:
+            run_validation(parts, base, args, accelerator, global_step, validation_dir, evaluator)
     bar.close()
 
     accelerator.wait_for_everyone()
