@@ -102,6 +102,29 @@ def test_named_text_and_label_columns(tmp_path):
         load_text(f, text_columns=["body"], label_column="sentiment")
 
 
+def test_question_choices_answer_records(tmp_path):
+    """Generic multiple choice: plain lists with an index or the answer's text, and ARC's labelled choices."""
+    rows = [
+        {"question": "2+2?", "choices": ["3", "4"], "answer": 1},
+        {"input": "Sky colour?", "choices": ["blue", "green", "red"], "answer": "blue"},
+        {"question_stem": "Ice is", "choices": {"text": ["hot", "cold"], "label": ["A", "B"]}, "answerKey": "B",
+         "id": "x"},
+    ]
+    (tmp_path / "mc.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    exs = load_mc(tmp_path / "mc.jsonl")
+    assert [(e.context, e.choices, e.label) for e in exs] == [
+        ("Question: 2+2?\nAnswer: ", ("3", "4"), 1),
+        ("Question: Sky colour?\nAnswer: ", ("blue", "green", "red"), 0),
+        ("Question: Ice is\nAnswer: ", ("hot", "cold"), 1)]
+    assert exs[2].where == "mc.jsonl line 3" and read_records(tmp_path / "mc.jsonl").format == "choices"
+    for bad, match in [({"answer": 2}, r"'answer' 2 is neither a 0-based index below 2"),
+                       ({"answer": "5"}, r"'answer' '5' is neither"), ({"answer": True}, "'answer' True is neither"),
+                       ({"choices": ["only"]}, "a multiple-choice example needs at least 2"), ({"choices": "a/b"}, "'choices' must be a list")]:
+        (tmp_path / "bad.json").write_text(json.dumps([rows[0], {**rows[0], **bad}]))
+        with pytest.raises(DataError, match=r"bad.json \[1\]: " + match):
+            load_mc(tmp_path / "bad.json")
+
+
 def test_split_is_fixed_by_seed():
     items = list(range(50))
     a, b = train_eval_split(items, 0.2, seed=3, path="x")

@@ -310,6 +310,17 @@ def test_report_to_tensorboard_logs_what_loss_log_holds(mc, tmp_path):
                                         (4, pytest.approx(evals["after"]["accuracy"]))]
 
 
+def test_question_choices_jsonl_trains(mc, tmp_path):
+    task_file, model_dir = mc
+    examples = json.loads(task_file.read_text())["examples"]
+    rows = [{"question": e["input"], "choices": list(e["target_scores"]),
+             "answer": max(e["target_scores"], key=e["target_scores"].get)} for e in examples]
+    data = tmp_path / "mc.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in rows))
+    result = _run_mc((data, model_dir), tmp_path / "out", "--max_steps", "2")
+    assert result.results["after"]["num_examples"] == 8 and result.results["train"]["steps"] == 2
+
+
 def test_missing_pad_token_and_truncations_are_reported(tmp_path):
     task = toy_mc_task(12)
     (tmp_path / "task.json").write_text(json.dumps(task))

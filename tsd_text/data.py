@@ -11,6 +11,10 @@ Formats are detected from the content (the suffix only decides CSV/TSV):
   from a ``choices`` list when there is one, else from the instruction's ``Answer format: a/b/c`` line (every row of
   commonsense_170k and of the eight test sets has one). ``output`` must end with ``answer``
   (``"the correct answer is true"``); what precedes the answer becomes part of the context.
+- ``choices``: JSON lines or a JSON list of ``{"question": str, "choices": [str, ...], "answer": ...}`` (the
+  question may also be ``input`` or ``question_stem``; ``choices`` may be ``{"text": [...], "label": [...]}``
+  as ARC and OpenBookQA export it; ``answer`` or ``answerKey`` is a 0-based index, a choice's text or a choice's
+  label). The prompt is ``"Question: {question}\nAnswer: "``, continued by each choice.
 - ``table``: CSV/TSV with a header, JSON lines, or a JSON list of objects, with a ``label`` and one or two text
   columns (classification): ``text`` [, ``text_pair``], or GLUE's names as ``datasets`` exports them
   (``sentence``, ``sentence1``/``sentence2``, ``question``/``sentence``, ``question1``/``question2``,
@@ -30,7 +34,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-MC_FORMATS = ("bigbench", "llm-adapters")
+MC_FORMATS = ("bigbench", "llm-adapters", "choices")
+#: the question field of a ``choices`` record, tried in order (ARC/CSQA, BIG-bench style, OpenBookQA)
+QUESTION_KEYS = ("question", "input", "question_stem")
 TABLE_SUFFIXES = {".csv": ",", ".tsv": "\t"}
 ALPACA = ("Below is an instruction that describes a task{paired}. Write a response that appropriately completes "
           "the request.\n\n### Instruction:\n{instruction}\n\n{input_block}### Response:\n")
@@ -123,7 +129,8 @@ def read_records(path: str | Path, table_keys: Sequence[str] = ()) -> Records:
     first = rows[0][1]
     tabular = "label" in first or any(k in first for k in table_keys) or any(
         all(k in first for k in cols) for cols in TEXT_COLUMNS)
-    fmt = "llm-adapters" if "instruction" in first else "table" if tabular else None
+    fmt = ("llm-adapters" if "instruction" in first else "choices" if "choices" in first
+           and any(k in first for k in QUESTION_KEYS) else "table" if tabular else None)
     if fmt is None:
         raise DataError(f"{path}: unknown format: the first record has keys {sorted(first)}; expected a BIG-bench "
                         "task ('examples'), instruction/input/output/answer (LLM-Adapters) or text/label")
@@ -173,9 +180,11 @@ def load_mc(path: str | Path) -> list[MCExample]:
     """Multiple-choice examples of a BIG-bench or LLM-Adapters file."""
     rec = read_records(path)
     if rec.format not in MC_FORMATS:
-        raise DataError(f"{path}: task causal-mc needs a BIG-bench task JSON or the LLM-Adapters JSON; "
+        raise DataError(f"{path}: task causal-mc needs a BIG-bench task JSON, the LLM-Adapters JSON or "
+                        "question/choices/answer records; "
                         f"this is a {rec.format} file (text/label rows are for --task classification)")
-    parse = _bigbench_example if rec.format == "bigbench" else _llm_adapters_example
+    parse = {"bigbench": _bigbench_example, "llm-adapters": _llm_adapters_example,
+             "choices": _choices_example}[rec.format]
     return _nonempty(path, [parse(where, row, rec.meta) for where, row in rec.rows])
 
 
@@ -229,6 +238,30 @@ def _llm_adapters_example(where: str, row: dict[str, Any], meta: dict[str, Any])
     lead = output.rstrip()[: len(output.rstrip()) - len(answer.strip())]
     context = alpaca_prompt(instruction, str(row.get("input") or "")) + lead
     return MCExample(context, choices, lowered.index(answer.strip().lower()), where)
+
+
+def _choices_example(where: str, row: dict[str, Any], meta: dict[str, Any]) -> MCExample:
+    question = _field(where, row, next(k for k in QUESTION_KEYS if k in row))
+    raw = row.get("choices")
+    labels: list[str] = []
+    if isinstance(raw, dict):  # ARC / OpenBookQA: {"text": [...], "label": ["A", "B", ...]}
+        labels = [str(x) for x in raw.get("label") or []]
+        raw = raw.get("text")
+    if not isinstance(raw, list):
+        raise DataError(f"{where}: 'choices' must be a list of strings or {{'text': [...], 'label': [...]}}")
+    choices = _choices(where, raw)
+    key = "answer" if "answer" in row else "answerKey"
+    answer = row.get(key)
+    if isinstance(answer, int) and not isinstance(answer, bool) and 0 <= answer < len(choices):
+        index = answer
+    elif isinstance(answer, str) and answer in choices:
+        index = choices.index(answer)
+    elif isinstance(answer, str) and answer in labels:
+        index = labels.index(answer)
+    else:
+        raise DataError(f"{where}: '{key}' {answer!r} is neither a 0-based index below {len(choices)} nor one of "
+                        f"the choices {list(choices)}" + (f" or their labels {labels}" if labels else ""))
+    return MCExample(f"Question: {question}\nAnswer: ", choices, index, where)
 
 
 # ------------------------------------------------------------------------------------------------ classification
