@@ -78,13 +78,24 @@ def matches(name: str, target_modules: list[str] | str) -> bool:
     return any(name == t or name.endswith("." + t) for t in target_modules)
 
 
+ALL_LINEAR = "all-linear"
+
+
 def find_targets(model: nn.Module, target_modules: list[str] | str | None) -> dict[str, nn.Module]:
-    """Full names of the modules that ``target_modules`` selects; a clear error when none match."""
+    """Full names of the modules that ``target_modules`` selects; a clear error when none match.
+
+    ``"all-linear"`` (alone, or as the only list entry) is peft's shorthand: every Linear/Conv1D layer except the
+    model's output embedding (``get_output_embeddings()``, e.g. ``lm_head``).
+    """
     if target_modules is None:
         raise ValueError(
-            "target_modules is not set; name the layers to adapt. Linear layers of this model: "
+            "target_modules is not set; name the layers to adapt (or 'all-linear'). Linear layers of this model: "
             + ", ".join(linear_layer_names(model))
         )
+    if target_modules in (ALL_LINEAR, [ALL_LINEAR]):
+        get_output = getattr(model, "get_output_embeddings", None)
+        output = get_output() if callable(get_output) else None
+        return {n: m for n, m in model.named_modules() if n and is_linear_like(m) and m is not output}
     found = {n: m for n, m in model.named_modules() if n and matches(n, target_modules)}
     if not found:
         raise ValueError(

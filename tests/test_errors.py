@@ -41,6 +41,17 @@ def test_unknown_target_lists_linear_layer_names():
         shared.attach(tiny_llama(), cfg)
 
 
+@pytest.mark.parametrize("spelling", ["all-linear", ["all-linear"]])
+def test_all_linear_adapts_every_linear_layer_but_the_output_embedding(spelling):
+    """peft's shorthand; the LM head (get_output_embeddings) is left out, as peft does."""
+    model = tiny_llama()
+    adapter = shared.attach(model, shared.AdapterConfig(method="dash", r=2, target_modules=spelling))
+    want = {f"model.layers.{i}.{part}.{t}" for i in range(2) for part, names in
+            (("self_attn", ("q_proj", "k_proj", "v_proj", "o_proj")), ("mlp", ("gate_proj", "up_proj", "down_proj")))
+            for t in names}
+    assert set(adapter.layers) == want
+
+
 @pytest.mark.parametrize("method", ["eva", "lora_da", "lora_init", "tsd", "lora_ga"])
 def test_data_driven_init_needs_data(method):
     cfg = shared.AdapterConfig(method=method, r=2, alpha=4, target_modules=["q_proj"])

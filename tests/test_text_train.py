@@ -321,6 +321,18 @@ def test_question_choices_jsonl_trains(mc, tmp_path):
     assert result.results["after"]["num_examples"] == 8 and result.results["train"]["steps"] == 2
 
 
+def test_all_linear_targets_leave_the_trained_head_out(text):
+    from transformers import AutoModelForSequenceClassification
+
+    model = AutoModelForSequenceClassification.from_pretrained(text[2], dtype=torch.float32)
+    names = resolve_targets(model, parse_args(["--model_name_or_path", "m", "--task", "classification",
+                                               "--train_file", "f", "--eval_split", "2", "--output_dir", "o",
+                                               "--target_modules", "all-linear"]).target_modules,
+                            ["classifier", "pooler"])
+    linear = {n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    assert set(names) == {n for n in linear if not n.startswith(("classifier", "pooler"))} and names
+
+
 def test_missing_pad_token_and_truncations_are_reported(tmp_path):
     task = toy_mc_task(12)
     (tmp_path / "task.json").write_text(json.dumps(task))

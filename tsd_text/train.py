@@ -104,7 +104,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     g.add_argument("--lora_alpha", type=float, default=16.0)
     g.add_argument("--lora_dropout", type=float, default=0.0)
     g.add_argument("--target_modules", nargs="+", default=None,
-                   help="layer names or suffixes, space- or comma-separated (e.g. q_proj,v_proj or query value)")
+                   help="layer names or suffixes, space- or comma-separated (e.g. q_proj,v_proj or query value), "
+                        "or all-linear (every linear layer but the LM head and a trained classification head)")
     g.add_argument("--dash_warmup_steps", type=int, default=100, help="t: optimizer steps of LoRA before the switch")
     g.add_argument("--dash_directions", type=int, default=8, help="s: task-specific directions per layer")
     g.add_argument("--adapter_options", nargs="+", default=[], metavar="KEY=VALUE",
