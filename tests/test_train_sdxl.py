@@ -153,8 +153,8 @@ def test_bad_input_fails_before_training(extra, message, tmp_path):
 
 
 def test_diffusers_dreambooth_flags_take_effect(tmp_path, monkeypatch):
-    """--scale_lr, --lr_power, --output_kohya_format, --logging_dir, --allow_tf32, --local_rank and
-    --validation_epochs as in diffusers."""
+    """--scale_lr, --lr_power, --output_kohya_format, --logging_dir, --allow_tf32, --local_rank,
+    --validation_epochs and --image_interpolation_mode as in diffusers."""
     import csv
 
     from diffusers.optimization import get_scheduler
@@ -169,17 +169,26 @@ def test_diffusers_dreambooth_flags_take_effect(tmp_path, monkeypatch):
             super().__init__(**kwargs)
 
     monkeypatch.setattr(accelerate.utils, "ProjectConfiguration", RecordingProjectConfiguration)
+    datasets = []
+
+    class RecordingDataset(T.DreamBoothDataset):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            datasets.append(self)
+
+    monkeypatch.setattr(T, "DreamBoothDataset", RecordingDataset)
     tf32 = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = False
     out = tmp_path / "run"
     try:
         run(out, "--scale_lr", "--learning_rate", "1e-3", "--lr_scheduler", "polynomial", "--lr_power", "2",
             "--output_kohya_format", "--logging_dir", "tracker-logs", "--allow_tf32", "--local_rank", "0",
-            "--validation_epochs", "1", steps=4)
+            "--validation_epochs", "1", "--image_interpolation_mode", "nearest", steps=4)
         assert torch.backends.cuda.matmul.allow_tf32
     finally:
         torch.backends.cuda.matmul.allow_tf32 = tf32
     assert [p["logging_dir"] for p in projects] == [str(out / "tracker-logs")]
+    assert [d.transform.interpolation for d in datasets] == ["nearest"]
     # 5 photos in batches of 2: epoch 1 ends at step 3, then the final validation at step 4
     assert sorted(p.name for p in (out / "validation").iterdir()) == ["step-3", "step-4"]
     record = json.loads((out / "training_args.json").read_text())

@@ -32,7 +32,7 @@ from shared.launch import check_launch
 
 from .evaluation import SubjectEvaluator, prompt_class
 from .class_images import missing_class_images, sample_class_images
-from .data import DreamBoothDataset, LatentCache, collate, validate_resolution
+from .data import INTERPOLATIONS, DreamBoothDataset, LatentCache, collate, validate_resolution
 from .mini_sdxl import CLASSES, MINI_NAME, materialize_replay_prior
 from .tiny import EMBEDDED_NAME, make_subject_images, resolve_pretrained
 
@@ -86,6 +86,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
       help="replace this share of class prompts by the empty prompt (trains the unconditional branch CFG uses)")
     a("--resolution", type=int, default=None, help="default 1024; 32 for the mini SDXL, 64 for the tiny one")
     a("--center_crop", action="store_true")
+    a("--image_interpolation_mode", default="lanczos", choices=sorted(INTERPOLATIONS),
+      help="resampling filter of the resize to --resolution")
     a("--random_flip", action=argparse.BooleanOptionalAction, default=None)
     a("--dataloader_num_workers", type=int, default=0)
     # training
@@ -371,7 +373,7 @@ def make_dataset(args: argparse.Namespace) -> DreamBoothDataset:
         args.instance_data_dir, args.instance_prompt, args.resolution, args.center_crop, args.random_flip,
         class_dir=args.class_data_dir, class_prompt=args.class_prompt, seed=args.seed,
         num_class_images=args.num_class_images if args.with_prior_preservation else None,
-        class_prompt_dropout=args.class_prompt_dropout,
+        class_prompt_dropout=args.class_prompt_dropout, interpolation=args.image_interpolation_mode,
     )
 
 
