@@ -61,6 +61,7 @@ def sample_class_images(pipe: Any, accelerator: Any, class_dir: str | Path, prom
     class_dir = Path(class_dir).expanduser()
     class_dir.mkdir(parents=True, exist_ok=True)
     start = len(list_instance_images(class_dir, "class", allow_empty=True))
+    accelerator.wait_for_everyone()  # every process counted before any writes: they agree on the numbering
     written: list[Path] = []
     with accelerator.split_between_processes(list(range(start, start + count))) as mine:
         batches = [mine[i:i + batch_size] for i in range(0, len(mine), batch_size)]
