@@ -287,6 +287,8 @@ def test_real_dreambooth_photos_train(shared_data, tmp_path):
 
 @pytest.mark.slow
 def test_two_process_gloo_run_switches_identically(tmp_path):
+    """Two processes select identical directions; they also split the class-image sampling, which must give the
+    same files as one process."""
     import subprocess
     from pathlib import Path
 
@@ -297,7 +299,9 @@ def test_two_process_gloo_run_switches_identically(tmp_path):
            "--num_machines", "1", "--gpu_ids", "all", "--main_process_port", str(port), "--mixed_precision", "no",
            "--dynamo_backend", "no", str(repo / "apps" / "train_sdxl.py"), "--pretrained_model_name_or_path", "tsd-lora/tiny-sdxl", "--output_dir", str(tmp_path / "ddp"),
            "--max_train_steps", "4", "--dash_warmup_steps", "2", "--dash_directions", "2", "--train_batch_size", "1",
-           "--num_validation_images", "1", "--validation_inference_steps", "2", "--checkpointing_steps", "3"]
+           "--num_validation_images", "1", "--validation_inference_steps", "2", "--checkpointing_steps", "3",
+           "--with_prior_preservation", "--class_prompt", "a photo of a teapot", "--num_class_images", "3",
+           "--sample_batch_size", "1", "--class_data_dir", str(tmp_path / "class-ddp")]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stderr[-4000:]
     record = json.loads((tmp_path / "ddp" / "dash_switch.json").read_text())["unet"]
@@ -305,6 +309,10 @@ def test_two_process_gloo_run_switches_identically(tmp_path):
     assert record["fingerprints"][0] == record["fingerprints"][1]
     assert (tmp_path / "ddp" / "pytorch_lora_weights.safetensors").is_file()
     assert (tmp_path / "ddp" / "checkpoint-3" / "unet" / "tsd_adapter.safetensors").is_file()
+    run(tmp_path / "one", "--with_prior_preservation", "--class_prompt", "a photo of a teapot", "--num_class_images",
+        "3", "--class_data_dir", str(tmp_path / "class-one"), steps=1)
+    one = {f.name: f.read_bytes() for f in (tmp_path / "class-one").iterdir()}
+    assert {f.name: f.read_bytes() for f in (tmp_path / "class-ddp").iterdir()} == one and len(one) == 3
 
 
 def test_launch_check_refuses_split_runs(monkeypatch):
