@@ -56,6 +56,8 @@ def test_label_space_classes_regression_and_unseen_labels():
         reg.encode(_ex("high", 7))
     with pytest.raises(DataError, match="f.csv line 5: label '3' does not occur in the training data"):
         space.encode(_ex("3", 3))
+    with pytest.raises(DataError, match=r"label -1 does not occur .*test splits mark unlabelled rows with -1"):
+        space.encode(_ex(-1, 3))
 
 
 def test_head_modules_are_detected_generically():

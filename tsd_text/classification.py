@@ -69,8 +69,10 @@ class LabelSpace:
             return value
         key = self.key(example.label)
         if key not in self.names:
+            hint = ("; GLUE's test splits mark unlabelled rows with -1, so evaluate on a validation split"
+                    if key == "-1" else "")
             raise DataError(f"{example.where}: label {example.label!r} does not occur in the training data "
-                            f"(training labels: {', '.join(self.names)})")
+                            f"(training labels: {', '.join(self.names)}){hint}")
         return self.names.index(key)
 
 
