@@ -20,7 +20,7 @@ import torch
 
 from shared.io import atomic_write_bytes
 
-from .data import list_instance_images
+from .data import image_candidates, list_instance_images
 
 JPEG_QUALITY = 95
 
@@ -28,13 +28,14 @@ JPEG_QUALITY = 95
 def missing_class_images(args: Any) -> int:
     """How many class images to sample (0 without prior preservation); checks the dirs before any model loads.
 
-    Existing class images are decoded (a bad file is named), and so are the instance photos when sampling is
-    needed, because the dataset that would check them is only built after the sampling.
+    The class dir's files are counted without decoding: with nothing to sample, the dataset decodes every file
+    before any model loads. When sampling is needed the dataset is built only after it, so both dirs are
+    decoded here (a bad file is named).
     """
     if not args.with_prior_preservation or not args.class_data_dir:
         return 0
     class_dir = Path(args.class_data_dir).expanduser()
-    have = len(list_instance_images(class_dir, "class", allow_empty=True))
+    have = len(image_candidates(class_dir, "class", allow_empty=True))
     missing = max(0, args.num_class_images - have)
     if missing and not args.class_prompt:
         if not have:
@@ -44,6 +45,7 @@ def missing_class_images(args: Any) -> int:
               "images; without --class_prompt none are sampled, so the prior uses those it holds")
         return 0
     if missing:
+        list_instance_images(class_dir, "class", allow_empty=True)
         list_instance_images(args.instance_data_dir, "instance")
     return missing
 
@@ -60,7 +62,7 @@ def sample_class_images(pipe: Any, accelerator: Any, class_dir: str | Path, prom
 
     class_dir = Path(class_dir).expanduser()
     class_dir.mkdir(parents=True, exist_ok=True)
-    start = len(list_instance_images(class_dir, "class", allow_empty=True))
+    start = len(image_candidates(class_dir, "class", allow_empty=True))  # decoded by missing_class_images
     accelerator.wait_for_everyone()  # every process counted before any writes: they agree on the numbering
     written: list[Path] = []
     with accelerator.split_between_processes(list(range(start, start + count))) as mine:

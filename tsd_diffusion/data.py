@@ -214,9 +214,9 @@ def load_image(path: str | os.PathLike) -> Image.Image:
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def _scan_dir(directory: str | os.PathLike, kind: str = "instance",
-              allow_empty: bool = False) -> list[tuple[Path, tuple[int, int]]]:
-    """Validate a data dir; return ``[(path, (height, width) after EXIF orientation)]`` sorted by file name."""
+def image_candidates(directory: str | os.PathLike, kind: str = "instance", allow_empty: bool = False) -> list[Path]:
+    """The files of a data dir that must be images, sorted by name, without decoding them: hidden files and
+    ``metadata.jsonl`` are left out. With ``allow_empty`` a missing or empty dir gives ``[]``."""
     d = Path(directory).expanduser()
     if allow_empty and not d.exists():
         return []
@@ -227,12 +227,18 @@ def _scan_dir(directory: str | os.PathLike, kind: str = "instance",
     entries = sorted(d.iterdir(), key=lambda p: p.name)
     files = [p for p in entries if not _is_hidden(p) and not p.is_dir()  # (broken links are reported below)
              and p.name != CAPTIONS_FILE]
-    subdirs = [p.name for p in entries if not _is_hidden(p) and p.is_dir()]
-    if not files and allow_empty:
-        return []
-    if not files:
+    if not files and not allow_empty:
+        subdirs = [p.name for p in entries if not _is_hidden(p) and p.is_dir()]
         extra = f" (sub-folders are not searched: {', '.join(subdirs)})" if subdirs else ""
         raise ValueError(f"{kind} data dir {d} contains no images{extra}")
+    return files
+
+
+def _scan_dir(directory: str | os.PathLike, kind: str = "instance",
+              allow_empty: bool = False) -> list[tuple[Path, tuple[int, int]]]:
+    """Validate a data dir; return ``[(path, (height, width) after EXIF orientation)]`` sorted by file name."""
+    d = Path(directory).expanduser()
+    files = image_candidates(d, kind, allow_empty)
     not_images: list[str] = []
     broken: list[str] = []
     good: list[tuple[Path, tuple[int, int]]] = []

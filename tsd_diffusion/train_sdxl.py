@@ -564,7 +564,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
             loss_value = accelerator.gather(loss.detach()).mean().item()
             loss_log.append({"step": global_step, "loss": loss_value, "lr": lr_scheduler.get_last_lr()[0],
                              "elapsed": time.perf_counter() - t_first_step})
-            accelerator.log({"loss": loss_value, "lr": lr_scheduler.get_last_lr()[0]}, step=global_step)
+            accelerator.log({k: loss_log[-1][k] for k in ("loss", "lr")}, step=global_step)
             bar.update(1)
             bar.set_postfix(loss=f"{loss_value:.4f}")
             if global_step % args.checkpointing_steps == 0 and global_step < max_steps:
