@@ -76,6 +76,7 @@ def main() -> None:
     torch.distributed.init_process_group("gloo")
     try:
         print(json.dumps(run(args.out, shard=True)), flush=True)
+        torch.distributed.barrier()  # rank 0 may still be writing: tear gloo down only once both are done
     finally:
         torch.distributed.destroy_process_group()
 
