@@ -125,6 +125,35 @@ def test_question_choices_answer_records(tmp_path):
             load_mc(tmp_path / "bad.json")
 
 
+def test_parquet_records_as_the_hub_serves_them(tmp_path):
+    """Parquet (what ``datasets`` on the Hub stores): typed columns, nulls, nested choices, row names, bad files."""
+    import pyarrow
+    import pyarrow.parquet
+
+    sst2 = [{"sentence": "a gem", "label": 1, "idx": 0}, {"sentence": "a dud", "label": 0, "idx": 1}]
+    pyarrow.parquet.write_table(pyarrow.Table.from_pylist(sst2), tmp_path / "sst2.parquet")
+    (tmp_path / "sst2.jsonl").write_text("\n".join(json.dumps(r) for r in sst2))
+    got, want = load_text(tmp_path / "sst2.parquet"), load_text(tmp_path / "sst2.jsonl")
+    assert [(e.text, e.text_pair, e.label) for e in got] == [(e.text, e.text_pair, e.label) for e in want]
+    assert [e.where for e in got] == ["sst2.parquet row 0", "sst2.parquet row 1"]
+    assert isinstance(got[0].label, int)
+
+    arc = [{"question": "Ice is", "choices": {"text": ["hot", "cold"], "label": ["A", "B"]}, "answerKey": "B"}]
+    pyarrow.parquet.write_table(pyarrow.Table.from_pylist(arc), tmp_path / "arc.parquet")
+    assert [(e.choices, e.label) for e in load_mc(tmp_path / "arc.parquet")] == [(("hot", "cold"), 1)]
+
+    holes = [{"sentence": "fine", "label": 1}, {"sentence": None, "label": 0}]
+    pyarrow.parquet.write_table(pyarrow.Table.from_pylist(holes), tmp_path / "holes.parquet")
+    with pytest.raises(DataError, match=r"holes.parquet row 1: missing 'sentence'"):
+        load_text(tmp_path / "holes.parquet")
+    (tmp_path / "bad.parquet").write_bytes(b"PAR1 not really")
+    with pytest.raises(DataError, match=r"bad.parquet: not a readable Parquet file"):
+        load_text(tmp_path / "bad.parquet")
+    pyarrow.parquet.write_table(pyarrow.Table.from_pylist(sst2).slice(0, 0), tmp_path / "empty.parquet")
+    with pytest.raises(DataError, match=r"empty.parquet: the dataset is empty"):
+        load_text(tmp_path / "empty.parquet")
+
+
 def test_split_is_fixed_by_seed():
     items = list(range(50))
     a, b = train_eval_split(items, 0.2, seed=3, path="x")

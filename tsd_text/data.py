@@ -15,13 +15,16 @@ Formats are detected from the content (the suffix only decides CSV/TSV):
   question may also be ``input`` or ``question_stem``; ``choices`` may be ``{"text": [...], "label": [...]}``
   as ARC and OpenBookQA export it; ``answer`` or ``answerKey`` is a 0-based index, a choice's text or a choice's
   label). The prompt is ``"Question: {question}\nAnswer: "``, continued by each choice.
-- ``table``: CSV/TSV with a header, JSON lines, or a JSON list of objects, with a ``label`` and one or two text
+- ``table``: CSV/TSV with a header, JSON lines, a JSON list of objects, or Parquet, with a ``label`` and one or two text
   columns (classification): ``text`` [, ``text_pair``], or GLUE's names as ``datasets`` exports them
   (``sentence``, ``sentence1``/``sentence2``, ``question``/``sentence``, ``question1``/``question2``,
   ``premise``/``hypothesis``), or any columns named by ``text_columns`` and ``label_column``.
 
+Every format but the BIG-bench JSON may also come as a ``.parquet`` file of records (what the Hugging Face Hub serves
+for ``datasets``; read with pyarrow), whose columns are the record's keys.
+
 Every error names the file and the row: ``train.csv line 7`` (physical line, header = line 1), ``x.jsonl line 3``,
-``task.json examples[12]``.
+``task.json examples[12]``, ``train.parquet row 4`` (0-based, as ``datasets`` indexes).
 """
 
 from __future__ import annotations
@@ -104,6 +107,8 @@ def read_records(path: str | Path, table_keys: Sequence[str] = ()) -> Records:
         raise FileNotFoundError(f"data file not found: {path}")
     if path.suffix.lower() in TABLE_SUFFIXES:
         return Records("table", _read_csv(path, TABLE_SUFFIXES[path.suffix.lower()]), {})
+    if path.suffix.lower() == ".parquet":
+        return _detect_records(path, _read_parquet(path), table_keys)
     text = path.read_text(encoding="utf-8-sig")
     if not text.strip():
         raise DataError(f"{path}: the file is empty")
@@ -124,6 +129,11 @@ def read_records(path: str | Path, table_keys: Sequence[str] = ()) -> Records:
         raise DataError(f"{path}: unknown format ({shape}). Expected a BIG-bench task JSON ({{'examples': [...]}}), "
                         "the LLM-Adapters JSON (a list of {instruction, input, output, answer}), CSV/TSV, or "
                         "JSON lines with text/label")
+    return _detect_records(path, rows, table_keys)
+
+
+def _detect_records(path: Path, rows: list[tuple[str, dict[str, Any]]], table_keys: Sequence[str]) -> Records:
+    """The format of a list of records, from the keys of the first."""
     if not rows:
         raise DataError(f"{path}: the dataset is empty (no records)")
     first = rows[0][1]
@@ -144,6 +154,19 @@ def _read_csv(path: Path, delimiter: str) -> list[tuple[str, dict[str, Any]]]:
         if not reader.fieldnames:
             raise DataError(f"{path}: the file is empty (no header)")
         return rows
+
+
+def _read_parquet(path: Path) -> list[tuple[str, dict[str, Any]]]:
+    try:
+        import pyarrow
+        import pyarrow.parquet
+    except ImportError as err:
+        raise DataError(f"{path}: reading Parquet needs pyarrow: pip install pyarrow (or tsd-lora[text])") from err
+    try:
+        table = pyarrow.parquet.read_table(path)
+    except (pyarrow.ArrowException, OSError) as err:
+        raise DataError(f"{path}: not a readable Parquet file ({err})") from err
+    return [(f"{path.name} row {i}", row) for i, row in enumerate(table.to_pylist())]
 
 
 def _read_jsonl(path: Path, text: str) -> list[tuple[str, dict[str, Any]]] | None:
@@ -267,14 +290,14 @@ def _choices_example(where: str, row: dict[str, Any], meta: dict[str, Any]) -> M
 # ------------------------------------------------------------------------------------------------ classification
 def load_text(path: str | Path, text_columns: Sequence[str] | None = None,
               label_column: str = "label") -> list[TextExample]:
-    """Classification/regression rows (one or two text columns and a label) of a CSV/TSV/JSONL/JSON file.
+    """Classification/regression rows (one or two text columns and a label) of a CSV/TSV/JSONL/JSON/Parquet file.
 
     Without ``text_columns`` the first of :data:`TEXT_COLUMNS` that the first row has is used (``text_pair``
     only when the first row fills it); other columns (GLUE's ``idx``) are ignored.
     """
     rec = read_records(path, table_keys=[label_column, *(text_columns or [])])
     if rec.format != "table":
-        raise DataError(f"{path}: task classification needs CSV/TSV or JSON lines with text/label; this is a "
+        raise DataError(f"{path}: task classification needs CSV/TSV, JSON lines or Parquet with text/label; this is a "
                         f"{rec.format} file (use --task causal-mc)")
     if not rec.rows:
         return _nonempty(path, [])

@@ -83,7 +83,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     g.add_argument("--model_name_or_path", required=True, help="local model directory (or hub id when online)")
     g.add_argument("--task", required=True, choices=sorted(TASKS))
     g.add_argument("--train_file", required=True,
-                   help="causal-mc: BIG-bench task JSON or LLM-Adapters JSON; classification: CSV/TSV/JSONL")
+                   help="causal-mc: BIG-bench task JSON, LLM-Adapters JSON or question/choices/answer records; "
+                        "classification: CSV/TSV/JSONL; records may also come as Parquet")
     g.add_argument("--eval_file", default=None, help="evaluation file of the same format")
     g.add_argument("--text_column_names", default=None,
                    help="classification: one or two comma-separated text columns (default: text[,text_pair] or "
