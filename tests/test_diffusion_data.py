@@ -426,6 +426,24 @@ def test_prior_preservation_collate_layout(tmp_path):
         DreamBoothDataset(inst, "a photo of sks dog", 64, class_dir=tmp_path / "nope", class_prompt="a dog")
 
 
+def test_repeats_multiply_the_instance_epoch(tmp_path):
+    """--repeats (diffusers): every instance image comes `repeats` times per epoch, each copy with its own crop and
+    flip; with a class dir the epoch is max(repeats x #instance, #class)."""
+    inst = write_subject_dir(tmp_path / "inst", n=2)
+    cls = write_subject_dir(tmp_path / "cls", n=5, size=(80, 80))
+    ds = DreamBoothDataset(inst, "a photo of sks dog", 64, random_flip=True, repeats=3, seed=1)
+    assert len(ds) == 6
+    plans = [ds.plan(i) for i in range(6)]
+    assert [Path(p["path"]).name for p in plans] == [Path(plans[0]["path"]).name, Path(plans[1]["path"]).name] * 3
+    assert len({(p["path"], p["crop_top_left"], p["flipped"]) for p in plans}) > 2  # copies are augmented apart
+    with_prior = DreamBoothDataset(inst, "a photo of sks dog", 64, class_dir=cls, class_prompt="a dog", repeats=4)
+    assert len(with_prior) == 8 and [Path(with_prior.plan(i)["class_example"]["path"]).name for i in (0, 5)] == \
+        [Path(with_prior.plan(0)["class_example"]["path"]).name] * 2
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(ValueError, match="repeats must be an int >= 1"):
+            DreamBoothDataset(inst, "a photo of sks dog", 64, repeats=bad)
+
+
 def test_instance_captions_from_metadata_jsonl(tmp_path):
     """Instance photos may carry their own captions too (imagefolder's metadata.jsonl); the rest get
     instance_prompt. Before, the file was skipped as a non-image and its captions silently ignored."""

@@ -154,7 +154,7 @@ def test_bad_input_fails_before_training(extra, message, tmp_path):
 
 def test_diffusers_dreambooth_flags_take_effect(tmp_path, monkeypatch):
     """--scale_lr, --lr_power, --output_kohya_format, --logging_dir, --allow_tf32, --local_rank,
-    --validation_epochs and --image_interpolation_mode as in diffusers."""
+    --validation_epochs, --image_interpolation_mode and --repeats as in diffusers."""
     import csv
 
     from diffusers.optimization import get_scheduler
@@ -183,26 +183,26 @@ def test_diffusers_dreambooth_flags_take_effect(tmp_path, monkeypatch):
     try:
         run(out, "--scale_lr", "--learning_rate", "1e-3", "--lr_scheduler", "polynomial", "--lr_power", "2",
             "--output_kohya_format", "--logging_dir", "tracker-logs", "--allow_tf32", "--local_rank", "0",
-            "--validation_epochs", "1", "--image_interpolation_mode", "nearest", steps=4)
+            "--validation_epochs", "1", "--image_interpolation_mode", "nearest", "--repeats", "2", steps=6)
         assert torch.backends.cuda.matmul.allow_tf32
     finally:
         torch.backends.cuda.matmul.allow_tf32 = tf32
     assert [p["logging_dir"] for p in projects] == [str(out / "tracker-logs")]
     assert [d.transform.interpolation for d in datasets] == ["nearest"]
-    # 5 photos in batches of 2: epoch 1 ends at step 3, then the final validation at step 4
-    assert sorted(p.name for p in (out / "validation").iterdir()) == ["step-3", "step-4"]
+    # 5 photos x 2 repeats in batches of 2: epoch 1 ends at step 5, then the final validation at step 6
+    assert sorted(p.name for p in (out / "validation").iterdir()) == ["step-5", "step-6"]
     record = json.loads((out / "training_args.json").read_text())
     assert record["learning_rate"] == pytest.approx(2e-3) and record["output_format"] == "kohya"  # 1e-3 x batch 2
     ref_opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=2e-3)
-    ref = get_scheduler("polynomial", optimizer=ref_opt, num_warmup_steps=0, num_training_steps=4, power=2.0)
+    ref = get_scheduler("polynomial", optimizer=ref_opt, num_warmup_steps=0, num_training_steps=6, power=2.0)
     want = []
-    for _ in range(4):
+    for _ in range(6):
         ref_opt.step()
         ref.step()
         want.append(ref.get_last_lr()[0])
     with open(out / "loss_log.csv") as f:
         assert [float(row["lr"]) for row in csv.DictReader(f)] == pytest.approx(want)
-    assert want[0] != pytest.approx(2e-3 * 0.75)  # the power is not the default 1
+    assert want[0] != pytest.approx(2e-3 * 5 / 6)  # the power is not the default 1
     keys = load_file(str(out / "pytorch_lora_weights.safetensors")).keys()
     assert keys and all(k.startswith("lora_unet_") for k in keys)
 

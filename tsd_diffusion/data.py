@@ -570,8 +570,9 @@ class DreamBoothDataset(torch.utils.data.Dataset):
     - Start-up: both dirs are validated with :func:`list_instance_images` (every file decoded; errors name the files).
     - Prompts: a dir's ``metadata.jsonl`` (:func:`read_captions`) gives its images their own captions; the others
       get ``instance_prompt`` or ``class_prompt``.
-    - ``len``: number of instance images, or ``max(#instance, #class)`` with a class dir (as in diffusers); index
-      ``i`` uses instance image ``i % n_instance`` and class image ``i % n_class``.
+    - ``len``: ``repeats`` × the number of instance images, or ``max(repeats × #instance, #class)`` with a class dir
+      (as in diffusers); index ``i`` uses instance image ``i % n_instance`` and class image ``i % n_class``, so each
+      repeat of an image gets its own crop and flip.
     - ``ds[i]`` decodes and transforms at call time with a random state derived from ``(seed, epoch, kind, i)``, so
       crops/flips differ between epochs (:meth:`set_epoch`) and are identical for the same (seed, epoch, index).
       It returns the instance example, a dict with ``pixel_values`` [3, R, R] in [-1, 1], ``original_size`` (h, w),
@@ -587,7 +588,7 @@ class DreamBoothDataset(torch.utils.data.Dataset):
     def __init__(self, instance_dir: str | os.PathLike, instance_prompt: str, resolution: int = 1024,
                  center_crop: bool = False, random_flip: bool = False, class_dir: str | os.PathLike | None = None,
                  class_prompt: str | None = None, seed: int = 0, interpolation: str = "lanczos",
-                 num_class_images: int | None = None, class_prompt_dropout: float = 0.0):
+                 num_class_images: int | None = None, class_prompt_dropout: float = 0.0, repeats: int = 1):
         if not isinstance(instance_prompt, str) or not instance_prompt.strip():
             raise ValueError("instance_prompt must be a non-empty string (e.g. 'a photo of sks dog')")
         if class_prompt is not None and class_dir is None:
@@ -596,6 +597,8 @@ class DreamBoothDataset(torch.utils.data.Dataset):
             raise ValueError("class_prompt must be a non-empty string (e.g. 'a photo of dog')")
         if not 0.0 <= class_prompt_dropout < 1.0:
             raise ValueError(f"class_prompt_dropout must be in [0, 1), got {class_prompt_dropout}")
+        if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
+            raise ValueError(f"repeats must be an int >= 1, got {repeats!r}")
         self.class_prompt_dropout = float(class_prompt_dropout)
         self.transform = SDXLTransform(resolution, center_crop, random_flip, interpolation)
         self.instance_prompt = instance_prompt
@@ -620,7 +623,7 @@ class DreamBoothDataset(torch.utils.data.Dataset):
             if uncaptioned and class_prompt is None:
                 raise ValueError(f"class data dir {class_dir}: {len(uncaptioned)} images have no caption in "
                                  f"{CAPTIONS_FILE} and no class_prompt was given (e.g. {', '.join(uncaptioned[:3])})")
-        self._length = max(len(self.instance_images), len(self.class_images))
+        self._length = max(repeats * len(self.instance_images), len(self.class_images))
 
     # -- bookkeeping ---------------------------------------------------------------------------------------------
     @property

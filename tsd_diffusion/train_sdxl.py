@@ -89,6 +89,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a("--image_interpolation_mode", default="lanczos", choices=sorted(INTERPOLATIONS),
       help="resampling filter of the resize to --resolution")
     a("--random_flip", action=argparse.BooleanOptionalAction, default=None)
+    a("--repeats", type=int, default=1, help="repeat the instance images this many times per epoch (as diffusers)")
     a("--dataloader_num_workers", type=int, default=0)
     # training
     a("--train_batch_size", type=int, default=None, help="default 4 (16 for the mini SDXL)")
@@ -177,7 +178,7 @@ def finalize_args(args: argparse.Namespace) -> argparse.Namespace:
         args.output_format = "kohya"
     args.lora_alpha = float(args.lora_alpha or args.rank)
     for name in ("train_batch_size", "gradient_accumulation_steps", "num_train_epochs", "num_validation_images",
-                 "num_class_images", "sample_batch_size"):
+                 "num_class_images", "sample_batch_size", "repeats"):
         if getattr(args, name) <= 0:
             raise ValueError(f"--{name} must be > 0")
     for name in ("max_train_steps", "validation_steps", "validation_epochs"):
@@ -374,6 +375,7 @@ def make_dataset(args: argparse.Namespace) -> DreamBoothDataset:
         class_dir=args.class_data_dir, class_prompt=args.class_prompt, seed=args.seed,
         num_class_images=args.num_class_images if args.with_prior_preservation else None,
         class_prompt_dropout=args.class_prompt_dropout, interpolation=args.image_interpolation_mode,
+        repeats=args.repeats,
     )
 
 
