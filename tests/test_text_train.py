@@ -257,6 +257,7 @@ def test_the_trainer_spellings_of_flags_mean_the_same(capsys):
     """transformers' Trainer names (--lr_scheduler_type, --warmup_steps, --save_steps, --bf16, ...) are accepted."""
     base = ["--model_name_or_path", "m", "--task", "causal-mc", "--train_file", "f", "--eval_split", "4",
             "--output_dir", "o"]
+    assert parse_args([*base, "--validation_file", "v.json"]).eval_file == "v.json"  # run_classification.py's name
     ours = vars(parse_args([*base, "--lr_scheduler", "cosine", "--lr_warmup_steps", "5", "--checkpointing_steps", "7",
                             "--checkpoints_total_limit", "2", "--max_length", "64", "--mixed_precision", "bf16"]))
     trainer = vars(parse_args([*base, "--lr_scheduler_type", "cosine", "--warmup_steps", "5", "--save_steps", "7",

@@ -85,7 +85,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     g.add_argument("--train_file", required=True,
                    help="causal-mc: BIG-bench task JSON, LLM-Adapters JSON or question/choices/answer records; "
                         "classification: CSV/TSV/JSONL; records may also come as Parquet")
-    g.add_argument("--eval_file", default=None, help="evaluation file of the same format")
+    g.add_argument("--eval_file", "--validation_file", default=None,
+                   help="evaluation file of the same format (--validation_file: run_classification.py's name)")
     g.add_argument("--text_column_names", default=None,
                    help="classification: one or two comma-separated text columns (default: text[,text_pair] or "
                         "GLUE's names)")
