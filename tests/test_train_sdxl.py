@@ -144,6 +144,8 @@ def test_text_encoder_training_exports_all_components(tmp_path):
     (["--with_prior_preservation"], "--with_prior_preservation needs --class_data_dir"),
     (["--resolution", "60"], "multiple of 8"),
     (["--rank", "0"], "--rank must be > 0"),
+    (["--noise_offset", "-0.1"], "--noise_offset must be >= 0"),
+    (["--repeats", "0"], "--repeats must be > 0"),
     (["--dash_directions", "500"], "dash_directions=500 is larger than"),
 ])
 def test_bad_input_fails_before_training(extra, message, tmp_path):
@@ -205,6 +207,30 @@ def test_diffusers_dreambooth_flags_take_effect(tmp_path, monkeypatch):
     assert want[0] != pytest.approx(2e-3 * 5 / 6)  # the power is not the default 1
     keys = load_file(str(out / "pytorch_lora_weights.safetensors")).keys()
     assert keys and all(k.startswith("lora_unet_") for k in keys)
+
+
+def test_noise_offset_matches_a_dense_reference():
+    """unet_loss with --noise_offset: the target noise is eps + offset * n, n one draw per (sample, channel)."""
+    from diffusers import DDPMScheduler
+
+    scheduler = DDPMScheduler()  # epsilon prediction: with a UNet predicting 0 the loss is mean(target^2)
+    latents = torch.randn(3, 4, 8, 8)
+    seen = []
+
+    def zero_unet(noisy, t, embeds, added_cond_kwargs, return_dict):
+        seen.append((noisy, t))
+        return (torch.zeros_like(noisy),)
+
+    args = (zero_unet, scheduler, latents, None, None, None)
+    loss = T.unet_loss(*args, generator=torch.Generator().manual_seed(7), noise_offset=0.1, reduce=False)
+    g = torch.Generator().manual_seed(7)
+    noise = torch.randn(latents.shape, generator=g) + 0.1 * torch.randn(3, 4, 1, 1, generator=g)
+    t = torch.randint(0, 1000, (3,), generator=g)
+    torch.testing.assert_close(loss, noise.pow(2).mean(dim=(1, 2, 3)), rtol=1e-6, atol=0)
+    torch.testing.assert_close(seen[0][0], scheduler.add_noise(latents, noise, t), rtol=1e-6, atol=0)
+    plain = T.unet_loss(*args, generator=torch.Generator().manual_seed(7), noise_offset=0.0, reduce=False)
+    g = torch.Generator().manual_seed(7)
+    torch.testing.assert_close(plain, torch.randn(latents.shape, generator=g).pow(2).mean(dim=(1, 2, 3)))
 
 
 def test_report_to_tensorboard_logs_the_loss(tmp_path):

@@ -107,6 +107,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a("--lr_num_cycles", type=int, default=1, help="hard restarts of cosine_with_restarts")
     a("--lr_power", type=float, default=1.0, help="power of the polynomial scheduler")
     a("--snr_gamma", type=float, default=None, help="Min-SNR weighting gamma (5.0 is the paper's choice)")
+    a("--noise_offset", type=float, default=0.0, help="offset noise scale (diffusers' flag; 0.05-0.1 is usual)")
     a("--max_grad_norm", type=float, default=1.0)
     a("--adam_beta1", type=float, default=0.9)
     a("--adam_beta2", type=float, default=0.999)
@@ -181,6 +182,8 @@ def finalize_args(args: argparse.Namespace) -> argparse.Namespace:
                  "num_class_images", "sample_batch_size", "repeats"):
         if getattr(args, name) <= 0:
             raise ValueError(f"--{name} must be > 0")
+    if not args.noise_offset >= 0:
+        raise ValueError(f"--noise_offset must be >= 0, got {args.noise_offset}")
     for name in ("max_train_steps", "validation_steps", "validation_epochs"):
         if getattr(args, name) is not None and getattr(args, name) <= 0:
             raise ValueError(f"--{name} must be > 0")
@@ -298,9 +301,17 @@ class SDXLParts:
 
 
 def unet_loss(unet, scheduler, latents, embeds, pooled, time_ids, *, snr_gamma=None, generator=None,
-              reduce: bool = True) -> torch.Tensor:
-    """Denoising loss at uniform timesteps (epsilon or v target), optionally Min-SNR weighted."""
+              reduce: bool = True, noise_offset: float = 0.0) -> torch.Tensor:
+    """Denoising loss at uniform timesteps (epsilon or v target), optionally Min-SNR weighted.
+
+    ``noise_offset`` adds ``noise_offset * n`` with ``n ~ N(0, 1)`` per sample and channel (constant over the
+    image) to the noise, as diffusers' ``--noise_offset`` (Guttenberg 2023), so the model learns to shift the mean
+    brightness.
+    """
     noise = torch.randn(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
+    if noise_offset:
+        noise = noise + noise_offset * torch.randn((*latents.shape[:2], 1, 1), generator=generator,
+                                                   device=latents.device, dtype=latents.dtype)
     t = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],), generator=generator,
                       device=latents.device).long()
     noisy = scheduler.add_noise(latents, noise, t)
@@ -543,7 +554,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
             with accelerator.accumulate(*trained):
                 per_sample = unet_loss(parts.unet, parts.scheduler, latents_for(batch),
                                        *unet_conditioning(condition, batch, accelerator.device, weight_dtype),
-                                       snr_gamma=args.snr_gamma, reduce=False)
+                                       snr_gamma=args.snr_gamma, noise_offset=args.noise_offset, reduce=False)
                 is_class = batch["is_class"].to(per_sample.device)
                 loss = per_sample[~is_class].mean()
                 if is_class.any():
