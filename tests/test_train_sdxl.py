@@ -272,15 +272,21 @@ def test_missing_class_images_are_sampled_from_the_base(tmp_path):
 
 
 def test_class_images_sample_at_half_precision_with_an_fp32_vae(tmp_path):
-    """Under bf16 the UNet's latents are half precision while SDXL's VAE stays fp32: the decode must cast."""
+    """Under bf16 the UNet's latents are half precision while SDXL's VAE stays fp32: the decode must cast.
+    --prior_generation_precision bf16 under fp32 training samples from a bf16 base of its own: the same bytes as
+    sampling under bf16 training, while the trained UNet stays fp32."""
     from PIL import Image
 
-    class_dir = tmp_path / "class"
-    run(tmp_path / "bf16", "--mixed_precision", "bf16", "--with_prior_preservation", "--class_data_dir",
-        str(class_dir), "--class_prompt", "a photo of a teapot", "--num_class_images", "1", steps=1)
-    (only,) = class_dir.iterdir()
+    prior = ["--with_prior_preservation", "--class_prompt", "a photo of a teapot", "--num_class_images", "1"]
+    run(tmp_path / "bf16", "--mixed_precision", "bf16", "--class_data_dir", str(tmp_path / "class"), *prior, steps=1)
+    (only,) = (tmp_path / "class").iterdir()
     with Image.open(only) as img:
         assert img.size == (64, 64)
+    summary = run(tmp_path / "fp32", "--prior_generation_precision", "bf16", "--class_data_dir",
+                  str(tmp_path / "class-own"), *prior, steps=1)
+    (own,) = (tmp_path / "class-own").iterdir()
+    assert own.read_bytes() == only.read_bytes()
+    assert {p.dtype for p in summary["adapters"]["unet"].model.parameters()} == {torch.float32}
 
 
 def test_class_sampling_needs_a_prompt_and_usable_files_before_loading(tmp_path):

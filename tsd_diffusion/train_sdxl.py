@@ -38,6 +38,7 @@ from .tiny import EMBEDDED_NAME, make_subject_images, resolve_pretrained
 
 UNET_TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]
 TEXT_ENCODER_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
+PRECISIONS = {"fp16": torch.float16, "bf16": torch.bfloat16}  # accelerate's mixed_precision names; others: fp32
 
 #: the defaults of a run on an embedded base (flags the user gives win). The mini SDXL's are the recipe its study
 #: measured to work (../shared/notes/mini_sdxl_recipes: text-encoder LoRA + a replay prior of captioned real images
@@ -82,6 +83,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
       help="default 100 (1000 for the mini SDXL's replay prior); a class dir with fewer is topped up by sampling "
            "--class_prompt from the base")
     a("--sample_batch_size", type=int, default=4, help="images per pipeline call when sampling class images")
+    a("--prior_generation_precision", default=None, choices=["no", "fp32", "fp16", "bf16"],
+      help="precision of class-image sampling (a base loaded for it alone); default: the training precision")
     a("--class_prompt_dropout", type=float, default=None,
       help="replace this share of class prompts by the empty prompt (trains the unconditional branch CFG uses)")
     a("--resolution", type=int, default=None, help="default 1024; 32 for the mini SDXL, 64 for the tiny one")
@@ -249,6 +252,15 @@ class SDXLParts:
         for m in (self.vae, self.unet, *self.text_encoders):
             m.requires_grad_(False)
 
+    def place(self, device: torch.device, dtype: torch.dtype) -> "SDXLParts":
+        """Move to ``device`` and cast to ``dtype``; SDXL's own VAE stays fp32 (it overflows in fp16)."""
+        vae_dtype = dtype if self.vae_fp16_safe else torch.float32
+        for module, d in [(self.unet, dtype), (self.vae, vae_dtype), *((e, dtype) for e in self.text_encoders)]:
+            module.to(device)
+            if d != torch.float32:
+                module.to(dtype=d)
+        return self
+
     def pipeline(self, base: str, args: argparse.Namespace, accelerator: Any) -> Any:
         """A ``StableDiffusionXLPipeline`` over these components (the trained ones unwrapped), without progress bars."""
         from diffusers import StableDiffusionXLPipeline
@@ -380,6 +392,11 @@ def run_validation(parts: SDXLParts, base: str, args, accelerator, step: int, ou
 
 
 # ---------------------------------------------------------------------------------------------- training
+def _sample_class_images(parts: SDXLParts, base: str, args: argparse.Namespace, accelerator: Any, n: int) -> None:
+    sample_class_images(parts.pipeline(base, args, accelerator), accelerator, args.class_data_dir, args.class_prompt,
+                        n, batch_size=args.sample_batch_size, resolution=args.resolution, seed=args.seed)
+
+
 def make_dataset(args: argparse.Namespace) -> DreamBoothDataset:
     return DreamBoothDataset(
         args.instance_data_dir, args.instance_prompt, args.resolution, args.center_crop, args.random_flip,
@@ -421,17 +438,16 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     dataset = None if to_sample else make_dataset(args)  # validates every image before any model loads
     set_seed(args.seed)
     base = resolve_pretrained(args.pretrained_model_name_or_path)
-    parts = SDXLParts(args, base)
-    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
-    vae_dtype = weight_dtype if parts.vae_fp16_safe else torch.float32  # SDXL's own VAE overflows in fp16
-    for module, dtype in [(parts.unet, weight_dtype), (parts.vae, vae_dtype), *((e, weight_dtype) for e in parts.text_encoders)]:
-        module.to(accelerator.device)
-        if dtype != torch.float32:
-            module.to(dtype=dtype)
+    weight_dtype = PRECISIONS.get(accelerator.mixed_precision, torch.float32)
+    sample_dtype = PRECISIONS.get(args.prior_generation_precision or accelerator.mixed_precision, torch.float32)
+    if to_sample and sample_dtype != weight_dtype:  # a base of its own, freed before the training one loads
+        _sample_class_images(SDXLParts(args, base).place(accelerator.device, sample_dtype), base, args,
+                             accelerator, to_sample)
+        to_sample = 0
+    parts = SDXLParts(args, base).place(accelerator.device, weight_dtype)
     if to_sample:  # with the frozen base at the training precision, before any adapter is attached
-        sample_class_images(parts.pipeline(base, args, accelerator), accelerator, args.class_data_dir,
-                            args.class_prompt, to_sample, batch_size=args.sample_batch_size,
-                            resolution=args.resolution, seed=args.seed)
+        _sample_class_images(parts, base, args, accelerator, to_sample)
+    if dataset is None:
         dataset = make_dataset(args)
     evaluator = (SubjectEvaluator.for_base(base, dataset.instance_images, args.resolution)
                  if accelerator.is_main_process else None)
