@@ -134,13 +134,22 @@ def list_checkpoints(output_dir: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name.split("-")[-1]))
 
 
-def resolve_resume(resume_from: str | None, output_dir: Path, marker: str) -> Path | None:
+def resolve_resume(resume_from: str | None, output_dir: Path, marker: str, overwrite: bool = False) -> Path | None:
     """The checkpoint to resume from: a directory, ``"latest"`` (None when there is none yet) or None.
 
     ``marker`` is a sub-directory every checkpoint of the calling trainer has (a wrong path fails here,
-    before any model is loaded).
+    before any model is loaded). A new run (``resume_from`` None) into an ``output_dir`` that holds checkpoints of
+    an earlier run is refused unless ``overwrite`` (``--overwrite_output_dir``, then
+    :func:`remove_checkpoints`): it would replace and prune them, and a later ``latest`` could resume the
+    earlier run's newest one.
     """
     if not resume_from:
+        earlier = list_checkpoints(output_dir)
+        if earlier and not overwrite:
+            names = ", ".join(p.name for p in earlier[-3:])
+            raise ValueError(f"--output_dir {output_dir} holds checkpoints of an earlier run ({names}): continue it "
+                             "with --resume_from_checkpoint latest, start over with --overwrite_output_dir (deletes "
+                             "them), or pick another --output_dir")
         return None
     if resume_from == "latest":
         found = list_checkpoints(output_dir)
@@ -152,6 +161,14 @@ def resolve_resume(resume_from: str | None, output_dir: Path, marker: str) -> Pa
     if not (path / marker).is_dir():
         raise ValueError(f"--resume_from_checkpoint {path} is not a checkpoint of this trainer (no {marker}/ inside)")
     return path
+
+
+def remove_checkpoints(accelerator: Any, output_dir: Path) -> None:
+    """Delete ``output_dir``'s ``checkpoint-<step>`` dirs (main process), for a new run over an earlier one."""
+    if accelerator.is_main_process:
+        for path in list_checkpoints(output_dir):
+            shutil.rmtree(path)
+    accelerator.wait_for_everyone()
 
 
 def save_training_checkpoint(accelerator: Any, output_dir: Path, step: int, limit: int | None) -> Path:

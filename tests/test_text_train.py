@@ -419,3 +419,10 @@ def test_checkpoint_limit_latest_and_a_mismatched_resume(mc, tmp_path):
         _run_mc(mc, tmp_path / "other", "--method", "lora", "--resume_from_checkpoint", str(tmp_path / "checkpoint-4"))
     with pytest.raises(ValueError, match="not a checkpoint of this trainer"):
         _run_mc(mc, tmp_path / "other", "--resume_from_checkpoint", str(tmp_path))
+    # a new run over them is refused (a later `latest` could resume the old run), unless told to start over
+    with pytest.raises(ValueError, match=r"holds checkpoints of an earlier run \(checkpoint-4, checkpoint-5\): "
+                                         r"continue it with --resume_from_checkpoint latest, start over with "
+                                         r"--overwrite_output_dir"):
+        _run_mc(mc, tmp_path, *extra)
+    _run_mc(mc, tmp_path, *extra, "--max_steps", "2", "--overwrite_output_dir")
+    assert [p.name for p in sorted(tmp_path.glob("checkpoint-*"))] == ["checkpoint-1"]

@@ -94,6 +94,11 @@ def test_resume_after_kill_equals_uninterrupted_run_across_the_switch(tmp_path, 
     for name in full.layers:
         torch.testing.assert_close(resumed.delta_weight(name), full.delta_weight(name), rtol=1e-5, atol=1e-6)
         assert torch.equal(resumed.layers[name].tsd_dash.indices, full.layers[name].tsd_dash.indices)
+    # a new run over the checkpoints is refused before any model loads, unless told to start over
+    with pytest.raises(ValueError, match=r"holds checkpoints of an earlier run \(checkpoint-3, checkpoint-6\)"):
+        run(tmp_path / "killed", *common, steps=7)
+    run(tmp_path / "killed", *common, "--overwrite_output_dir", steps=2)
+    assert not list((tmp_path / "killed").glob("checkpoint-*"))
 
 
 def test_checkpoints_are_pruned_after_a_new_one_is_complete(tmp_path):

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 import shared
 from shared.io import atomic_write_json, atomic_write_text
-from shared.checkpoint import resolve_resume, save_training_checkpoint
+from shared.checkpoint import remove_checkpoints, resolve_resume, save_training_checkpoint
 from shared.launch import check_launch
 
 from .evaluation import SubjectEvaluator, prompt_class
@@ -142,6 +142,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a("--checkpoints_total_limit", type=int, default=None)
     a("--resume_from_checkpoint", default=None, help='a checkpoint dir or "latest"')
     a("--output_dir", default="outputs/sdxl-lora")
+    a("--overwrite_output_dir", action="store_true",
+      help="start a new run over an earlier one's checkpoints (they are deleted)")
     a("--output_format", default="diffusers", choices=["diffusers", "kohya", "peft"])
     a("--output_kohya_format", action="store_true", help="diffusers' spelling of --output_format kohya")
     a("--report_to", default="none", help="tensorboard, wandb, all or none")
@@ -423,6 +425,10 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
     )
     check_launch(accelerator)
+    resume_dir = resolve_resume(args.resume_from_checkpoint, output_dir, marker="unet",
+                                overwrite=args.overwrite_output_dir)
+    if resume_dir is None and args.overwrite_output_dir:
+        remove_checkpoints(accelerator, output_dir)
     if args.allow_tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
     if args.scale_lr:
@@ -480,7 +486,6 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         return parts.sample_latents(params.to(accelerator.device)).to(weight_dtype)
 
     # adapters: restored exactly from a checkpoint, or attached (data-driven inits read instance batches)
-    resume_dir = resolve_resume(args.resume_from_checkpoint, output_dir, marker="unet")
     te_method = "dash" if args.method in ("dash", "tsd") else "lora"
     if resume_dir is not None:
         adapters = {"unet": shared.load(parts.unet, resume_dir / "unet")}
