@@ -1,6 +1,7 @@
 """The SDXL DreamBooth trainer end to end on the embedded tiny SDXL: outputs, stock-diffusers equivalence,
 resume equivalence, checkpoint pruning, data-driven inits and bad input."""
 
+import importlib.util
 import json
 import sys
 
@@ -151,6 +152,8 @@ def test_text_encoder_training_exports_all_components(tmp_path):
     (["--rank", "0"], "--rank must be > 0"),
     (["--noise_offset", "-0.1"], "--noise_offset must be >= 0"),
     (["--repeats", "0"], "--repeats must be > 0"),
+    pytest.param(["--enable_xformers_memory_efficient_attention"], "needs xformers: pip install xformers",
+                 marks=pytest.mark.skipif(importlib.util.find_spec("xformers") is not None, reason="xformers is installed")),
     (["--dash_directions", "500"], "dash_directions=500 is larger than"),
 ])
 def test_bad_input_fails_before_training(extra, message, tmp_path):

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import importlib.util
 import io
 import json
 import math
@@ -118,6 +119,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a("--adam_epsilon", type=float, default=1e-8)
     a("--use_8bit_adam", action="store_true")
     a("--gradient_checkpointing", action="store_true")
+    a("--enable_xformers_memory_efficient_attention", action="store_true",
+      help="xformers attention in the UNet (needs xformers and CUDA); without it PyTorch's SDPA is used")
     a("--mixed_precision", default=None, choices=["no", "fp16", "bf16"])
     a("--allow_tf32", action="store_true", help="TF32 matmuls on Ampere and newer GPUs (faster, ~10 mantissa bits)")
     a("--cache_latents", action="store_true", help="VAE-encode each (image, augmentation) once")
@@ -192,6 +195,9 @@ def finalize_args(args: argparse.Namespace) -> argparse.Namespace:
     for name in ("max_train_steps", "validation_steps", "validation_epochs"):
         if getattr(args, name) is not None and getattr(args, name) <= 0:
             raise ValueError(f"--{name} must be > 0")
+    if args.enable_xformers_memory_efficient_attention and importlib.util.find_spec("xformers") is None:
+        raise ValueError("--enable_xformers_memory_efficient_attention needs xformers: pip install xformers (without "
+                         "the flag the UNet uses PyTorch's scaled_dot_product_attention, memory-efficient on GPUs)")
     if args.use_8bit_adam:
         try:
             import bitsandbytes  # noqa: F401
@@ -457,6 +463,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         dataset = make_dataset(args)
     evaluator = (SubjectEvaluator.for_base(base, dataset.instance_images, args.resolution)
                  if accelerator.is_main_process else None)
+    if args.enable_xformers_memory_efficient_attention:
+        parts.unet.enable_xformers_memory_efficient_attention()
     if args.gradient_checkpointing:
         parts.unet.enable_gradient_checkpointing()
         if args.train_text_encoder:
@@ -513,6 +521,9 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         if name in adapters:
             groups.append({"params": adapters[name].trainable_parameters(), "lr": args.text_encoder_lr})
     opt_cls = torch.optim.AdamW
+    if args.enable_xformers_memory_efficient_attention and importlib.util.find_spec("xformers") is None:
+        raise ValueError("--enable_xformers_memory_efficient_attention needs xformers: pip install xformers (without "
+                         "the flag the UNet uses PyTorch's scaled_dot_product_attention, memory-efficient on GPUs)")
     if args.use_8bit_adam:
         import bitsandbytes as bnb
 
