@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -134,15 +135,19 @@ def list_checkpoints(output_dir: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name.split("-")[-1]))
 
 
-def resolve_resume(resume_from: str | None, output_dir: Path, marker: str, overwrite: bool = False) -> Path | None:
+def resolve_resume(accelerator: Any, resume_from: str | None, output_dir: Path, marker: str,
+                   overwrite: bool = False) -> Path | None:
     """The checkpoint to resume from: a directory, ``"latest"`` (None when there is none yet) or None.
 
-    ``marker`` is a sub-directory every checkpoint of the calling trainer has (a wrong path fails here,
-    before any model is loaded). A new run (``resume_from`` None) into an ``output_dir`` that holds checkpoints of
-    an earlier run is refused unless ``overwrite`` (``--overwrite_output_dir``, then
-    :func:`remove_checkpoints`): it would replace and prune them, and a later ``latest`` could resume the
-    earlier run's newest one.
+    Everything is checked before any model loads:
+
+    - ``marker`` is a sub-directory every checkpoint of the calling trainer has (a wrong path fails here);
+    - the checkpoint's RNG state must load (:func:`check_rng_state`), or the resume would not be exact;
+    - a new run (``resume_from`` None) into an ``output_dir`` that holds checkpoints of an earlier run is refused
+      unless ``overwrite`` (``--overwrite_output_dir``), which deletes them: the new run would replace and prune
+      them, and a later ``latest`` could resume the earlier run's newest one.
     """
+    output_dir = Path(output_dir)
     if not resume_from:
         earlier = list_checkpoints(output_dir)
         if earlier and not overwrite:
@@ -150,25 +155,51 @@ def resolve_resume(resume_from: str | None, output_dir: Path, marker: str, overw
             raise ValueError(f"--output_dir {output_dir} holds checkpoints of an earlier run ({names}): continue it "
                              "with --resume_from_checkpoint latest, start over with --overwrite_output_dir (deletes "
                              "them), or pick another --output_dir")
+        if earlier:
+            accelerator.wait_for_everyone()  # every process has listed them before they go
+            if accelerator.is_main_process:
+                for path in earlier:
+                    shutil.rmtree(path)
+            accelerator.wait_for_everyone()
         return None
     if resume_from == "latest":
         found = list_checkpoints(output_dir)
         if not found:
             print(f"no checkpoint in {output_dir}; starting a new run")
             return None
-        return found[-1]
-    path = Path(resume_from)
-    if not (path / marker).is_dir():
-        raise ValueError(f"--resume_from_checkpoint {path} is not a checkpoint of this trainer (no {marker}/ inside)")
+        path = found[-1]
+    else:
+        path = Path(resume_from)
+        if not (path / marker).is_dir():
+            raise ValueError(f"--resume_from_checkpoint {path} is not a checkpoint of this trainer (no {marker}/ "
+                             "inside)")
+    check_rng_state(path, accelerator.process_index)
     return path
 
 
-def remove_checkpoints(accelerator: Any, output_dir: Path) -> None:
-    """Delete ``output_dir``'s ``checkpoint-<step>`` dirs (main process), for a new run over an earlier one."""
-    if accelerator.is_main_process:
-        for path in list_checkpoints(output_dir):
-            shutil.rmtree(path)
-    accelerator.wait_for_everyone()
+def check_rng_state(checkpoint: Path, process_index: int) -> None:
+    """Raise unless ``checkpoint``'s RNG state for this process loads (with torch's weights-only unpickler).
+
+    ``accelerator.load_state`` logs "Could not load random states" at INFO level and goes on when that file is
+    corrupt or refused, and the resumed run then silently differs from the uninterrupted one. A missing file only
+    warns, as the Trainer does: a run resumed on more processes than it was saved from has none for the new ones.
+    """
+    from accelerate.utils import load
+
+    path = Path(checkpoint) / f"random_states_{process_index}.pkl"
+    if not path.is_file():
+        warnings.warn(f"{path} does not exist (was the run saved from fewer processes?): this process's RNG starts "
+                      "afresh, so the resumed run will not repeat the interrupted one exactly", stacklevel=2)
+        return
+    try:
+        states = load(path)
+        missing = {"random_state", "numpy_random_seed", "torch_manual_seed"} - set(states)
+    except Exception as err:  # noqa: BLE001 - any failure means the same thing to the user
+        raise ValueError(f"{path}: cannot restore the RNG state ({type(err).__name__}: {err}); a resume from "
+                         f"{checkpoint} would not continue the interrupted run exactly") from err
+    if missing:
+        raise ValueError(f"{path}: the RNG state lacks {sorted(missing)}; a resume from {checkpoint} would not "
+                         "continue the interrupted run exactly")
 
 
 def save_training_checkpoint(accelerator: Any, output_dir: Path, step: int, limit: int | None) -> Path:

@@ -419,6 +419,29 @@ def test_checkpoint_limit_latest_and_a_mismatched_resume(mc, tmp_path):
         _run_mc(mc, tmp_path / "other", "--method", "lora", "--resume_from_checkpoint", str(tmp_path / "checkpoint-4"))
     with pytest.raises(ValueError, match="not a checkpoint of this trainer"):
         _run_mc(mc, tmp_path / "other", "--resume_from_checkpoint", str(tmp_path))
+    # accelerate's non-tensor state (RNG, optimizer, scheduler) is torch.save'd; a resume loads it with torch's
+    # weights-only unpickler, so a tampered checkpoint cannot run code
+    import pickle
+    import shutil
+    from pathlib import Path
+
+    evil = tmp_path / "evil" / "checkpoint-5"
+    shutil.copytree(tmp_path / "checkpoint-5", evil)
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (Path.touch, (marker,))
+
+    (evil / "random_states_0.pkl").write_bytes(pickle.dumps(Payload()))
+    with pytest.raises(ValueError, match=r"random_states_0.pkl: cannot restore the RNG state \(UnpicklingError: "
+                                         r"Weights only load failed"):
+        _run_mc(mc, tmp_path / "evil", *extra, "--max_steps", "6", "--resume_from_checkpoint", str(evil))
+    assert not marker.exists()
+    (evil / "random_states_0.pkl").unlink()  # missing (a process the saving run lacked): a warning, as in the Trainer
+    with pytest.warns(UserWarning, match=r"random_states_0.pkl does not exist .* will not repeat the interrupted"):
+        resumed = _run_mc(mc, tmp_path / "evil", *extra, "--max_steps", "6", "--resume_from_checkpoint", str(evil))
+    assert resumed.adapter.num_steps == 6
     # a new run over them is refused (a later `latest` could resume the old run), unless told to start over
     with pytest.raises(ValueError, match=r"holds checkpoints of an earlier run \(checkpoint-4, checkpoint-5\): "
                                          r"continue it with --resume_from_checkpoint latest, start over with "

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 import shared
 from shared.io import atomic_write_json, atomic_write_text
-from shared.checkpoint import remove_checkpoints, resolve_resume, save_training_checkpoint
+from shared.checkpoint import resolve_resume, save_training_checkpoint
 from shared.launch import check_launch
 
 from .evaluation import SubjectEvaluator, prompt_class
@@ -431,10 +431,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
     )
     check_launch(accelerator)
-    resume_dir = resolve_resume(args.resume_from_checkpoint, output_dir, marker="unet",
+    resume_dir = resolve_resume(accelerator, args.resume_from_checkpoint, output_dir, marker="unet",
                                 overwrite=args.overwrite_output_dir)
-    if resume_dir is None and args.overwrite_output_dir:
-        remove_checkpoints(accelerator, output_dir)
     if args.allow_tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
     if args.scale_lr:

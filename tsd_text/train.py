@@ -56,7 +56,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 import shared
-from shared.checkpoint import remove_checkpoints, resolve_resume, save_training_checkpoint
+from shared.checkpoint import resolve_resume, save_training_checkpoint
 from shared.io import atomic_write_json, atomic_write_text
 from shared.launch import check_launch
 
@@ -435,10 +435,8 @@ def main(args: argparse.Namespace) -> TrainResult:
         raise ValueError(f"--torch_dtype {args.torch_dtype} stores the frozen base in {args.torch_dtype} but "
                          "--mixed_precision is no: add --mixed_precision bf16 or fp16, whose autocast runs the "
                          "float32 adapter and head at the base's precision")
-    resume_dir = resolve_resume(args.resume_from_checkpoint, out, marker=CHECKPOINT_ADAPTER,
+    resume_dir = resolve_resume(accelerator, args.resume_from_checkpoint, out, marker=CHECKPOINT_ADAPTER,
                                 overwrite=args.overwrite_output_dir)
-    if resume_dir is None and args.overwrite_output_dir:
-        remove_checkpoints(accelerator, out)
     set_seed(args.seed)
     run = setup(args, accelerator, resume_dir)
     data, adapter = run.data, run.adapter
