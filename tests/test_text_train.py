@@ -311,6 +311,28 @@ def test_report_to_tensorboard_logs_what_loss_log_holds(mc, tmp_path):
                                         (4, pytest.approx(evals["after"]["accuracy"]))]
 
 
+def test_the_trainers_epoch_and_no_strategies(mc, tmp_path, capsys):
+    """--eval_strategy/--save_strategy epoch (GLUE recipes use them): evaluate and save at every epoch's end;
+    no: neither, whatever --eval_steps/--save_steps say."""
+    common = ["--num_train_epochs", "3", "--gradient_accumulation_steps", "2", "--no-eval_before"]
+    result = _run_mc(mc, tmp_path / "epoch", *common, "--evaluation_strategy", "epoch", "--save_strategy", "epoch")
+    out = result.output_dir  # 22 examples in batches of 4, 2 per update: 3 updates an epoch
+    assert json.loads((out / "train_results.json").read_text())["steps"] == 9
+    assert [h["step"] for h in json.loads((out / "eval_results.json").read_text())["history"]] == [3, 6]
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-3", "checkpoint-6"]
+    result = _run_mc(mc, tmp_path / "no", *common, "--eval_strategy", "no", "--eval_steps", "2", "--save_strategy",
+                     "no", "--save_steps", "2")
+    assert json.loads((result.output_dir / "eval_results.json").read_text())["history"] == []
+    assert not list(result.output_dir.glob("checkpoint-*"))
+    base = ["--model_name_or_path", "m", "--task", "causal-mc", "--train_file", "f", "--eval_split", "4",
+            "--output_dir", "o"]
+    for bad, message in ((["--eval_strategy", "steps"], "--eval_strategy steps needs --eval_steps N"),
+                         (["--save_strategy", "steps", "--save_steps", "0"], "--save_strategy steps needs")):
+        with pytest.raises(SystemExit):
+            parse_args([*base, *bad])
+        assert message in capsys.readouterr().err
+
+
 def test_question_choices_jsonl_trains(mc, tmp_path):
     task_file, model_dir = mc
     examples = json.loads(task_file.read_text())["examples"]

@@ -144,12 +144,18 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         "(accelerate's log_with)")
     g.add_argument("--logging_dir", default="logs", help="the trackers' log dir, relative to --output_dir")
     g.add_argument("--eval_steps", type=int, default=0, help="also evaluate every N optimizer steps (0: no)")
+    g.add_argument("--eval_strategy", "--evaluation_strategy", default=None, choices=["no", "steps", "epoch"],
+                   help="the Trainer's: epoch evaluates at every epoch's end, steps every --eval_steps, no only "
+                        "before and after training (default: steps when --eval_steps is set)")
     g.add_argument("--eval_before", action=argparse.BooleanOptionalAction, default=True,
                    help="evaluate the untrained model first (--no-eval_before skips it)")
     g.add_argument("--report_plot", action=argparse.BooleanOptionalAction, default=True,
                    help="also plot the TSD report to tsd_report.png (needs matplotlib; a few seconds)")
     g.add_argument("--checkpointing_steps", "--save_steps", type=int, default=500,
                    help="save a resumable checkpoint-<step> every N optimizer steps (0: never)")
+    g.add_argument("--save_strategy", default=None, choices=["no", "steps", "epoch"],
+                   help="the Trainer's: epoch saves a checkpoint at every epoch's end, steps every "
+                        "--checkpointing_steps, no never (default: steps)")
     g.add_argument("--checkpoints_total_limit", "--save_total_limit", type=int, default=None,
                    help="keep only the newest N checkpoints")
     g.add_argument("--resume_from_checkpoint", default=None, help='a checkpoint-<step> dir, or "latest" in --output_dir')
@@ -171,6 +177,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
             p.error(f"--{name} must be >= 1")
     if args.eval_steps < 0 or args.checkpointing_steps < 0:
         p.error("--eval_steps and --checkpointing_steps must be >= 0")
+    if args.eval_strategy == "steps" and not args.eval_steps:
+        p.error("--eval_strategy steps needs --eval_steps N")
+    if args.save_strategy == "steps" and not args.checkpointing_steps:
+        p.error("--save_strategy steps needs --save_steps N")
     if args.checkpoints_total_limit is not None and args.checkpoints_total_limit < 1:
         p.error("--checkpoints_total_limit must be >= 1")
     if not 0 <= args.warmup_ratio < 1:
@@ -450,6 +460,8 @@ def main(args: argparse.Namespace) -> TrainResult:
     model, optimizer, train_loader, eval_loader = accelerator.prepare(run.model, optimizer, train_loader, eval_loader)
     updates_per_epoch = math.ceil(len(train_loader) / args.gradient_accumulation_steps)
     max_steps = args.max_steps if args.max_steps > 0 else args.num_train_epochs * updates_per_epoch
+    args.eval_steps = {"epoch": updates_per_epoch, "no": 0}.get(args.eval_strategy, args.eval_steps)
+    args.checkpointing_steps = {"epoch": updates_per_epoch, "no": 0}.get(args.save_strategy, args.checkpointing_steps)
     world = accelerator.num_processes
     warmup_steps = args.lr_warmup_steps or math.ceil(args.warmup_ratio * max_steps)  # the Trainer's rule
     # a prepared scheduler steps once per process each update, hence the factor (as in diffusers' examples)
