@@ -454,6 +454,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         _sample_class_images(SDXLParts(args, base).place(accelerator.device, sample_dtype), base, args,
                              accelerator, to_sample)
         to_sample = 0
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()  # hand the sampling base's cached blocks back before the training base loads
     parts = SDXLParts(args, base).place(accelerator.device, weight_dtype)
     if to_sample:  # with the frozen base at the training precision, before any adapter is attached
         _sample_class_images(parts, base, args, accelerator, to_sample)
