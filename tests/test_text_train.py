@@ -356,6 +356,19 @@ def test_all_linear_targets_leave_the_trained_head_out(text):
     assert set(names) == {n for n in linear if not n.startswith(("classifier", "pooler"))} and names
 
 
+def test_without_target_modules_peft_defaults_apply(text, mc):
+    """As LoraConfig(target_modules=None): the query and value projections of peft's table for the model type."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    encoder = AutoModelForSequenceClassification.from_pretrained(text[2], dtype=torch.float32)
+    llama = AutoModelForCausalLM.from_pretrained(mc[1], dtype=torch.float32)
+    for model, want in ((encoder, {"deberta-v2": {"query_proj", "value_proj"}, "bert": {"query", "value"}}),
+                        (llama, {"llama": {"q_proj", "v_proj"}})):
+        names = resolve_targets(model, None, ["classifier", "pooler"])
+        assert names and {n.rsplit(".", 1)[-1] for n in names} == want[model.config.model_type]
+        assert len(names) == 2 * model.config.num_hidden_layers
+
+
 def test_missing_pad_token_and_truncations_are_reported(tmp_path):
     task = toy_mc_task(12)
     (tmp_path / "task.json").write_text(json.dumps(task))

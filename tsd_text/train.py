@@ -107,7 +107,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     g.add_argument("--lora_dropout", type=float, default=0.0)
     g.add_argument("--target_modules", nargs="+", default=None,
                    help="layer names or suffixes, space- or comma-separated (e.g. q_proj,v_proj or query value), "
-                        "or all-linear (every linear layer but the LM head and a trained classification head)")
+                        "or all-linear (every linear layer but the LM head and a trained classification head); "
+                        "default: peft's for the model type (the query and value projections)")
     g.add_argument("--dash_warmup_steps", type=int, default=100, help="t: optimizer steps of LoRA before the switch")
     g.add_argument("--dash_directions", type=int, default=8, help="s: task-specific directions per layer")
     g.add_argument("--adapter_options", nargs="+", default=[], metavar="KEY=VALUE",
@@ -225,11 +226,22 @@ def load_examples(args: argparse.Namespace, load: Callable[[str], list]) -> tupl
     return train[: args.max_train_samples], eval_[: args.max_eval_samples]
 
 
+def default_targets(model: nn.Module) -> list[str] | None:
+    """peft's default LoRA targets for the model's ``model_type`` (what ``LoraConfig(target_modules=None)`` picks:
+    the query and value projections, e.g. ``q_proj, v_proj`` for LLaMA, ``query, value`` for BERT); None if peft
+    has none for it."""
+    from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as PEFT_DEFAULTS
+
+    found = PEFT_DEFAULTS.get(getattr(getattr(model, "config", None), "model_type", None))
+    return list(found) if found else None
+
+
 def resolve_targets(model: nn.Module, target_modules: list[str] | None, head: list[str] | None) -> list[str]:
-    """Full names of the layers to adapt: what ``target_modules`` matches, minus the fully trained head."""
+    """Full names of the layers to adapt: what ``target_modules`` (default :func:`default_targets`) matches, minus
+    the fully trained head."""
     from shared.layers import find_targets
 
-    found = find_targets(model, target_modules)  # names the model's linear layers when nothing matches
+    found = find_targets(model, target_modules or default_targets(model))  # lists the linear layers if none match
     head = head or []
     names = sorted(n for n in found if not any(n == h or n.startswith(h + ".") for h in head))
     if not names:
@@ -328,6 +340,9 @@ def setup(args: argparse.Namespace, accelerator: Any, resume_dir: Path | None = 
         model.to(accelerator.device)
     config = dataclasses.replace(config, target_modules=resolve_targets(model, args.target_modules, head),
                                  modules_to_save=head)
+    if not args.target_modules:
+        notes.append(f"--target_modules not given: peft's default for model_type {model.config.model_type!r}, "
+                     f"{','.join(default_targets(model))}")
     if resume_dir is not None:
         adapter = shared.load(model, resume_dir / CHECKPOINT_ADAPTER)
         saved = (adapter.config.method, adapter.config.r, sorted(adapter.config.target_modules or []))
