@@ -165,7 +165,7 @@ def resolve_resume(accelerator: Any, resume_from: str | None, output_dir: Path, 
     if resume_from == "latest":
         found = list_checkpoints(output_dir)
         if not found:
-            print(f"no checkpoint in {output_dir}; starting a new run")
+            accelerator.print(f"no checkpoint in {output_dir}; starting a new run")
             return None
         path = found[-1]
     else:
