@@ -169,9 +169,12 @@ def direction_lines(records: list[dict[str, Any]]) -> list[str]:
         control = [x["full_by_abs_change"] for x in rs if "full_by_abs_change" in x]
         if control:
             cpos = statistics.mean(c["median_relative_position"] for c in control)
-            why = ("" if 0.25 <= pos <= 0.75 else "; so the update itself acts most along the same σ"
-                   if (cpos > 0.5) == (pos > 0.5) else "; so the update itself acts most along the other end of the "
-                   "spectrum, and the TSDs' place comes from the division by σ")
+            band = {-1: "largest", 0: "moderate", 1: "smallest"}
+            side, cside = (band[(p > 0.75) - (p < 0.25)] for p in (pos, cpos))
+            why = ("" if side == "moderate" else "; so the update itself acts most along the same σ" if cside == side
+                   else "; so the update's own largest changes sit at moderate σ, and the TSDs' place comes from the "
+                   "division by σ" if cside == "moderate" else "; so the update itself acts most along the other end "
+                   "of the spectrum, and the TSDs' place comes from the division by σ")
             where += (f" (control, {len(control)} seed(s): the top s by |Δσ| alone, without the division by σ, have "
                       f"median position {cpos:.3f}, {statistics.mean(c['share_in_bottom_decile'] for c in control):.3f} "
                       f"in the bottom decile{why})")

@@ -277,10 +277,9 @@ def test_claims_report_pairs_dash_with_lora_by_seed_and_reads_the_direction_prop
              "share_in_bottom_decile": 0.8}
     records.append({"config": {"kind": "tsd", "model": "minilm", "checkpoints": [10]},
                     "result": {"by_t": by_t, "random_overlap": 0.02, "full": props}})
+    control = {**props, "median_relative_position": 0.4, "share_in_bottom_decile": 0.1}
     records.append({"config": {"kind": "tsd", "model": "minilm", "checkpoints": [10]},
-                    "result": {"by_t": by_t, "random_overlap": 0.02, "full": props,
-                               "full_by_abs_change": {**props, "median_relative_position": 0.4,
-                                                      "share_in_bottom_decile": 0.1}}})
+                    "result": {"by_t": by_t, "random_overlap": 0.02, "full": props, "full_by_abs_change": control}})
     records += [{"config": {"kind": "teacher", "method": "dash", "teacher_band": "moderate", "directions": 8, "seed": s},
                  "result": {"teacher_recall_at_switch": 0.5, "relative_error": 0.1, "k": [64]}} for s in (0, 1)]
     text = claims.report(records)
@@ -297,10 +296,16 @@ def test_claims_report_pairs_dash_with_lora_by_seed_and_reads_the_direction_prop
     assert "the top s carry 0.500 of Σδ, 25 times a flat δ's 0.020: **holds**" in text
     assert "median relative σ position 0.900" in text and "they sit at the smallest σ" in text
     # the |Δσ| control is read from the seeds that have it (here one of two)
-    # ... and read: TSDs at 0.9, |Δσ| alone at 0.4, so the division by σ moves them
+    # ... and read: TSDs at 0.9, |Δσ| alone at 0.4 (moderate), so the division by σ moves them
     assert "(control, 1 seed(s): the top s by |Δσ| alone, without the division by σ, have median position 0.400, " \
-           "0.100 in the bottom decile; so the update itself acts most along the other end of the spectrum, and the " \
-           "TSDs' place comes from the division by σ)" in text
+           "0.100 in the bottom decile; so the update's own largest changes sit at moderate σ, and the TSDs' place " \
+           "comes from the division by σ)" in text
+    control["median_relative_position"] = 0.1  # at the other end of the spectrum; then at the same end
+    assert "median position 0.100, 0.100 in the bottom decile; so the update itself acts most along the other end of " \
+           "the spectrum, and the TSDs' place comes from the division by σ)" in claims.report(records)
+    control["median_relative_position"] = 0.8
+    assert "median position 0.800, 0.100 in the bottom decile; so the update itself acts most along the same σ)" in \
+        claims.report(records)
     assert "Size of dash's term (minilm r=4, 3 seed(s), medians over layers): ‖λ‖ is 0.02 of the LoRA update's " \
            "Frobenius norm and |λ_i| is 0.2 of σ_i: it rescales its s directions strongly, but the term is small next " \
            "to the LoRA update." in text
