@@ -521,9 +521,6 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         if name in adapters:
             groups.append({"params": adapters[name].trainable_parameters(), "lr": args.text_encoder_lr})
     opt_cls = torch.optim.AdamW
-    if args.enable_xformers_memory_efficient_attention and importlib.util.find_spec("xformers") is None:
-        raise ValueError("--enable_xformers_memory_efficient_attention needs xformers: pip install xformers (without "
-                         "the flag the UNet uses PyTorch's scaled_dot_product_attention, memory-efficient on GPUs)")
     if args.use_8bit_adam:
         import bitsandbytes as bnb
 
