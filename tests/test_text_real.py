@@ -1,12 +1,13 @@
-"""The text trainer on the real offline assets (scripts/fetch_assets.py): SmolLM2-135M on BIG-bench social_iqa,
-MiniLM on Pang & Lee polarity. Skipped when the cache lacks them."""
+"""The text trainer on the real offline assets (scripts/fetch_assets.py): SmolLM2-135M on social_iqa (the SIQA dev
+set of the ``commonsense`` asset), MiniLM on Pang & Lee polarity. Skipped, saying which asset and why, when the cache
+lacks them."""
 
 import json
 
 import pytest
 import torch
 
-from scripts.fetch_assets import asset_path
+from scripts.fetch_assets import AssetMissingError, require_asset
 from tsd_text import causal
 from tsd_text.data import load_mc
 from tsd_text.train import main, parse_args
@@ -15,20 +16,20 @@ pytestmark = pytest.mark.real_assets
 
 
 def _require(*names):
-    paths = [asset_path(n) for n in names]
-    if not all(paths):
-        pytest.skip(f"assets {names} not fetched (python scripts/fetch_assets.py --only {' '.join(names)})")
-    return paths
+    try:
+        return [require_asset(n) for n in names]
+    except AssetMissingError as e:  # names the asset, why it is missing and the command to fetch it
+        pytest.skip(str(e))
 
 
 @torch.no_grad()
 def test_smollm2_cached_choice_scoring_matches_full_sequences_on_social_iqa():
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model_dir, bigbench = _require("smollm2", "bigbench")
+    model_dir, commonsense = _require("smollm2", "commonsense")
     tok = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    examples = load_mc(bigbench / "social_iqa" / "task.json")[:4]
+    examples = load_mc(commonsense / "socialiqa" / "validation.jsonl")[:4]
     data = causal.prepare(tok, examples, examples, max_length=256)
     scores = causal.choice_logprobs(model, data.collate_eval(data.eval))
     full = []
