@@ -7,4 +7,4 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 # shellcheck source=scripts/setup_env.sh
 source scripts/setup_env.sh
 export HF_HUB_OFFLINE="${HF_HUB_OFFLINE:-1}" TRANSFORMERS_OFFLINE="${TRANSFORMERS_OFFLINE:-1}"
-exec accelerate launch --num_processes 1 --num_machines 1 --dynamo_backend no apps/train_sdxl.py "$@"
+exec accelerate launch --quiet --num_processes 1 --num_machines 1 --dynamo_backend no apps/train_sdxl.py "$@"

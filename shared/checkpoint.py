@@ -21,6 +21,7 @@ from torch import nn
 from . import tsd
 from .adapter import Adapter, InitOffset, _add_dash, _cast_adapter, _inject, _set_lora
 from .config import AdapterConfig
+from .errors import InputError
 from .io import load_safetensors, save_safetensors
 from .layers import dense_weight, full_tensor, in_out_features, iter_lora_layers, set_dense_weight
 
@@ -152,7 +153,7 @@ def resolve_resume(accelerator: Any, resume_from: str | None, output_dir: Path, 
         earlier = list_checkpoints(output_dir)
         if earlier and not overwrite:
             names = ", ".join(p.name for p in earlier[-3:])
-            raise ValueError(f"--output_dir {output_dir} holds checkpoints of an earlier run ({names}): continue it "
+            raise InputError(f"--output_dir {output_dir} holds checkpoints of an earlier run ({names}): continue it "
                              "with --resume_from_checkpoint latest, start over with --overwrite_output_dir (deletes "
                              "them), or pick another --output_dir")
         if earlier:
@@ -171,7 +172,7 @@ def resolve_resume(accelerator: Any, resume_from: str | None, output_dir: Path, 
     else:
         path = Path(resume_from)
         if not (path / marker).is_dir():
-            raise ValueError(f"--resume_from_checkpoint {path} is not a checkpoint of this trainer (no {marker}/ "
+            raise InputError(f"--resume_from_checkpoint {path} is not a checkpoint of this trainer (no {marker}/ "
                              "inside)")
     check_rng_state(path, accelerator.process_index)
     return path
@@ -195,10 +196,10 @@ def check_rng_state(checkpoint: Path, process_index: int) -> None:
         states = load(path)
         missing = {"random_state", "numpy_random_seed", "torch_manual_seed"} - set(states)
     except Exception as err:  # noqa: BLE001 - any failure means the same thing to the user
-        raise ValueError(f"{path}: cannot restore the RNG state ({type(err).__name__}: {err}); a resume from "
+        raise InputError(f"{path}: cannot restore the RNG state ({type(err).__name__}: {err}); a resume from "
                          f"{checkpoint} would not continue the interrupted run exactly") from err
     if missing:
-        raise ValueError(f"{path}: the RNG state lacks {sorted(missing)}; a resume from {checkpoint} would not "
+        raise InputError(f"{path}: the RNG state lacks {sorted(missing)}; a resume from {checkpoint} would not "
                          "continue the interrupted run exactly")
 
 

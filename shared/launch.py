@@ -1,10 +1,13 @@
-"""Launch sanity checks for the frontends (no accelerate import at module level)."""
+"""Launch sanity checks and the command-line error boundary of the frontends (no accelerate import at module level)."""
 
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
+
+from .errors import InputError
 
 CPU_LAUNCH_HINT = (
     "on CPU, launch several processes with `ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes N "
@@ -22,11 +25,11 @@ SHARDING_HINT = (
 def _refuse_parameter_sharding(accelerator: Any) -> None:
     kind = str(getattr(getattr(accelerator, "distributed_type", None), "value", ""))
     if kind == "FSDP":
-        raise ValueError("FSDP shards the parameters, which this trainer does not support: " + SHARDING_HINT)
+        raise InputError("FSDP shards the parameters, which this trainer does not support: " + SHARDING_HINT)
     if kind == "DEEPSPEED":
         plugin = getattr(accelerator.state, "deepspeed_plugin", None)
         if plugin is not None and plugin.zero_stage == 3:
-            raise ValueError("DeepSpeed ZeRO stage 3 shards the parameters, which this trainer does not support "
+            raise InputError("DeepSpeed ZeRO stage 3 shards the parameters, which this trainer does not support "
                              "(stages 1 and 2 do not shard them); " + SHARDING_HINT)
 
 
@@ -62,7 +65,7 @@ def check_launch(accelerator: Any, parent_cmdline: list[str] | None = None) -> N
     _refuse_parameter_sharding(accelerator)
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     if launched > 1 and accelerator.num_processes != launched:
-        raise RuntimeError(
+        raise InputError(
             f"the launcher started {launched} processes but accelerate set up {accelerator.num_processes}; "
             + CPU_LAUNCH_HINT
         )
@@ -71,4 +74,17 @@ def check_launch(accelerator: Any, parent_cmdline: list[str] | None = None) -> N
         if any(Path(a).name == "accelerate" or a.endswith("accelerate.commands.launch") for a in cmdline[:3]):
             asked = requested_processes(cmdline)
             if asked and asked > 1:
-                raise RuntimeError(f"`accelerate launch --num_processes {asked}` started 1 process; " + CPU_LAUNCH_HINT)
+                raise InputError(f"`accelerate launch --num_processes {asked}` started 1 process; " + CPU_LAUNCH_HINT)
+
+
+def run_cli(main: Callable[[], Any]) -> Any:
+    """Run a command-line entry point: an :class:`~shared.errors.InputError` becomes one line on stderr, printed
+    by the main process only (every process validates the same input), and exit status 2; anything else keeps its
+    traceback. Under ``accelerate launch`` add ``--quiet``, or the launcher wraps a failed process's exit in a
+    traceback of its own."""
+    try:
+        return main()
+    except InputError as e:
+        if os.environ.get("RANK", "0") == "0":
+            print(f"error: {e}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None

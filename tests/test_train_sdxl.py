@@ -8,10 +8,11 @@ import sys
 import numpy as np
 import pytest
 import torch
+from conftest import DEVICE, NEEDS_CUDA, free_port, launcher_env
 from safetensors.torch import load_file, save_file
 
 import tsd_diffusion.train_sdxl as T
-from conftest import DEVICE, NEEDS_CUDA, free_port, launcher_env
+from shared.errors import InputError
 
 
 @pytest.fixture(autouse=True)
@@ -167,9 +168,8 @@ def test_diffusers_dreambooth_flags_take_effect(tmp_path, monkeypatch):
     --validation_epochs, --image_interpolation_mode and --repeats as in diffusers."""
     import csv
 
-    from diffusers.optimization import get_scheduler
-
     import accelerate.utils
+    from diffusers.optimization import get_scheduler
 
     projects = []
 
@@ -362,7 +362,7 @@ def test_launch_check_refuses_split_runs(monkeypatch):
         num_processes = 1
 
     monkeypatch.setenv("WORLD_SIZE", "2")
-    with pytest.raises(RuntimeError, match="ACCELERATE_USE_CPU=true"):
+    with pytest.raises(InputError, match="ACCELERATE_USE_CPU=true"):
         check_launch(One())
 
 
@@ -374,7 +374,7 @@ def test_launch_check_refuses_a_cpu_launch_that_started_one_of_n(monkeypatch):
 
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     asked_two = ["/venv/bin/python", "/venv/bin/accelerate", "launch", "--cpu", "--num_processes=2", "train.py"]
-    with pytest.raises(RuntimeError, match="--num_processes 2` started 1 process"):
+    with pytest.raises(InputError, match="--num_processes 2` started 1 process"):
         check_launch(One(), asked_two)
     check_launch(One(), [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "train.py"])
     check_launch(One(), ["bash", "run.sh", "--num_processes", "2"])  # not an accelerate launcher: nothing to say
@@ -446,7 +446,7 @@ def test_mixed_precision_keeps_trainable_fp32_and_lambda_learns(precision, dtype
 def test_replay_prior_with_captions_and_empty_prompt_dropout(tmp_path):
     """Prior preservation from a captioned class dir (a replay prior): each prior image trains with its own caption,
     some with the empty prompt, which the trainer encodes as zeros like the SDXL pipeline's unconditional branch."""
-    from tsd_diffusion.tiny import materialize_tiny_sdxl, make_subject_images
+    from tsd_diffusion.tiny import make_subject_images, materialize_tiny_sdxl
 
     cls = tmp_path / "replay"
     make_subject_images(cls, n=4, size=64, seed=5)

@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from shared.errors import InputError
 from shared.io import atomic_write_bytes
 
 from .data import image_candidates, list_instance_images
@@ -39,7 +40,7 @@ def missing_class_images(args: Any) -> int:
     missing = max(0, args.num_class_images - have)
     if missing and not args.class_prompt:
         if not have:
-            raise ValueError(f"class data dir {class_dir} holds no images; sampling --num_class_images="
+            raise InputError(f"class data dir {class_dir} holds no images; sampling --num_class_images="
                              f"{args.num_class_images} from the base needs --class_prompt")
         print(f"warning: class data dir {class_dir} holds {have} of --num_class_images={args.num_class_images} "
               "images; without --class_prompt none are sampled, so the prior uses those it holds")

@@ -39,6 +39,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
+from shared.errors import InputError
+
 __all__ = [
     "CacheKey",
     "DreamBoothDataset",
@@ -73,11 +75,11 @@ def validate_resolution(res: Any) -> int:
     8 is the SDXL VAE's downsampling factor; the tiny VAE (factor 2) is happy with any multiple of 8 too.
     """
     if isinstance(res, bool) or not isinstance(res, (int, np.integer)):
-        raise ValueError(f"resolution must be a positive integer multiple of 8, got {res!r} ({type(res).__name__})")
+        raise InputError(f"resolution must be a positive integer multiple of 8, got {res!r} ({type(res).__name__})")
     res = int(res)
     if res <= 0 or res % 8:
         hint = f" (nearest: {max(8, round(res / 8) * 8)})" if res > 0 else ""
-        raise ValueError(f"resolution must be a positive multiple of 8, got {res}{hint}")
+        raise InputError(f"resolution must be a positive multiple of 8, got {res}{hint}")
     return res
 
 
@@ -156,7 +158,7 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")  # "1", "L", "YCbCr", "HSV", "RGBX", ...
 
 
-class ImageLoadError(ValueError):
+class ImageLoadError(InputError):
     """A file could not be used as an image. ``path``, ``reason`` and ``kind`` (``"not_image"``, ``"missing"``,
     ``"unreadable"``, ``"too_large"`` or ``"corrupt"``) are kept separately for messages."""
 
@@ -221,16 +223,16 @@ def image_candidates(directory: str | os.PathLike, kind: str = "instance", allow
     if allow_empty and not d.exists():
         return []
     if not d.exists():
-        raise ValueError(f"{kind} data dir {d} does not exist")
+        raise InputError(f"{kind} data dir {d} does not exist")
     if not d.is_dir():
-        raise ValueError(f"{kind} data dir {d} is not a directory")
+        raise InputError(f"{kind} data dir {d} is not a directory")
     entries = sorted(d.iterdir(), key=lambda p: p.name)
     files = [p for p in entries if not _is_hidden(p) and not p.is_dir()  # (broken links are reported below)
              and p.name != CAPTIONS_FILE]
     if not files and not allow_empty:
         subdirs = [p.name for p in entries if not _is_hidden(p) and p.is_dir()]
         extra = f" (sub-folders are not searched: {', '.join(subdirs)})" if subdirs else ""
-        raise ValueError(f"{kind} data dir {d} contains no images{extra}")
+        raise InputError(f"{kind} data dir {d} contains no images{extra}")
     return files
 
 
@@ -259,7 +261,7 @@ def _scan_dir(directory: str | os.PathLike, kind: str = "instance",
         if broken:
             lines.append(f"  corrupt, truncated or unreadable: {'; '.join(broken)}")
         lines.append("Remove or fix them (hidden files such as .DS_Store are ignored).")
-        raise ValueError("\n".join(lines))
+        raise InputError("\n".join(lines))
     return good
 
 
@@ -283,11 +285,11 @@ def read_captions(directory: str | os.PathLike, images: list[Path]) -> dict[str,
         try:
             row = json.loads(line)
         except json.JSONDecodeError as e:
-            raise ValueError(f"{path} line {n}: not JSON ({e.msg})") from None
+            raise InputError(f"{path} line {n}: not JSON ({e.msg})") from None
         if not isinstance(row, dict) or not isinstance(row.get("file_name"), str) or not isinstance(row.get("text"), str):
-            raise ValueError(f"{path} line {n}: needs a string \"file_name\" and a string \"text\"")
+            raise InputError(f"{path} line {n}: needs a string \"file_name\" and a string \"text\"")
         if row["file_name"] not in names:
-            raise ValueError(f"{path} line {n}: {row['file_name']!r} is not an image of {path.parent}")
+            raise InputError(f"{path} line {n}: {row['file_name']!r} is not an image of {path.parent}")
         captions[row["file_name"]] = row["text"]
     return captions
 
@@ -590,15 +592,15 @@ class DreamBoothDataset(torch.utils.data.Dataset):
                  class_prompt: str | None = None, seed: int = 0, interpolation: str = "lanczos",
                  num_class_images: int | None = None, class_prompt_dropout: float = 0.0, repeats: int = 1):
         if not isinstance(instance_prompt, str) or not instance_prompt.strip():
-            raise ValueError("instance_prompt must be a non-empty string (e.g. 'a photo of sks dog')")
+            raise InputError("instance_prompt must be a non-empty string (e.g. 'a photo of sks dog')")
         if class_prompt is not None and class_dir is None:
-            raise ValueError(f"class_prompt={class_prompt!r} needs a class_dir (prior preservation)")
+            raise InputError(f"class_prompt={class_prompt!r} needs a class_dir (prior preservation)")
         if class_prompt is not None and (not isinstance(class_prompt, str) or not class_prompt.strip()):
-            raise ValueError("class_prompt must be a non-empty string (e.g. 'a photo of dog')")
+            raise InputError("class_prompt must be a non-empty string (e.g. 'a photo of dog')")
         if not 0.0 <= class_prompt_dropout < 1.0:
-            raise ValueError(f"class_prompt_dropout must be in [0, 1), got {class_prompt_dropout}")
+            raise InputError(f"class_prompt_dropout must be in [0, 1), got {class_prompt_dropout}")
         if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
-            raise ValueError(f"repeats must be an int >= 1, got {repeats!r}")
+            raise InputError(f"repeats must be an int >= 1, got {repeats!r}")
         self.class_prompt_dropout = float(class_prompt_dropout)
         self.transform = SDXLTransform(resolution, center_crop, random_flip, interpolation)
         self.instance_prompt = instance_prompt
@@ -615,13 +617,13 @@ class DreamBoothDataset(torch.utils.data.Dataset):
             captions = read_captions(class_dir, [p for p, _ in scanned])  # checked against every image of the dir
             if num_class_images is not None:
                 if num_class_images < 1:
-                    raise ValueError(f"num_class_images must be >= 1, got {num_class_images}")
+                    raise InputError(f"num_class_images must be >= 1, got {num_class_images}")
                 scanned = scanned[:num_class_images]
             self.class_images = self._register(scanned)
             self.class_captions = {p.name: captions[p.name] for p in self.class_images if p.name in captions}
             uncaptioned = [p.name for p in self.class_images if p.name not in self.class_captions]
             if uncaptioned and class_prompt is None:
-                raise ValueError(f"class data dir {class_dir}: {len(uncaptioned)} images have no caption in "
+                raise InputError(f"class data dir {class_dir}: {len(uncaptioned)} images have no caption in "
                                  f"{CAPTIONS_FILE} and no class_prompt was given (e.g. {', '.join(uncaptioned[:3])})")
         self._length = max(repeats * len(self.instance_images), len(self.class_images))
 
@@ -663,7 +665,7 @@ class DreamBoothDataset(torch.utils.data.Dataset):
         try:
             st = path.stat()
         except OSError as e:
-            raise ValueError(f"{path}: cannot read the file any more ({e})") from e
+            raise InputError(f"{path}: cannot read the file any more ({e})") from e
         sig = (str(path), st.st_size, st.st_mtime_ns)
         image = None
         if sig not in self._sizes or with_pixels:

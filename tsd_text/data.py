@@ -37,6 +37,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from shared.errors import InputError, MissingInputError
+
 MC_FORMATS = ("bigbench", "llm-adapters", "choices")
 #: the question field of a ``choices`` record, tried in order (ARC/CSQA, BIG-bench style, OpenBookQA)
 QUESTION_KEYS = ("question", "input", "question_stem")
@@ -46,7 +48,7 @@ ALPACA = ("Below is an instruction that describes a task{paired}. Write a respon
 ANSWER_FORMAT = re.compile(r"answer format:\s*([^\n]+)", re.IGNORECASE)
 
 
-class DataError(ValueError):
+class DataError(InputError):
     """An input file that cannot be used; the message names the file and, where it applies, the row."""
 
 
@@ -104,7 +106,7 @@ def read_records(path: str | Path, table_keys: Sequence[str] = ()) -> Records:
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"data file not found: {path}")
+        raise MissingInputError(f"data file not found: {path}")
     if path.suffix.lower() in TABLE_SUFFIXES:
         return Records("table", _read_csv(path, TABLE_SUFFIXES[path.suffix.lower()]), {})
     if path.suffix.lower() == ".parquet":

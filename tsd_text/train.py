@@ -57,6 +57,7 @@ from torch.utils.data import DataLoader
 
 import shared
 from shared.checkpoint import resolve_resume, save_training_checkpoint
+from shared.errors import InputError
 from shared.io import atomic_write_json, atomic_write_text
 from shared.launch import check_launch
 
@@ -245,7 +246,7 @@ def resolve_targets(model: nn.Module, target_modules: list[str] | None, head: li
     head = head or []
     names = sorted(n for n in found if not any(n == h or n.startswith(h + ".") for h in head))
     if not names:
-        raise ValueError(f"target_modules {target_modules} match only modules of the trained head {head}; "
+        raise InputError(f"target_modules {target_modules} match only modules of the trained head {head}; "
                          "name layers of the base model")
     return names
 
@@ -347,7 +348,7 @@ def setup(args: argparse.Namespace, accelerator: Any, resume_dir: Path | None = 
         adapter = shared.load(model, resume_dir / CHECKPOINT_ADAPTER)
         saved = (adapter.config.method, adapter.config.r, sorted(adapter.config.target_modules or []))
         if saved != (config.method, config.r, sorted(config.target_modules)):
-            raise ValueError(f"{resume_dir} holds a {saved[0]} adapter of rank {saved[1]} on {len(saved[2])} layers; "
+            raise InputError(f"{resume_dir} holds a {saved[0]} adapter of rank {saved[1]} on {len(saved[2])} layers; "
                              f"this run asks for {config.method} rank {config.r} on {len(config.target_modules)} layers")
         return _with_gradient_checkpointing(args, Setup(task, data, model, adapter, notes))
     init_data, init_forward = None, None
@@ -457,7 +458,7 @@ def main(args: argparse.Namespace) -> TrainResult:
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed))
     check_launch(accelerator)
     if args.torch_dtype != "float32" and accelerator.mixed_precision == "no":
-        raise ValueError(f"--torch_dtype {args.torch_dtype} stores the frozen base in {args.torch_dtype} but "
+        raise InputError(f"--torch_dtype {args.torch_dtype} stores the frozen base in {args.torch_dtype} but "
                          "--mixed_precision is no: add --mixed_precision bf16 or fp16, whose autocast runs the "
                          "float32 adapter and head at the base's precision")
     resume_dir = resolve_resume(accelerator, args.resume_from_checkpoint, out, marker=CHECKPOINT_ADAPTER,
