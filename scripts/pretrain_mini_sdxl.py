@@ -1,14 +1,24 @@
 """Pretrain the mini SDXL base (``tsd_diffusion/mini_sdxl.py``) on CIFAR-10, on a CPU, deterministically from a seed.
 
-    python scripts/pretrain_mini_sdxl.py --output_dir tsd_diffusion/weights/mini-sdxl [--work_dir DIR] [--seed 0]
+    python scripts/pretrain_mini_sdxl.py --cifar_task_json PATH --output_dir tsd_diffusion/weights/mini-sdxl \
+        [--work_dir DIR] [--seed 0]
+    python scripts/sample_mini_sdxl.py       # then: the replay prior and reference sets that ship beside it
+
+**The data it needs, and where it can still be had.** ``--cifar_task_json`` is BIG-bench 1.0.0's
+``bigbench/benchmark_tasks/cifar10_classification/base64/task.json`` (the CIFAR-10 test set, 10 000 base64 PNGs).
+The shipped base was pretrained from that file as the ``bigbench==1.0.0`` sdist carried it, but the package index
+no longer serves that sdist (December 2026: "from versions: 0.0.1"), and no other package on the registries this
+project can reach ships CIFAR-10. The same file is in the BIG-bench git repository (google/BIG-bench, same path),
+which needs network access beyond the package registries. **So on a fresh machine of this project the base cannot
+be re-pretrained today**; nothing else needs that data: the base, its tokenizers and the sample sets the default
+run uses all ship with the package.
 
 Phases (recipe and measurements: ``../shared/notes/mini_sdxl_recipes/mini_sdxl.md``), each resumable: a finished
 phase leaves a ``<phase>.done.json`` in ``--work_dir`` and is skipped on a re-run; the UNet phase also checkpoints
 every ``--checkpointing_steps`` (model, EMA, AdamW moments, RNG states, all safetensors) and continues from the
 last one, ending where an uninterrupted run ends.
 
-1. data: the CIFAR-10 test set from the BIG-bench sdist (``scripts/fetch_assets.py``), 900 train + 100 held-out
-   images per class;
+1. data: the CIFAR-10 test set (``--cifar_task_json``), 900 train + 100 held-out images per class;
 2. classifier (evaluation only, trained on the train split);
 3. VAE: MSE + 1e-9 KL (SD's 1e-6 on a mean loss ruins a VAE this small), batch 8, AdamW 2e-3, cosine; then the
    per-channel ``latents_mean``/``latents_std`` go into its config and the train split (and its flips) is
@@ -16,8 +26,8 @@ last one, ending where an uninterrupted run ends.
 4. UNet: epsilon DDPM loss with Min-SNR-5 weights, captions "a photo of a {class}" in four templates, 10% of
    them zeroed (what the pipeline feeds for an empty negative prompt), AdamW 4e-4 with warm-up and cosine,
    gradient clipping, EMA 0.999 (the EMA weights are saved), bf16 autocast (1.4-1.7x faster on AMX CPUs);
-5. save: an fp16 ``StableDiffusionXLPipeline`` directory without tokenizers (they are rebuilt from the CLIP BPE
-   at first use: 3.6 MB each) plus ``tsd_mini_sdxl.json`` (metrics), a model card ``README.md`` and the
+5. save: an fp16 ``StableDiffusionXLPipeline`` directory with the shipped CLIP BPE tokenizer files (``vocab.json``,
+   ``merges.txt``) plus ``tsd_mini_sdxl.json`` (metrics), a model card ``README.md`` and the
    evaluation classifier in fp16 under ``evaluation/`` (the subject metrics of the trainer, app and benchmarks
    use it; ``from_pretrained`` ignores the folder);
 6. evaluation with the stock pipeline ``__call__``: class accuracy of generations per guidance scale, the
@@ -43,7 +53,6 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from scripts.fetch_assets import require_asset  # noqa: E402
 from shared.io import atomic_write_json, atomic_write_text, load_safetensors, save_safetensors  # noqa: E402
 from tsd_diffusion import evaluation as ev  # noqa: E402
 from tsd_diffusion import mini_sdxl as mini  # noqa: E402
@@ -53,6 +62,8 @@ METRICS_FILE = "tsd_mini_sdxl.json"
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--cifar_task_json", required=True, type=Path,
+                   help="BIG-bench 1.0.0's cifar10_classification/base64/task.json (see the module docstring)")
     p.add_argument("--output_dir", required=True, help="the fp16 pipeline directory to write")
     p.add_argument("--work_dir", default=None, help="intermediate results and checkpoints (default: <output_dir>.work)")
     p.add_argument("--seed", type=int, default=0)
@@ -184,7 +195,7 @@ def _pipeline(args: argparse.Namespace, unet: Any, vae: Any | None = None) -> An
     from diffusers import AutoencoderKL, StableDiffusionXLPipeline
 
     te1, te2 = mini.build_text_encoders(args.seed)
-    tok1, tok2 = mini.build_tokenizers(require_asset("clip_tokenizer"))
+    tok1, tok2 = mini.load_tokenizers()
     vae = vae or AutoencoderKL.from_pretrained(str(args.work_dir / "vae"))
     return StableDiffusionXLPipeline(vae=vae, text_encoder=te1, text_encoder_2=te2, tokenizer=tok1, tokenizer_2=tok2,
                                      unet=unet, scheduler=mini.build_scheduler())
@@ -297,8 +308,9 @@ def phase_save(args: argparse.Namespace) -> None:
     tmp = args.output_dir.with_name(args.output_dir.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     pipe.to(torch.float16).save_pretrained(str(tmp), safe_serialization=True)
-    for sub in ("tokenizer", "tokenizer_2"):
+    for sub in mini.TOKENIZER_DIRS:  # transformers 5 saves tokenizer.json only: ship the slow files, as SDXL does
         shutil.rmtree(tmp / sub)
+    mini.copy_tokenizers(tmp)
     shutil.rmtree(args.output_dir, ignore_errors=True)
     tmp.rename(args.output_dir)
     _finish(args.work_dir, "save", {"output_dir": str(args.output_dir)})
@@ -312,10 +324,9 @@ def phase_eval(args: argparse.Namespace, data: dict[str, torch.Tensor]) -> dict[
     if (info := _done(args.work_dir, "eval")) is not None:
         return info
     t0 = time.perf_counter()
-    full = args.work_dir / "pipeline-eval"  # the shipped fp16 files plus tokenizers, loaded the way users will
+    full = args.work_dir / "pipeline-eval"  # the shipped fp16 files, loaded the way users will
     shutil.rmtree(full, ignore_errors=True)
     shutil.copytree(args.output_dir, full)
-    mini.add_tokenizers(full, require_asset("clip_tokenizer"))
     pipe = StableDiffusionXLPipeline.from_pretrained(str(full), dtype=torch.float32, local_files_only=True)
     pipe.set_progress_bar_config(disable=True)
     clf = ev.load_classifier(args.work_dir / "classifier")
@@ -392,10 +403,13 @@ with `addition_embed_type="text_time"`, two CLIP text encoders, `AutoencoderKL`,
   (100 per class, used only for evaluation). Captions: "a photo of a {{class}}" in {len(mini.CAPTION_TEMPLATES)}
   templates, {args.caption_dropout:.0%} dropped to the empty prompt. Provenance: CIFAR-10 (Krizhevsky 2009, no explicit
   licence) as redistributed in the BIG-bench sdist, whose canary asks that BIG-bench data not enter language-model
-  training corpora; this is an image model.
+  training corpora; this is an image model. The package index no longer serves that sdist (December 2026), so the
+  base cannot be re-pretrained on a fresh machine today (`scripts/pretrain_mini_sdxl.py` says where the file can
+  still be had); none of the CIFAR images ship.
 - Training: VAE {v['steps']} steps x {v['batch_size']} ({v['wall_s']:.0f} s), UNet {u['steps']} steps x {u['batch_size']}
   ({u['wall_s']:.0f} s), EMA weights; pretraining wall time {record['pretraining_wall_s'] / 60:.1f} min. The text encoders
-  are random and frozen (seed {args.seed}). Weights in fp16; tokenizers are the real CLIP BPE, added at first use.
+  are random and frozen (seed {args.seed}). Weights in fp16. Tokenizers: the real CLIP BPE (49 408 tokens; MIT
+  licence; open_clip's `bpe_simple_vocab_16e6.txt.gz` as `vocab.json` + `merges.txt`), the second padding with "!".
 - VAE: held-out PSNR {v['held_out_psnr_db']} dB; the classifier scores {v['classifier_accuracy_on_reconstructions']:.3f}
   on reconstructions.
 - Evaluation classifier (a 1.15 M CNN trained on the same train split): {c['held_out_accuracy']:.3f} held-out accuracy.
@@ -415,9 +429,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     args.work_dir.mkdir(parents=True, exist_ok=True)
-    bigbench = require_asset("bigbench")
-    require_asset("clip_tokenizer")
-    x, y = mini.load_cifar(bigbench)
+    x, y = mini.load_cifar(args.cifar_task_json)
     x_train, y_train, x_held, y_held = mini.split_cifar(x, y)
     data = {"x_train": mini.to_tensor(x_train), "y_train": torch.from_numpy(y_train),
             "x_held": mini.to_tensor(x_held), "y_held": torch.from_numpy(y_held)}

@@ -1,23 +1,18 @@
 """The embedded tiny SDXL base: built once into the cache, loaded through the ordinary from_pretrained path,
-deterministic, the real CLIP tokenizer when fetched; resolve_pretrained; the self-drawn subject images."""
+deterministic, the real CLIP tokenizer the package ships; resolve_pretrained; the self-drawn subject images."""
 from __future__ import annotations
 
 import json
-import os
 
 import numpy as np
 import pytest
 import torch
 
-from scripts.fetch_assets import asset_path
 from tsd_diffusion import tiny
 from tsd_diffusion.data import DreamBoothDataset, collate, list_instance_images
 from tsd_diffusion.tiny import EMBEDDED_NAME, make_subject_images, materialize_tiny_sdxl, resolve_pretrained
 
 EXPECTED_IDS = [49406, 320, 1125, 539, 48136, 1929, 49407]  # "a photo of sks dog" with the real CLIP BPE
-REAL_TOKENIZER = asset_path("clip_tokenizer")  # looked up before any test points TSD_CACHE elsewhere
-NO_TOKENIZER_REASON = ("the real CLIP tokenizer asset is not fetched (python scripts/fetch_assets.py --only "
-                       "clip_tokenizer); the tiny pipeline uses the byte-level fallback vocabulary")
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -32,10 +27,8 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def cache(tmp_path_factory, one_thread):
-    """A fresh TSD_CACHE holding (a link to) the fetched tokenizer asset, if any, and the materialized pipeline."""
+    """A fresh, empty TSD_CACHE and the pipeline materialized into it."""
     root = tmp_path_factory.mktemp("tsd_cache")
-    if REAL_TOKENIZER is not None:
-        os.symlink(REAL_TOKENIZER, root / "clip_tokenizer")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("TSD_CACHE", str(root))
         before = tiny.BUILD_COUNT
@@ -55,7 +48,7 @@ def pipe(cache):
 
 def test_materialize_layout_and_second_call_is_cached(cache):
     root, d = cache
-    assert d.parent == root and d.name == ("tiny-sdxl-v1" if REAL_TOKENIZER else "tiny-sdxl-v1-bytetok")
+    assert d.parent == root and d.name == "tiny-sdxl-v1"
     for f in ("model_index.json", "done", "tsd_tiny_sdxl.json", "unet/diffusion_pytorch_model.safetensors",
               "vae/diffusion_pytorch_model.safetensors", "text_encoder/model.safetensors",
               "text_encoder_2/model.safetensors", "tokenizer/vocab.json", "tokenizer_2/vocab.json",
@@ -63,7 +56,7 @@ def test_materialize_layout_and_second_call_is_cached(cache):
         assert (d / f).is_file(), f
     assert not list(root.glob(".tiny-sdxl-v1*.tmp-*")), "temp build dir left behind"
     info = json.loads((d / "tsd_tiny_sdxl.json").read_text())
-    assert info["name"] == EMBEDDED_NAME and info["tokenizer_kind"] == ("clip" if REAL_TOKENIZER else "bytetok")
+    assert info["name"] == EMBEDDED_NAME and info["vocab_size"] == 49408
     mtime = (d / "done").stat().st_mtime_ns
     builds = tiny.BUILD_COUNT
     assert materialize_tiny_sdxl(cache_dir=root) == d
@@ -104,10 +97,7 @@ def test_generation_is_deterministic(pipe):
     assert not np.array_equal(a, c)
 
 
-def test_tokenizer_ids(pipe, cache):
-    info = json.loads((cache[1] / "tsd_tiny_sdxl.json").read_text())
-    if info["tokenizer_kind"] != "clip":
-        pytest.skip(NO_TOKENIZER_REASON)
+def test_tokenizer_ids(pipe):
     assert pipe.tokenizer("a photo of sks dog").input_ids == EXPECTED_IDS
     assert pipe.tokenizer_2("a photo of sks dog").input_ids == EXPECTED_IDS
     assert len(pipe.tokenizer) == 49408 and pipe.text_encoder.config.vocab_size == 49408
@@ -144,25 +134,18 @@ def test_dreambooth_step_on_subject_images(pipe, tmp_path):
         unet.delete_adapters("t")
 
 
-def test_fallback_tokenizer_and_atomic_build(tmp_path, monkeypatch):
-    root = tmp_path / "bare_cache"  # no clip_tokenizer asset here, and TSD_CACHE points here too
+def test_atomic_build_replaces_leftovers(tmp_path, monkeypatch):
+    root = tmp_path / "bare_cache"
     root.mkdir()
     monkeypatch.setenv("TSD_CACHE", str(root))
-    (root / ".tiny-sdxl-v1-bytetok.tmp-stale").mkdir()  # leftover of an interrupted build
-    (root / "tiny-sdxl-v1-bytetok").mkdir()  # an incomplete dir without the done marker
-    (root / "tiny-sdxl-v1-bytetok" / "junk").write_text("x")
+    (root / ".tiny-sdxl-v1-seed3.tmp-stale").mkdir()  # leftover of an interrupted build
+    (root / "tiny-sdxl-v1-seed3").mkdir()  # an incomplete dir without the done marker
+    (root / "tiny-sdxl-v1-seed3" / "junk").write_text("x")
     builds = tiny.BUILD_COUNT
-    d = materialize_tiny_sdxl()
-    assert d == root / "tiny-sdxl-v1-bytetok" and tiny.BUILD_COUNT == builds + 1
-    assert not (d / "junk").exists() and not (root / ".tiny-sdxl-v1-bytetok.tmp-stale").exists()
-    info = json.loads((d / "tsd_tiny_sdxl.json").read_text())
-    assert info["tokenizer_kind"] == "bytetok" and info["vocab_size"] == 514
-    from transformers import CLIPTokenizer
-
-    tok = CLIPTokenizer.from_pretrained(d / "tokenizer")
-    ids = tok("a photo of sks dog").input_ids
-    assert ids[0] == 512 and ids[-1] == 513 and len(ids) == 2 + len("aphotoofsksdog")  # one token per byte
-    assert materialize_tiny_sdxl() == d and tiny.BUILD_COUNT == builds + 1
+    d = materialize_tiny_sdxl(seed=3)
+    assert d == root / "tiny-sdxl-v1-seed3" and tiny.BUILD_COUNT == builds + 1
+    assert not (d / "junk").exists() and not (root / ".tiny-sdxl-v1-seed3.tmp-stale").exists()
+    assert materialize_tiny_sdxl(seed=3) == d and tiny.BUILD_COUNT == builds + 1
 
 
 def test_resolve_pretrained_errors_and_passthrough(tmp_path):

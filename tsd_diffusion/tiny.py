@@ -15,21 +15,16 @@ wiring* as SDXL and saves it like a hub snapshot, so everything downstream loads
   ``CLIPTextModelWithProjection`` (hidden 48, projection 48, gelu like SDXL's OpenCLIP-bigG). The two widths differ on
   purpose, as in SDXL (768 vs 1280), so code that mixes them up fails here too;
 - ``tokenizer`` / ``tokenizer_2``: the real CLIP BPE vocabulary (49408 tokens; ``tokenizer_2`` pads with ``"!"``
-  like SDXL's) from the ``clip_tokenizer`` asset (``python scripts/fetch_assets.py --only clip_tokenizer``). When the
-  asset is absent, a documented fallback is used: a 514-token byte-level BPE vocabulary (the 256 CLIP byte
-  characters, each also with ``</w>``, plus ``<|startoftext|>``/``<|endoftext|>``, no merges; every string still
-  tokenizes, one byte per token). Which one was used is written to ``tsd_tiny_sdxl.json`` in the pipeline dir;
+  like SDXL's), the files the mini SDXL ships (``tsd_diffusion/weights/mini-sdxl/tokenizer``);
 - ``scheduler``: ``EulerDiscreteScheduler`` with SDXL's config (scaled_linear 0.00085..0.012, leading spacing,
   steps_offset 1).
 
 Sizes: UNet about 1.1 M params, VAE 44 k, text encoders 1.6 M / 2.4 M (mostly the 49408-token embeddings). A 64x64
 DreamBooth LoRA step takes about 0.1 s on 2 CPU cores.
 
-Cache layout: ``<cache>/tiny-sdxl-v1/`` (real tokenizer) or ``<cache>/tiny-sdxl-v1-bytetok/`` (fallback tokenizer),
-with ``-seed<N>`` appended for a non-default seed. Each is built in a temp dir inside the cache, gets a ``done``
-marker and is renamed into place (a per-variant file lock serialises concurrent builders), so a pipeline dir is
-either complete or absent and later calls return it without rebuilding. A cached real-tokenizer build is used even
-when the tokenizer asset has since disappeared.
+Cache layout: ``<cache>/tiny-sdxl-v1/``, with ``-seed<N>`` appended for a non-default seed. Each is built in a temp
+dir inside the cache, gets a ``done`` marker and is renamed into place (a per-variant file lock serialises
+concurrent builders), so a pipeline dir is either complete or absent and later calls return it without rebuilding.
 """
 from __future__ import annotations
 
@@ -44,7 +39,10 @@ from typing import Any, Callable
 
 from filelock import FileLock  # cross-process lock; a dependency of torch and huggingface_hub
 
+from shared.errors import InputError, MissingInputError
 from shared.io import UMASK
+
+from .mini_sdxl import MINI_NAME, TOKENIZER_DIRS, WEIGHTS_DIR
 
 __all__ = [
     "EMBEDDED_NAME",
@@ -65,6 +63,7 @@ BUILD_COUNT = 0  # how many pipelines this process has built (tests use it to ch
 # component sizes (see the module docstring)
 TE1_HIDDEN, TE2_HIDDEN, TE2_PROJ = 32, 48, 48
 TIME_EMBED_DIM = 8
+CLIP_TOKENIZER_DIR = WEIGHTS_DIR / TOKENIZER_DIRS[0]  # the real CLIP BPE (vocab.json, merges.txt)
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*(/[\w.\-]+)?$")
 
 
@@ -86,46 +85,6 @@ def tiny_cache_dir() -> Path:
         xdg = os.environ.get("XDG_CACHE_HOME")
         base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
         return (base / "tsd-lora").resolve()
-
-
-def _find_clip_tokenizer(cache: Path | None) -> Path | None:
-    """The fetched real CLIP tokenizer dir: first in ``cache`` (when given), then in the default cache."""
-    candidates = []
-    try:
-        from scripts.fetch_assets import asset_path
-
-        if cache is not None:
-            candidates.append(asset_path("clip_tokenizer", cache))
-        candidates.append(asset_path("clip_tokenizer"))
-    except ImportError:
-        for root in ([cache] if cache is not None else []) + [tiny_cache_dir()]:
-            d = Path(root) / "clip_tokenizer"
-            candidates.append(d if (d / DONE).is_file() else None)
-    for d in candidates:
-        if d is not None and (Path(d) / "vocab.json").is_file() and (Path(d) / "merges.txt").is_file():
-            return Path(d)
-    return None
-
-
-def _byte_chars() -> list[str]:
-    """GPT-2 / CLIP byte -> unicode table (inlined: transformers 5 no longer exports ``bytes_to_unicode``)."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs, n = bs[:], 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return [chr(c) for c in cs]
-
-
-def _write_byte_tokenizer(d: Path) -> Path:
-    chars = _byte_chars()
-    vocab = chars + [c + "</w>" for c in chars] + ["<|startoftext|>", "<|endoftext|>"]  # 514 tokens
-    d.mkdir(parents=True, exist_ok=True)
-    (d / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}, ensure_ascii=False), encoding="utf-8")
-    (d / "merges.txt").write_text("#version: 0.2\n", encoding="utf-8")
-    return d
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -176,55 +135,37 @@ def build_tiny_sdxl_pipeline(tokenizer_dir: str | os.PathLike, seed: int = 0):
                                      unet=unet, scheduler=sched, force_zeros_for_empty_prompt=True)
 
 
-def _variant_dir(root: Path, tokenizer: str, seed: int) -> Path:
-    name = f"tiny-sdxl-v{TINY_SDXL_VERSION}" + ("" if tokenizer == "clip" else "-bytetok")
-    return root / (name + ("" if seed == 0 else f"-seed{seed}"))
-
-
-def materialize_tiny_sdxl(cache_dir: str | os.PathLike | None = None, seed: int = 0,
-                          tokenizer_dir: str | os.PathLike | None = None) -> Path:
+def materialize_tiny_sdxl(cache_dir: str | os.PathLike | None = None, seed: int = 0) -> Path:
     """Build the embedded tiny SDXL pipeline once and return its directory (a ``from_pretrained``-able snapshot).
 
-    ``cache_dir``: default :func:`tiny_cache_dir`. ``tokenizer_dir``: a dir with CLIP ``vocab.json`` + ``merges.txt``;
-    default: the fetched ``clip_tokenizer`` asset (looked up in ``cache_dir``, then in the default cache), else the
-    byte-level fallback. A second call returns the cached dir without rebuilding (see the module docstring).
+    ``cache_dir``: default :func:`tiny_cache_dir`. The tokenizers are the shipped CLIP BPE files
+    (:data:`CLIP_TOKENIZER_DIR`). A second call returns the cached dir without rebuilding (see the module docstring).
     """
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise ValueError(f"seed must be an int >= 0, got {seed!r}")
     root = Path(cache_dir).expanduser().resolve() if cache_dir is not None else tiny_cache_dir()
-    real_dir = _variant_dir(root, "clip", seed)
-    if tokenizer_dir is None and (real_dir / DONE).is_file():
-        return real_dir  # fast path, even when the tokenizer asset is gone by now
-    tok_src = Path(tokenizer_dir).expanduser() if tokenizer_dir is not None else _find_clip_tokenizer(root)
-    if tok_src is not None and not ((tok_src / "vocab.json").is_file() and (tok_src / "merges.txt").is_file()):
-        raise ValueError(f"tokenizer_dir {tok_src} must contain vocab.json and merges.txt")
-    kind = "clip" if tok_src is not None else "bytetok"
-    final = _variant_dir(root, kind, seed)
+    final = root / (f"tiny-sdxl-v{TINY_SDXL_VERSION}" + ("" if seed == 0 else f"-seed{seed}"))
     if (final / DONE).is_file():
         return final
     t0 = time.time()
 
-    def build(out: Path, scratch: Path) -> None:
+    def build(out: Path, _: Path) -> None:
         global BUILD_COUNT
-        src = tok_src if tok_src is not None else _write_byte_tokenizer(scratch / "_bytetok")
-        pipe = build_tiny_sdxl_pipeline(src, seed=seed)
-        pipe.save_pretrained(out, safe_serialization=True)
-        for sub in ("tokenizer", "tokenizer_2"):  # like a hub snapshot, and loadable by transformers 4 too
-            for f in ("vocab.json", "merges.txt"):
-                if not (out / sub / f).is_file():
-                    shutil.copyfile(src / f, out / sub / f)
         import diffusers
         import torch
         import transformers
 
+        pipe = build_tiny_sdxl_pipeline(CLIP_TOKENIZER_DIR, seed=seed)
+        pipe.save_pretrained(out, safe_serialization=True)
+        for sub in ("tokenizer", "tokenizer_2"):  # like a hub snapshot, and loadable by transformers 4 too
+            for f in ("vocab.json", "merges.txt"):
+                if not (out / sub / f).is_file():
+                    shutil.copyfile(CLIP_TOKENIZER_DIR / f, out / sub / f)
         info = {
             "name": EMBEDDED_NAME,
             "version": TINY_SDXL_VERSION,
             "seed": seed,
-            "tokenizer": ("clip-bpe-49408 (real CLIP BPE vocabulary, clip_tokenizer asset)" if kind == "clip"
-                          else "byte-level-514 (fallback: 256 byte chars + </w> forms + 2 specials, no merges)"),
-            "tokenizer_kind": kind,
-            "tokenizer_source": str(tok_src) if kind == "clip" else None,
+            "tokenizer": "clip-bpe-49408 (the real CLIP BPE vocabulary the mini SDXL ships)",
             "vocab_size": len(pipe.tokenizer),
             "params": {k: sum(p.numel() for p in getattr(pipe, k).parameters())
                        for k in ("unet", "vae", "text_encoder", "text_encoder_2")},
@@ -277,8 +218,8 @@ def resolve_pretrained(name_or_path: str | os.PathLike) -> str:
     """Map ``--pretrained_model_name_or_path`` to what ``StableDiffusionXLPipeline.from_pretrained`` gets.
 
     - :data:`EMBEDDED_NAME` (``"tsd-lora/tiny-sdxl"``) -> the materialized local dir (built on first use);
-    - ``"tsd-lora/mini-sdxl"`` -> the shipped CIFAR-pretrained mini SDXL, materialized with its tokenizers
-      (:func:`tsd_diffusion.mini_sdxl.materialize_mini_sdxl`);
+    - ``"tsd-lora/mini-sdxl"`` -> the shipped CIFAR-pretrained mini SDXL (:data:`tsd_diffusion.mini_sdxl.WEIGHTS_DIR`,
+      a complete pipeline dir);
     - an existing local directory -> itself, after checking it holds ``model_index.json`` (ValueError otherwise);
     - an existing file -> ValueError (single-file checkpoints are not supported; give a diffusers pipeline dir);
     - something that looks like a local path but does not exist (absolute, ``./``, ``~``, more than one ``/``)
@@ -287,24 +228,25 @@ def resolve_pretrained(name_or_path: str | os.PathLike) -> str:
     """
     s = os.fspath(name_or_path)
     if not isinstance(s, str) or not s.strip():
-        raise ValueError(f"pretrained model name or path must be a non-empty string, got {name_or_path!r}")
+        raise InputError(f"pretrained model name or path must be a non-empty string, got {name_or_path!r}")
     if s == EMBEDDED_NAME:
         return str(materialize_tiny_sdxl())
-    from .mini_sdxl import MINI_NAME, materialize_mini_sdxl
-
     if s == MINI_NAME:
-        return str(materialize_mini_sdxl())
+        if not (WEIGHTS_DIR / "model_index.json").is_file():
+            raise MissingInputError(f"the mini SDXL weights are not in {WEIGHTS_DIR}: this install of tsd-lora is "
+                                    "incomplete (reinstall it)")
+        return str(WEIGHTS_DIR)
     p = Path(s).expanduser()
     if p.is_dir():
         if not (p / "model_index.json").is_file():
-            raise ValueError(f"{p} is a directory but not a diffusers pipeline: it has no model_index.json "
+            raise InputError(f"{p} is a directory but not a diffusers pipeline: it has no model_index.json "
                              f"(save one with pipeline.save_pretrained(dir), or use {EMBEDDED_NAME!r})")
         return str(p)
     if p.exists():
-        raise ValueError(f"{p} is a file; a diffusers pipeline directory (with model_index.json) or a hub id is "
+        raise InputError(f"{p} is a file; a diffusers pipeline directory (with model_index.json) or a hub id is "
                          "needed (single-file checkpoints are not supported)")
     if not _HUB_ID.match(s):
-        raise ValueError(f"{s!r} is neither an existing local directory nor a hub id like 'org/name'")
+        raise InputError(f"{s!r} is neither an existing local directory nor a hub id like 'org/name'")
     return s
 
 

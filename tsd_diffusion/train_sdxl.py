@@ -27,13 +27,14 @@ import torch
 import torch.nn.functional as F
 
 import shared
-from shared.io import atomic_write_json, atomic_write_text
 from shared.checkpoint import resolve_resume, save_training_checkpoint
+from shared.errors import InputError
+from shared.io import atomic_write_json, atomic_write_text
 from shared.launch import check_launch
 
-from .evaluation import SubjectEvaluator, prompt_class
 from .class_images import missing_class_images, sample_class_images
-from .data import INTERPOLATIONS, DreamBoothDataset, LatentCache, collate, validate_resolution
+from .data import INTERPOLATIONS, DreamBoothDataset, LatentCache, collate, image_candidates, validate_resolution
+from .evaluation import SubjectEvaluator, prompt_class
 from .mini_sdxl import CLASSES, MINI_NAME, materialize_replay_prior
 from .tiny import EMBEDDED_NAME, make_subject_images, resolve_pretrained
 
@@ -167,42 +168,42 @@ def finalize_args(args: argparse.Namespace) -> argparse.Namespace:
     args.embedded_subject = args.instance_data_dir is None
     if args.embedded_subject:
         if not embedded:
-            raise ValueError("--instance_data_dir is required with a custom --pretrained_model_name_or_path")
+            raise InputError("--instance_data_dir is required with a custom --pretrained_model_name_or_path")
         args.instance_data_dir = str(Path(args.output_dir) / "instance_images")
         args.instance_prompt = args.instance_prompt or embedded["instance_prompt"]
     if not args.instance_prompt:
-        raise ValueError("--instance_prompt is required (e.g. 'a photo of sks dog')")
+        raise InputError("--instance_prompt is required (e.g. 'a photo of sks dog')")
     if args.with_prior_preservation:
         if not args.class_data_dir and args.pretrained_model_name_or_path != MINI_NAME:  # (the mini's: in main())
-            raise ValueError("--with_prior_preservation needs --class_data_dir (and --class_prompt unless every class "
+            raise InputError("--with_prior_preservation needs --class_data_dir (and --class_prompt unless every class "
                              "image has a caption in its metadata.jsonl)")
     elif args.class_data_dir or args.class_prompt:
         print("warning: --class_data_dir/--class_prompt are ignored without --with_prior_preservation")
         args.class_data_dir = args.class_prompt = None
     if args.rank <= 0:
-        raise ValueError(f"--rank must be > 0, got {args.rank}")
+        raise InputError(f"--rank must be > 0, got {args.rank}")
     if args.output_kohya_format:
         if args.output_format not in ("diffusers", "kohya"):
-            raise ValueError(f"--output_kohya_format contradicts --output_format {args.output_format}")
+            raise InputError(f"--output_kohya_format contradicts --output_format {args.output_format}")
         args.output_format = "kohya"
     args.lora_alpha = float(args.lora_alpha or args.rank)
     for name in ("train_batch_size", "gradient_accumulation_steps", "num_train_epochs", "num_validation_images",
                  "num_class_images", "sample_batch_size", "repeats"):
         if getattr(args, name) <= 0:
-            raise ValueError(f"--{name} must be > 0")
+            raise InputError(f"--{name} must be > 0")
     if not args.noise_offset >= 0:
-        raise ValueError(f"--noise_offset must be >= 0, got {args.noise_offset}")
+        raise InputError(f"--noise_offset must be >= 0, got {args.noise_offset}")
     for name in ("max_train_steps", "validation_steps", "validation_epochs"):
         if getattr(args, name) is not None and getattr(args, name) <= 0:
-            raise ValueError(f"--{name} must be > 0")
+            raise InputError(f"--{name} must be > 0")
     if args.enable_xformers_memory_efficient_attention and importlib.util.find_spec("xformers") is None:
-        raise ValueError("--enable_xformers_memory_efficient_attention needs xformers: pip install xformers (without "
+        raise InputError("--enable_xformers_memory_efficient_attention needs xformers: pip install xformers (without "
                          "the flag the UNet uses PyTorch's scaled_dot_product_attention, memory-efficient on GPUs)")
     if args.use_8bit_adam:
         try:
             import bitsandbytes  # noqa: F401
         except ImportError:
-            raise ValueError("--use_8bit_adam needs bitsandbytes: pip install bitsandbytes") from None
+            raise InputError("--use_8bit_adam needs bitsandbytes: pip install bitsandbytes") from None
     args.validation_prompt = args.validation_prompt or _default_validation_prompts(args)
     return args
 
@@ -442,6 +443,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
             make_subject_images(args.instance_data_dir, n=5, size=max(96, args.resolution), seed=args.seed,
                                 subject=EMBEDDED_DEFAULTS[args.pretrained_model_name_or_path]["subject"])
     accelerator.wait_for_everyone()
+    image_candidates(args.instance_data_dir, "instance")  # a missing or empty dir is named before anything is built
     if args.with_prior_preservation and not args.class_data_dir:  # the mini SDXL's replay prior (built once, locked)
         args.class_data_dir = str(materialize_replay_prior())
     to_sample = missing_class_images(args)  # checks the data dirs before any model loads
