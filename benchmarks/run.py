@@ -70,7 +70,7 @@ def suite_cells(suite: str) -> list[dict[str, Any]]:
 
 
 #: the teacher study's task and student: 8 teacher directions per layer, student rank 4 and s = 8
-TEACHER = dict(rank=4, directions=8, teacher_directions=8, batch_size=16, lr=1e-3, eval_every=25, train_images=2000)
+TEACHER = dict(rank=4, directions=8, teacher_directions=8, batch_size=16, lr=1e-3, eval_every=25, train_images=1000)
 #: change rates that give both bands about the same base error (held-out MSE to the teacher ~0.006, measured)
 TEACHER_RATES = {"moderate": 4.0, "top": 0.5}
 
@@ -127,17 +127,17 @@ def run_one(cfg_path: Path) -> None:
 
 
 def run_suite(suite: str, only: list[str] | None, limit: int | None, shard: tuple[int, int] = (0, 1),
-              where: dict[str, str] | None = None) -> list[dict[str, Any]]:
+              where: dict[str, set[str]] | None = None) -> list[dict[str, Any]]:
     """Run the suite's missing cells in order until none is left (a finished cell may add cells, e.g. the text
     grid's second stage after its lr sweep); ``shard=(k, n)`` runs only the cells whose id hashes to k mod n, so n
     runners (e.g. one CPU thread each) share a suite without running a cell twice; ``where`` keeps the cells whose
-    config has these values (compared as strings)."""
+    config has, for every key, one of its values (compared as strings)."""
     cells_dir = RESULTS / suite / "cells"
     cells_dir.mkdir(parents=True, exist_ok=True)
     done, tried = 0, set()
     while limit is None or done < limit:
         todo = [c for c in suite_cells(suite) if (not only or c["kind"] in only)
-                and all(str(c.get(k)) == v for k, v in (where or {}).items())]
+                and all(str(c.get(k)) in v for k, v in (where or {}).items())]
         mine = [(i, c, cell_id(c)) for i, c in enumerate(todo) if int(cell_id(c).rsplit("-", 1)[1], 16) % shard[1]
                 == shard[0] and cell_id(c) not in tried and not (cells_dir / f"{cell_id(c)}.json").is_file()]
         if not mine:
@@ -183,9 +183,9 @@ def write_report(suite: str, records: list[dict[str, Any]]) -> Path:
     the README's block between :data:`README_BEGIN` and :data:`README_END`."""
     import re
 
-    from . import claims, text_quality
-
     from shared.io import atomic_write_text
+
+    from . import claims, text_quality
 
     out = RESULTS / suite
     machines = [r["machine"] for r in records if "machine" in r]
@@ -242,7 +242,8 @@ def main(argv: list[str] | None = None) -> None:
                     help="run only these cell kinds")
     ap.add_argument("--limit", type=int, default=None, help="run at most N new cells, then write the report")
     ap.add_argument("--where", action="append", default=[], metavar="KEY=VALUE",
-                    help="run only the cells whose config has this value, e.g. method=dash (repeatable)")
+                    help="run only the cells whose config has this value, e.g. method=dash (repeatable: values of one "
+                         "key are alternatives, different keys must all match)")
     ap.add_argument("--shard", default="0/1", help="K/N: run only the cells whose id hashes to K mod N (N parallel runners)")
     ap.add_argument("--report_only", action="store_true", help="rebuild the report from the existing cell files")
     ap.add_argument("--cell", type=Path, help=argparse.SUPPRESS)  # internal: run one cell in this process
@@ -261,7 +262,10 @@ def main(argv: list[str] | None = None) -> None:
         k, n = (int(x) for x in args.shard.split("/"))
         if not 0 <= k < n:
             raise SystemExit(f"--shard {args.shard}: need 0 <= K < N")
-        where = dict(w.split("=", 1) for w in args.where)
+        where: dict[str, set[str]] = {}
+        for w in args.where:
+            key, value = w.split("=", 1)
+            where.setdefault(key, set()).add(value)
         records = run_suite(args.suite, args.only, args.limit, (k, n), where)
     path = write_report(args.suite, records)
     print(path.read_text())

@@ -8,7 +8,8 @@ method and seed, then scores ``--num_validation_images`` generations of three pr
 - ``a photo of a <class>``: the class prompt must stay the class, not become the subject (leakage = its probe);
 - ``a photo of a <other>``: another class must stay intact (drift).
 
-A ``base`` cell scores the untrained pipeline on the same prompts and seeds (the "before" row).
+A ``base`` cell scores the untrained pipeline on the same prompts and seeds (the "before" row). The replay prior and
+the probe's negatives are the base's own generations of the ten classes, shipped with it.
 
 Subjects: ``car``, the toy car the project draws (``tsd_diffusion.tiny.make_subject_images(subject="car")``), and
 the real DreamBooth photos ``cat`` and ``dog`` of ``../shared/data/dreambooth`` (CC BY 4.0, read in place and
@@ -26,6 +27,9 @@ TITLE = "Subject-driven fine-tuning on the mini SDXL"
 SUBJECTS = {"car": "automobile", "cat": "cat", "dog": "dog"}  # subject -> its mini SDXL (CIFAR) class
 OTHER_CLASS = {"automobile": "dog", "cat": "airplane", "dog": "airplane"}
 IDENTIFIER = "sks"
+#: what the replay prior and the metrics' gallery are, in every cell's config: the mini SDXL's own generations
+#: (``tsd_diffusion.mini_sdxl``). Cells of the CIFAR images used before December 2026 are archived, not mixed in.
+DATA = "base-samples-v1"
 
 
 class SkipCell(RuntimeError):
@@ -110,7 +114,7 @@ def cells(subjects: list[str], methods: list[str], seeds: list[int], **settings:
     # run (--limit, or stopped) already compares lora with dash across subjects
     first = [m for m in ("base", "lora", "dash") if m == "base" or m in methods]
     rest = [m for m in methods if m not in first]
-    return [{"kind": "subject", "subject": subject, "method": method, "seed": seed, **settings}
+    return [{"kind": "subject", "data": DATA, "subject": subject, "method": method, "seed": seed, **settings}
             for tier in (first, rest) for seed in seeds for subject in subjects for method in tier]
 
 

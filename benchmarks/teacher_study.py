@@ -9,15 +9,15 @@ with ``teacher_directions`` = |I*| indices drawn per layer from a band of the σ
 ranks k/4 to 3k/4, is where the paper places TSDs) and a change rate δ_i = c on I*, 0 elsewhere: I* is, by construction, the
 task-specific direction set of ΔW* = W_T - W (Si et al., arXiv 2409.01035, Sec. 3). Each method trains the
 student (the base UNet with its adapter, rank ``rank``) to match the teacher's noise prediction,
-L = ‖ε_student(x_t, t, c) - ε_teacher(x_t, t, c)‖², on noisy VAE latents of ``train_images`` real CIFAR training
-images with their captions (uniform DDPM timesteps), AdamW at a constant lr, the same data order for every method.
+L = ‖ε_student(x_t, t, c) - ε_teacher(x_t, t, c)‖², on noisy VAE latents of ``train_images`` images of the shipped
+replay prior (the base's own generations of the ten classes) with their class prompts (uniform DDPM timesteps), AdamW at a constant lr, the same data order for every method.
 ``teacher_band`` "top" (the largest σ, the directions the data excites most) is the positive control.
 
 Reported per method (mean ± std over seeds; a seed draws the teacher's directions and signs, the data order and
 the init):
 
 - ``relative error``: held-out MSE(ε_student, ε_teacher) / MSE(ε_base, ε_teacher) on 256 fixed (image, noise,
-  t) triples of held-out CIFAR images (1 = nothing learned, 0 = the teacher matched);
+  t) triples of the shipped reference images, never trained on (1 = nothing learned, 0 = the teacher matched);
 - ``teacher recall at switch`` (dash, tsd): |I ∩ I*| / |I*| of the directions the dash switch selected;
 - ``teacher recall of the final update``: the same for the top-s change rates δ of each method's final update,
   and for the top-s |Δσ| (no division by σ);
@@ -40,10 +40,11 @@ import torch.nn.functional as F
 
 TITLE = "Teacher study: recovering known directions on the mini SDXL UNet"
 HELD_OUT = 256
+DATA = "base-samples-v1"  # the inputs: the mini SDXL's shipped generations (see :class:`Data`)
 
 
 def cells(methods: list[str], seeds: list[int], **settings: Any) -> list[dict[str, Any]]:
-    return [{"kind": "teacher", "method": m, "seed": s, **settings} for s in seeds for m in methods]
+    return [{"kind": "teacher", "data": DATA, "method": m, "seed": s, **settings} for s in seeds for m in methods]
 
 
 #: where the teacher's directions are drawn in the descending σ order, as fractions of k
@@ -63,18 +64,29 @@ def teacher_change(U: torch.Tensor, S: torch.Tensor, Vh: torch.Tensor, n: int, r
 
 
 class Data:
-    """Latent posteriors and text conditioning of CIFAR train images (training) and held-out images (evaluation)."""
+    """Latent posteriors and text conditioning of the shipped replay prior (training) and reference images
+    (evaluation): both are generations of the mini SDXL, drawn with disjoint seeds."""
 
     def __init__(self, parts: Any, seed: int, train_images: int) -> None:
-        from tsd_diffusion.mini_sdxl import CLASSES, TIME_IDS, fetched_asset, load_cifar, split_cifar, to_tensor
+        from tsd_diffusion.mini_sdxl import (
+            CLASSES,
+            REPLAY_PRIOR_FILE,
+            TIME_IDS,
+            WEIGHTS_DIR,
+            load_class_set,
+            reference_images,
+            to_tensor,
+        )
 
-        x, y = load_cifar(fetched_asset("bigbench"))
-        x_train, y_train, x_held, y_held = split_cifar(x, y)
+        x_train, y_train, _ = load_class_set(WEIGHTS_DIR / REPLAY_PRIOR_FILE)
+        if train_images > len(x_train):
+            raise ValueError(f"train_images={train_images}, but the replay prior holds {len(x_train)} images")
+        x_held, y_held = reference_images()
         pick = torch.randperm(len(x_train), generator=torch.Generator().manual_seed(0))[:train_images]
         with torch.no_grad():
             cond = {c: parts.encode_prompt([f"a photo of a {c}"]) for c in CLASSES}
-            self.train = self._encode(parts, to_tensor(x_train[pick.numpy()]), y_train[pick.numpy()], cond)
-            self.held = self._encode(parts, to_tensor(x_held[:HELD_OUT]), y_held[:HELD_OUT], cond)
+            self.train = self._encode(parts, to_tensor(x_train[pick].numpy()), y_train[pick], cond)
+            self.held = self._encode(parts, x_held[:HELD_OUT], y_held[:HELD_OUT], cond)
         self.time_ids = torch.tensor(TIME_IDS, dtype=torch.float32)
         self.parts = parts
         g = torch.Generator().manual_seed(10_000 + seed)  # the held-out noise and timesteps, fixed per seed

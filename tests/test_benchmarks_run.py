@@ -79,8 +79,10 @@ def test_shards_and_filters_split_a_suite_without_overlap(tmp_path, monkeypatch)
         return type("P", (), {"returncode": 0})()
 
     monkeypatch.setattr(run.subprocess, "run", fake_run)
-    run.run_suite("full", None, None, where={"method": "dash"})
-    assert launched == [("dash", 0), ("dash", 1)]
+    run.run_suite("full", None, None, where={"method": {"dash"}, "seed": {"1"}})
+    assert launched == [("dash", 1)]
+    run.run_suite("full", None, None, where={"method": {"dash"}})
+    assert launched == [("dash", 1), ("dash", 0)]
     shard_of = {(c["method"], c["seed"]): int(run.cell_id(c)[-12:], 16) % 2 for c in cells}
     for k in (1, 0):
         before = len(launched)
