@@ -54,6 +54,10 @@ class AdapterConfig:
         (variance weight), lora_da_gamma (stable gamma), lora_da_num_samples (N samples for G and the
         Fisher factors), lora_da_population (N_pop; defaults to num_samples), lora_da_damping.
 
+    Gradient statistics (LoRA-DA, LoRA-Init's gradient estimator): grad_label_mask. Off (default), they sum
+        over every attended position, which gives the exact ∂L/∂W whatever labels the batch carries; on, only
+        over positions whose next token is a label (labels[t+1] != -100), an approximation.
+
     LoRA-GA (peft baseline): lora_ga_batches, number of batches of the gradient estimate.
     """
 
@@ -87,6 +91,8 @@ class AdapterConfig:
     lora_da_damping: float = 1e-6
 
     lora_ga_batches: int = 8
+
+    grad_label_mask: bool = False
 
     #: keep adapter weights in fp32 when the base is fp16/bf16 (peft's ``autocast_adapter_dtype``)
     autocast_adapter_dtype: bool = True

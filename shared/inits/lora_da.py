@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from ..config import AdapterConfig
-from ..statistics import FisherGradient, ForwardFn, batch_size_of, collect
+from ..statistics import FisherGradient, ForwardFn, batch_size_of, collect, gradient_mask
 
 
 def damped_cholesky(Z: torch.Tensor, damping: float, where: str = "") -> torch.Tensor:
@@ -71,8 +71,8 @@ def lora_da_init(model: nn.Module, targets: dict[str, nn.Module], config: Adapte
     accs = {name: FisherGradient() for name in targets}
     per_batch = max(1, batch_size_of(batches[0]))
     n_batches = -(-config.lora_da_num_samples // per_batch)
-    collect(model, targets, accs, itertools.cycle(batches), forward_fn, max_batches=n_batches,
-            desc="LoRA-DA: gradient and Fisher factors", progress=progress)
+    collect(model, targets, accs, itertools.cycle(batches), forward_fn, mask_fn=gradient_mask(config),
+            max_batches=n_batches, desc="LoRA-DA: gradient and Fisher factors", progress=progress)
     population = config.lora_da_population or config.lora_da_num_samples
     return {
         name: lora_da_factors(acc.grad, acc.z.value, acc.y, r=config.r, alpha=config.lora_da_alpha,

@@ -21,15 +21,15 @@ import torch
 from torch import nn
 
 from ..config import AdapterConfig
-from ..statistics import ForwardFn, WeightGradient, collect, require_loss
+from ..statistics import ForwardFn, WeightGradient, collect, gradient_mask, require_loss
 
 
 def gradient_updates(model: nn.Module, targets: dict[str, nn.Module], config: AdapterConfig, batches: list[Any],
                      forward_fn: ForwardFn, progress: bool = True) -> dict[str, torch.Tensor]:
     """ΔW ≈ -mean gradient per target layer (out × in), from the statistics engine."""
     accs = {name: WeightGradient() for name in targets}
-    collect(model, targets, accs, itertools.cycle(batches), forward_fn, max_batches=config.lora_init_steps,
-            desc="LoRA-Init: accumulating gradients", progress=progress)
+    collect(model, targets, accs, itertools.cycle(batches), forward_fn, mask_fn=gradient_mask(config),
+            max_batches=config.lora_init_steps, desc="LoRA-Init: accumulating gradients", progress=progress)
     return {name: -acc.value for name, acc in accs.items()}
 
 
