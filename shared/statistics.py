@@ -351,19 +351,22 @@ class FisherGradient:
     """Mean weight gradient G = ∂L/∂W, K-FAC factors Z and diag(Y) (``inits.md`` §2.2 steps 1-3).
 
     Output gradients are rescaled by the batch size, so y estimates the per-sample empirical Fisher for
-    a batch-mean loss (the reference runs batch size 1).
+    a batch-mean loss (the reference runs batch size 1). Layers with identical inputs (q/k/v, gate/up) share
+    one Z: pass the group's first accumulator's ``z`` to the others, which then leave it to that one.
     """
 
     needs_grad = True
 
-    def __init__(self) -> None:
+    def __init__(self, z: InputSecondMoment | None = None) -> None:
         self.g = WeightGradient()
-        self.z = InputSecondMoment()
+        self.owns_z = z is None
+        self.z = InputSecondMoment() if z is None else z
         self.y_sum: torch.Tensor | None = None
 
     def update(self, x: torch.Tensor, g: torch.Tensor | None, batch_size: int) -> None:
         self.g.update(x, g, batch_size)
-        self.z.update(x, None, batch_size)
+        if self.owns_z:
+            self.z.update(x, None, batch_size)
         gs = (g * batch_size).pow(2).sum(0)
         self.y_sum = gs if self.y_sum is None else self.y_sum + gs
 

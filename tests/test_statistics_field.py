@@ -1,5 +1,5 @@
 """The statistics engine of the data-driven inits under settings the other fixtures do not use (issue 24):
-prompt-masked SFT labels and gradient checkpointing. Every test runs
+prompt-masked SFT labels, gradient checkpointing, LoRA-DA's population and memory. Every test runs
 ``shared.attach``; references are autograd or the same init run another way."""
 
 import pytest
@@ -139,3 +139,55 @@ def test_data_driven_inits_under_gradient_checkpointing(key, mode):
     plain = shared.attach(_Checkpointed(), cfg, data=_mse_data(), forward_fn=mse, progress=False)
     checkpointed = shared.attach(_Checkpointed(mode), cfg, data=_mse_data(), forward_fn=mse, progress=False)
     _assert_same_adapter(plain, checkpointed)
+
+
+# ------------------------------------------------------------------------------ 8. LoRA-DA population
+def test_lora_da_population_defaults_with_a_warning_and_changes_the_init():
+    batches = lm_batches()
+    cfg = dict(method="lora_da", r=4, alpha=8, target_modules=["q_proj"], lora_da_num_samples=8)
+    with pytest.warns(UserWarning, match="lora_da_population is not set"):
+        default = shared.attach(tiny_llama(), shared.AdapterConfig(**cfg), data=batches, progress=False)
+    explicit = shared.attach(tiny_llama(), shared.AdapterConfig(**cfg, lora_da_population=8), data=batches,
+                             progress=False)
+    _assert_same_adapter(default, explicit, rtol=0, atol=0)
+    big = shared.attach(tiny_llama(), shared.AdapterConfig(**cfg, lora_da_population=10_000), data=batches,
+                        progress=False)
+    name = next(iter(big.layers))
+    assert not torch.allclose(big.lora_factors(name)[1], default.lora_factors(name)[1], atol=1e-4)
+
+
+# ------------------------------------------------------------------------------ LoRA-DA memory
+def test_lora_da_shares_one_input_moment_per_input_group(monkeypatch):
+    from shared import statistics
+
+    made = []
+    init = statistics.InputSecondMoment.__init__
+
+    def counting(self):
+        made.append(self)
+        init(self)
+
+    monkeypatch.setattr(statistics.InputSecondMoment, "__init__", counting)
+    cfg = shared.AdapterConfig(method="lora_da", r=4, alpha=8, target_modules=LLAMA_TARGETS, lora_da_num_samples=8,
+                               lora_da_population=8)
+    shared.attach(tiny_llama(), cfg, data=lm_batches(), progress=False)
+    assert len(made) == 2 * 4  # per block: q/k/v, o, gate/up, down
+
+
+def test_lora_da_in_layer_chunks_equals_one_pass(monkeypatch):
+    """lora_da_max_bytes caps the statistics held at once: the layers are solved chunk by chunk, same result."""
+    from shared import statistics
+
+    passes = []
+    collect = statistics.collect
+    monkeypatch.setattr("shared.inits.lora_da.collect", lambda model, layers, *a, **k: passes.append(sorted(layers))
+                        or collect(model, layers, *a, **k))
+    cfg = dict(method="lora_da", r=4, alpha=8, target_modules=LLAMA_TARGETS, lora_da_num_samples=8,
+               lora_da_population=8)
+    whole = shared.attach(tiny_llama(), shared.AdapterConfig(**cfg), data=lm_batches(), progress=False)
+    assert len(passes) == 1
+    budget = 4 * (64 * 32 + 64 + 64 * 64)  # one down_proj group (in 64, out 32): the largest
+    chunked = shared.attach(tiny_llama(), shared.AdapterConfig(**cfg, lora_da_max_bytes=budget), data=lm_batches(),
+                            progress=False)
+    assert len(passes) > 3 and sorted(n for p in passes[1:] for n in p) == passes[0]
+    _assert_same_adapter(whole, chunked, rtol=1e-6, atol=1e-7)

@@ -484,3 +484,13 @@ def test_checkpoint_limit_latest_and_a_mismatched_resume(mc, tmp_path):
         _run_mc(mc, tmp_path, *extra)
     _run_mc(mc, tmp_path, *extra, "--max_steps", "2", "--overwrite_output_dir")
     assert [p.name for p in sorted(tmp_path.glob("checkpoint-*"))] == ["checkpoint-1"]
+
+
+@pytest.mark.parametrize("method", sorted(INIT_OPTIONS))
+def test_data_driven_inits_with_gradient_checkpointing(mc, tmp_path, method):
+    """Every data-driven init under --gradient_checkpointing; the batches reach the core with their prompt-masked
+    labels (the core's gradient statistics use the attention mask), and LoRA-DA's population N is the training set."""
+    result = _run_mc(mc, tmp_path / method, "--method", method, "--max_steps", "2", "--no-eval_before",
+                     "--gradient_checkpointing", "--adapter_options", *INIT_OPTIONS[method])
+    assert result.adapter.num_steps == 2 and result.adapter.config.method == method
+    assert result.adapter.config.lora_da_population == 22  # 30 rows minus the 8 held out

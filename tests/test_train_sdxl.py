@@ -465,3 +465,18 @@ def test_replay_prior_with_captions_and_empty_prompt_dropout(tmp_path):
         embeds, pooled = parts.encode_prompt(["", "a photo of a pot"])
     assert embeds[0].abs().max() == 0 and pooled[0].abs().max() == 0
     assert embeds[1].abs().max() > 0 and pooled[1].abs().max() > 0
+
+
+@pytest.mark.parametrize("method", ["eva", "lora_da", "lora_init", "tsd", "lora_ga"])
+def test_data_driven_inits_under_gradient_checkpointing(method, tmp_path):
+    """diffusers' UNet checkpoints whenever grad is enabled, eval mode included, so the inits' statistics pass runs
+    under checkpointing (LoRA-DA crashed there): the adapter equals the one without it. LoRA-DA's
+    population N is the training set's length."""
+    plain = run(tmp_path / "plain", "--method", method, "--statistics_batches", "2", steps=1)["adapters"]["unet"]
+    ckpt = run(tmp_path / "ckpt", "--method", method, "--statistics_batches", "2", "--gradient_checkpointing",
+               steps=1)["adapters"]["unet"]
+    for name in plain.layers:
+        for a, b in zip(plain.lora_factors(name), ckpt.lora_factors(name)):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    if method == "lora_da":
+        assert plain.config.lora_da_population == ckpt.config.lora_da_population == 5  # the 5 subject images

@@ -317,7 +317,8 @@ def setup(args: argparse.Namespace, accelerator: Any, resume_dir: Path | None = 
         # dash directions with the switch's SVD kernels (LAPACK and cuSOLVER can differ in the last bits)
         model.to(accelerator.device)
     config = dataclasses.replace(config, target_modules=resolve_targets(model, args.target_modules, head),
-                                 modules_to_save=head)
+                                 modules_to_save=head,  # LoRA-DA's population N: the training set, as the reference
+                                 lora_da_population=config.lora_da_population or len(data.train))
     if not args.target_modules:
         notes.append(f"--target_modules not given: peft's default for model_type {model.config.model_type!r}, "
                      f"{','.join(default_targets(model))}")
