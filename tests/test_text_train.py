@@ -116,7 +116,7 @@ def test_mixed_precision_keeps_the_adapter_fp32_and_lambda_learns(mc, tmp_path, 
     assert adapter.switched
     assert {layer.get_base_layer().weight.dtype for layer in adapter.layers.values()} == {TORCH_DTYPES[torch_dtype]}
     assert all(p.dtype == torch.float32 and p.isfinite().all() for p in adapter.trainable_parameters())
-    assert any(layer.tsd_dash.lam.abs().max() > 0 for layer in adapter.dash_layers.values())
+    assert any(layer.tsd_dash["default"].lam.abs().max() > 0 for layer in adapter.dash_layers.values())
     log = list(csv.DictReader(open(result.output_dir / "loss_log.csv")))
     assert len(log) == 6 and all(torch.isfinite(torch.tensor(float(r["loss"]))) for r in log)
 
@@ -407,7 +407,7 @@ def test_trainer_and_cli_select_the_same_directions(mc, tmp_path):
 
     assert adapter.switched and cli.adapter.switched
     for name, layer in adapter.dash_layers.items():
-        mine, theirs = cli.adapter.layers[name].tsd_dash, layer.tsd_dash
+        mine, theirs = cli.adapter.dash_term(name), adapter.dash_term(name)
         assert mine.indices.tolist() == theirs.indices.tolist(), name
         torch.testing.assert_close(mine.U, theirs.U, atol=1e-4, rtol=0)
         torch.testing.assert_close(mine.Vh, theirs.Vh, atol=1e-4, rtol=0)

@@ -94,7 +94,7 @@ def test_resume_after_kill_equals_uninterrupted_run_across_the_switch(tmp_path, 
     assert [(r["step"], r["loss"], r["lr"]) for r in logs[0]] == [(r["step"], r["loss"], r["lr"]) for r in logs[1]]
     for name in full.layers:
         torch.testing.assert_close(resumed.delta_weight(name), full.delta_weight(name), rtol=1e-5, atol=1e-6)
-        assert torch.equal(resumed.layers[name].tsd_dash.indices, full.layers[name].tsd_dash.indices)
+        assert torch.equal(resumed.dash_term(name).indices, full.dash_term(name).indices)
     # a new run over the checkpoints is refused before any model loads, unless told to start over
     with pytest.raises(ValueError, match=r"holds checkpoints of an earlier run \(checkpoint-3, checkpoint-6\)"):
         run(tmp_path / "killed", *common, steps=7)
@@ -438,7 +438,7 @@ def test_mixed_precision_keeps_trainable_fp32_and_lambda_learns(precision, dtype
     assert layer.get_base_layer().weight.dtype == dtype
     assert all(p.dtype == torch.float32 and p.isfinite().all() for p in adapter.trainable_parameters())
     assert adapter.switched
-    assert any(d.tsd_dash.lam.abs().max() > 0 for d in adapter.dash_layers.values())  # 3 post-switch steps moved λ
+    assert any(adapter.dash_term(n).lam.abs().max() > 0 for n in adapter.dash_layers)  # 3 post-switch steps moved λ
     assert all(np.isfinite(r["loss"]) for r in T._read_loss_log(tmp_path / precision))
     assert (tmp_path / precision / "pytorch_lora_weights.safetensors").is_file()
 

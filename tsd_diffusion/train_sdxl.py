@@ -643,7 +643,7 @@ _DATA_METHODS = {"eva", "lora_da", "lora_init", "tsd", "lora_ga"}
 
 def _check_switch_agrees(accelerator, adapter) -> dict[str, Any]:
     """Gather a fingerprint of the selected directions from every process; raise if any differs."""
-    dash = [layer.tsd_dash for layer in adapter.dash_layers.values()]
+    dash = [adapter.dash_term(name) for name in adapter.dash_layers]
     fingerprint = torch.stack([
         torch.cat([d.indices.double() for d in dash]).sum(),
         sum(d.U.double().sum() + d.Vh.double().sum() for d in dash),
