@@ -111,6 +111,25 @@ def test_reload_restores_the_stored_directions_without_an_svd(tmp_path, monkeypa
             assert torch.equal(getattr(mine, key), getattr(theirs, key)), (name, key)
 
 
+def test_format_1_files_still_load(tmp_path):
+    """Files written before the directions and the init scale were stored: directions recomputed by SVD."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    model, batches, cfg = _setup("llama", "tsd")
+    adapter = shared.attach(model, cfg, data=batches)
+    train(adapter, batches, steps=4)
+    shared.export_lora(adapter, tmp_path / "v2", format="tsd")
+    with safe_open(str(tmp_path / "v2" / "tsd_adapter.safetensors"), "pt") as f:
+        meta = {**f.metadata(), "tsd_format_version": "1"}
+        tensors = {k: f.get_tensor(k) for k in f.keys() if not k.endswith((".dash.U", ".dash.Vh", ".init_scale"))}
+    (tmp_path / "v1").mkdir()
+    save_file(tensors, str(tmp_path / "v1" / "tsd_adapter.safetensors"), metadata=meta)
+    loaded = shared.load(_fresh("llama"), tmp_path / "v1")
+    assert loaded.switched
+    torch.testing.assert_close(_out(loaded.model, batches[0]), _out(model, batches[0]), rtol=1e-5, atol=1e-5)
+
+
 def test_load_into_mismatched_base_names_module_and_shapes(tmp_path):
     from transformers import LlamaConfig, LlamaForCausalLM
 
