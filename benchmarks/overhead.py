@@ -238,10 +238,10 @@ class Runner:
         trainable = sum(p.numel() * p.element_size() for p in self.params)
         frozen_dash = 0
         if self.adapter is not None:
-            for layer in self.adapter.dash_layers.values():
-                d = layer.tsd_dash
+            for name in self.adapter.dash_layers:
+                d = self.adapter.dash_term(name)
                 frozen_dash += sum(t.numel() * t.element_size()
-                                   for t in (d.U, d.Vh, d.indices, d.active, d.sigma, d.delta_sigma, d.energy))
+                                   for t in (d.U, d.Vh, d.indices, d.sigma, d.delta_sigma, d.energy) if t is not None)
         opt_state = sum(t.numel() * t.element_size() for st in self.opt.state.values()
                         for t in st.values() if torch.is_tensor(t))
         return {"trainable_params": sum(p.numel() for p in self.params), "trainable_bytes": trainable,

@@ -185,9 +185,8 @@ def run_cell(cfg: dict[str, Any], work: Path) -> dict[str, Any]:
 
     recall_switch, dash_share, per_layer = [], [], []
     for n in names:
-        layer = adapter.layers[n]
-        if hasattr(layer, "tsd_dash"):
-            dash = layer.tsd_dash
+        dash = adapter.dash_term(n)
+        if dash is not None:
             recall_switch.append(overlap_with(truth[n][0], dash.indices))
             U, _, Vh = svd[n]
             lora_ds = tsd.delta_sigma(U[:, dash.indices], Vh[dash.indices], *adapter.update_factors(n))

@@ -129,7 +129,7 @@ def dash_scale(adapter: Any) -> dict[str, float]:
 
     by_norm, by_sigma, by_dsigma = [], [], []
     for name, layer in adapter.dash_layers.items():
-        dash = layer.tsd_dash
+        dash = adapter.dash_term(name)
         lam = dash.lam.detach().float().abs()
         P, Q = adapter.update_factors(name)
         lora_norm = float(((P.T @ P) * (Q @ Q.T)).sum().clamp_min(0).sqrt())

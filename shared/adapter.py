@@ -1,16 +1,18 @@
 """``attach``: put any method of the core on a torch model through peft, and the ``Adapter`` that drives it.
 
 The LoRA layers are stock peft layers (``inject_adapter_in_model``, the model is adapted in place and
-keeps its type). What the core adds lives in two small child modules of a peft layer:
-``tsd_dash`` (:class:`shared.dash.DashTerm`) and ``tsd_init`` (:class:`InitOffset`, the frozen init
-factors of methods that residualise W). Both exist from ``attach`` on, so optimizers, DDP/FSDP wrappers
-and ``accelerator.save_state`` see every tensor from step 0.
+keeps its type). What the core adds lives in two small ``nn.ModuleDict`` children of a peft layer, keyed by
+adapter name like peft's own ``lora_A``/``lora_B``: ``tsd_dash`` (:class:`shared.dash.DashTerm`) and
+``tsd_init`` (:class:`InitOffset`, the frozen init factors of methods that residualise W). Both exist from
+``attach`` on, so optimizers, DDP/FSDP wrappers and ``accelerator.save_state`` see every tensor from step 0,
+and several adapters on one model keep their own state.
 """
 
 from __future__ import annotations
 
 import itertools
 import re
+import warnings
 from typing import Any, Iterable
 
 import torch
@@ -20,28 +22,46 @@ from . import tsd
 from .config import AdapterConfig
 from .dash import DashTerm, DashVariant
 from .layers import (dense_weight, find_targets, full_tensor, in_out_features, is_dtensor, is_fan_in_fan_out,
-                     is_linear_like, iter_lora_layers, set_dense_weight)
+                     is_linear_like, iter_lora_layers, nominal_scale, set_dense_weight)
 from .statistics import ForwardFn, batch_size_of, default_forward_fn, require_loss
 
 
 class InitOffset(nn.Module):
-    """Frozen init factors of a method that residualised the base: W_res = W - γ B₀ A₀."""
+    """Frozen init factors of a method that residualised the base, with the scale γ₀ they were applied at.
 
-    def __init__(self, A0: torch.Tensor, B0: torch.Tensor) -> None:
+    W_res = W - γ₀ (B₀ A₀): :meth:`product` is the one expression of the residual, used by the init and by
+    the native reload alike, so a reload rebuilds W_res bit for bit. γ₀ is recorded, not read from peft's
+    ``scaling``, which runtime scales (``scale_layer``, ``set_adapters`` weights) change.
+    """
+
+    def __init__(self, A0: torch.Tensor, B0: torch.Tensor, scale: float) -> None:
         super().__init__()
-        self.A0 = nn.Parameter(A0.detach().clone().contiguous(), requires_grad=False)
-        self.B0 = nn.Parameter(B0.detach().clone().contiguous(), requires_grad=False)
+        self.A0 = nn.Parameter(A0.detach().float().clone().contiguous(), requires_grad=False)
+        self.B0 = nn.Parameter(B0.detach().float().clone().contiguous(), requires_grad=False)
+        self.scale = float(scale)
 
     def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(B₀, A₀) in fp32, gathered under FSDP2."""
         return full_tensor(self.B0).float(), full_tensor(self.A0).float()
 
+    def product(self) -> torch.Tensor:
+        """γ₀ (B₀ A₀), fp32, out × in (the rounding order of peft's LoRA-GA residual)."""
+        B0, A0 = self.factors()
+        return self.scale * (B0 @ A0)
+
+
+def residualise(layer: nn.Module, offset: InitOffset) -> None:
+    """W ← W - γ₀ (B₀ A₀): computed in fp32 and rounded once to W's dtype, at the init and at a reload."""
+    base = layer.get_base_layer()
+    with torch.no_grad():
+        set_dense_weight(base, dense_weight(base).float() - offset.product().to(base.weight.device))
+
 
 class Adapter:
-    """Handle on an adapted model: the dash schedule, the update algebra, diagnostics and state.
+    """Handle on one adapter of an adapted model: the dash schedule, the update algebra, diagnostics and state.
 
     Call :meth:`step` once per optimizer step (never per micro-batch or eval forward): at exactly
-    ``dash_warmup_steps`` steps it runs the dash switch. :meth:`trainable_parameters` is the complete
+    ``dash_warmup_steps`` applied updates it runs the dash switch. :meth:`trainable_parameters` is the complete
     list for the optimizer from step 0.
     """
 
@@ -51,42 +71,86 @@ class Adapter:
         self.adapter_name = adapter_name
         self.layers: dict[str, nn.Module] = dict(iter_lora_layers(model, adapter_name))
         if not self.layers:
-            raise ValueError("no LoRA layer of this adapter was found in the model")
-        self.num_steps = 0
+            raise ValueError(f"no LoRA layer of adapter {adapter_name!r} was found in the model")
+        self.num_steps = 0  # optimizer steps taken (step() calls), what the trainers' positions count
+        self.num_updates = 0  # of which applied: not skipped by an fp16 GradScaler; drives the switch
+
+    # ------------------------------------------------------------------ per-layer state of this adapter
+    def dash_term(self, name: str) -> DashTerm | None:
+        """The dash term of layer ``name`` for this adapter (None for methods without dash)."""
+        terms = getattr(self.layers[name], "tsd_dash", None)
+        return terms[self.adapter_name] if terms is not None and self.adapter_name in terms else None
+
+    def init_offset(self, name: str) -> InitOffset | None:
+        """The init factors of layer ``name`` for this adapter (None unless the method residualised W)."""
+        offsets = getattr(self.layers[name], "tsd_init", None)
+        return offsets[self.adapter_name] if offsets is not None and self.adapter_name in offsets else None
+
+    def activate(self) -> None:
+        """Make this adapter the model's active one (peft's ``set_adapter``): only its LoRA factors and dash λ
+        compute and train; the other adapters' stay on the model, frozen and inactive."""
+        from peft.functional import set_adapter
+
+        set_adapter(self.model, self.adapter_name)
+        for module in self.model.modules():
+            for name, term in getattr(module, "tsd_dash", {}).items():
+                term.lam.requires_grad_(name == self.adapter_name)
 
     # ------------------------------------------------------------------ training schedule
     @property
     def dash_layers(self) -> dict[str, nn.Module]:
-        return {n: m for n, m in self.layers.items() if hasattr(m, "tsd_dash")}
+        return {n: m for n, m in self.layers.items() if self.dash_term(n) is not None}
 
     @property
     def switched(self) -> bool:
-        layers = self.dash_layers
-        return bool(layers) and all(m.tsd_dash.is_active for m in layers.values())
+        names = list(self.dash_layers)
+        return bool(names) and all(self.dash_term(n).is_active for n in names)
 
-    def step(self, optimizer: torch.optim.Optimizer | None = None) -> bool:
-        """Count one optimizer step; run the dash switch when the count reaches t. True if it switched now.
+    def step(self, optimizer: torch.optim.Optimizer | None = None, *, skipped: bool | None = None) -> bool:
+        """Count one optimizer step; run the dash switch when the applied updates reach t. True if it switched now.
+
+        A step that an fp16 ``GradScaler`` skipped (inf/NaN gradients) is not an update: it counts in
+        ``num_steps`` but not towards the switch. ``skipped`` defaults to ``optimizer.step_was_skipped`` (accelerate's
+        optimizer wrapper, which the transformers Trainer uses too); with a bare ``torch.amp.GradScaler`` pass
+        ``skipped=scaler.get_scale() < scale_before_update``.
 
         Pass the optimizer to have its state for λ dropped at the switch, so Adam starts λ's moments
         fresh there, exactly as if λ had been created at the switch (the reference's behaviour).
         """
+        if skipped is None:
+            skipped = bool(getattr(optimizer, "step_was_skipped", False))
         self.num_steps += 1
-        if self.config.uses_dash and not self.switched and self.num_steps >= self.config.dash_warmup_steps:
+        if skipped:
+            return False
+        self.num_updates += 1
+        if self.config.uses_dash and not self.switched and self.num_updates >= self.config.dash_warmup_steps:
             self.switch(optimizer)
             return True
         return False
 
     def trainable_parameters(self) -> list[nn.Parameter]:
-        """Every parameter the optimizer needs from step 0: LoRA A/B, dash λ, modules_to_save."""
-        return [p for p in self.model.parameters() if p.requires_grad]
+        """Every parameter of this adapter the optimizer needs from step 0: LoRA A/B, dash λ, modules_to_save."""
+        from peft.utils import ModulesToSaveWrapper
+
+        own: list[torch.Tensor] = []
+        for name, layer in self.layers.items():
+            own += list(layer.lora_A[self.adapter_name].parameters()) + list(layer.lora_B[self.adapter_name].parameters())
+            term = self.dash_term(name)
+            if term is not None:
+                own.append(term.lam)
+        for module in self.model.modules():
+            if isinstance(module, ModulesToSaveWrapper) and self.adapter_name in module.modules_to_save:
+                own += list(module.modules_to_save[self.adapter_name].parameters())
+        ids = {id(p) for p in own}
+        return [p for p in self.model.parameters() if id(p) in ids and p.requires_grad]
 
     @torch.no_grad()
     def switch(self, optimizer: torch.optim.Optimizer | None = None) -> None:
         """The LoRA-Dash switch (``lora_dash.md`` §2.1 and §9.3), once per layer.
 
         SVD of the original W (fp32, batched by shape), Δσ of the update since the original base from its
-        factors, δ = |Δσ| / (σ + eps), I = top-s(δ); U_I, V_Iᵀ go into the pre-allocated frozen tensors.
-        λ stays 0, so the function is unchanged.
+        factors, δ = |Δσ| / (σ + eps), I = top-s(δ) among the non-null directions (:func:`shared.tsd.non_null`);
+        U_I, V_Iᵀ go into the pre-allocated frozen tensors. λ stays 0, so the function is unchanged.
         """
         layers = self.dash_layers
         if not layers:
@@ -95,21 +159,37 @@ class Adapter:
         for name, U, S, Vh in tsd.iter_svd(list(layers), self.original_weight, self._dense_shape):
             P, Q = self.update_factors(name)
             ds = tsd.delta_sigma(U, Vh, P, Q)
-            idx = tsd.select_directions(tsd.change_rate(S, ds, self.config.dash_eps), s)
+            valid = tsd.non_null(S, self._dense_shape(name))
+            idx = tsd.select_directions(tsd.change_rate(S, ds, self.config.dash_eps), s, valid)
             energy = torch.tensor([tsd.energy_share(U[:, idx], Vh[idx], P, Q), _core_energy(ds, P, Q)])
-            layers[name].tsd_dash.activate(U[:, idx], Vh[idx], idx, S, ds, energy)
-        _broadcast_from_rank0([m.tsd_dash for m in layers.values()])
+            self.dash_term(name).activate(U[:, idx], Vh[idx], idx, S, ds, energy)
+        terms = [self.dash_term(n) for n in layers]
+        _broadcast_from_rank0(terms)
         if optimizer is not None:
-            state = getattr(optimizer, "optimizer", optimizer).state
-            for m in layers.values():
-                state.pop(m.tsd_dash.lam, None)
+            self._reset_lambda_state(optimizer, terms)
+
+    def _reset_lambda_state(self, optimizer: Any, terms: list[DashTerm]) -> None:
+        """Drop the optimizer's state for λ. Where the state is not keyed by parameter (DeepSpeed ZeRO-1/2 keeps it
+        per flat partition) that is impossible: warn. λ's gradient is exactly zero before the switch, so its Adam
+        moments are zero there and only Adam's bias correction differs from a fresh start: at t warm-up steps the
+        first λ update is (1-β₁)/(1-β₁^(t+1)) / sqrt((1-β₂)/(1-β₂^(t+1))) of a fresh one (0.98 at t = 100)."""
+        state = getattr(getattr(optimizer, "optimizer", optimizer), "state", None)
+        for term in terms:
+            if state is not None:
+                state.pop(term.lam, None)
+        if state is None or (state and not any(p in state for p in self.trainable_parameters())):
+            warnings.warn("the optimizer's state is not keyed by this adapter's parameters (DeepSpeed ZeRO keeps it "
+                          "per flat partition), so λ's Adam state could not be reset at the dash switch; its moments "
+                          "are zero there, and only Adam's bias correction differs (first λ update about 0.98 of a "
+                          "fresh start at t = 100)", stacklevel=4)
 
     # ------------------------------------------------------------------ update algebra (all out × in, fp32)
     def _dense_shape(self, name: str) -> tuple[int, int]:
         return tuple(dense_weight(self.layers[name].get_base_layer()).shape)
 
     def scale(self, name: str) -> float:
-        return float(self.layers[name].scaling[self.adapter_name])
+        """γ = α/r of layer ``name`` as trained (peft's runtime scale factors are not part of the adapter)."""
+        return nominal_scale(self.layers[name], self.adapter_name)
 
     def lora_factors(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, A) of a layer as stored by peft (B: out × r, A: r × in for linear layers); gathered under FSDP2."""
@@ -117,36 +197,40 @@ class Adapter:
         return full_tensor(layer.lora_B[self.adapter_name].weight), full_tensor(layer.lora_A[self.adapter_name].weight)
 
     def original_weight(self, name: str) -> torch.Tensor:
-        """The pretrained W (fp32, out × in): the stored base weight plus γ B₀ A₀ for residualised methods."""
+        """The pretrained W (fp32, out × in): the stored base weight plus γ₀ B₀ A₀ of every adapter that residualised it.
+
+        Raises while peft has merged an adapter into the layer (the stored weight then holds its update).
+        """
         layer = self.layers[name]
+        if layer.merged:
+            raise RuntimeError(f"layer {name} has adapters merged into its weight (peft merge()); unmerge() first")
         W = full_tensor(dense_weight(layer.get_base_layer()).detach()).to(torch.float32)
-        if hasattr(layer, "tsd_init"):
-            B0, A0 = layer.tsd_init.factors()
-            W = W + self.scale(name) * (B0 @ A0)
+        for offset in getattr(layer, "tsd_init", {}).values():
+            W = W + offset.product().to(W.device)
         return W
 
     def update_factors(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """(P, Q) with P Q = the LoRA part of W_eff - W_original: [γB | -γB₀] [A ; A₀]."""
-        layer = self.layers[name]
+        """(P, Q) with P Q = the LoRA part of W_eff - W_original: [γB | -γ₀B₀] [A ; A₀]."""
         B, A = (t.detach().float() for t in self.lora_factors(name))
         g = self.scale(name)
-        if hasattr(layer, "tsd_init"):
-            B0, A0 = layer.tsd_init.factors()
-            return torch.cat([g * B, -g * B0], 1), torch.cat([A, A0], 0)
+        offset = self.init_offset(name)
+        if offset is not None:
+            B0, A0 = offset.factors()
+            return torch.cat([g * B, -offset.scale * B0], 1), torch.cat([A, A0], 0)
         return g * B, A
 
     def folded_factors(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
         """(A', B') of a plain LoRA with scale 1 whose B'A' is the whole update against the original base.
 
         Dash folds to [γB | U_I diag(λ)] [A ; V_Iᵀ] (``lora_dash.md`` §7); residualised inits add the
-        -γB₀, A₀ block (peft's ``subtract_mutated_init`` trick).
+        -γ₀B₀, A₀ block (peft's ``subtract_mutated_init`` trick). The adapter as trained: a runtime scale ρ on the
+        live model corresponds to loading this export at scale ρ.
         """
-        layer = self.layers[name]
         B, A = (t.detach().float() for t in self.lora_factors(name))
         if A.dim() != 2:  # conv LoRA: plain LoRA only (attach refuses dash/inits there)
             return A.contiguous(), (self.scale(name) * B).contiguous()
         P, Q = self.update_factors(name)
-        dash = getattr(layer, "tsd_dash", None)
+        dash = self.dash_term(name)
         if dash is not None and dash.is_active:
             U, lam, Vh = (full_tensor(t.detach()).float() for t in (dash.U, dash.lam, dash.Vh))
             P = torch.cat([P, U * lam], 1)
@@ -163,19 +247,21 @@ class Adapter:
         """See :func:`shared.tsd.report`."""
         rows: dict[str, tsd.LayerReport] = {}
         pending = []
-        for name, layer in self.layers.items():
-            dash = getattr(layer, "tsd_dash", None)
-            if dash is not None and dash.is_active:
+        for name in self.layers:
+            dash = self.dash_term(name)
+            if dash is not None and dash.is_active and dash.indices is not None:
                 rate = tsd.change_rate(dash.sigma, dash.delta_sigma, self.config.dash_eps)
-                rows[name] = tsd.LayerReport(name, dash.sigma.clone(), dash.delta_sigma.clone(), rate,
-                                             dash.indices.clone(), float(dash.energy[0]), float(dash.energy[1]))
+                idx = dash.indices[dash.indices >= 0]
+                rows[name] = tsd.LayerReport(name, dash.sigma.clone(), dash.delta_sigma.clone(), rate, idx.clone(),
+                                             float(dash.energy[0]), float(dash.energy[1]))
             elif self.lora_factors(name)[1].dim() == 2:
                 pending.append(name)
         for name, U, S, Vh in tsd.iter_svd(pending, self.original_weight, self._dense_shape):
             P, Q = self.update_factors(name)
             ds = tsd.delta_sigma(U, Vh, P, Q)
             rate = tsd.change_rate(S, ds, self.config.dash_eps)
-            idx = tsd.select_directions(rate, min(self.config.dash_directions, S.numel()))
+            idx = tsd.select_directions(rate, min(self.config.dash_directions, S.numel()),
+                                        tsd.non_null(S, self._dense_shape(name)))
             rows[name] = tsd.LayerReport(name, S, ds, rate, idx, tsd.energy_share(U[:, idx], Vh[idx], P, Q),
                                          _core_energy(ds, P, Q))
         return [rows[n] for n in self.layers if n in rows]
@@ -183,18 +269,31 @@ class Adapter:
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Adapter-level state not held by the model (for ``accelerator.register_for_checkpointing``)."""
-        return {"num_steps": torch.tensor(self.num_steps, dtype=torch.int64)}
+        return {"num_steps": torch.tensor(self.num_steps, dtype=torch.int64),
+                "num_updates": torch.tensor(self.num_updates, dtype=torch.int64)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.num_steps = int(state["num_steps"])
+        self.num_updates = int(state.get("num_updates", self.num_steps))
 
     @torch.no_grad()
     def merge_and_unload(self) -> nn.Module:
-        """Fold the whole update (LoRA, dash, init offset) into the base weights and remove the adapter."""
+        """Fold the whole update (LoRA, dash, init offset) into the base weights and remove the adapter.
+
+        The adapter is folded as trained (scale 1, like :func:`shared.export_lora`). A layer that peft has merged
+        (``merge()``) is unmerged first, so its update is added once. A layer that also holds another adapter is
+        refused: replacing it by its base layer would drop that adapter.
+        """
         for name, layer in self.layers.items():
-            base = layer.get_base_layer()
-            if not is_linear_like(base):
+            others = sorted(set(layer.lora_A) - {self.adapter_name})
+            if others:
+                raise ValueError(f"layer {name} also holds adapter(s) {others}; merge_and_unload would remove them")
+            if not is_linear_like(layer.get_base_layer()):
                 raise NotImplementedError(f"merge_and_unload supports linear layers only ({name})")
+        for name, layer in self.layers.items():
+            if layer.merged:
+                layer.unmerge()
+            base = layer.get_base_layer()
             set_dense_weight(base, self.original_weight(name) + self.delta_weight(name))
             _replace_module(self.model, name, base)
         from peft.utils import ModulesToSaveWrapper
@@ -223,7 +322,7 @@ def _broadcast_from_rank0(modules: list[DashTerm]) -> None:
     if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
         return
     for m in modules:
-        for t in (m.U, m.Vh, m.indices, m.sigma, m.delta_sigma, m.energy):
+        for t in (m.U, m.Vh, m.indices, m.sigma, m.delta_sigma, m.energy):  # the diagnostics are on the SVD's device
             if not is_dtensor(t):  # FSDP2 shards were scattered from rank 0 already
                 dist.broadcast(t.data, src=0)
 
@@ -236,45 +335,69 @@ def attach(model: nn.Module, config: AdapterConfig, *, data: Iterable[Any] | Non
     Data-driven inits (lora_init, tsd, eva, lora_da, lora_ga) read batches from ``data`` and call
     ``forward_fn(model, batch) -> loss`` (default ``model(**batch).loss``); gradient-based ones
     backpropagate it, EVA only runs the forward. Every check that needs no compute runs first.
+
+    A model may hold several adapters under different ``adapter_name``s; the one attached last is the active
+    one (:meth:`Adapter.activate` switches).
     """
     config.validate()
     targets = find_targets(model, config.target_modules)
+    _check_new_adapter(model, adapter_name, config, list(targets))
     _check_targets(targets, config)
     forward_fn = forward_fn or default_forward_fn
     batches = _take_batches(data, config) if config.needs_data else []
+    names = sorted(targets)
 
     devices = sorted({p.device.index for p in model.parameters() if p.device.type == "cuda"})
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(config.seed)
         method = config.method
         if method in ("lora", "dash"):
-            _inject(model, config, sorted(targets))
+            _inject(model, config, names, adapter_name)
         elif method == "pissa":
-            _inject(model, config, sorted(targets), init="pissa")
-            _record_offsets(model, adapter_name)
+            _init_pissa(model, config, names, adapter_name)
         elif method == "lora_ga":
-            _init_lora_ga(model, config, targets, batches, forward_fn)
-            _record_offsets(model, adapter_name)
+            _init_lora_ga(model, config, targets, batches, forward_fn, adapter_name)
+            for _, layer in iter_lora_layers(model, adapter_name):  # peft residualised W as residualise() does
+                _add_offset(layer, adapter_name)
         elif method == "eva":
             from .inits.eva import eva_components
 
             comps = eva_components(model, targets, config, batches, forward_fn, progress)
-            _inject(model, config, sorted(comps), ranks={n: a.shape[0] for n, a in comps.items()})
+            _inject(model, config, sorted(comps), adapter_name, ranks={n: a.shape[0] for n, a in comps.items()})
             for name, layer in iter_lora_layers(model, adapter_name):
                 _set_lora(layer, adapter_name, comps[name], torch.zeros_like(layer.lora_B[adapter_name].weight))
         elif method == "lora_da":
             from .inits.lora_da import lora_da_init
 
             factors = lora_da_init(model, targets, config, batches, forward_fn, progress)
-            _inject(model, config, sorted(targets))
+            _inject(model, config, names, adapter_name)
             for name, layer in iter_lora_layers(model, adapter_name):
                 _set_lora(layer, adapter_name, *factors[name])
         else:  # lora_init, tsd
             _init_lora_init(model, config, targets, batches, forward_fn, adapter_name, progress)
-        _cast_adapter(model, adapter_name, config)
         if config.uses_dash:
             _add_dash(model, adapter_name, config)
-    return Adapter(model, config, adapter_name)
+    adapter = Adapter(model, config, adapter_name)
+    adapter.activate()
+    return adapter
+
+
+def _check_new_adapter(model: nn.Module, adapter_name: str, config: AdapterConfig, names: list[str]) -> None:
+    """Refuse a taken adapter name, and a second adapter on a layer whose base a residualising method changed (or
+    would change): every adapter of that layer, active or not, would compute on the residual W - γ₀B₀A₀."""
+    from peft.tuners.lora import LoraLayer
+
+    if any(True for _ in iter_lora_layers(model, adapter_name)):
+        raise ValueError(f"the model already holds an adapter named {adapter_name!r}; pass another adapter_name")
+    for name in names:
+        layer = model.get_submodule(name)
+        if not isinstance(layer, LoraLayer) or not layer.lora_A:
+            continue
+        if config.residualises_base or getattr(layer, "tsd_init", None):
+            raise ValueError(f"layer {name} already holds adapter(s) {sorted(layer.lora_A)}, and "
+                             f"{'method ' + repr(config.method) if config.residualises_base else 'one of them'} "
+                             "changes its base weight (W - γ₀B₀A₀), which every adapter of the layer would then see; "
+                             "residualising methods (lora_init, tsd, pissa, lora_ga) need layers of their own")
 
 
 def _check_targets(targets: dict[str, nn.Module], config: AdapterConfig) -> None:
@@ -334,12 +457,26 @@ def _lora_config(config: AdapterConfig, names: list[str], ranks: dict[str, int] 
     )
 
 
-def _inject(model: nn.Module, config: AdapterConfig, names: list[str], ranks: dict[str, int] | None = None,
-            init: Any = True, lora_config: Any = None) -> None:
+def _inject(model: nn.Module, config: AdapterConfig, names: list[str], adapter_name: str,
+            ranks: dict[str, int] | None = None, init: Any = True, lora_config: Any = None) -> None:
+    """peft's ``inject_adapter_in_model`` under ``adapter_name``, made the active adapter (peft keeps an earlier one
+    active), then cast to fp32 on a half-precision base (``autocast_adapter_dtype``) before any init writes its fp32
+    factors into it."""
     from peft import inject_adapter_in_model
+    from peft.functional import set_adapter
 
-    fifo = any(is_fan_in_fan_out(model.get_submodule(n)) for n in names)
-    inject_adapter_in_model(lora_config or _lora_config(config, names, ranks, init, fifo), model)
+    fifo = any(is_fan_in_fan_out(_unwrapped(model.get_submodule(n))) for n in names)
+    inject_adapter_in_model(lora_config or _lora_config(config, names, ranks, init, fifo), model,
+                            adapter_name=adapter_name)
+    set_adapter(model, adapter_name)
+    _cast_adapter(model, adapter_name, config)
+
+
+def _unwrapped(module: nn.Module) -> nn.Module:
+    """The base layer of a peft layer (a model holding an earlier adapter), else the module itself."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return module.get_base_layer() if isinstance(module, BaseTunerLayer) else module
 
 
 @torch.no_grad()
@@ -348,11 +485,14 @@ def _set_lora(layer: nn.Module, adapter_name: str, A: torch.Tensor, B: torch.Ten
     layer.lora_B[adapter_name].weight.copy_(B)
 
 
-@torch.no_grad()
-def _record_offsets(model: nn.Module, adapter_name: str) -> None:
-    """Keep the init factors of a base-mutating init (peft's PiSSA/LoRA-GA) for exact export later."""
-    for _, layer in iter_lora_layers(model, adapter_name):
-        layer.tsd_init = InitOffset(layer.lora_A[adapter_name].weight.float(), layer.lora_B[adapter_name].weight.float())
+def _add_offset(layer: nn.Module, adapter_name: str) -> InitOffset:
+    """Record the layer's current LoRA factors and scale as the init offset of a base-mutating init."""
+    if not hasattr(layer, "tsd_init"):
+        layer.tsd_init = nn.ModuleDict()
+    offset = InitOffset(layer.lora_A[adapter_name].weight, layer.lora_B[adapter_name].weight,
+                        nominal_scale(layer, adapter_name))
+    layer.tsd_init[adapter_name] = offset
+    return offset
 
 
 def _cast_adapter(model: nn.Module, adapter_name: str, config: AdapterConfig) -> None:
@@ -368,13 +508,34 @@ def _add_dash(model: nn.Module, adapter_name: str, config: AdapterConfig) -> Non
     for _, layer in iter_lora_layers(model, adapter_name):
         d_in, d_out = in_out_features(layer.get_base_layer())
         ref = layer.lora_A[adapter_name].weight
-        layer.tsd_dash = DashTerm(d_out, d_in, config.dash_directions, ref.dtype, ref.device)
+        if not hasattr(layer, "tsd_dash"):
+            layer.tsd_dash = nn.ModuleDict()
+        layer.tsd_dash[adapter_name] = DashTerm(d_out, d_in, config.dash_directions, ref.dtype, ref.device)
         layer.lora_variant[adapter_name] = DashVariant()
 
 
+@torch.no_grad()
+def _init_pissa(model: nn.Module, config: AdapterConfig, names: list[str], adapter_name: str) -> None:
+    """PiSSA with peft's factors (``LoraLayer.pissa_init``), the base residualised by :func:`residualise`.
+
+    peft rounds its residual as W - (γB) A; the core's one expression is W - γ (B A), which the reload repeats
+    bit for bit. So each layer's W is kept while peft computes the factors and residualised again from it.
+    """
+    _inject(model, config, names, adapter_name)
+    for _, layer in iter_lora_layers(model, adapter_name):
+        base = layer.get_base_layer()
+        W = dense_weight(base).detach().clone()
+        layer.pissa_init(adapter_name, "pissa")
+        set_dense_weight(base, W)
+        residualise(layer, _add_offset(layer, adapter_name))
+
+
 def _init_lora_ga(model: nn.Module, config: AdapterConfig, targets: dict[str, nn.Module], batches: list[Any],
-                  forward_fn: ForwardFn) -> None:
-    """LoRA-GA through peft (``preprocess_loraga`` then the ``lora_ga`` init), as a baseline."""
+                  forward_fn: ForwardFn, adapter_name: str) -> None:
+    """LoRA-GA through peft (``preprocess_loraga`` then the ``lora_ga`` init), as a baseline.
+
+    peft residualises W ← W - γ (B A) in fp32 from the factors as stored, the expression of :func:`residualise`.
+    """
     from peft import LoraGAConfig
     from peft.tuners.lora.loraga import preprocess_loraga
 
@@ -387,13 +548,17 @@ def _init_lora_ga(model: nn.Module, config: AdapterConfig, targets: dict[str, nn
             require_loss(forward_fn(model, batch)).backward()
 
     preprocess_loraga(model, lcfg, train_step)
-    _inject(model, config, sorted(targets), lora_config=lcfg)
+    _inject(model, config, sorted(targets), adapter_name, lora_config=lcfg)
 
 
 @torch.no_grad()
 def _init_lora_init(model: nn.Module, config: AdapterConfig, targets: dict[str, nn.Module], batches: list[Any],
                     forward_fn: ForwardFn, adapter_name: str, progress: bool) -> None:
-    """LoRA-Init (``shared.inits.lora_init``): estimate δ, init on the top-r directions, residualise W."""
+    """LoRA-Init (``shared.inits.lora_init``): estimate δ, init on the top-r non-null directions, residualise W.
+
+    A weight with fewer than r non-null directions (:func:`shared.tsd.non_null`) keeps peft's default init
+    (random A, B = 0) in the remaining rank slots: they start at zero update and train as plain LoRA.
+    """
     from .inits.lora_init import gradient_updates, tsd_init_factors, warmup_lora
 
     names = sorted(targets)
@@ -401,28 +566,28 @@ def _init_lora_init(model: nn.Module, config: AdapterConfig, targets: dict[str, 
     if config.lora_init_estimator == "gradient":
         with torch.enable_grad():
             dense = gradient_updates(model, targets, config, batches, forward_fn, progress)
-    _inject(model, config, names)
+    _inject(model, config, names, adapter_name)
     layers = dict(iter_lora_layers(model, adapter_name))
+    # peft's default init (random A, B = 0), kept for the slots no non-null direction fills
+    fresh = {n: (layer.lora_A[adapter_name].weight.clone(), layer.lora_B[adapter_name].weight.clone())
+             for n, layer in layers.items()}
     if dense is None:
         with torch.enable_grad():
             params = [p for layer in layers.values() for p in
                       (layer.lora_A[adapter_name].weight, layer.lora_B[adapter_name].weight)]
             warmup_lora(model, params, config, batches, forward_fn, progress)
+        warm = {n: (nominal_scale(layer, adapter_name) * layer.lora_B[adapter_name].weight.float(),
+                    layer.lora_A[adapter_name].weight.float()) for n, layer in layers.items()}
 
     def weight_of(name: str) -> torch.Tensor:
         return dense_weight(layers[name].get_base_layer())
 
     for name, U, S, Vh in tsd.iter_svd(names, weight_of, lambda n: tuple(weight_of(n).shape)):
         layer = layers[name]
-        scale = float(layer.scaling[adapter_name])
-        if dense is None:
-            B, A = layer.lora_B[adapter_name].weight.float(), layer.lora_A[adapter_name].weight.float()
-            ds = tsd.delta_sigma(U, Vh, scale * B, A)
-        else:
-            ds = ((U.T @ dense[name]) * Vh).sum(1)
-        idx = tsd.select_directions(tsd.change_rate(S, ds, config.dash_eps), config.r)
-        A, B, removed = tsd_init_factors(U, S, Vh, idx, scale)
+        ds = ((U.T @ dense[name]) * Vh).sum(1) if dense is not None else tsd.delta_sigma(U, Vh, *warm[name])
+        valid = tsd.non_null(S, tuple(weight_of(name).shape))
+        idx = tsd.select_directions(tsd.change_rate(S, ds, config.dash_eps), config.r, valid)
+        A, B = fresh[name]
+        A[: idx.numel()], B[:, : idx.numel()] = tsd_init_factors(U, S, Vh, idx, nominal_scale(layer, adapter_name))
         _set_lora(layer, adapter_name, A, B)
-        base = layer.get_base_layer()
-        set_dense_weight(base, dense_weight(base).float() - removed)
-        layer.tsd_init = InitOffset(A, B)
+        residualise(layer, _add_offset(layer, adapter_name))

@@ -52,7 +52,14 @@ class AdapterConfig:
 
     LoRA-DA (arXiv 2510.24561, ``inits.md`` §2.2): lora_da_alpha (bias weight), lora_da_beta
         (variance weight), lora_da_gamma (stable gamma), lora_da_num_samples (N samples for G and the
-        Fisher factors), lora_da_population (N_pop; defaults to num_samples), lora_da_damping.
+        Fisher factors), lora_da_population (N in the variance weight: the training-set size, as the
+        reference uses; None falls back to lora_da_num_samples with a warning; the trainers pass their
+        training-set length), lora_da_damping, lora_da_max_bytes (cap on the fp32 statistics held at once;
+        None: all layers in one pass; set, the layers are chunked and the data is read once per chunk).
+
+    Gradient statistics (LoRA-DA, LoRA-Init's gradient estimator): grad_label_mask. Off (default), they sum
+        over every attended position, which gives the exact ∂L/∂W whatever labels the batch carries; on, only
+        over positions whose next token is a label (labels[t+1] != -100), an approximation.
 
     LoRA-GA (peft baseline): lora_ga_batches, number of batches of the gradient estimate.
     """
@@ -85,8 +92,11 @@ class AdapterConfig:
     lora_da_num_samples: int = 256
     lora_da_population: int | None = None
     lora_da_damping: float = 1e-6
+    lora_da_max_bytes: int | None = None
 
     lora_ga_batches: int = 8
+
+    grad_label_mask: bool = False
 
     #: keep adapter weights in fp32 when the base is fp16/bf16 (peft's ``autocast_adapter_dtype``)
     autocast_adapter_dtype: bool = True
@@ -139,6 +149,10 @@ class AdapterConfig:
         _positive_int("eva_max_batches", self.eva_max_batches)
         _positive_int("lora_da_num_samples", self.lora_da_num_samples)
         _positive_int("lora_ga_batches", self.lora_ga_batches)
+        if self.lora_da_max_bytes is not None:
+            _positive_int("lora_da_max_bytes", self.lora_da_max_bytes)
+        if self.lora_da_population is not None:
+            _positive_int("lora_da_population", self.lora_da_population)
         if self.lora_da_gamma <= 0:
             raise ValueError(f"lora_da_gamma must be > 0, got {self.lora_da_gamma}")
         if isinstance(self.target_modules, (list, tuple)) and not self.target_modules:

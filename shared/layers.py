@@ -7,6 +7,7 @@ peft's ``Linear`` wraps ``nn.Linear`` (weight out × in) and, with ``fan_in_fan_
 from __future__ import annotations
 
 import functools
+import math
 import re
 from typing import Iterator
 
@@ -92,11 +93,12 @@ def find_targets(model: nn.Module, target_modules: list[str] | str | None) -> di
             "target_modules is not set; name the layers to adapt (or 'all-linear'). Linear layers of this model: "
             + ", ".join(linear_layer_names(model))
         )
+    modules = dict(model_modules(model))
     if target_modules in (ALL_LINEAR, [ALL_LINEAR]):
         get_output = getattr(model, "get_output_embeddings", None)
         output = get_output() if callable(get_output) else None
-        return {n: m for n, m in model.named_modules() if n and is_linear_like(m) and m is not output}
-    found = {n: m for n, m in model.named_modules() if n and matches(n, target_modules)}
+        return {n: m for n, m in modules.items() if n and is_linear_like(m) and m is not output}
+    found = {n: m for n, m in modules.items() if n and matches(n, target_modules)}
     if not found:
         raise ValueError(
             f"target_modules {target_modules!r} match no module of {type(model).__name__}. "
@@ -105,9 +107,27 @@ def find_targets(model: nn.Module, target_modules: list[str] | str | None) -> di
     return found
 
 
+def model_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """The model's own (name, module) pairs when it may already hold adapters: a peft layer stands for its base
+    layer, and the internals of peft's wrappers (LoRA factors, ``modules_to_save`` copies) are left out."""
+    from peft.tuners.tuners_utils import AuxiliaryTrainingWrapper, BaseTunerLayer
+
+    inside = None  # name of the wrapper whose internals named_modules() is walking (depth-first)
+    for name, module in model.named_modules():
+        if inside is not None and name.startswith(inside + "."):
+            continue
+        inside = None
+        if isinstance(module, (BaseTunerLayer, AuxiliaryTrainingWrapper)):
+            inside = name
+            if isinstance(module, AuxiliaryTrainingWrapper):
+                continue
+            module = module.get_base_layer()
+        yield name, module
+
+
 def linear_layer_names(model: nn.Module) -> list[str]:
     """Distinct last name components of the model's Linear/Conv1D layers (what users put in target_modules)."""
-    return sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if is_linear_like(m)})
+    return sorted({n.rsplit(".", 1)[-1] for n, m in model_modules(model) if is_linear_like(m)})
 
 
 def iter_lora_layers(model: nn.Module, adapter_name: str) -> Iterator[tuple[str, nn.Module]]:
@@ -117,3 +137,15 @@ def iter_lora_layers(model: nn.Module, adapter_name: str) -> Iterator[tuple[str,
     for name, module in model.named_modules():
         if isinstance(module, LoraLayer) and adapter_name in module.lora_A:
             yield name, module
+
+
+def nominal_scale(layer: nn.Module, adapter_name: str) -> float:
+    """γ = α/r of one adapter of a peft LoRA layer as configured (α/√r with rsLoRA): the scale it trains at."""
+    r, alpha = layer.r[adapter_name], layer.lora_alpha[adapter_name]
+    return alpha / math.sqrt(r) if layer.use_rslora.get(adapter_name, False) else alpha / r
+
+
+def runtime_factor(layer: nn.Module, adapter_name: str) -> float:
+    """ρ = scaling / (α/r): the factor peft's ``scale_layer``, ``set_scale`` (``set_adapters`` weights) and diffusers'
+    ``cross_attention_kwargs={"scale": ρ}`` put on the adapter at run time; 1 as trained."""
+    return layer.scaling[adapter_name] / nominal_scale(layer, adapter_name)

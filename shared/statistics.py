@@ -5,8 +5,17 @@ the target layers, and hands each layer's masked inputs x (T × in) and, when as
 the loss w.r.t. the layer outputs g (T × out) to streaming accumulators. The weight gradient is
 never materialised by autograd: ∂L/∂W = Σ_t g_t x_tᵀ comes from those two (``inits.md`` §5.1).
 
+Which positions t count. The gradient statistics sum over every attended position (``attention_mask``):
+with prompt-masked SFT labels the prompt positions still carry gradient through attention, and the loss at
+position t reads the label at t+1, so any label mask there gives something other than ∂L/∂W. A label mask is
+an explicit opt-in (``AdapterConfig.grad_label_mask``) and then uses the next-token shift. EVA's input statistics
+follow peft (``eva_use_label_mask``: ``labels != -100`` at the same position).
+
 To get output gradients with every parameter frozen, a forward pre-hook makes a target layer's input
 a leaf that requires grad when nothing upstream does; everything downstream then carries a graph.
+Gradient checkpointing is supported: forwards that run inside the engine's own backward are recomputations,
+which add no rows (with reentrant checkpointing, whose first forward has no graph, the recomputation supplies
+the rows and their gradients instead).
 """
 
 from __future__ import annotations
@@ -75,8 +84,13 @@ def require_loss(loss: Any) -> torch.Tensor:
     return loss
 
 
-def token_mask(batch: Any, use_label_mask: bool = True, ignore_index: int = -100) -> torch.Tensor | None:
-    """Tokens that count: ``attention_mask`` and, if asked, ``labels != ignore_index`` (``inits.md`` §1.1 step 1)."""
+def token_mask(batch: Any, use_label_mask: bool = True, ignore_index: int = -100, *,
+               shift: bool = False) -> torch.Tensor | None:
+    """Positions that count: ``attention_mask`` and, if asked, a label mask.
+
+    The label mask is ``labels[t] != ignore_index`` (peft's EVA, ``inits.md`` §1.1 step 1) or, with ``shift``,
+    ``labels[t + 1] != ignore_index``: the positions whose outputs the next-token loss reads.
+    """
     if not isinstance(batch, Mapping):
         return None
     mask = batch.get("attention_mask")
@@ -84,8 +98,24 @@ def token_mask(batch: Any, use_label_mask: bool = True, ignore_index: int = -100
     labels = batch.get("labels")
     if use_label_mask and isinstance(labels, torch.Tensor) and labels.dim() == 2:
         lab = labels != ignore_index
+        if shift:
+            lab = torch.cat([lab[:, 1:], torch.zeros_like(lab[:, :1])], 1)
         mask = lab if mask is None or mask.shape != lab.shape else mask & lab
     return mask
+
+
+def attention_mask(batch: Any) -> torch.Tensor | None:
+    """Every attended position (``attention_mask``; None: all)."""
+    return token_mask(batch, use_label_mask=False)
+
+
+def gradient_mask(config: Any) -> MaskFn:
+    """The positions of the gradient statistics (LoRA-DA, LoRA-Init's gradient estimator): every attended one, which
+    gives the exact ∂L/∂W; with ``config.grad_label_mask`` only those whose next token is a label (an approximation
+    some references use, opt-in)."""
+    if config.grad_label_mask:
+        return lambda batch: token_mask(batch, True, shift=True)
+    return attention_mask
 
 
 def batch_size_of(batch: Any) -> int:
@@ -128,7 +158,7 @@ def collect(
     batches: Iterable[Any],
     forward_fn: ForwardFn = default_forward_fn,
     *,
-    mask_fn: MaskFn = token_mask,
+    mask_fn: MaskFn = attention_mask,
     max_batches: int | None = None,
     until: Callable[[], bool] | None = None,
     desc: str = "statistics",
@@ -139,13 +169,18 @@ def collect(
     Several names may share one accumulator (layers with identical inputs); it is then updated once per
     batch, from the first of them. Stops after ``max_batches`` batches, when ``until()`` turns true, or
     when ``batches`` ends. Returns the number of batches used; raises if that is zero.
+
+    Each call of a hooked layer is one row block [x, g]: g is the gradient of its output, zero for a call the
+    loss does not depend on. Calls during the backward (gradient checkpointing's recomputation) add no block,
+    except to stand in for a forward call that had no graph (reentrant checkpointing runs the first forward
+    without one).
     """
     from tqdm.auto import tqdm
 
     needs_grad = any(a.needs_grad for a in accumulators.values())
-    seen: dict[str, list[torch.Tensor]] = {}
-    grads: dict[str, list[torch.Tensor]] = {}
-    state: dict[str, Any] = {"mask": None}
+    blocks: dict[str, list[list[Any]]] = {}  # per layer: [x, g or None, had a graph] per call
+    missing: dict[str, int] = {}  # per layer: forward calls without a graph, to be recomputed in the backward
+    state: dict[str, Any] = {"mask": None, "backward": False}
     handles = []
 
     def pre_hook(module, args):
@@ -158,10 +193,18 @@ def collect(
             x = args[0] if args else None
             if not isinstance(x, torch.Tensor):
                 return
-            mask = state["mask"]
-            seen.setdefault(name, []).append(_select(x.detach(), mask))
-            if needs_grad and isinstance(output, torch.Tensor) and output.requires_grad:
-                output.register_hook(lambda g: grads.setdefault(name, []).append(_select(g.detach(), mask)))
+            if state["backward"]:  # a checkpoint recomputation
+                if not missing.get(name):
+                    return
+                missing[name] -= 1
+            graph = needs_grad and isinstance(output, torch.Tensor) and output.requires_grad
+            block = [_select(x.detach(), state["mask"]), None, graph]
+            blocks.setdefault(name, []).append(block)
+            if graph:
+                mask = state["mask"]
+                output.register_hook(lambda g: block.__setitem__(1, _select(g.detach(), mask)))
+            elif needs_grad:
+                missing[name] = missing.get(name, 0) + 1
 
         return hook
 
@@ -181,23 +224,19 @@ def collect(
             for batch in batches:
                 if max_batches is not None and used >= max_batches:
                     break
-                seen.clear()
-                grads.clear()
+                blocks.clear()
+                missing.clear()
                 state["mask"] = mask_fn(batch)
                 loss = forward_fn(model, batch)
                 if needs_grad:
-                    require_loss(loss).backward()
+                    state["backward"] = True
+                    try:
+                        require_loss(loss).backward()
+                    finally:
+                        state["backward"] = False
                 n = batch_size_of(batch)
                 for name, acc in ((owners[k], accumulators[owners[k]]) for k in owners):
-                    if name not in seen:
-                        raise RuntimeError(f"target layer {name} was not called by forward_fn; check target_modules")
-                    x = torch.cat(seen[name])
-                    g = None
-                    if acc.needs_grad:
-                        if name not in grads:
-                            raise RuntimeError(f"the loss does not depend on target layer {name}; no gradient reached it")
-                        # backward visits calls in reverse order
-                        g = torch.cat(grads[name][::-1])
+                    x, g = _rows(name, blocks.get(name), acc.needs_grad)
                     acc.update(x, g, n)
                 used += 1
                 bar.update(1)
@@ -210,6 +249,24 @@ def collect(
     if used == 0:
         raise ValueError("data is empty: the data-driven init needs at least one batch")
     return used
+
+
+def _rows(name: str, blocks: list[list[Any]] | None, needs_grad: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(x, g) of one layer for one batch from its call blocks; g is None unless ``needs_grad``."""
+    if not blocks:
+        raise RuntimeError(f"target layer {name} was not called by forward_fn; check target_modules")
+    if not needs_grad:
+        return torch.cat([b[0] for b in blocks]), None
+    blocks = [b for b in blocks if b[2]]  # calls without a graph were replaced by their recomputation
+    if not any(b[1] is not None for b in blocks):
+        raise RuntimeError(f"the loss does not depend on target layer {name}; no gradient reached it")
+    x = torch.cat([b[0] for b in blocks])
+    g = torch.cat([b[1] if b[1] is not None else b[0].new_zeros(b[0].shape[0], _out_width(blocks)) for b in blocks])
+    return x, g
+
+
+def _out_width(blocks: list[list[Any]]) -> int:
+    return next(b[1].shape[-1] for b in blocks if b[1] is not None)
 
 
 def shared_input_groups(model: nn.Module, layers: dict[str, nn.Module], batch: Any,
@@ -294,19 +351,22 @@ class FisherGradient:
     """Mean weight gradient G = ∂L/∂W, K-FAC factors Z and diag(Y) (``inits.md`` §2.2 steps 1-3).
 
     Output gradients are rescaled by the batch size, so y estimates the per-sample empirical Fisher for
-    a batch-mean loss (the reference runs batch size 1).
+    a batch-mean loss (the reference runs batch size 1). Layers with identical inputs (q/k/v, gate/up) share
+    one Z: pass the group's first accumulator's ``z`` to the others, which then leave it to that one.
     """
 
     needs_grad = True
 
-    def __init__(self) -> None:
+    def __init__(self, z: InputSecondMoment | None = None) -> None:
         self.g = WeightGradient()
-        self.z = InputSecondMoment()
+        self.owns_z = z is None
+        self.z = InputSecondMoment() if z is None else z
         self.y_sum: torch.Tensor | None = None
 
     def update(self, x: torch.Tensor, g: torch.Tensor | None, batch_size: int) -> None:
         self.g.update(x, g, batch_size)
-        self.z.update(x, None, batch_size)
+        if self.owns_z:
+            self.z.update(x, None, batch_size)
         gs = (g * batch_size).pow(2).sum(0)
         self.y_sum = gs if self.y_sum is None else self.y_sum + gs
 

@@ -6,7 +6,10 @@ k = min(n, m). For an update ΔW the coordinates along the core directions u_i v
     Δσ_i = u_iᵀ ΔW v_i                      (Sec. 3, "change of the core bases")
     δ_i  = |Δσ_i| / (σ_i + eps)             (Eq. of the change rate; eps added, the reference has none)
 
-and the task-specific directions are I = top-s(δ). LoRA-Dash replaces the unknown ΔW* = W* - W by the
+and the task-specific directions are I = top-s(δ) over the numerically non-null directions,
+σ_i > max(n, m)·ε·σ_1 with ε the machine epsilon of the fp32 SVD (the rank tolerance of LAPACK and
+``numpy.linalg.matrix_rank``). Below that floor σ_i is rounding noise: δ_i would be ~|Δσ_i|/1e-7 and win
+every top-s, although such a direction's basis is arbitrary (fp32 and fp64 pick different ones). LoRA-Dash replaces the unknown ΔW* = W* - W by the
 LoRA update after t steps. The update is always given in factored form ΔW = P Q (P: n×q, Q: q×m), so
 Δσ = rowsum((UᵀP) ⊙ (Q V)ᵀ) costs O(k q (n + m)) and ΔW is never formed (``lora_dash.md`` §2.3.10).
 """
@@ -55,8 +58,10 @@ def iter_svd(names: Sequence[str], weight_of: Callable[[str], Tensor], shape_of:
 def canonical_signs(U: Tensor, Vh: Tensor) -> tuple[Tensor, Tensor]:
     """Flip each pair (u_i, v_i) so that the largest-magnitude entry of v_i is positive.
 
-    u_i v_iᵀ is invariant to the joint flip, but a dash coefficient λ_i multiplies a *signed* pair, so
-    all ranks of a distributed run and every reload must agree on the sign.
+    The joint flip (u_i, v_i) -> (-u_i, -v_i) changes no function of the core: u_i v_iᵀ, the dash term
+    Σ λ_i u_i v_iᵀ and LoRA-Init's γBA are invariant, and training from either sign follows the mirrored
+    trajectory. The flip is fixed only so that the stored tensors (U_I, V_Iᵀ, LoRA-Init's A and B) are
+    bitwise the same on every process and every run that sees the same W.
     """
     pivot = Vh.abs().argmax(dim=-1, keepdim=True)
     sign = torch.sign(torch.gather(Vh, -1, pivot))
@@ -79,12 +84,28 @@ def change_rate(sigma: Tensor, dsigma: Tensor, eps: float = 1e-8) -> Tensor:
     return dsigma.abs() / (sigma.abs() + eps)
 
 
-def select_directions(rate: Tensor, s: int) -> Tensor:
-    """Indices of the s largest change rates, sorted by decreasing rate (ties: lower index first)."""
+def non_null(S: Tensor, shape: Sequence[int]) -> Tensor:
+    """Mask of the numerically non-null singular directions: σ_i > max(n, m)·ε·σ_1, ε the fp32 machine epsilon.
+
+    ε is that of the core's SVDs (fp32) whatever ``S``'s dtype, so an fp64 SVD of the same weight keeps the same
+    directions. All False for W = 0; the floor is relative, so it means the same for a weight of any scale.
+    """
+    floor = max(shape[-2:]) * torch.finfo(torch.float32).eps * S.max().clamp_min(0)
+    return (S > floor) & (S > 0)
+
+
+def select_directions(rate: Tensor, s: int, valid: Tensor | None = None) -> Tensor:
+    """Indices of the s largest change rates among ``valid`` (default: all), sorted by decreasing rate.
+
+    Returns fewer than s indices when fewer directions are valid. Ties keep the lower index first.
+    """
     if s > rate.numel():
         raise ValueError(f"cannot select {s} directions from a weight with only {rate.numel()} singular values")
     # stable sort keeps the result identical on every rank and every run, even with ties
-    return torch.sort(rate, descending=True, stable=True).indices[:s]
+    order = torch.sort(rate, descending=True, stable=True).indices
+    if valid is not None:
+        order = order[valid[order]]
+    return order[:s]
 
 
 def energy_share(U_I: Tensor, Vh_I: Tensor, P: Tensor, Q: Tensor) -> float:

@@ -57,8 +57,8 @@ def main() -> None:
                 # λ included before the switch (it joins the graph with a zero contribution)
                 missing_grads += [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
                 if not adapter.switched:
-                    lam_grad_before_switch += [None if m.tsd_dash.lam.grad is None
-                                               else float(m.tsd_dash.lam.grad.abs().max())
+                    lam_grad_before_switch += [None if m.tsd_dash["default"].lam.grad is None
+                                               else float(m.tsd_dash["default"].lam.grad.abs().max())
                                                for m in adapter.dash_layers.values()]
             optimizer.step()
             optimizer.zero_grad()
@@ -68,7 +68,7 @@ def main() -> None:
     tensors: dict[str, torch.Tensor] = {"num_steps": torch.tensor(adapter.num_steps, dtype=torch.int64)}
     for name, layer in adapter.layers.items():
         B, A = adapter.lora_factors(name)
-        dash = layer.tsd_dash
+        dash = adapter.dash_term(name)
         for key, t in (("lora_A", A), ("lora_B", B), ("U", dash.U), ("Vh", dash.Vh), ("lam", dash.lam),
                        ("indices", dash.indices)):
             tensors[f"{name}.{key}"] = t.detach().cpu().contiguous().clone()

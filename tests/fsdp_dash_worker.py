@@ -56,7 +56,7 @@ def run(out: Path, shard: bool) -> dict:
     tensors: dict[str, torch.Tensor] = {}
     for name, layer in adapter.layers.items():
         B, A = adapter.lora_factors(name)
-        dash = layer.tsd_dash
+        dash = adapter.dash_term(name)
         tensors.update({f"{name}.lora_A": A, f"{name}.lora_B": B, f"{name}.indices": dash.indices,
                         **{f"{name}.{key}": full_tensor(getattr(dash, key)) for key in ("U", "Vh", "lam")}})
     shared.export_lora(adapter, out / "peft", "peft")

@@ -155,7 +155,7 @@ def test_dash_scale_measures_the_trained_dash_term_against_dense_references():
     assert adapter.switched
     norms, by_sigma, by_dsigma = [], [], []
     for name, layer in adapter.dash_layers.items():
-        dash = layer.tsd_dash
+        dash = adapter.dash_term(name)
         assert torch.count_nonzero(dash.lam) > 0, name  # λ trained after the switch
         term = (dash.U * dash.lam).detach() @ dash.Vh
         lora = (adapter.delta_weight(name) - term).double()  # dense γBA

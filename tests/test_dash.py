@@ -25,7 +25,7 @@ def test_switch_selects_brute_force_directions():
         dsig = torch.diagonal(U.T @ dW @ Vh.T)
         rate = dsig.abs() / (S + 1e-8)
         expect = torch.argsort(rate, descending=True)[:3]
-        dash = layer.tsd_dash
+        dash = adapter.dash_term(name)
         assert dash.indices.tolist() == expect.tolist(), name
         torch.testing.assert_close(dash.delta_sigma.double(), dsig, rtol=1e-4, atol=1e-6)
         # directions up to the joint sign: compare the rank-1 projectors u_i v_iᵀ
@@ -63,12 +63,12 @@ def test_function_unchanged_at_switch_and_lambda_trains_after():
     adapter.switch()
     torch.testing.assert_close(model(**batches[1]).logits, before, rtol=0, atol=0)
     train(adapter, batches, steps=3)
-    lams = torch.cat([layer.tsd_dash.lam for layer in adapter.layers.values()])
+    lams = torch.cat([layer.tsd_dash["default"].lam for layer in adapter.layers.values()])
     assert lams.abs().max() > 0
     # the dash term is what the model computes: remove it and the output moves
     out = model(**batches[1]).logits
     for layer in adapter.layers.values():
-        layer.tsd_dash.lam.data.zero_()
+        layer.tsd_dash["default"].lam.data.zero_()
     assert (model(**batches[1]).logits - out).abs().max() > 1e-6
 
 
@@ -79,8 +79,8 @@ def test_lambda_gets_zero_gradient_before_switch():
     model.train()
     model(**lm_batches()[0]).loss.backward()
     for layer in adapter.layers.values():
-        assert layer.tsd_dash.lam.grad is not None
-        assert torch.count_nonzero(layer.tsd_dash.lam.grad) == 0
+        assert layer.tsd_dash["default"].lam.grad is not None
+        assert torch.count_nonzero(layer.tsd_dash["default"].lam.grad) == 0
 
 
 def test_trainable_parameters_are_complete_from_step_zero():
@@ -88,9 +88,9 @@ def test_trainable_parameters_are_complete_from_step_zero():
     adapter = shared.attach(model, _dash())
     params = {id(p) for p in adapter.trainable_parameters()}
     for layer in adapter.layers.values():
-        assert id(layer.tsd_dash.lam) in params
+        assert id(layer.tsd_dash["default"].lam) in params
         assert id(layer.lora_A["default"].weight) in params and id(layer.lora_B["default"].weight) in params
-        assert id(layer.tsd_dash.U) not in params and not layer.tsd_dash.U.requires_grad
+        assert id(layer.tsd_dash["default"].U) not in params and not layer.tsd_dash["default"].U.requires_grad
     assert len(params) == 3 * len(adapter.layers)
 
 
@@ -99,7 +99,7 @@ def test_optimizer_state_for_lambda_is_reset_at_switch():
     adapter = shared.attach(model, _dash(t=2))
     opt = train(adapter, lm_batches(), steps=2)
     for layer in adapter.layers.values():
-        assert layer.tsd_dash.lam not in opt.state
+        assert layer.tsd_dash["default"].lam not in opt.state
         assert layer.lora_A["default"].weight in opt.state
 
 
@@ -109,7 +109,7 @@ def test_bf16_base_keeps_adapter_fp32_and_switches():
     for layer in adapter.layers.values():
         assert layer.get_base_layer().weight.dtype == torch.bfloat16
         assert layer.lora_A["default"].weight.dtype == torch.float32
-        assert layer.tsd_dash.lam.dtype == torch.float32
+        assert layer.tsd_dash["default"].lam.dtype == torch.float32
     train(adapter, lm_batches(), steps=4)
     assert adapter.switched
     assert torch.isfinite(model(**lm_batches()[0]).logits.float()).all()
@@ -127,7 +127,7 @@ def test_fan_in_fan_out_conv1d():
     train(adapter, batches, steps=4)
     name, layer = next(iter(adapter.layers.items()))
     W = layer.get_base_layer().weight.detach().T  # Conv1D stores in × out
-    assert layer.tsd_dash.U.shape[0] == W.shape[0] and layer.tsd_dash.Vh.shape[1] == W.shape[1]
+    assert layer.tsd_dash["default"].U.shape[0] == W.shape[0] and layer.tsd_dash["default"].Vh.shape[1] == W.shape[1]
     x = torch.randn(3, W.shape[1])
     ref = x @ (W + adapter.delta_weight(name)).T + layer.get_base_layer().bias
     torch.testing.assert_close(layer(x), ref, rtol=1e-4, atol=1e-5)
@@ -138,7 +138,7 @@ def _switched_layer(dropout=0.0):
     adapter = shared.attach(model, _dash(t=1, dropout=dropout))
     train(adapter, lm_batches(), steps=3)  # λ has trained for 2 steps after the switch
     name, layer = next(iter(adapter.layers.items()))
-    assert torch.count_nonzero(layer.tsd_dash.lam) > 0
+    assert torch.count_nonzero(layer.tsd_dash["default"].lam) > 0
     return adapter, name, layer
 
 
@@ -179,7 +179,7 @@ def test_mixed_adapter_batch_keeps_base_rows_base():
 def test_forward_and_gradients_match_the_dense_formula():
     adapter, name, layer = _switched_layer()
     x = torch.randn(2, 3, layer.in_features)
-    dash = layer.tsd_dash
+    dash = adapter.dash_term(name)
     A, B = layer.lora_A["default"].weight, layer.lora_B["default"].weight
     params = (A, B, dash.lam)
     out = layer(x)
@@ -197,7 +197,7 @@ def test_dropout_draws_separate_masks_for_lora_and_dash():
     adapter, name, layer = _switched_layer(dropout=0.5)
     layer.train()
     x = torch.randn(6, layer.in_features)
-    dash, drop = layer.tsd_dash, layer.lora_dropout["default"]
+    dash, drop = layer.tsd_dash["default"], layer.lora_dropout["default"]
     A, B = layer.lora_A["default"].weight, layer.lora_B["default"].weight
     torch.manual_seed(7)
     out = layer(x)
@@ -216,7 +216,7 @@ def test_lambda_gets_a_zero_gradient_before_the_switch():
     adapter = shared.attach(model, _dash(t=100))
     model(**lm_batches()[0]).loss.backward()
     for layer in adapter.layers.values():
-        assert layer.tsd_dash.lam.grad is not None and torch.count_nonzero(layer.tsd_dash.lam.grad) == 0
+        assert layer.tsd_dash["default"].lam.grad is not None and torch.count_nonzero(layer.tsd_dash["default"].lam.grad) == 0
         assert torch.count_nonzero(layer.lora_B["default"].weight.grad) > 0  # plain LoRA trains as usual
 
 

@@ -43,7 +43,7 @@ def test_trainer_callback_switches_at_exact_optimizer_step(tmp_path):
     trainer.train()
     assert adapter.num_steps == 6
     assert seen == [(1, False), (2, False), (3, True), (4, True), (5, True), (6, True)]
-    assert torch.cat([layer.tsd_dash.lam for layer in adapter.layers.values()]).abs().max() > 0
+    assert torch.cat([layer.tsd_dash["default"].lam for layer in adapter.layers.values()]).abs().max() > 0
 
 
 def test_report_rows_csv_and_plot(tmp_path):
@@ -57,8 +57,8 @@ def test_report_rows_csv_and_plot(tmp_path):
     assert len(rows) == len(adapter.layers)
     for rep in rows:
         layer = adapter.layers[rep.name]
-        assert rep.indices.tolist() == layer.tsd_dash.indices.tolist()
-        assert rep.rank_positions == [i + 1 for i in layer.tsd_dash.indices.tolist()]
+        assert rep.indices.tolist() == layer.tsd_dash["default"].indices.tolist()
+        assert rep.rank_positions == [i + 1 for i in layer.tsd_dash["default"].indices.tolist()]
         assert 0 < rep.top_s_mass <= 1 and 0 <= rep.energy_share <= 1 and 0 <= rep.core_energy_share <= 1
     shared.tsd.write_report_csv(rows, tmp_path / "tsd.csv")
     with open(tmp_path / "tsd.csv") as f:

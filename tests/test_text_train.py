@@ -116,7 +116,7 @@ def test_mixed_precision_keeps_the_adapter_fp32_and_lambda_learns(mc, tmp_path, 
     assert adapter.switched
     assert {layer.get_base_layer().weight.dtype for layer in adapter.layers.values()} == {TORCH_DTYPES[torch_dtype]}
     assert all(p.dtype == torch.float32 and p.isfinite().all() for p in adapter.trainable_parameters())
-    assert any(layer.tsd_dash.lam.abs().max() > 0 for layer in adapter.dash_layers.values())
+    assert any(layer.tsd_dash["default"].lam.abs().max() > 0 for layer in adapter.dash_layers.values())
     log = list(csv.DictReader(open(result.output_dir / "loss_log.csv")))
     assert len(log) == 6 and all(torch.isfinite(torch.tensor(float(r["loss"]))) for r in log)
 
@@ -407,7 +407,7 @@ def test_trainer_and_cli_select_the_same_directions(mc, tmp_path):
 
     assert adapter.switched and cli.adapter.switched
     for name, layer in adapter.dash_layers.items():
-        mine, theirs = cli.adapter.layers[name].tsd_dash, layer.tsd_dash
+        mine, theirs = cli.adapter.dash_term(name), adapter.dash_term(name)
         assert mine.indices.tolist() == theirs.indices.tolist(), name
         torch.testing.assert_close(mine.U, theirs.U, atol=1e-4, rtol=0)
         torch.testing.assert_close(mine.Vh, theirs.Vh, atol=1e-4, rtol=0)
@@ -484,3 +484,13 @@ def test_checkpoint_limit_latest_and_a_mismatched_resume(mc, tmp_path):
         _run_mc(mc, tmp_path, *extra)
     _run_mc(mc, tmp_path, *extra, "--max_steps", "2", "--overwrite_output_dir")
     assert [p.name for p in sorted(tmp_path.glob("checkpoint-*"))] == ["checkpoint-1"]
+
+
+@pytest.mark.parametrize("method", sorted(INIT_OPTIONS))
+def test_data_driven_inits_with_gradient_checkpointing(mc, tmp_path, method):
+    """Every data-driven init under --gradient_checkpointing; the batches reach the core with their prompt-masked
+    labels (the core's gradient statistics use the attention mask), and LoRA-DA's population N is the training set."""
+    result = _run_mc(mc, tmp_path / method, "--method", method, "--max_steps", "2", "--no-eval_before",
+                     "--gradient_checkpointing", "--adapter_options", *INIT_OPTIONS[method])
+    assert result.adapter.num_steps == 2 and result.adapter.config.method == method
+    assert result.adapter.config.lora_da_population == 22  # 30 rows minus the 8 held out

@@ -95,7 +95,7 @@ def test_resume_after_kill_equals_uninterrupted_run_across_the_switch(tmp_path, 
     assert [(r["step"], r["loss"], r["lr"]) for r in logs[0]] == [(r["step"], r["loss"], r["lr"]) for r in logs[1]]
     for name in full.layers:
         torch.testing.assert_close(resumed.delta_weight(name), full.delta_weight(name), rtol=1e-5, atol=1e-6)
-        assert torch.equal(resumed.layers[name].tsd_dash.indices, full.layers[name].tsd_dash.indices)
+        assert torch.equal(resumed.dash_term(name).indices, full.dash_term(name).indices)
     # a new run over the checkpoints is refused before any model loads, unless told to start over
     with pytest.raises(ValueError, match=r"holds checkpoints of an earlier run \(checkpoint-3, checkpoint-6\)"):
         run(tmp_path / "killed", *common, steps=7)
@@ -438,7 +438,7 @@ def test_mixed_precision_keeps_trainable_fp32_and_lambda_learns(precision, dtype
     assert layer.get_base_layer().weight.dtype == dtype
     assert all(p.dtype == torch.float32 and p.isfinite().all() for p in adapter.trainable_parameters())
     assert adapter.switched
-    assert any(d.tsd_dash.lam.abs().max() > 0 for d in adapter.dash_layers.values())  # 3 post-switch steps moved λ
+    assert any(adapter.dash_term(n).lam.abs().max() > 0 for n in adapter.dash_layers)  # 3 post-switch steps moved λ
     assert all(np.isfinite(r["loss"]) for r in T._read_loss_log(tmp_path / precision))
     assert (tmp_path / precision / "pytorch_lora_weights.safetensors").is_file()
 
@@ -465,3 +465,18 @@ def test_replay_prior_with_captions_and_empty_prompt_dropout(tmp_path):
         embeds, pooled = parts.encode_prompt(["", "a photo of a pot"])
     assert embeds[0].abs().max() == 0 and pooled[0].abs().max() == 0
     assert embeds[1].abs().max() > 0 and pooled[1].abs().max() > 0
+
+
+@pytest.mark.parametrize("method", ["eva", "lora_da", "lora_init", "tsd", "lora_ga"])
+def test_data_driven_inits_under_gradient_checkpointing(method, tmp_path):
+    """diffusers' UNet checkpoints whenever grad is enabled, eval mode included, so the inits' statistics pass runs
+    under checkpointing (LoRA-DA crashed there): the adapter equals the one without it. LoRA-DA's
+    population N is the training set's length."""
+    plain = run(tmp_path / "plain", "--method", method, "--statistics_batches", "2", steps=1)["adapters"]["unet"]
+    ckpt = run(tmp_path / "ckpt", "--method", method, "--statistics_batches", "2", "--gradient_checkpointing",
+               steps=1)["adapters"]["unet"]
+    for name in plain.layers:
+        for a, b in zip(plain.lora_factors(name), ckpt.lora_factors(name)):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    if method == "lora_da":
+        assert plain.config.lora_da_population == ckpt.config.lora_da_population == 5  # the 5 subject images

@@ -71,3 +71,19 @@ def test_energy_share_matches_dense():
     dW = P @ Q
     dense = float((U[:, idx].T @ dW @ Vh[idx].T).pow(2).sum() / dW.pow(2).sum())
     assert abs(tsd.energy_share(U[:, idx], Vh[idx], P, Q) - dense) < 1e-5
+
+
+def test_null_floor_gives_fp32_and_fp64_the_same_directions():
+    """On a rank-6 weight the 14 null directions (σ ~ 1e-7 in fp32, ~1e-15 in fp64) are never selected, so fp32 and
+    fp64 pick the same ones; without the floor their δ ~ |Δσ|/σ would win every top-s."""
+    W = _rand(24, 6) @ _rand(6, 20, 1)
+    P, Q = _rand(24, 3, 2), _rand(3, 20, 3)
+    picks = []
+    for dtype in (torch.float32, torch.float64):
+        U, S, Vh = torch.linalg.svd(W.to(dtype), full_matrices=False)
+        rate = tsd.change_rate(S, tsd.delta_sigma(U, Vh, P.to(dtype), Q.to(dtype)))
+        valid = tsd.non_null(S, W.shape)
+        assert int(valid.sum()) == 6
+        picks.append(tsd.select_directions(rate, 4, valid).tolist())
+    assert picks[0] == picks[1] and max(picks[0]) < 6
+    assert tsd.select_directions(torch.ones(5), 4, torch.tensor([True, False, True, False, False])).tolist() == [0, 2]

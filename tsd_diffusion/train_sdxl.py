@@ -223,12 +223,15 @@ def _default_validation_prompts(args: argparse.Namespace) -> list[str]:
     return [prompt]
 
 
-def adapter_config(args: argparse.Namespace, targets: list[str], method: str | None = None) -> shared.AdapterConfig:
+def adapter_config(args: argparse.Namespace, targets: list[str], method: str | None = None,
+                   train_size: int | None = None) -> shared.AdapterConfig:
+    """The adapter's config; ``train_size`` (the training set's length) is LoRA-DA's population N."""
     return shared.AdapterConfig(
         method=method or args.method, r=args.rank, alpha=args.lora_alpha, dropout=args.lora_dropout,
         target_modules=targets, dash_warmup_steps=args.dash_warmup_steps, dash_directions=args.dash_directions,
         seed=args.seed, eva_max_batches=args.statistics_batches, lora_init_steps=args.statistics_batches,
         lora_ga_batches=args.statistics_batches, lora_da_num_samples=args.statistics_batches * args.train_batch_size,
+        lora_da_population=train_size,
     )
 
 
@@ -512,8 +515,9 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
             return unet_loss(unet, parts.scheduler, batch["latents"], batch["embeds"], batch["pooled"],
                              batch["time_ids"], generator=gen)
 
-        adapters = {"unet": shared.attach(parts.unet, adapter_config(args, UNET_TARGETS), data=stats,
-                                          forward_fn=forward_fn, progress=accelerator.is_main_process)}
+        unet_config = adapter_config(args, UNET_TARGETS, train_size=len(dataset))
+        adapters = {"unet": shared.attach(parts.unet, unet_config, data=stats, forward_fn=forward_fn,
+                                          progress=accelerator.is_main_process)}
         if args.train_text_encoder:  # data-driven inits apply to the UNet; text encoders get lora or dash
             for name, enc in zip(("text_encoder", "text_encoder_2"), parts.text_encoders):
                 adapters[name] = shared.attach(enc, adapter_config(args, TEXT_ENCODER_TARGETS, te_method))
@@ -641,7 +645,7 @@ _DATA_METHODS = {"eva", "lora_da", "lora_init", "tsd", "lora_ga"}
 
 def _check_switch_agrees(accelerator, adapter) -> dict[str, Any]:
     """Gather a fingerprint of the selected directions from every process; raise if any differs."""
-    dash = [layer.tsd_dash for layer in adapter.dash_layers.values()]
+    dash = [adapter.dash_term(name) for name in adapter.dash_layers]
     fingerprint = torch.stack([
         torch.cat([d.indices.double() for d in dash]).sum(),
         sum(d.U.double().sum() + d.Vh.double().sum() for d in dash),

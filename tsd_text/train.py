@@ -251,28 +251,6 @@ def resolve_targets(model: nn.Module, target_modules: list[str] | None, head: li
     return names
 
 
-INIT_LABELS = "init_labels"
-
-
-def init_batches(loader: DataLoader, method: str) -> tuple[Any, Callable[[nn.Module, Any], Any] | None]:
-    """Batches and ``forward_fn`` for a data-driven init.
-
-    The core's statistics keep the tokens of ``labels != -100`` (unshifted). For causal-mc that is the answer
-    tokens, whose own outputs get no gradient (the loss reads the logits one position earlier), which zeroes
-    LoRA-DA's G and the LoRA-Init gradient estimate. Their batches therefore carry the labels under another key:
-    the mask is the attention mask, and Σ_t g_t x_tᵀ over it is the exact ∂L/∂W (LoRA-DA's reference masks by
-    attention too). EVA only runs forwards and keeps peft's label mask.
-    """
-    if method == "eva":
-        return loader, None
-
-    def forward_fn(model: nn.Module, batch: dict[str, Any]) -> Any:
-        return model(**{("labels" if k == INIT_LABELS else k): v for k, v in batch.items()}).loss
-
-    renamed = ({(INIT_LABELS if k == "labels" else k): v for k, v in b.items()} for b in loader)
-    return renamed, forward_fn
-
-
 def adapter_config(args: argparse.Namespace) -> shared.AdapterConfig:
     return shared.AdapterConfig(method=args.method, r=args.rank, alpha=args.lora_alpha, dropout=args.lora_dropout,
                                 target_modules=args.target_modules, dash_warmup_steps=args.dash_warmup_steps,
@@ -340,7 +318,8 @@ def setup(args: argparse.Namespace, accelerator: Any, resume_dir: Path | None = 
         # dash directions with the switch's SVD kernels (LAPACK and cuSOLVER can differ in the last bits)
         model.to(accelerator.device)
     config = dataclasses.replace(config, target_modules=resolve_targets(model, args.target_modules, head),
-                                 modules_to_save=head)
+                                 modules_to_save=head,  # LoRA-DA's population N: the training set, as the reference
+                                 lora_da_population=config.lora_da_population or len(data.train))
     if not args.target_modules:
         notes.append(f"--target_modules not given: peft's default for model_type {model.config.model_type!r}, "
                      f"{','.join(default_targets(model))}")
@@ -351,13 +330,11 @@ def setup(args: argparse.Namespace, accelerator: Any, resume_dir: Path | None = 
             raise InputError(f"{resume_dir} holds a {saved[0]} adapter of rank {saved[1]} on {len(saved[2])} layers; "
                              f"this run asks for {config.method} rank {config.r} on {len(config.target_modules)} layers")
         return _with_gradient_checkpointing(args, Setup(task, data, model, adapter, notes))
-    init_data, init_forward = None, None
+    init_data = None
     if config.needs_data:  # the same seeded batches on every process, so every process gets the same init
-        init_loader = DataLoader(data.train, batch_size=args.per_device_train_batch_size, shuffle=True,
-                                 collate_fn=data.collate_train, generator=torch.Generator().manual_seed(args.seed))
-        init_data, init_forward = init_batches(init_loader, config.method)
-    adapter = shared.attach(model, config, data=init_data, forward_fn=init_forward,
-                            progress=accelerator.is_local_main_process)
+        init_data = DataLoader(data.train, batch_size=args.per_device_train_batch_size, shuffle=True,
+                               collate_fn=data.collate_train, generator=torch.Generator().manual_seed(args.seed))
+    adapter = shared.attach(model, config, data=init_data, progress=accelerator.is_local_main_process)
     return _with_gradient_checkpointing(args, Setup(task, data, model, adapter, notes))
 
 
