@@ -9,7 +9,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from shared.launch import run_cli  # noqa: E402
+from tsd_common.launch import run_cli  # noqa: E402
 from tsd_diffusion.train_sdxl import main, parse_args  # noqa: E402
 
 

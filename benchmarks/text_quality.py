@@ -16,6 +16,8 @@ adapter file, and the step at which the method first reached plain LoRA's final 
 
 from __future__ import annotations
 
+import shared
+
 import csv
 import math
 import statistics
@@ -25,7 +27,7 @@ from typing import Any, Iterable
 from .report import mean_std
 
 TITLE = "Text quality"
-METHODS = ["lora", "dash", "lora_init", "tsd", "eva", "lora_da", "pissa", "lora_ga"]
+METHODS = list(shared.METHODS)  # every method of the core, in the registry's order
 TASKS = {
     "minilm": dict(asset="minilm", data=("polarity", "polarity.csv"), task="classification", eval_split=1000,
                    targets=["query", "key", "value", "dense"], batch=16, max_length=64, warmup=50),
@@ -73,7 +75,7 @@ def cells(model: str, methods: list[str], *, ranks: list[int], seeds: list[int],
 
 def train_argv(cfg: dict[str, Any], work: Path) -> list[str]:
     """``apps/train_text.py`` arguments of a text cell (model, data, targets, budget of its ``TASKS`` entry)."""
-    from scripts.fetch_assets import require_asset
+    from tsd_common.assets import require_asset
 
     spec = TASKS[cfg["model"]]
     data_asset, data_file = spec["data"]

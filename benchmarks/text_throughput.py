@@ -35,7 +35,7 @@ TARGETS = {"causal-mc": "q_proj,k_proj,v_proj,up_proj,down_proj", "classificatio
 
 def _assets(task: str, root: Path) -> tuple[list[str], str]:
     """(data arguments, model name) for ``task``: the real assets when fetched, else toy ones written to ``root``."""
-    from scripts.fetch_assets import asset_path
+    from tsd_common.assets import asset_path
     from tsd_text.tiny import write_toy_classification, write_toy_mc
 
     if task == "causal-mc" and asset_path("smollm2") and asset_path("commonsense"):

@@ -118,7 +118,7 @@ def run_cell(cfg: dict[str, Any], work: Path) -> dict[str, Any]:
     run = setup(parse_args(argv), accelerator)
     adapter = run.adapter
     names = list(adapter.layers)
-    svd = {n: (U, S, Vh) for n, U, S, Vh in tsd.iter_svd(names, adapter.original_weight, adapter._dense_shape)}
+    svd = {n: (U, S, Vh) for n, U, S, Vh in tsd.iter_svd(names, adapter.original_weight, adapter.dense_shape)}
     original = {n: adapter.original_weight(n).clone() for n in names}  # it reads the base weight the FT changes
     for p in adapter.trainable_parameters():
         p.requires_grad_(False)

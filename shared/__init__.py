@@ -6,9 +6,10 @@ where a function needs them.
 
 from . import tsd
 from .adapter import Adapter, attach
-from .checkpoint import load
-from .config import METHODS, AdapterConfig
+from .config import AdapterConfig
 from .export import FORMATS, export_lora
+from .methods import METHODS
+from .native import load
 
 __all__ = ["METHODS", "FORMATS", "AdapterConfig", "Adapter", "attach", "export_lora", "load", "tsd"]
 __version__ = "0.1.0"

@@ -2,16 +2,16 @@
 
 The LoRA layers are stock peft layers (``inject_adapter_in_model``, the model is adapted in place and
 keeps its type). What the core adds lives in two small ``nn.ModuleDict`` children of a peft layer, keyed by
-adapter name like peft's own ``lora_A``/``lora_B``: ``tsd_dash`` (:class:`shared.dash.DashTerm`) and
-``tsd_init`` (:class:`InitOffset`, the frozen init factors of methods that residualise W). Both exist from
-``attach`` on, so optimizers, DDP/FSDP wrappers and ``accelerator.save_state`` see every tensor from step 0,
-and several adapters on one model keep their own state.
+adapter name like peft's own ``lora_A``/``lora_B`` (:mod:`shared.injection`): ``tsd_dash``
+(:class:`shared.dash.DashTerm`) and ``tsd_init`` (:class:`shared.injection.InitOffset`, the frozen init factors of
+methods that residualise W). Both exist from ``attach`` on, so optimizers, DDP/FSDP wrappers and
+``accelerator.save_state`` see every tensor from step 0, and several adapters on one model keep their own state.
+Each method's init and traits come from the registry :data:`shared.methods.METHODS`.
 """
 
 from __future__ import annotations
 
 import itertools
-import re
 import warnings
 from typing import Any, Iterable
 
@@ -20,41 +20,12 @@ from torch import nn
 
 from . import tsd
 from .config import AdapterConfig
-from .dash import DashTerm, DashVariant
-from .layers import (dense_weight, find_targets, full_tensor, in_out_features, is_dtensor, is_fan_in_fan_out,
-                     is_linear_like, iter_lora_layers, nominal_scale, set_dense_weight)
-from .statistics import ForwardFn, batch_size_of, default_forward_fn, require_loss
-
-
-class InitOffset(nn.Module):
-    """Frozen init factors of a method that residualised the base, with the scale γ₀ they were applied at.
-
-    W_res = W - γ₀ (B₀ A₀): :meth:`product` is the one expression of the residual, used by the init and by
-    the native reload alike, so a reload rebuilds W_res bit for bit. γ₀ is recorded, not read from peft's
-    ``scaling``, which runtime scales (``scale_layer``, ``set_adapters`` weights) change.
-    """
-
-    def __init__(self, A0: torch.Tensor, B0: torch.Tensor, scale: float) -> None:
-        super().__init__()
-        self.A0 = nn.Parameter(A0.detach().float().clone().contiguous(), requires_grad=False)
-        self.B0 = nn.Parameter(B0.detach().float().clone().contiguous(), requires_grad=False)
-        self.scale = float(scale)
-
-    def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B₀, A₀) in fp32, gathered under FSDP2."""
-        return full_tensor(self.B0).float(), full_tensor(self.A0).float()
-
-    def product(self) -> torch.Tensor:
-        """γ₀ (B₀ A₀), fp32, out × in (the rounding order of peft's LoRA-GA residual)."""
-        B0, A0 = self.factors()
-        return self.scale * (B0 @ A0)
-
-
-def residualise(layer: nn.Module, offset: InitOffset) -> None:
-    """W ← W - γ₀ (B₀ A₀): computed in fp32 and rounded once to W's dtype, at the init and at a reload."""
-    base = layer.get_base_layer()
-    with torch.no_grad():
-        set_dense_weight(base, dense_weight(base).float() - offset.product().to(base.weight.device))
+from .dash import DashTerm
+from .errors import InputError
+from .injection import InitOffset, add_dash, check_new_adapter
+from .layers import (dense_weight, find_targets, full_tensor, in_out_features, is_dtensor, is_linear_like,
+                     iter_lora_layers, nominal_scale, set_dense_weight)
+from .statistics import ForwardFn, batch_size_of, default_forward_fn
 
 
 class Adapter:
@@ -156,10 +127,10 @@ class Adapter:
         if not layers:
             raise RuntimeError(f"method {self.config.method!r} has no dash phase")
         s = self.config.dash_directions
-        for name, U, S, Vh in tsd.iter_svd(list(layers), self.original_weight, self._dense_shape):
+        for name, U, S, Vh in tsd.iter_svd(list(layers), self.original_weight, self.dense_shape):
             P, Q = self.update_factors(name)
             ds = tsd.delta_sigma(U, Vh, P, Q)
-            valid = tsd.non_null(S, self._dense_shape(name))
+            valid = tsd.non_null(S, self.dense_shape(name))
             idx = tsd.select_directions(tsd.change_rate(S, ds, self.config.dash_eps), s, valid)
             energy = torch.tensor([tsd.energy_share(U[:, idx], Vh[idx], P, Q), _core_energy(ds, P, Q)])
             self.dash_term(name).activate(U[:, idx], Vh[idx], idx, S, ds, energy)
@@ -183,8 +154,21 @@ class Adapter:
                           "are zero there, and only Adam's bias correction differs (first λ update about 0.98 of a "
                           "fresh start at t = 100)", stacklevel=4)
 
+    def modules_to_save_state(self) -> dict[str, torch.Tensor]:
+        """The state of this adapter's ``modules_to_save`` copies (e.g. a trained classifier head), by module path;
+        gathered under FSDP2."""
+        from peft.utils import ModulesToSaveWrapper
+
+        out = {}
+        for name, module in self.model.named_modules():
+            if isinstance(module, ModulesToSaveWrapper):
+                for key, t in module.modules_to_save[self.adapter_name].state_dict().items():
+                    out[f"{name}.{key}"] = full_tensor(t)
+        return out
+
     # ------------------------------------------------------------------ update algebra (all out × in, fp32)
-    def _dense_shape(self, name: str) -> tuple[int, int]:
+    def dense_shape(self, name: str) -> tuple[int, int]:
+        """(out, in) of layer ``name``'s weight."""
         return tuple(dense_weight(self.layers[name].get_base_layer()).shape)
 
     def scale(self, name: str) -> float:
@@ -256,12 +240,12 @@ class Adapter:
                                              float(dash.energy[0]), float(dash.energy[1]))
             elif self.lora_factors(name)[1].dim() == 2:
                 pending.append(name)
-        for name, U, S, Vh in tsd.iter_svd(pending, self.original_weight, self._dense_shape):
+        for name, U, S, Vh in tsd.iter_svd(pending, self.original_weight, self.dense_shape):
             P, Q = self.update_factors(name)
             ds = tsd.delta_sigma(U, Vh, P, Q)
             rate = tsd.change_rate(S, ds, self.config.dash_eps)
             idx = tsd.select_directions(rate, min(self.config.dash_directions, S.numel()),
-                                        tsd.non_null(S, self._dense_shape(name)))
+                                        tsd.non_null(S, self.dense_shape(name)))
             rows[name] = tsd.LayerReport(name, S, ds, rate, idx, tsd.energy_share(U[:, idx], Vh[idx], P, Q),
                                          _core_energy(ds, P, Q))
         return [rows[n] for n in self.layers if n in rows]
@@ -306,7 +290,7 @@ class Adapter:
 
 
 def _core_energy(ds: torch.Tensor, P: torch.Tensor, Q: torch.Tensor) -> float:
-    """Σ Δσ_i² / ‖P Q‖_F²: share of the update on the core directions (``lora_dash.md`` §5)."""
+    """Σ Δσ_i² / ‖P Q‖_F²: share of the update on the core directions (``docs/methods.md#lora-dash``)."""
     total = ((P.T @ P) * (Q @ Q.T)).sum()
     return float(ds.pow(2).sum() / total) if total > 0 else 0.0
 
@@ -340,254 +324,55 @@ def attach(model: nn.Module, config: AdapterConfig, *, data: Iterable[Any] | Non
     one (:meth:`Adapter.activate` switches).
     """
     config.validate()
+    spec = config.spec
     targets = find_targets(model, config.target_modules)
-    _check_new_adapter(model, adapter_name, config, list(targets))
+    check_new_adapter(model, adapter_name, config, list(targets))
     _check_targets(targets, config)
-    forward_fn = forward_fn or default_forward_fn
-    batches = _take_batches(data, config) if config.needs_data else []
-    names = sorted(targets)
-
+    batches = _take_batches(data, config) if spec.needs_data else []
     devices = sorted({p.device.index for p in model.parameters() if p.device.type == "cuda"})
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(config.seed)
-        method = config.method
-        if method in ("lora", "dash"):
-            _inject(model, config, names, adapter_name)
-        elif method == "pissa":
-            _init_pissa(model, config, names, adapter_name)
-        elif method == "lora_ga":
-            _init_lora_ga(model, config, targets, batches, forward_fn, adapter_name)
-            for _, layer in iter_lora_layers(model, adapter_name):  # peft residualised W as residualise() does
-                _add_offset(layer, adapter_name)
-        elif method == "eva":
-            from .inits.eva import eva_components
-
-            comps = eva_components(model, targets, config, batches, forward_fn, progress)
-            _inject(model, config, sorted(comps), adapter_name, ranks={n: a.shape[0] for n, a in comps.items()})
-            for name, layer in iter_lora_layers(model, adapter_name):
-                _set_lora(layer, adapter_name, comps[name], torch.zeros_like(layer.lora_B[adapter_name].weight))
-        elif method == "lora_da":
-            from .inits.lora_da import lora_da_init
-
-            factors = lora_da_init(model, targets, config, batches, forward_fn, progress)
-            _inject(model, config, names, adapter_name)
-            for name, layer in iter_lora_layers(model, adapter_name):
-                _set_lora(layer, adapter_name, *factors[name])
-        else:  # lora_init, tsd
-            _init_lora_init(model, config, targets, batches, forward_fn, adapter_name, progress)
-        if config.uses_dash:
-            _add_dash(model, adapter_name, config)
+        spec.init(model, config, targets, batches, forward_fn or default_forward_fn, adapter_name, progress)
+        if spec.dash_phase:
+            add_dash(model, adapter_name, config)
     adapter = Adapter(model, config, adapter_name)
     adapter.activate()
     return adapter
 
 
-def _check_new_adapter(model: nn.Module, adapter_name: str, config: AdapterConfig, names: list[str]) -> None:
-    """Refuse a taken adapter name, and a second adapter on a layer whose base a residualising method changed (or
-    would change): every adapter of that layer, active or not, would compute on the residual W - γ₀B₀A₀."""
-    from peft.tuners.lora import LoraLayer
-
-    if any(True for _ in iter_lora_layers(model, adapter_name)):
-        raise ValueError(f"the model already holds an adapter named {adapter_name!r}; pass another adapter_name")
-    for name in names:
-        layer = model.get_submodule(name)
-        if not isinstance(layer, LoraLayer) or not layer.lora_A:
-            continue
-        if config.residualises_base or getattr(layer, "tsd_init", None):
-            raise ValueError(f"layer {name} already holds adapter(s) {sorted(layer.lora_A)}, and "
-                             f"{'method ' + repr(config.method) if config.residualises_base else 'one of them'} "
-                             "changes its base weight (W - γ₀B₀A₀), which every adapter of the layer would then see; "
-                             "residualising methods (lora_init, tsd, pissa, lora_ga) need layers of their own")
-
-
 def _check_targets(targets: dict[str, nn.Module], config: AdapterConfig) -> None:
-    needs_dense = config.method != "lora"
+    spec = config.spec
     for name, module in targets.items():
-        if needs_dense and not is_linear_like(module):
-            raise ValueError(
-                f"method {config.method!r} needs Linear/Conv1D target layers; {name} is {type(module).__name__}"
-            )
+        if spec.linear_only and not is_linear_like(module):
+            raise InputError(f"method {config.method!r} needs Linear/Conv1D target layers; {name} is "
+                             f"{type(module).__name__}")
         if not is_linear_like(module):
             if not isinstance(module, nn.Conv2d):
-                raise ValueError(f"target {name} is a {type(module).__name__}; only Linear/Conv1D/Conv2d are supported")
+                raise InputError(f"target {name} is a {type(module).__name__}; only Linear/Conv1D/Conv2d are supported")
             continue
         d_in, d_out = in_out_features(module)
         k = min(d_in, d_out)
-        if config.uses_dash and config.dash_directions > k:
-            raise ValueError(
-                f"dash_directions={config.dash_directions} is larger than min(out, in) = min({d_out}, {d_in}) = {k} "
-                f"of target layer {name}"
-            )
-        if config.method in ("lora_init", "tsd", "pissa") and config.r > k:
-            raise ValueError(f"r={config.r} is larger than min(out, in) = {k} of target layer {name}")
+        if spec.dash_phase and config.dash_directions > k:
+            raise InputError(f"dash_directions={config.dash_directions} is larger than min(out, in) = min({d_out}, "
+                             f"{d_in}) = {k} of target layer {name}")
+        if spec.rank_from_weight and config.r > k:
+            raise InputError(f"r={config.r} is larger than min(out, in) = {k} of target layer {name}")
 
 
 def _take_batches(data: Iterable[Any] | None, config: AdapterConfig) -> list[Any]:
-    """The batches a data-driven init needs, read once (they are cycled when fewer)."""
+    """The batches a data-driven init reads (its registry ``data_budget``), read once; they are cycled when fewer."""
     if data is None:
-        raise ValueError(f"method {config.method!r} needs data=... (an iterable of batches) to initialise")
-    it = iter(data)
-    if config.method == "lora_da":
+        raise InputError(f"method {config.method!r} needs data=... (an iterable of batches) to initialise")
+    budget, unit = config.spec.data_budget(config)
+    if unit == "samples":
         out, samples = [], 0
-        for batch in it:
+        for batch in data:
             out.append(batch)
             samples += batch_size_of(batch)
-            if samples >= config.lora_da_num_samples:
+            if samples >= budget:
                 break
     else:
-        n = {"eva": config.eva_max_batches, "lora_ga": config.lora_ga_batches}.get(config.method, config.lora_init_steps)
-        out = list(itertools.islice(it, n))
+        out = list(itertools.islice(data, budget))
     if not out:
-        raise ValueError(f"data is empty: method {config.method!r} needs at least one batch to initialise")
+        raise InputError(f"data is empty: method {config.method!r} needs at least one batch to initialise")
     return out
-
-
-def _lora_config(config: AdapterConfig, names: list[str], ranks: dict[str, int] | None = None, init: Any = True,
-                 fan_in_fan_out: bool = False):
-    from peft import LoraConfig
-
-    ranks = ranks or {}
-    rank_pattern = {re.escape(n): r for n, r in ranks.items() if r != config.r}
-    return LoraConfig(
-        r=config.r, lora_alpha=config.alpha, lora_dropout=config.dropout, target_modules=list(names),
-        rank_pattern=rank_pattern,
-        # EVA keeps the scale α/r when it changes a layer's rank (peft's adjust_scaling_factors)
-        alpha_pattern={k: config.alpha * r / config.r for k, r in rank_pattern.items()},
-        modules_to_save=config.modules_to_save, init_lora_weights=init, fan_in_fan_out=fan_in_fan_out,
-    )
-
-
-def _inject(model: nn.Module, config: AdapterConfig, names: list[str], adapter_name: str,
-            ranks: dict[str, int] | None = None, init: Any = True, lora_config: Any = None) -> None:
-    """peft's ``inject_adapter_in_model`` under ``adapter_name``, made the active adapter (peft keeps an earlier one
-    active), then cast to fp32 on a half-precision base (``autocast_adapter_dtype``) before any init writes its fp32
-    factors into it."""
-    from peft import inject_adapter_in_model
-    from peft.functional import set_adapter
-
-    fifo = any(is_fan_in_fan_out(_unwrapped(model.get_submodule(n))) for n in names)
-    inject_adapter_in_model(lora_config or _lora_config(config, names, ranks, init, fifo), model,
-                            adapter_name=adapter_name)
-    set_adapter(model, adapter_name)
-    _cast_adapter(model, adapter_name, config)
-
-
-def _unwrapped(module: nn.Module) -> nn.Module:
-    """The base layer of a peft layer (a model holding an earlier adapter), else the module itself."""
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
-    return module.get_base_layer() if isinstance(module, BaseTunerLayer) else module
-
-
-@torch.no_grad()
-def _set_lora(layer: nn.Module, adapter_name: str, A: torch.Tensor, B: torch.Tensor) -> None:
-    layer.lora_A[adapter_name].weight.copy_(A)
-    layer.lora_B[adapter_name].weight.copy_(B)
-
-
-def _add_offset(layer: nn.Module, adapter_name: str) -> InitOffset:
-    """Record the layer's current LoRA factors and scale as the init offset of a base-mutating init."""
-    if not hasattr(layer, "tsd_init"):
-        layer.tsd_init = nn.ModuleDict()
-    offset = InitOffset(layer.lora_A[adapter_name].weight, layer.lora_B[adapter_name].weight,
-                        nominal_scale(layer, adapter_name))
-    layer.tsd_init[adapter_name] = offset
-    return offset
-
-
-def _cast_adapter(model: nn.Module, adapter_name: str, config: AdapterConfig) -> None:
-    if not config.autocast_adapter_dtype:
-        return
-    for _, layer in iter_lora_layers(model, adapter_name):
-        for mod in (layer.lora_A[adapter_name], layer.lora_B[adapter_name]):
-            if mod.weight.dtype in (torch.float16, torch.bfloat16):
-                mod.float()
-
-
-def _add_dash(model: nn.Module, adapter_name: str, config: AdapterConfig) -> None:
-    for _, layer in iter_lora_layers(model, adapter_name):
-        d_in, d_out = in_out_features(layer.get_base_layer())
-        ref = layer.lora_A[adapter_name].weight
-        if not hasattr(layer, "tsd_dash"):
-            layer.tsd_dash = nn.ModuleDict()
-        layer.tsd_dash[adapter_name] = DashTerm(d_out, d_in, config.dash_directions, ref.dtype, ref.device)
-        layer.lora_variant[adapter_name] = DashVariant()
-
-
-@torch.no_grad()
-def _init_pissa(model: nn.Module, config: AdapterConfig, names: list[str], adapter_name: str) -> None:
-    """PiSSA with peft's factors (``LoraLayer.pissa_init``), the base residualised by :func:`residualise`.
-
-    peft rounds its residual as W - (γB) A; the core's one expression is W - γ (B A), which the reload repeats
-    bit for bit. So each layer's W is kept while peft computes the factors and residualised again from it.
-    """
-    _inject(model, config, names, adapter_name)
-    for _, layer in iter_lora_layers(model, adapter_name):
-        base = layer.get_base_layer()
-        W = dense_weight(base).detach().clone()
-        layer.pissa_init(adapter_name, "pissa")
-        set_dense_weight(base, W)
-        residualise(layer, _add_offset(layer, adapter_name))
-
-
-def _init_lora_ga(model: nn.Module, config: AdapterConfig, targets: dict[str, nn.Module], batches: list[Any],
-                  forward_fn: ForwardFn, adapter_name: str) -> None:
-    """LoRA-GA through peft (``preprocess_loraga`` then the ``lora_ga`` init), as a baseline.
-
-    peft residualises W ← W - γ (B A) in fp32 from the factors as stored, the expression of :func:`residualise`.
-    """
-    from peft import LoraGAConfig
-    from peft.tuners.lora.loraga import preprocess_loraga
-
-    fifo = any(is_fan_in_fan_out(m) for m in targets.values())
-    lcfg = _lora_config(config, sorted(targets), init="lora_ga", fan_in_fan_out=fifo)
-    lcfg.lora_ga_config = LoraGAConfig()
-
-    def train_step() -> None:
-        for batch in batches:
-            require_loss(forward_fn(model, batch)).backward()
-
-    preprocess_loraga(model, lcfg, train_step)
-    _inject(model, config, sorted(targets), adapter_name, lora_config=lcfg)
-
-
-@torch.no_grad()
-def _init_lora_init(model: nn.Module, config: AdapterConfig, targets: dict[str, nn.Module], batches: list[Any],
-                    forward_fn: ForwardFn, adapter_name: str, progress: bool) -> None:
-    """LoRA-Init (``shared.inits.lora_init``): estimate δ, init on the top-r non-null directions, residualise W.
-
-    A weight with fewer than r non-null directions (:func:`shared.tsd.non_null`) keeps peft's default init
-    (random A, B = 0) in the remaining rank slots: they start at zero update and train as plain LoRA.
-    """
-    from .inits.lora_init import gradient_updates, tsd_init_factors, warmup_lora
-
-    names = sorted(targets)
-    dense = None
-    if config.lora_init_estimator == "gradient":
-        with torch.enable_grad():
-            dense = gradient_updates(model, targets, config, batches, forward_fn, progress)
-    _inject(model, config, names, adapter_name)
-    layers = dict(iter_lora_layers(model, adapter_name))
-    # peft's default init (random A, B = 0), kept for the slots no non-null direction fills
-    fresh = {n: (layer.lora_A[adapter_name].weight.clone(), layer.lora_B[adapter_name].weight.clone())
-             for n, layer in layers.items()}
-    if dense is None:
-        with torch.enable_grad():
-            params = [p for layer in layers.values() for p in
-                      (layer.lora_A[adapter_name].weight, layer.lora_B[adapter_name].weight)]
-            warmup_lora(model, params, config, batches, forward_fn, progress)
-        warm = {n: (nominal_scale(layer, adapter_name) * layer.lora_B[adapter_name].weight.float(),
-                    layer.lora_A[adapter_name].weight.float()) for n, layer in layers.items()}
-
-    def weight_of(name: str) -> torch.Tensor:
-        return dense_weight(layers[name].get_base_layer())
-
-    for name, U, S, Vh in tsd.iter_svd(names, weight_of, lambda n: tuple(weight_of(n).shape)):
-        layer = layers[name]
-        ds = ((U.T @ dense[name]) * Vh).sum(1) if dense is not None else tsd.delta_sigma(U, Vh, *warm[name])
-        valid = tsd.non_null(S, tuple(weight_of(name).shape))
-        idx = tsd.select_directions(tsd.change_rate(S, ds, config.dash_eps), config.r, valid)
-        A, B = fresh[name]
-        A[: idx.numel()], B[:, : idx.numel()] = tsd_init_factors(U, S, Vh, idx, nominal_scale(layer, adapter_name))
-        _set_lora(layer, adapter_name, A, B)
-        residualise(layer, _add_offset(layer, adapter_name))

@@ -12,14 +12,8 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-METHODS: tuple[str, ...] = ("lora", "dash", "lora_init", "tsd", "eva", "lora_da", "pissa", "lora_ga")
-
-#: methods that add the LoRA-Dash phase (s trainable coefficients on the top-s task-specific directions)
-DASH_METHODS = frozenset({"dash", "tsd"})
-#: methods whose initialisation needs ``data`` (and a ``forward_fn``)
-DATA_METHODS = frozenset({"lora_init", "tsd", "eva", "lora_da", "lora_ga"})
-#: methods that change the frozen base weight at init (W <- W - scale * B0 A0); export subtracts B0 A0 again
-RESIDUAL_METHODS = frozenset({"lora_init", "tsd", "pissa", "lora_ga"})
+from .errors import InputError
+from .methods import METHODS, Method
 
 
 @dataclass
@@ -27,7 +21,7 @@ class AdapterConfig:
     """Configuration of one adapter.
 
     Shared (peft ``LoraConfig`` names in brackets):
-        method: one of :data:`METHODS`.
+        method: one of :data:`shared.methods.METHODS` (the registry of methods and their traits).
         r: LoRA rank [``r``]; EVA's rank budget per layer before redistribution.
         alpha: LoRA scale numerator, scale = alpha / r [``lora_alpha``].
         dropout: dropout on the adapter input, shared by the dash term [``lora_dropout``].
@@ -35,22 +29,22 @@ class AdapterConfig:
         modules_to_save: extra modules trained in full (classifier heads) [``modules_to_save``].
         seed: seeds every random choice of the init (LoRA A, randomized SVDs).
 
-    LoRA-Dash (Si et al. 2024, Sec. 4; ``lora_dash.md`` §2):
+    LoRA-Dash (Si et al. 2024, Sec. 4; ``docs/methods.md#lora-dash``):
         dash_warmup_steps: t, optimizer steps of plain LoRA before the switch.
         dash_directions: s, number of task-specific directions amplified per layer.
         dash_eps: eps in the change rate delta = |Δσ| / (σ + eps).
 
-    LoRA-Init (reconstruction, ``lora_dash.md`` §4):
+    LoRA-Init (reconstruction, ``docs/methods.md#lora-init``):
         lora_init_estimator: ``"warmup"`` (δ from a short, discarded LoRA run) or ``"gradient"``
             (δ from the accumulated gradient, ΔW ≈ -∇W L).
         lora_init_steps: optimizer steps (warmup) or batches (gradient) of the estimate.
         lora_init_lr: learning rate of the discarded warm-up run.
 
-    EVA (Paischer et al. 2024, ``inits.md`` §1): eva_tau (cosine convergence threshold), eva_rho
+    EVA (Paischer et al. 2024, ``docs/methods.md#eva``): eva_tau (cosine convergence threshold), eva_rho
         (max rank per layer is round(rho * r)), eva_whiten, eva_max_batches (cap; peft has none),
         eva_use_label_mask.
 
-    LoRA-DA (arXiv 2510.24561, ``inits.md`` §2.2): lora_da_alpha (bias weight), lora_da_beta
+    LoRA-DA (arXiv 2510.24561, ``docs/methods.md#lora-da``): lora_da_alpha (bias weight), lora_da_beta
         (variance weight), lora_da_gamma (stable gamma), lora_da_num_samples (N samples for G and the
         Fisher factors), lora_da_population (N in the variance weight: the training-set size, as the
         reference uses; None falls back to lora_da_num_samples with a warning; the trainers pass their
@@ -111,41 +105,47 @@ class AdapterConfig:
         return self.alpha / self.r
 
     @property
+    def spec(self) -> Method:
+        """The registry entry of :attr:`method` (its init and traits)."""
+        return METHODS[self.method]
+
+    @property
     def uses_dash(self) -> bool:
-        return self.method in DASH_METHODS
+        return self.spec.dash_phase
 
     @property
     def needs_data(self) -> bool:
-        return self.method in DATA_METHODS
+        return self.spec.needs_data
 
     @property
     def residualises_base(self) -> bool:
-        return self.method in RESIDUAL_METHODS
+        return self.spec.residualises_base
 
     def validate(self) -> None:
-        """Raise ``ValueError`` naming the field for every value that cannot work."""
+        """Raise :class:`~shared.errors.InputError` (a ``ValueError``) naming the field for every value that cannot
+        work."""
         if self.method not in METHODS:
-            raise ValueError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
+            raise InputError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
         _positive_int("r", self.r)
         if self.alpha <= 0:
-            raise ValueError(f"alpha must be > 0, got {self.alpha}")
+            raise InputError(f"alpha must be > 0, got {self.alpha}")
         if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+            raise InputError(f"dropout must be in [0, 1), got {self.dropout}")
         if self.dash_warmup_steps < 0:
-            raise ValueError(f"dash_warmup_steps (t) must be >= 0, got {self.dash_warmup_steps}")
+            raise InputError(f"dash_warmup_steps (t) must be >= 0, got {self.dash_warmup_steps}")
         if self.uses_dash and self.dash_warmup_steps == 0:
-            raise ValueError(
+            raise InputError(
                 "dash_warmup_steps (t) must be >= 1 for dash/tsd: the change rate is measured on the LoRA "
                 "update after t optimizer steps, and at step 0 that update is zero"
             )
         _positive_int("dash_directions", self.dash_directions)
         if self.lora_init_estimator not in ("warmup", "gradient"):
-            raise ValueError(f"lora_init_estimator must be 'warmup' or 'gradient', got {self.lora_init_estimator!r}")
+            raise InputError(f"lora_init_estimator must be 'warmup' or 'gradient', got {self.lora_init_estimator!r}")
         _positive_int("lora_init_steps", self.lora_init_steps)
         if not 0.0 <= self.eva_tau <= 1.0:
-            raise ValueError(f"eva_tau must be in [0, 1], got {self.eva_tau}")
+            raise InputError(f"eva_tau must be in [0, 1], got {self.eva_tau}")
         if self.eva_rho < 1.0:
-            raise ValueError(f"eva_rho must be >= 1, got {self.eva_rho}")
+            raise InputError(f"eva_rho must be >= 1, got {self.eva_rho}")
         _positive_int("eva_max_batches", self.eva_max_batches)
         _positive_int("lora_da_num_samples", self.lora_da_num_samples)
         _positive_int("lora_ga_batches", self.lora_ga_batches)
@@ -154,9 +154,9 @@ class AdapterConfig:
         if self.lora_da_population is not None:
             _positive_int("lora_da_population", self.lora_da_population)
         if self.lora_da_gamma <= 0:
-            raise ValueError(f"lora_da_gamma must be > 0, got {self.lora_da_gamma}")
+            raise InputError(f"lora_da_gamma must be > 0, got {self.lora_da_gamma}")
         if isinstance(self.target_modules, (list, tuple)) and not self.target_modules:
-            raise ValueError("target_modules is an empty list; name at least one module")
+            raise InputError("target_modules is an empty list; name at least one module")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -169,10 +169,10 @@ class AdapterConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
-            raise ValueError(f"unknown AdapterConfig field(s): {', '.join(unknown)}")
+            raise InputError(f"unknown AdapterConfig field(s): {', '.join(unknown)}")
         return cls(**d)
 
 
 def _positive_int(name: str, value: int) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        raise InputError(f"{name} must be a positive integer, got {value!r}")

@@ -1,7 +1,7 @@
 """The one exception type for bad input a user can fix: a flag, a file, a data row, a launch.
 
 The command-line apps print its message alone, once (from the main process), and exit with status 2
-(:func:`shared.launch.run_cli`); any other exception is a bug and keeps its traceback. It is a ``ValueError``,
+(:func:`tsd_common.launch.run_cli`); any other exception is a bug and keeps its traceback. It is a ``ValueError``,
 so code that catches ``ValueError`` keeps working.
 """
 

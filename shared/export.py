@@ -18,7 +18,8 @@ from typing import Any, Iterable, Mapping
 import torch
 
 from .io import atomic_write_json, save_safetensors
-from .layers import full_tensor, is_sharded
+from .layers import is_sharded
+from .native import save_native
 
 FORMATS = ("peft", "diffusers", "kohya", "tsd")
 #: kohya's component prefixes for the diffusers component names
@@ -52,8 +53,6 @@ def export_lora(adapter: Any, out_dir: str | Path, format: str = "peft", *, pref
     if write:
         out.mkdir(parents=True, exist_ok=True)
     if format == "tsd":
-        from .checkpoint import save_native
-
         save_native(_single(adapter, format), out, write)
     elif format == "peft":
         _write_peft(_single(adapter, format), out, base_model_name_or_path, task_type, dtype, write)
@@ -87,17 +86,6 @@ def rank_config(ranks: Mapping[str, int]) -> dict[str, Any]:
     return {"r": common, "lora_alpha": common, "rank_pattern": pattern, "alpha_pattern": dict(pattern)}
 
 
-def _modules_to_save_state(adapter: Any) -> dict[str, torch.Tensor]:
-    from peft.utils import ModulesToSaveWrapper
-
-    out = {}
-    for name, module in adapter.model.named_modules():
-        if isinstance(module, ModulesToSaveWrapper):
-            for key, t in module.modules_to_save[adapter.adapter_name].state_dict().items():
-                out[f"{name}.{key}"] = full_tensor(t)
-    return out
-
-
 def _write_peft(adapter: Any, out: Path, base: str | None, task_type: str | None, dtype: torch.dtype,
                 write: bool) -> None:
     from peft import LoraConfig
@@ -107,7 +95,7 @@ def _write_peft(adapter: Any, out: Path, base: str | None, task_type: str | None
     for name, (A, B) in folded.items():
         tensors[f"base_model.model.{name}.lora_A.weight"] = A
         tensors[f"base_model.model.{name}.lora_B.weight"] = B
-    for key, t in _modules_to_save_state(adapter).items():
+    for key, t in adapter.modules_to_save_state().items():
         tensors[f"base_model.model.{key}"] = t
     cfg = LoraConfig(target_modules=sorted(folded), modules_to_save=adapter.config.modules_to_save,
                      init_lora_weights=True, base_model_name_or_path=base, task_type=task_type,

@@ -129,7 +129,9 @@ def batch_size_of(batch: Any) -> int:
     return 1
 
 
-def _select(t: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+def masked_rows(t: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """The rows of ``t`` (… × d) at the positions ``mask`` keeps (when its shape is ``t``'s leading dims), as an
+    fp32 matrix N × d: what the accumulators see of a layer's inputs or output gradients."""
     if mask is not None and t.dim() >= 2 and tuple(t.shape[:-1]) == tuple(mask.shape):
         t = t[mask.to(t.device)]
     return t.reshape(-1, t.shape[-1]).to(torch.float32)
@@ -198,11 +200,11 @@ def collect(
                     return
                 missing[name] -= 1
             graph = needs_grad and isinstance(output, torch.Tensor) and output.requires_grad
-            block = [_select(x.detach(), state["mask"]), None, graph]
+            block = [masked_rows(x.detach(), state["mask"]), None, graph]
             blocks.setdefault(name, []).append(block)
             if graph:
                 mask = state["mask"]
-                output.register_hook(lambda g: block.__setitem__(1, _select(g.detach(), mask)))
+                output.register_hook(lambda g: block.__setitem__(1, masked_rows(g.detach(), mask)))
             elif needs_grad:
                 missing[name] = missing.get(name, 0) + 1
 

@@ -125,7 +125,7 @@ def test_subject_cell_trains_and_scores_the_toy_car(tmp_path: Path):
 
 @pytest.mark.parametrize("model", sorted(text_quality.TASKS))
 def test_text_tasks_name_assets_the_fetcher_knows(model: str):
-    from scripts.fetch_assets import ASSETS
+    from tsd_common.assets import ASSETS
 
     spec = text_quality.TASKS[model]
     assert spec["asset"] in ASSETS and spec["data"][0] in ASSETS
@@ -135,7 +135,7 @@ def test_text_tasks_name_assets_the_fetcher_knows(model: str):
 @pytest.mark.real_assets
 @pytest.mark.parametrize("model", sorted(text_quality.TASKS))
 def test_text_cell_trains_the_real_model_on_its_task(tmp_path: Path, model: str):
-    from scripts.fetch_assets import AssetMissingError, require_asset
+    from tsd_common.assets import AssetMissingError, require_asset
 
     try:
         for asset in (text_quality.TASKS[model]["asset"], text_quality.TASKS[model]["data"][0]):

@@ -74,7 +74,7 @@ def test_text_trainer_names_a_missing_data_file(tmp_path):
 def test_a_bug_keeps_its_traceback():
     """Only InputError is turned into one line: anything else is a bug and must show where it happened."""
     from shared.errors import InputError
-    from shared.launch import run_cli
+    from tsd_common.launch import run_cli
 
     with pytest.raises(SystemExit) as stop:
         run_cli(lambda: (_ for _ in ()).throw(InputError("bad flag")))

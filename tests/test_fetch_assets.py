@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-import scripts.fetch_assets as F
+import tsd_common.assets as F
 from tsd_text.data import load_mc
 
 # ---------------------------------------------------------------------------------------------- a synthetic wheel

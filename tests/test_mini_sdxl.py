@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from scripts.fetch_assets import asset_path
+from tsd_common.assets import asset_path
 from tsd_diffusion import evaluation as ev
 from tsd_diffusion import mini_sdxl as mini
 

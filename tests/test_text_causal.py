@@ -4,7 +4,7 @@ length-normalised log-likelihood scoring against a brute-force per-choice, per-t
 import pytest
 import torch
 
-from scripts.fetch_assets import asset_path
+from tsd_common.assets import asset_path
 from tsd_text import causal
 from tsd_text.data import MCExample
 from tsd_text.tiny import tiny_model, word_tokenizer

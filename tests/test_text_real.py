@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from scripts.fetch_assets import AssetMissingError, require_asset
+from tsd_common.assets import AssetMissingError, require_asset
 from tsd_text import causal
 from tsd_text.data import load_mc
 from tsd_text.train import main, parse_args

@@ -10,7 +10,7 @@ import torch
 
 import shared
 from conftest import NEEDS_CUDA
-from scripts.fetch_assets import asset_path
+from tsd_common.assets import asset_path
 from tsd_text import causal
 from tsd_text.data import ensure_pad_token, load_mc
 from tsd_text.tiny import save_tiny_model, toy_mc_task, word_tokenizer, write_toy_classification, write_toy_mc

@@ -356,7 +356,7 @@ def test_two_process_gloo_run_switches_identically(tmp_path):
 
 
 def test_launch_check_refuses_split_runs(monkeypatch):
-    from shared.launch import check_launch
+    from tsd_common.launch import check_launch
 
     class One:
         num_processes = 1
@@ -367,7 +367,7 @@ def test_launch_check_refuses_split_runs(monkeypatch):
 
 
 def test_launch_check_refuses_a_cpu_launch_that_started_one_of_n(monkeypatch):
-    from shared.launch import check_launch
+    from tsd_common.launch import check_launch
 
     class One:
         num_processes = 1
@@ -387,7 +387,7 @@ def test_launch_check_refuses_parameter_sharding(monkeypatch):
 
     from accelerate.utils import DistributedType
 
-    from shared.launch import check_launch
+    from tsd_common.launch import check_launch
 
     monkeypatch.delenv("WORLD_SIZE", raising=False)
 

@@ -32,6 +32,8 @@ from PIL import Image, ImageDraw
 
 from shared.export import DIFFUSERS_WEIGHT_NAME
 
+from shared.methods import names
+
 from .mini_sdxl import CLASSES, EVALUATION_DIR, MINI_NAME
 from .tiny import resolve_pretrained
 
@@ -218,7 +220,7 @@ class AdapterInfo:
         ranks = "" if self.ranks is None else (str(self.ranks[0]) if self.ranks[0] == self.ranks[1]
                                                else f"{self.ranks[0]}-{self.ranks[1]}")
         return [self.name, "loaded" if self.loaded else "not loaded", self.method, ta.get("rank", ""), ranks,
-                ta.get("dash_directions", "") if self.method in ("dash", "tsd") else "", self.layers,
+                ta.get("dash_directions", "") if self.method in names(dash_phase=True) else "", self.layers,
                 self.parameters, round(self.size_bytes / 2**20, 3), ta.get("max_train_steps", ""),
                 ta.get("instance_prompt", ""), *self.validation_scores(), self.message]
 

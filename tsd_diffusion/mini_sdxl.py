@@ -233,7 +233,8 @@ def materialize_replay_prior(per_class: int = 100, cache_dir: str | Path | None 
 
     from PIL import Image
 
-    from .tiny import build_cached_dir, tiny_cache_dir
+    from tsd_common.cache import build_cached_dir
+    from tsd_common.cache import cache_dir as default_cache_dir
 
     source = WEIGHTS_DIR / REPLAY_PRIOR_FILE
     images, labels, captions = load_class_set(source)
@@ -241,7 +242,7 @@ def materialize_replay_prior(per_class: int = 100, cache_dir: str | Path | None 
     if not 1 <= per_class <= have:
         raise ValueError(f"per_class must be in [1, {have}] (what {source.name} holds), got {per_class}")
     digest = hashlib.sha256(source.read_bytes()).hexdigest()[:12]
-    root = Path(cache_dir).expanduser().resolve() if cache_dir is not None else tiny_cache_dir()
+    root = Path(cache_dir).expanduser().resolve() if cache_dir is not None else default_cache_dir()
 
     def build(out: Path, _: Path) -> None:
         rows = []

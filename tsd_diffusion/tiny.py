@@ -32,15 +32,12 @@ import json
 import os
 import re
 import shutil
-import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable
-
-from filelock import FileLock  # cross-process lock; a dependency of torch and huggingface_hub
 
 from shared.errors import InputError, MissingInputError
-from shared.io import UMASK
+from tsd_common.cache import build_cached_dir, is_complete
+from tsd_common.cache import cache_dir as default_cache_dir
 
 from .mini_sdxl import MINI_NAME, TOKENIZER_DIRS, WEIGHTS_DIR
 
@@ -51,12 +48,10 @@ __all__ = [
     "materialize_tiny_sdxl",
     "make_subject_images",
     "resolve_pretrained",
-    "tiny_cache_dir",
 ]
 
 EMBEDDED_NAME = "tsd-lora/tiny-sdxl"
 TINY_SDXL_VERSION = 1  # bump when the configs below change: the cache dir name carries it
-DONE = "done"
 INFO_FILE = "tsd_tiny_sdxl.json"
 BUILD_COUNT = 0  # how many pipelines this process has built (tests use it to check cache hits)
 
@@ -65,26 +60,6 @@ TE1_HIDDEN, TE2_HIDDEN, TE2_PROJ = 32, 48, 48
 TIME_EMBED_DIM = 8
 CLIP_TOKENIZER_DIR = WEIGHTS_DIR / TOKENIZER_DIRS[0]  # the real CLIP BPE (vocab.json, merges.txt)
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*(/[\w.\-]+)?$")
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# cache dir + tokenizer
-# --------------------------------------------------------------------------------------------------------------------
-
-
-def tiny_cache_dir() -> Path:
-    """``$TSD_CACHE``, else ``$XDG_CACHE_HOME/tsd-lora``, else ``~/.cache/tsd-lora`` (same as scripts.fetch_assets)."""
-    try:
-        from scripts.fetch_assets import cache_dir
-
-        return cache_dir()
-    except ImportError:
-        env = os.environ.get("TSD_CACHE")
-        if env:
-            return Path(env).expanduser().resolve()
-        xdg = os.environ.get("XDG_CACHE_HOME")
-        base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
-        return (base / "tsd-lora").resolve()
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -138,14 +113,14 @@ def build_tiny_sdxl_pipeline(tokenizer_dir: str | os.PathLike, seed: int = 0):
 def materialize_tiny_sdxl(cache_dir: str | os.PathLike | None = None, seed: int = 0) -> Path:
     """Build the embedded tiny SDXL pipeline once and return its directory (a ``from_pretrained``-able snapshot).
 
-    ``cache_dir``: default :func:`tiny_cache_dir`. The tokenizers are the shipped CLIP BPE files
+    ``cache_dir``: default :func:`tsd_common.cache.cache_dir`. The tokenizers are the shipped CLIP BPE files
     (:data:`CLIP_TOKENIZER_DIR`). A second call returns the cached dir without rebuilding (see the module docstring).
     """
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise ValueError(f"seed must be an int >= 0, got {seed!r}")
-    root = Path(cache_dir).expanduser().resolve() if cache_dir is not None else tiny_cache_dir()
+    root = Path(cache_dir).expanduser().resolve() if cache_dir is not None else default_cache_dir()
     final = root / (f"tiny-sdxl-v{TINY_SDXL_VERSION}" + ("" if seed == 0 else f"-seed{seed}"))
-    if (final / DONE).is_file():
+    if is_complete(final):
         return final
     t0 = time.time()
 
@@ -178,40 +153,6 @@ def materialize_tiny_sdxl(cache_dir: str | os.PathLike | None = None, seed: int 
         BUILD_COUNT += 1
 
     return build_cached_dir(final, build, {"name": EMBEDDED_NAME, "version": TINY_SDXL_VERSION})
-
-
-def build_cached_dir(final: Path, build: Callable[[Path, Path], None], marker: dict[str, Any]) -> Path:
-    """Return ``final``, building it first unless it is complete (has a ``done`` marker).
-
-    ``build(out, scratch)`` fills ``out``; both are inside a temp dir next to ``final``, which is renamed into place
-    only when the build finished (a per-dir file lock serialises concurrent builders; leftovers of an interrupted
-    build are removed), so ``final`` is either complete or absent.
-    """
-    if (final / DONE).is_file():
-        return final
-    root = final.parent
-    root.mkdir(parents=True, exist_ok=True)
-    with FileLock(root / f".{final.name}.lock"):
-        if (final / DONE).is_file():  # another process built it while we waited
-            return final
-        for stale in root.glob(f".{final.name}.tmp-*"):  # leftovers of an interrupted build (we hold the lock)
-            shutil.rmtree(stale, ignore_errors=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=root))
-        try:
-            out = tmp / "out"
-            out.mkdir()
-            (tmp / "scratch").mkdir()
-            build(out, tmp / "scratch")
-            (out / DONE).write_text(json.dumps(marker) + "\n")
-            os.chmod(out, 0o777 & ~UMASK)  # mkdtemp made it 0700
-            if final.exists():  # an incomplete dir without `done` (e.g. made by hand): replace it
-                old = Path(tempfile.mkdtemp(prefix=f".{final.name}.old-", dir=root))
-                os.replace(final, old / "x")
-                shutil.rmtree(old, ignore_errors=True)
-            os.replace(out, final)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-    return final
 
 
 def resolve_pretrained(name_or_path: str | os.PathLike) -> str:

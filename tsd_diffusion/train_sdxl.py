@@ -27,10 +27,10 @@ import torch
 import torch.nn.functional as F
 
 import shared
-from shared.checkpoint import resolve_resume, save_training_checkpoint
+from tsd_common.checkpoints import resolve_resume, save_training_checkpoint
 from shared.errors import InputError
 from shared.io import atomic_write_json, atomic_write_text
-from shared.launch import check_launch
+from tsd_common.launch import check_launch
 
 from .class_images import missing_class_images, sample_class_images
 from .data import INTERPOLATIONS, DreamBoothDataset, LatentCache, collate, image_candidates, validate_resolution
@@ -499,7 +499,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         return parts.sample_latents(params.to(accelerator.device)).to(weight_dtype)
 
     # adapters: restored exactly from a checkpoint, or attached (data-driven inits read instance batches)
-    te_method = "dash" if args.method in ("dash", "tsd") else "lora"
+    te_method = "dash" if shared.METHODS[args.method].dash_phase else "lora"
     if resume_dir is not None:
         adapters = {"unet": shared.load(parts.unet, resume_dir / "unet")}
         if args.train_text_encoder:
@@ -507,7 +507,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
                 adapters[name] = shared.load(enc, resume_dir / name)
     else:
         stats = (_statistics_batches(dataset, args, condition, latents_for, accelerator.device, weight_dtype)
-                 if args.method in _DATA_METHODS else None)
+                 if shared.METHODS[args.method].needs_data else None)
         gen = torch.Generator(device=accelerator.device)
 
         def forward_fn(unet, batch):
@@ -638,9 +638,6 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
             atomic_write_json(output_dir / "dash_switch.json", switch_record)
     accelerator.end_training()
     return summary
-
-
-_DATA_METHODS = {"eva", "lora_da", "lora_init", "tsd", "lora_ga"}
 
 
 def _check_switch_agrees(accelerator, adapter) -> dict[str, Any]:

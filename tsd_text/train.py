@@ -56,10 +56,10 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 import shared
-from shared.checkpoint import resolve_resume, save_training_checkpoint
+from tsd_common.checkpoints import resolve_resume, save_training_checkpoint
 from shared.errors import InputError
 from shared.io import atomic_write_json, atomic_write_text
-from shared.launch import check_launch
+from tsd_common.launch import check_launch
 
 from . import causal, classification
 from .data import TaskData, ensure_pad_token, load_mc, load_text, train_eval_split

@@ -1,1 +1,1 @@
-"""Data-driven initialisations: EVA, LoRA-DA and LoRA-Init (TSD-guided), all on :mod:`shared.statistics`."""
+"""One init per method of the core, each registered in :data:`shared.methods.METHODS` with its traits."""

@@ -14,14 +14,17 @@ from __future__ import annotations
 
 import itertools
 import warnings
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
-from ..config import AdapterConfig
-from ..layers import in_out_features
+from ..injection import inject, set_lora
+from ..layers import in_out_features, iter_lora_layers
 from ..statistics import ForwardFn, collect, shared_input_groups, token_mask
+
+if TYPE_CHECKING:
+    from ..config import AdapterConfig
 
 
 class EvaPCA:
@@ -123,3 +126,14 @@ def eva_components(model: nn.Module, targets: dict[str, nn.Module], config: Adap
             A = A / ipca.singular_values_[:r].sqrt().unsqueeze(1)
         out[name] = A
     return out
+
+
+def init_eva(model: nn.Module, config: AdapterConfig, targets: dict[str, nn.Module], batches: list[Any],
+             forward_fn: ForwardFn, adapter_name: str, progress: bool) -> None:
+    """EVA: A = the top right-singular vectors of each layer's inputs, B = 0, ranks redistributed by explained
+    variance (layers that get rank 0 are not adapted)."""
+    comps = eva_components(model, targets, config, batches, forward_fn, progress)
+    inject(model, config, sorted(comps), adapter_name, ranks={n: a.shape[0] for n, a in comps.items()})
+    for name, layer in iter_lora_layers(model, adapter_name):
+        set_lora(layer, adapter_name, comps[name], torch.zeros_like(layer.lora_B[adapter_name].weight))
+

@@ -27,14 +27,17 @@ from __future__ import annotations
 
 import itertools
 import warnings
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
-from ..config import AdapterConfig
-from ..layers import in_out_features
+from ..injection import inject, set_lora
+from ..layers import in_out_features, iter_lora_layers
 from ..statistics import FisherGradient, ForwardFn, batch_size_of, collect, gradient_mask, shared_input_groups
+
+if TYPE_CHECKING:
+    from ..config import AdapterConfig
 
 
 def damped_cholesky(Z: torch.Tensor, damping: float, where: str = "") -> torch.Tensor:
@@ -126,3 +129,13 @@ def lora_da_init(model: nn.Module, targets: dict[str, nn.Module], config: Adapte
                                         beta=config.lora_da_beta, gamma=config.lora_da_gamma, population=population,
                                         damping=config.lora_da_damping, where=f" ({name})")
     return out
+
+
+def init_lora_da(model: nn.Module, config: AdapterConfig, targets: dict[str, nn.Module], batches: list[Any],
+                 forward_fn: ForwardFn, adapter_name: str, progress: bool) -> None:
+    """LoRA-DA: the closed-form factors of :func:`lora_da_factors` per layer; the base weight is not changed."""
+    factors = lora_da_init(model, targets, config, batches, forward_fn, progress)
+    inject(model, config, sorted(targets), adapter_name)
+    for name, layer in iter_lora_layers(model, adapter_name):
+        set_lora(layer, adapter_name, *factors[name])
+

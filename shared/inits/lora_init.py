@@ -17,13 +17,18 @@ choices made configurable:
 from __future__ import annotations
 
 import itertools
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
-from ..config import AdapterConfig
+from .. import tsd
+from ..injection import add_offset, inject, residualise, set_lora
+from ..layers import dense_weight, iter_lora_layers, nominal_scale
 from ..statistics import ForwardFn, WeightGradient, collect, gradient_mask, require_loss
+
+if TYPE_CHECKING:
+    from ..config import AdapterConfig
 
 
 def gradient_updates(model: nn.Module, targets: dict[str, nn.Module], config: AdapterConfig, batches: list[Any],
@@ -61,3 +66,43 @@ def tsd_init_factors(U: torch.Tensor, S: torch.Tensor, Vh: torch.Tensor, indices
     so γ B A = U_I Σ_I V_Iᵀ (the base is then residualised by ``shared.adapter.residualise``)."""
     root = (S[indices] / scale).sqrt()
     return root.unsqueeze(1) * Vh[indices], U[:, indices] * root.unsqueeze(0)
+
+
+@torch.no_grad()
+def init_lora_init(model: nn.Module, config: AdapterConfig, targets: dict[str, nn.Module], batches: list[Any],
+                   forward_fn: ForwardFn, adapter_name: str, progress: bool) -> None:
+    """LoRA-Init (and LoRA-TSD's init): estimate δ, init on the top-r non-null directions, residualise W.
+
+    A weight with fewer than r non-null directions (:func:`shared.tsd.non_null`) keeps peft's default init
+    (random A, B = 0) in the remaining rank slots: they start at zero update and train as plain LoRA.
+    """
+    names = sorted(targets)
+    dense = None
+    if config.lora_init_estimator == "gradient":
+        with torch.enable_grad():
+            dense = gradient_updates(model, targets, config, batches, forward_fn, progress)
+    inject(model, config, names, adapter_name)
+    layers = dict(iter_lora_layers(model, adapter_name))
+    # peft's default init (random A, B = 0), kept for the slots no non-null direction fills
+    fresh = {n: (layer.lora_A[adapter_name].weight.clone(), layer.lora_B[adapter_name].weight.clone())
+             for n, layer in layers.items()}
+    if dense is None:
+        with torch.enable_grad():
+            params = [p for layer in layers.values() for p in
+                      (layer.lora_A[adapter_name].weight, layer.lora_B[adapter_name].weight)]
+            warmup_lora(model, params, config, batches, forward_fn, progress)
+        warm = {n: (nominal_scale(layer, adapter_name) * layer.lora_B[adapter_name].weight.float(),
+                    layer.lora_A[adapter_name].weight.float()) for n, layer in layers.items()}
+
+    def weight_of(name: str) -> torch.Tensor:
+        return dense_weight(layers[name].get_base_layer())
+
+    for name, U, S, Vh in tsd.iter_svd(names, weight_of, lambda n: tuple(weight_of(n).shape)):
+        layer = layers[name]
+        ds = ((U.T @ dense[name]) * Vh).sum(1) if dense is not None else tsd.delta_sigma(U, Vh, *warm[name])
+        valid = tsd.non_null(S, tuple(weight_of(name).shape))
+        idx = tsd.select_directions(tsd.change_rate(S, ds, config.dash_eps), config.r, valid)
+        A, B = fresh[name]
+        A[: idx.numel()], B[:, : idx.numel()] = tsd_init_factors(U, S, Vh, idx, nominal_scale(layer, adapter_name))
+        set_lora(layer, adapter_name, A, B)
+        residualise(layer, add_offset(layer, adapter_name))

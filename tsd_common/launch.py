@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 from typing import Any, Callable
 
-from .errors import InputError
+from shared.errors import InputError
 
 CPU_LAUNCH_HINT = (
     "on CPU, launch several processes with `ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes N "
