@@ -51,18 +51,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+import torch
+from torch import nn
 
-import torch  # noqa: E402
-from torch import nn  # noqa: E402
+import shared
+
+from .report import machine_info, write_result
 
 REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
-
-import shared  # noqa: E402
-from benchmarks.report import machine_info, write_result  # noqa: E402
 
 METHODS = ("peft", "lora", "dash")
 R, ALPHA, S, T = 8, 16.0, 8, 2

@@ -58,12 +58,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from .report import machine_info, write_result
+
 REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
-
-from benchmarks.report import machine_info, write_result  # noqa: E402
-
 DEFAULT_OUT = REPO / "benchmarks" / "results" / "sdxl_throughput.json"
 RESOLUTION, BATCH, RANK, N_IMAGES, IMAGE_SIZE = 64, 4, 4, 5, 96
 LR, WEIGHT_DECAY = 1e-3, 1e-4

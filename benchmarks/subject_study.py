@@ -12,8 +12,9 @@ A ``base`` cell scores the untrained pipeline on the same prompts and seeds (the
 the probe's negatives are the base's own generations of the ten classes, shipped with it.
 
 Subjects: ``car``, the toy car the project draws (``tsd_diffusion.tiny.make_subject_images(subject="car")``), and
-the real DreamBooth photos ``cat`` and ``dog`` of ``../shared/data/dreambooth`` (CC BY 4.0, read in place and
-downscaled by the trainer; absent data -> the cell is skipped with the reason).
+the real DreamBooth photos ``cat`` and ``dog`` (the DreamBooth data set, CC BY 4.0) from the folder
+``$TSD_DREAMBOOTH_DATA`` names (read in place and downscaled by the trainer; absent data -> the cell is skipped with
+the reason).
 """
 
 from __future__ import annotations
@@ -37,10 +38,9 @@ class SkipCell(RuntimeError):
 
 
 def dreambooth_data_dir() -> Path | None:
-    """``$TSD_DREAMBOOTH_DATA``, else ``../shared/data/dreambooth`` beside the repository, if it exists."""
+    """The folder ``$TSD_DREAMBOOTH_DATA`` names (the DreamBooth data set's subject folders), if it exists."""
     env = os.environ.get("TSD_DREAMBOOTH_DATA")
-    path = Path(env) if env else Path(__file__).resolve().parents[2] / "shared" / "data" / "dreambooth"
-    return path if path.is_dir() else None
+    return Path(env) if env and Path(env).is_dir() else None
 
 
 def subject_photos(subject: str, work: Path) -> Path:
@@ -52,8 +52,8 @@ def subject_photos(subject: str, work: Path) -> Path:
         return work / "car_photos"
     root = dreambooth_data_dir()
     if root is None or not (root / subject).is_dir():
-        raise SkipCell(f"the DreamBooth photos of {subject!r} are not here (../shared/data/dreambooth or "
-                       "$TSD_DREAMBOOTH_DATA)")
+        raise SkipCell(f"the DreamBooth photos of {subject!r} are not here: set TSD_DREAMBOOTH_DATA to a folder "
+                       "holding the DreamBooth data set's subject folders")
     return root / subject
 
 

@@ -11,14 +11,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import shared  # noqa: E402
+import shared
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]  # the paper's commonsense targets
 

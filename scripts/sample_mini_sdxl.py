@@ -29,10 +29,6 @@ from shared.io import atomic_write_text
 from tsd_diffusion import evaluation as ev
 from tsd_diffusion import mini_sdxl as mini
 
-SETS = {  # file in the weights dir -> (seed, captions from the pretraining templates)
-    mini.REPLAY_PRIOR_FILE: (1, True),
-    mini.REFERENCE_FILE: (2, False),
-}
 CARD_SECTION = "## Shipped sample sets"
 
 
@@ -40,7 +36,7 @@ def write_card_section(card: Path, infos: dict[str, dict]) -> None:
     """Replace the model card's sample-set section (everything from :data:`CARD_SECTION` on)."""
     head = card.read_text().split(CARD_SECTION)[0].rstrip() if card.is_file() else "# mini SDXL"
     rows = [f"| `{file}` | {i['seed']} | {i['per_class'] * 10} ({i['per_class']} per class) | "
-            f"{'the four pretraining templates' if SETS[file][1] else 'a photo of a {class}'} | "
+            f"{'the four pretraining templates' if mini.SAMPLE_SETS[file][1] else 'a photo of a {class}'} | "
             f"{i['classifier_accuracy']:.3f} |" for file, i in infos.items()]
     first = next(iter(infos.values()))
     atomic_write_text(card, f"""{head}
@@ -71,7 +67,7 @@ def main(argv: list[str] | None = None) -> None:
     pipe.set_progress_bar_config(disable=True)
     classifier = ev.load_classifier(args.weights_dir / mini.EVALUATION_DIR)
     infos = {}
-    for file, (seed, templates) in SETS.items():
+    for file, (seed, templates) in mini.SAMPLE_SETS.items():
         t0 = time.time()
         images, labels, captions = mini.sample_class_set(pipe, args.per_class, seed, templates=templates,
                                                          batch_size=args.batch_size)

@@ -117,7 +117,7 @@ class Adapter:
 
     @torch.no_grad()
     def switch(self, optimizer: torch.optim.Optimizer | None = None) -> None:
-        """The LoRA-Dash switch (``lora_dash.md`` §2.1 and §9.3), once per layer.
+        """The LoRA-Dash switch (``docs/methods.md#lora-dash``), once per layer.
 
         SVD of the original W (fp32, batched by shape), Δσ of the update since the original base from its
         factors, δ = |Δσ| / (σ + eps), I = top-s(δ) among the non-null directions (:func:`shared.tsd.non_null`);
@@ -206,7 +206,7 @@ class Adapter:
     def folded_factors(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
         """(A', B') of a plain LoRA with scale 1 whose B'A' is the whole update against the original base.
 
-        Dash folds to [γB | U_I diag(λ)] [A ; V_Iᵀ] (``lora_dash.md`` §7); residualised inits add the
+        Dash folds to [γB | U_I diag(λ)] [A ; V_Iᵀ] (``docs/methods.md#lora-dash``); residualised inits add the
         -γ₀B₀, A₀ block (peft's ``subtract_mutated_init`` trick). The adapter as trained: a runtime scale ρ on the
         live model corresponds to loading this export at scale ρ.
         """

@@ -1,4 +1,4 @@
-"""The LoRA-Dash term (Si et al., arXiv 2409.01035, Sec. 4; ``lora_dash.md`` §2.1).
+"""The LoRA-Dash term (Si et al., arXiv 2409.01035, Sec. 4; ``docs/methods.md#lora-dash``).
 
 After the switch a LoRA layer computes
 
@@ -95,7 +95,7 @@ def _layout_like(param: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
 
 
 class DashVariant(LoraVariant):
-    """peft LoRA variant computing LoRA and dash in one low-rank product (``lora_dash.md`` §7).
+    """peft LoRA variant computing LoRA and dash in one low-rank product (the folding of ``docs/methods.md#lora-dash``).
 
     After the switch, with dropout off (p = 0 or eval), the update is one rank-(r+s) product
 

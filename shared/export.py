@@ -4,7 +4,7 @@ Every layer is written as (A', B') with scale 1 and B'A' = W_eff - W_original (:
 dash folds to rank r+s, base-mutating inits to 2r (+s), so the file reproduces the trained model on the
 *original* base exactly. The config written is minimal and explicit (``lora_alpha`` = rank per layer,
 ``init_lora_weights: true``): a data-driven init name there would make peft or diffusers re-run that init
-on the loading model (``diffusers_gradio.md`` §2, "Trap").
+on the loading model (``docs/core.md#export-formats``).
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 It runs the user's ``forward_fn(model, batch) -> loss`` over a capped number of batches with hooks on
 the target layers, and hands each layer's masked inputs x (T × in) and, when asked, the gradients of
 the loss w.r.t. the layer outputs g (T × out) to streaming accumulators. The weight gradient is
-never materialised by autograd: ∂L/∂W = Σ_t g_t x_tᵀ comes from those two (``inits.md`` §5.1).
+never materialised by autograd: ∂L/∂W = Σ_t g_t x_tᵀ comes from those two (``docs/methods.md#method-notes``).
 
 Which positions t count. The gradient statistics sum over every attended position (``attention_mask``):
 with prompt-masked SFT labels the prompt positions still carry gradient through attention, and the loss at
@@ -88,7 +88,7 @@ def token_mask(batch: Any, use_label_mask: bool = True, ignore_index: int = -100
                shift: bool = False) -> torch.Tensor | None:
     """Positions that count: ``attention_mask`` and, if asked, a label mask.
 
-    The label mask is ``labels[t] != ignore_index`` (peft's EVA, ``inits.md`` §1.1 step 1) or, with ``shift``,
+    The label mask is ``labels[t] != ignore_index`` (peft's EVA, ``docs/methods.md#eva``) or, with ``shift``,
     ``labels[t + 1] != ignore_index``: the positions whose outputs the next-token loss reads.
     """
     if not isinstance(batch, Mapping):
@@ -312,7 +312,7 @@ def shared_input_groups(model: nn.Module, layers: dict[str, nn.Module], batch: A
 
 
 class InputSecondMoment:
-    """Z = (1/T) Σ_t x_t x_tᵀ, uncentered (LoRA-DA's K-FAC input factor, ``inits.md`` §2.2 step 2)."""
+    """Z = (1/T) Σ_t x_t x_tᵀ, uncentered (LoRA-DA's K-FAC input factor, ``docs/methods.md#lora-da``)."""
 
     needs_grad = False
 
@@ -350,7 +350,7 @@ class WeightGradient:
 
 
 class FisherGradient:
-    """Mean weight gradient G = ∂L/∂W, K-FAC factors Z and diag(Y) (``inits.md`` §2.2 steps 1-3).
+    """Mean weight gradient G = ∂L/∂W, K-FAC factors Z and diag(Y) (``docs/methods.md#lora-da``).
 
     Output gradients are rescaled by the batch size, so y estimates the per-sample empirical Fisher for
     a batch-mean loss (the reference runs batch size 1). Layers with identical inputs (q/k/v, gate/up) share

@@ -1,6 +1,6 @@
 """Task-specific directions (TSD): the math of Si et al., arXiv 2409.01035, and its diagnostics.
 
-Notation (``lora_dash.md`` §1): a frozen weight W ∈ R^{n×m} (out × in) with thin SVD W = U Σ Vᵀ,
+Notation (``docs/methods.md#lora-dash``): a frozen weight W ∈ R^{n×m} (out × in) with thin SVD W = U Σ Vᵀ,
 k = min(n, m). For an update ΔW the coordinates along the core directions u_i v_iᵀ are
 
     Δσ_i = u_iᵀ ΔW v_i                      (Sec. 3, "change of the core bases")
@@ -11,7 +11,7 @@ and the task-specific directions are I = top-s(δ) over the numerically non-null
 ``numpy.linalg.matrix_rank``). Below that floor σ_i is rounding noise: δ_i would be ~|Δσ_i|/1e-7 and win
 every top-s, although such a direction's basis is arbitrary (fp32 and fp64 pick different ones). LoRA-Dash replaces the unknown ΔW* = W* - W by the
 LoRA update after t steps. The update is always given in factored form ΔW = P Q (P: n×q, Q: q×m), so
-Δσ = rowsum((UᵀP) ⊙ (Q V)ᵀ) costs O(k q (n + m)) and ΔW is never formed (``lora_dash.md`` §2.3.10).
+Δσ = rowsum((UᵀP) ⊙ (Q V)ᵀ) costs O(k q (n + m)) and ΔW is never formed (``docs/methods.md#lora-dash``).
 """
 
 from __future__ import annotations
@@ -80,7 +80,7 @@ def delta_sigma(U: Tensor, Vh: Tensor, P: Tensor, Q: Tensor) -> Tensor:
 
 
 def change_rate(sigma: Tensor, dsigma: Tensor, eps: float = 1e-8) -> Tensor:
-    """δ_i = |Δσ_i| / (σ_i + eps) (``lora_dash.md`` §1; eps guards rank-deficient W)."""
+    """δ_i = |Δσ_i| / (σ_i + eps) (``docs/methods.md#lora-dash``; eps guards rank-deficient W)."""
     return dsigma.abs() / (sigma.abs() + eps)
 
 
@@ -117,7 +117,7 @@ def energy_share(U_I: Tensor, Vh_I: Tensor, P: Tensor, Q: Tensor) -> float:
 
 @dataclass
 class LayerReport:
-    """Diagnostics of one adapted layer (``lora_dash.md`` §5)."""
+    """Diagnostics of one adapted layer (``docs/methods.md#lora-dash``)."""
 
     name: str
     sigma: Tensor

@@ -1,6 +1,6 @@
 """The mini SDXL building blocks and metrics (tsd_diffusion/mini_sdxl.py, tsd_diffusion/evaluation.py) against dense
 references, what ships with it (a complete pipeline dir, the real CLIP tokenizers, the sample sets made from the base
-itself), and scripts/pretrain_mini_sdxl.py: its UNet phase resumed from a checkpoint ends where an uninterrupted run
+itself), and the pretraining (tsd_diffusion/pretrain_mini.py): its UNet phase resumed from a checkpoint ends where an uninterrupted run
 ends."""
 
 import base64
@@ -113,7 +113,7 @@ def test_encode_latents_inverts_the_pipeline_decode_normalisation():
 def test_pretrain_unet_phase_resumes_exactly(tmp_path, monkeypatch):
     from safetensors.torch import load_file
 
-    from scripts import pretrain_mini_sdxl as P
+    from tsd_diffusion import pretrain_mini as P
     from shared.io import save_safetensors
 
     def prepare(work):
@@ -208,11 +208,9 @@ def test_shipped_sample_sets_are_what_the_sampler_makes_from_the_shipped_base():
     ``scripts/sample_mini_sdxl.py`` ran), matches the shipped files up to float noise across CPUs."""
     from diffusers import StableDiffusionXLPipeline
 
-    from scripts.sample_mini_sdxl import SETS
-
     pipe = StableDiffusionXLPipeline.from_pretrained(str(mini.WEIGHTS_DIR), dtype=torch.float32)
     pipe.set_progress_bar_config(disable=True)
-    for file, (seed, templates) in SETS.items():
+    for file, (seed, templates) in mini.SAMPLE_SETS.items():
         shipped, labels, captions = mini.load_class_set(mini.WEIGHTS_DIR / file)
         images, new_labels, new_captions = mini.sample_class_set(pipe, 1, seed, templates=templates, progress=False)
         assert new_captions == captions[:10] and new_labels.tolist() == labels[:10].tolist()

@@ -1,5 +1,5 @@
 """The mini SDXL: a 32x32 pipeline of the real SDXL architecture, pretrained on CIFAR-10 on a CPU by
-``scripts/pretrain_mini_sdxl.py`` and shipped complete with the package (``weights/mini-sdxl``; see
+``scripts/pretrain_mini_sdxl.py`` (:mod:`tsd_diffusion.pretrain_mini`) and shipped complete with the package (``weights/mini-sdxl``; see
 ``docs/mini_sdxl.md``).
 
 Every component is a stock class, loaded through ``StableDiffusionXLPipeline.from_pretrained(WEIGHTS_DIR)``:
@@ -45,6 +45,9 @@ REPLAY_PRIOR_FILE = "replay_prior.safetensors"  # in WEIGHTS_DIR
 REFERENCE_FILE = f"{EVALUATION_DIR}/reference_images.safetensors"  # in WEIGHTS_DIR
 SAMPLE_GUIDANCE = 5.0  # the pipeline's default guidance, as DreamBooth samples its class images
 SAMPLE_STEPS = 30  # Euler steps, as the pretraining evaluation
+#: the shipped sample sets (file in the weights dir -> seed, captions from the pretraining templates), as
+#: ``scripts/sample_mini_sdxl.py`` draws them with :func:`sample_class_set`
+SAMPLE_SETS = {REPLAY_PRIOR_FILE: (1, True), REFERENCE_FILE: (2, False)}
 
 TEXT_ENCODER_CONFIG = dict(vocab_size=49408, hidden_size=32, intermediate_size=64, num_attention_heads=2,
                            num_hidden_layers=2, max_position_embeddings=77, projection_dim=32, hidden_act="quick_gelu",

@@ -1,4 +1,4 @@
-"""EVA: Explained Variance Adaptation (Paischer et al., arXiv 2410.07170; ``inits.md`` §1.1).
+"""EVA: Explained Variance Adaptation (Paischer et al., arXiv 2410.07170; ``docs/methods.md#eva``).
 
 For every target layer the right singular vectors of its (masked) inputs are estimated by incremental
 PCA (peft's ``IncrementalPCA``, a port of sklearn's: centred, randomized SVD with a fixed seed). After

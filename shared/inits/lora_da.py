@@ -1,4 +1,4 @@
-"""LoRA-DA: data-aware initialisation (arXiv 2510.24561; closed form as in ``inits.md`` §2.2).
+"""LoRA-DA: data-aware initialisation (arXiv 2510.24561; closed form in ``docs/methods.md#lora-da``).
 
 Per layer, with G = E[∂L/∂W] (out × in), the K-FAC factors Z = E[x xᵀ] (in × in, uncentred) and
 Y = diag(E[g ⊙ g]) (out), all damped by λ:

@@ -1,6 +1,6 @@
 """LoRA-Init: LoRA initialised on the task-specific directions (Si et al., arXiv 2409.01035 v5).
 
-The paper body is not available; this is the reconstruction of ``lora_dash.md`` §4, with the open
+The paper body is not available; this is our reconstruction (``docs/methods.md#lora-init``), with the open
 choices made configurable:
 
 1. Estimate the change rates δ (:mod:`shared.tsd`) of every target weight, either from a short LoRA
