@@ -99,6 +99,19 @@ class Adapter:
             return True
         return False
 
+    def param_groups(self, lr: float, **options: Any) -> list[dict[str, Any]]:
+        """Optimizer parameter groups of :meth:`trainable_parameters`: everything at ``lr``, and the dash
+        coefficients λ in a group of their own at ``dash_lr_ratio * lr`` (one group when the ratio is 1 or the
+        method has no dash phase). ``options`` (e.g. ``weight_decay``) go into every group. Pass the result to any
+        torch optimizer; schedulers scale every group's lr alike, so the ratio holds throughout."""
+        params = self.trainable_parameters()
+        lam = {id(t.lam) for n in self.layers if (t := self.dash_term(n)) is not None}
+        ratio = self.config.dash_lr_ratio
+        if not lam or ratio == 1:
+            return [{"params": params, "lr": lr, **options}]
+        return [{"params": [p for p in params if id(p) not in lam], "lr": lr, **options},
+                {"params": [p for p in params if id(p) in lam], "lr": lr * ratio, **options}]
+
     def trainable_parameters(self) -> list[nn.Parameter]:
         """Every parameter of this adapter the optimizer needs from step 0: LoRA A/B, dash λ, modules_to_save."""
         from peft.utils import ModulesToSaveWrapper

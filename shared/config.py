@@ -33,6 +33,8 @@ class AdapterConfig:
         dash_warmup_steps: t, optimizer steps of plain LoRA before the switch.
         dash_directions: s, number of task-specific directions amplified per layer.
         dash_eps: eps in the change rate delta = |Δσ| / (σ + eps).
+        dash_lr_ratio: λ's learning rate is this ratio times the base learning rate (like LoRA+ for B);
+            1 is the method as published (:meth:`shared.Adapter.param_groups` builds the optimizer groups).
 
     LoRA-Init (reconstruction, ``docs/methods.md#lora-init``):
         lora_init_estimator: ``"warmup"`` (δ from a short, discarded LoRA run) or ``"gradient"``
@@ -69,6 +71,7 @@ class AdapterConfig:
     dash_warmup_steps: int = 100
     dash_directions: int = 8
     dash_eps: float = 1e-8
+    dash_lr_ratio: float = 1.0
 
     lora_init_estimator: str = "warmup"
     lora_init_steps: int = 20
@@ -139,6 +142,8 @@ class AdapterConfig:
                 "update after t optimizer steps, and at step 0 that update is zero"
             )
         _positive_int("dash_directions", self.dash_directions)
+        if not self.dash_lr_ratio > 0:
+            raise InputError(f"dash_lr_ratio must be > 0, got {self.dash_lr_ratio}")
         if self.lora_init_estimator not in ("warmup", "gradient"):
             raise InputError(f"lora_init_estimator must be 'warmup' or 'gradient', got {self.lora_init_estimator!r}")
         _positive_int("lora_init_steps", self.lora_init_steps)

@@ -229,3 +229,30 @@ def test_merge_and_unload_reproduces_adapted_model():
     merged = adapter.merge_and_unload()
     assert not any("lora" in n for n, _ in merged.named_parameters())
     torch.testing.assert_close(merged(**batches[0]).logits, out, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("ratio", [1.0, 10.0])
+def test_dash_lr_ratio_gives_lambda_its_own_learning_rate(ratio, tmp_path):
+    """λ's group runs at ratio × lr: Adam's first step after the switch moves every λ_i by lr_λ (its update is
+    lr · m̂/√v̂ = lr · sign(g) on a fresh state), while A and B keep lr; the ratio survives the native file."""
+    lr = 1e-3
+    adapter = shared.attach(tiny_llama(), _dash(t=2, dash_lr_ratio=ratio))
+    groups = adapter.param_groups(lr, weight_decay=0.0)
+    assert [g["lr"] for g in groups] == ([lr] if ratio == 1 else [lr, lr * ratio])
+    assert sum(len(g["params"]) for g in groups) == len(adapter.trainable_parameters())
+    opt = torch.optim.AdamW(groups, lr=lr, eps=1e-12)
+    batches = lm_batches()
+    for batch in batches[:3]:  # two steps to the switch, then one step that moves λ
+        adapter.model(**batch).loss.backward()
+        opt.step()
+        opt.zero_grad()
+        adapter.step(opt)
+    for name in adapter.dash_layers:
+        lam = adapter.dash_term(name).lam.detach()
+        moved = lam[lam != 0].abs()
+        assert moved.numel() > 0, name
+        torch.testing.assert_close(moved, torch.full_like(moved, lr * ratio), rtol=1e-3, atol=0)
+    shared.export_lora(adapter, tmp_path, format="tsd")
+    assert shared.load(tiny_llama(), tmp_path).config.dash_lr_ratio == ratio
+    with pytest.raises(ValueError, match="dash_lr_ratio must be > 0"):
+        _dash(dash_lr_ratio=0)
