@@ -3,12 +3,12 @@
     python scripts/sample_mini_sdxl.py [--weights_dir tsd_diffusion/weights/mini-sdxl] [--output_dir DIR] [--per_class 100]
 
 Both are generations of the shipped base itself (``tsd_diffusion.mini_sdxl.sample_class_set``: the stock
-pipeline, guidance 5, 30 Euler steps, one seeded generator per image), so the default DreamBooth run needs no
-download and no data set:
+pipeline, 30 Euler steps, one seeded generator per image; ``SAMPLE_SETS`` holds seeds and guidance), so the default
+DreamBooth run needs no download and no data set:
 
-- ``replay_prior.safetensors`` (seed 1): ``--per_class`` images of each CIFAR-10 class, captioned with the four
-  pretraining templates; the trainer's default ``--class_data_dir`` (``materialize_replay_prior``);
-- ``evaluation/reference_images.safetensors`` (seed 2, disjoint seeds): ``--per_class`` images of each class for
+- ``replay_prior.safetensors`` (seed 1, unguided): ``--per_class`` images of each CIFAR-10 class, captioned with the
+  four pretraining templates; the trainer's default ``--class_data_dir`` (``materialize_replay_prior``);
+- ``evaluation/reference_images.safetensors`` (seed 2, guidance 5): ``--per_class`` images of each class for
   ``a photo of a {class}``; the non-subject gallery of ``tsd_diffusion.evaluation.SubjectEvaluator``.
 
 Each file holds uint8 images, int64 labels and, in its metadata, the captions and how it was made (with the shipped
@@ -35,7 +35,7 @@ CARD_SECTION = "## Shipped sample sets"
 def write_card_section(card: Path, infos: dict[str, dict]) -> None:
     """Replace the model card's sample-set section (everything from :data:`CARD_SECTION` on)."""
     head = card.read_text().split(CARD_SECTION)[0].rstrip() if card.is_file() else "# mini SDXL"
-    rows = [f"| `{file}` | {i['seed']} | {i['per_class'] * 10} ({i['per_class']} per class) | "
+    rows = [f"| `{file}` | {i['seed']} | {i['guidance']:g} | {i['per_class'] * 10} ({i['per_class']} per class) | "
             f"{'the four pretraining templates' if mini.SAMPLE_SETS[file][1] else 'a photo of a {class}'} | "
             f"{i['classifier_accuracy']:.3f} |" for file, i in infos.items()]
     first = next(iter(infos.values()))
@@ -44,12 +44,13 @@ def write_card_section(card: Path, infos: dict[str, dict]) -> None:
 {CARD_SECTION}
 
 Generations of this base itself, written by `scripts/sample_mini_sdxl.py` ({first['date']}, {first['machine']}):
-the stock pipeline at guidance {first['guidance']:g}, {first['inference_steps']} Euler steps, one generator per image
-seeded `seed * 1000003 + i`; image i is class i mod 10. The DreamBooth default uses the first as its replay prior
-and the second as the non-subject gallery of its subject metrics, so it needs no data set and no download.
+the stock pipeline, {first['inference_steps']} Euler steps, one generator per image seeded `seed * 1000003 + i`;
+image i is class i mod 10. The DreamBooth default uses the first as its replay prior (unguided: the base's own
+conditional distribution) and the second as the non-subject gallery of its subject metrics (at the pipeline's
+default guidance, as validation draws), so it needs no data set and no download.
 
-| file | seed | images | captions | shipped classifier's accuracy on them |
-|---|---|---|---|---|
+| file | seed | guidance | images | captions | shipped classifier's accuracy on them |
+|---|---|---|---|---|---|
 """ + "\n".join(rows) + "\n")
 
 
@@ -67,12 +68,12 @@ def main(argv: list[str] | None = None) -> None:
     pipe.set_progress_bar_config(disable=True)
     classifier = ev.load_classifier(args.weights_dir / mini.EVALUATION_DIR)
     infos = {}
-    for file, (seed, templates) in mini.SAMPLE_SETS.items():
+    for file, (seed, templates, guidance) in mini.SAMPLE_SETS.items():
         t0 = time.time()
         images, labels, captions = mini.sample_class_set(pipe, args.per_class, seed, templates=templates,
-                                                         batch_size=args.batch_size)
+                                                         guidance=guidance, batch_size=args.batch_size)
         accuracy = ev.class_accuracy(classifier, mini.to_tensor(images), torch.from_numpy(labels))
-        info = {"seed": seed, "per_class": args.per_class, "guidance": mini.SAMPLE_GUIDANCE,
+        info = {"seed": seed, "per_class": args.per_class, "guidance": guidance,
                 "inference_steps": mini.SAMPLE_STEPS, "classifier_accuracy": round(accuracy, 4),
                 "wall_s": round(time.time() - t0, 1), "machine": f"{platform.machine()}, {torch.get_num_threads()} threads",
                 "date": time.strftime("%Y-%m-%d")}

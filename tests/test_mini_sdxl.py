@@ -187,7 +187,8 @@ def test_shipped_tokenizer_files_are_the_clip_bpe_of_open_clip():
 def test_shipped_sample_sets_cycle_the_classes_and_show_them():
     """The replay prior (captioned with the pretraining templates) and the reference gallery (one caption per class)
     hold every class equally, in cycling order, with seeds of their own, and the shipped classifier sees the
-    prompted class in most of them."""
+    prompted class in most of the gallery (guidance 5) and far above chance in the unguided prior (the
+    pretraining's evaluation measured 0.337 unguided)."""
     clf = ev.load_classifier(mini.WEIGHTS_DIR / mini.EVALUATION_DIR)
     prior, labels, captions = mini.load_class_set(mini.WEIGHTS_DIR / mini.REPLAY_PRIOR_FILE)
     assert prior.dtype == torch.uint8 and prior.shape[1:] == (32, 32, 3) and len(prior) == len(captions) == 1000
@@ -197,7 +198,7 @@ def test_shipped_sample_sets_cycle_the_classes_and_show_them():
     assert gallery.shape == (1000, 3, 32, 32) and gallery.min() >= -1 and gallery.max() <= 1
     assert torch.equal(glabels, labels)
     assert not any(torch.equal(mini.to_tensor(prior[i:i + 1].numpy())[0], gallery[i]) for i in range(10))
-    assert ev.class_accuracy(clf, mini.to_tensor(prior.numpy()), labels) >= 0.6
+    assert ev.class_accuracy(clf, mini.to_tensor(prior.numpy()), labels) >= 0.25  # chance: 0.1
     assert ev.class_accuracy(clf, gallery, glabels) >= 0.6
 
 
@@ -210,9 +211,10 @@ def test_shipped_sample_sets_are_what_the_sampler_makes_from_the_shipped_base():
 
     pipe = StableDiffusionXLPipeline.from_pretrained(str(mini.WEIGHTS_DIR), dtype=torch.float32)
     pipe.set_progress_bar_config(disable=True)
-    for file, (seed, templates) in mini.SAMPLE_SETS.items():
+    for file, (seed, templates, guidance) in mini.SAMPLE_SETS.items():
         shipped, labels, captions = mini.load_class_set(mini.WEIGHTS_DIR / file)
-        images, new_labels, new_captions = mini.sample_class_set(pipe, 1, seed, templates=templates, progress=False)
+        images, new_labels, new_captions = mini.sample_class_set(pipe, 1, seed, templates=templates,
+                                                                 guidance=guidance, progress=False)
         assert new_captions == captions[:10] and new_labels.tolist() == labels[:10].tolist()
         diff = (torch.from_numpy(images).int() - shipped[:10].int()).abs().float()
         assert diff.mean() < 1.0 and diff.max() <= 24, (file, float(diff.mean()), float(diff.max()))
