@@ -154,7 +154,7 @@ def test_default_main_job_runs_with_no_network_and_an_empty_cache(tmp_path):
     cache, out = tmp_path / "empty-cache", tmp_path / "run"
     env = {k: v for k, v in os.environ.items()
            if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "RANK", "LOCAL_RANK", "WORLD_SIZE")}
-    env.update(TSD_CACHE=str(cache), OMP_NUM_THREADS="2")
+    env.update(TSD_CACHE=str(cache), OMP_NUM_THREADS="2", PYTHONPATH=str(repo))
     cmd = [*prefix, sys.executable, "-m", "accelerate.commands.launch", "--quiet", "--num_processes", "1",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
            str(repo / "apps" / "train_sdxl.py"), "--output_dir", str(out), "--max_train_steps", "4",
