@@ -142,7 +142,7 @@ def run_cell(cfg: dict[str, Any], work: Path) -> dict[str, Any]:
     # the LoRA run, δ_t recorded at each checkpoint from its factors against the same SVDs
     AcceleratorState._reset_state(reset_partial_state=True)
     torch.manual_seed(cfg["seed"])
-    run = setup(parse_args(argv), Accelerator(cpu=True))
+    run = build_model(TextTrainConfig.from_args(parse_args(argv)), Accelerator(cpu=True))
     adapter = run.adapter
     rates: dict[int, dict[str, torch.Tensor]] = {}
 

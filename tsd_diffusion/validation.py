@@ -81,8 +81,9 @@ def run_validation(parts: SDXLParts, accelerator: Any, settings: ValidationSetti
     if metrics:
         atomic_write_json(step_dir / "metrics.json", metrics)
         for m in metrics:
-            accelerator.print(f"validation step {step}: {m['prompt']!r}: subject probe {m['subject_probe']:.2f}"
-                              + (f", class accuracy {m['class_accuracy']:.2f}" if m["class_accuracy"] is not None else ""))
+            accuracy = f", class accuracy {m['class_accuracy']:.2f}" if m["class_accuracy"] is not None else ""
+            accelerator.print(f"validation step {step}: {m['prompt']!r}: "
+                              f"subject probe {m['subject_probe']:.2f}{accuracy}")
     for m in trained:
         m.train()
     return paths, metrics

@@ -515,7 +515,8 @@ def train_loop(run: TextRun) -> dict[str, Any]:
     from tqdm.auto import tqdm
 
     config, accelerator, adapter, state = run.config, run.accelerator, run.adapter, run.state
-    model, optimizer, scheduler, loader, max_steps = run.model, run.optimizer, run.scheduler, run.train_loader, run.max_steps
+    model, optimizer, scheduler, loader = run.model, run.optimizer, run.scheduler, run.train_loader
+    max_steps = run.max_steps
     params = adapter.trainable_parameters()
     step = adapter.num_steps
     updates_per_epoch = math.ceil(len(loader) / config.gradient_accumulation_steps)
@@ -577,7 +578,8 @@ def train_loop(run: TextRun) -> dict[str, Any]:
     state["tokens"] += int(accelerator.reduce(torch.tensor(tokens, device=accelerator.device), "sum"))
     log = state["loss_log"]
     return {"steps": step, "runtime_s": state["runtime_s"], "tokens": state["tokens"],
-            "tokens_per_s": state["tokens"] / max(state["runtime_s"], 1e-9), "dash_switch_step": state["dash_switch_step"],
+            "tokens_per_s": state["tokens"] / max(state["runtime_s"], 1e-9),
+            "dash_switch_step": state["dash_switch_step"],
             "final_loss": log[-1]["loss"] if log else None, "world_size": accelerator.num_processes}
 
 
