@@ -2,22 +2,10 @@
 
 The flags mirror diffusers' ``train_dreambooth_lora_sdxl.py``; ``--help`` lists them. With no flags it trains
 LoRA-Dash on the shipped mini SDXL and a subject the project draws itself (about 4 minutes on 2 CPU cores).
+The same command is installed as ``tsd-train-sdxl``; the trainer is ``tsd_diffusion.train_sdxl``.
 """
 
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from tsd_common.launch import run_cli  # noqa: E402
-from tsd_diffusion.train_sdxl import main, parse_args  # noqa: E402
-
-
-def cli() -> None:
-    summary = main(parse_args())
-    if summary.get("validation_images"):
-        print(f"done: {summary['steps']} steps; adapter, validation images and reports in {summary['output_dir']}/")
-
+from tsd_diffusion.train_sdxl import cli
 
 if __name__ == "__main__":
-    run_cli(cli)
+    cli()

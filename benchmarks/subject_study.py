@@ -97,7 +97,7 @@ def score_base(cfg: dict[str, Any], photos: Path) -> list[dict[str, Any]]:
     from tsd_diffusion.evaluation import SubjectEvaluator
     from tsd_diffusion.mini_sdxl import MINI_NAME, RESOLUTION
     from tsd_diffusion.tiny import resolve_pretrained
-    from tsd_diffusion.train_sdxl import VALIDATION_INFERENCE_STEPS, generate
+    from tsd_diffusion.validation import VALIDATION_INFERENCE_STEPS, generate
 
     base = resolve_pretrained(MINI_NAME)
     evaluator = SubjectEvaluator.for_base(base, list_instance_images(photos), RESOLUTION)

@@ -125,10 +125,10 @@ def run_cell(cfg: dict[str, Any], work: Path) -> dict[str, Any]:
     from shared.layers import find_targets
     from tsd_diffusion.mini_sdxl import MINI_NAME
     from tsd_diffusion.tiny import resolve_pretrained
-    from tsd_diffusion.train_sdxl import UNET_TARGETS, SDXLParts, parse_args
+    from tsd_diffusion.models import UNET_TARGETS, SDXLParts
 
     torch.manual_seed(cfg["seed"])
-    parts = SDXLParts(parse_args([]), resolve_pretrained(MINI_NAME))
+    parts = SDXLParts(resolve_pretrained(MINI_NAME))
     data = Data(parts, cfg["seed"], cfg["train_images"])
     base = parts.unet.eval()
     teacher = copy.deepcopy(base)

@@ -57,12 +57,12 @@ def _trainer_peft(args: argparse.Namespace, out: Path) -> dict[str, float]:
     from transformers import AutoTokenizer, Trainer, TrainerCallback, TrainingArguments
 
     from tsd_text.data import ensure_pad_token
-    from tsd_text.train import TASKS, load_examples, resolve_targets
+    from tsd_text.train import TASKS, TextTrainConfig, load_examples, resolve_targets
 
     task, load = TASKS[args.task]
     tok = AutoTokenizer.from_pretrained(args.model_name_or_path)
     ensure_pad_token(tok)
-    data = task.prepare(tok, *load_examples(args, load), args.max_length)
+    data = task.prepare(tok, *load_examples(TextTrainConfig.from_args(args), load), args.max_length)
     model, head = task.load_model(args.model_name_or_path, data, tok)
     config = LoraConfig(r=args.rank, lora_alpha=args.lora_alpha, task_type=task.TASK_TYPE, modules_to_save=head,
                         target_modules=resolve_targets(model, args.target_modules, head))

@@ -102,7 +102,7 @@ def run_cell(cfg: dict[str, Any], work: Path) -> dict[str, Any]:
     from shared import tsd
     from shared.layers import dense_weight
     from tsd_text.classification import spearman
-    from tsd_text.train import parse_args, setup
+    from tsd_text.train import TextTrainConfig, build_model, parse_args
 
     from .text_quality import TASKS, train_argv
 
@@ -115,7 +115,7 @@ def run_cell(cfg: dict[str, Any], work: Path) -> dict[str, Any]:
     # the full fine-tune: train the frozen base weights of every adapted layer (LoRA B = 0 keeps its branch at
     # zero and untrained), so W_ft - W is the update of exactly the layers LoRA adapts
     torch.manual_seed(cfg["seed"])
-    run = setup(parse_args(argv), accelerator)
+    run = build_model(TextTrainConfig.from_args(parse_args(argv)), accelerator)
     adapter = run.adapter
     names = list(adapter.layers)
     svd = {n: (U, S, Vh) for n, U, S, Vh in tsd.iter_svd(names, adapter.original_weight, adapter.dense_shape)}
@@ -142,7 +142,7 @@ def run_cell(cfg: dict[str, Any], work: Path) -> dict[str, Any]:
     # the LoRA run, δ_t recorded at each checkpoint from its factors against the same SVDs
     AcceleratorState._reset_state(reset_partial_state=True)
     torch.manual_seed(cfg["seed"])
-    run = setup(parse_args(argv), Accelerator(cpu=True))
+    run = build_model(TextTrainConfig.from_args(parse_args(argv)), Accelerator(cpu=True))
     adapter = run.adapter
     rates: dict[int, dict[str, torch.Tensor]] = {}
 

@@ -15,7 +15,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 def _run(app: str, *args: str, launcher: bool = False, cwd: Path) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE")}
-    env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TSD_CACHE=str(cwd / "cache"))
+    env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TSD_CACHE=str(cwd / "cache"),
+               PYTHONPATH=str(REPO))  # this checkout's packages, whatever the installed one is
     head = ([sys.executable, "-m", "accelerate.commands.launch", "--quiet", "--num_processes", "1", "--num_machines",
              "1", "--mixed_precision", "no", "--dynamo_backend", "no"] if launcher else [sys.executable])
     return subprocess.run([*head, str(REPO / "apps" / app), *args], env=env, cwd=cwd, capture_output=True, text=True,

@@ -166,7 +166,7 @@ def test_adapter_specs_and_discovery(tmp_path):
 
 
 def test_cli_says_how_to_make_adapters(tmp_path):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False"}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False", "PYTHONPATH": str(REPO)}
     proc = subprocess.run([sys.executable, str(REPO / "apps" / "compare.py"), "--adapters_root", str(tmp_path)],
                           env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0

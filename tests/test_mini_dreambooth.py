@@ -17,23 +17,23 @@ from tsd_diffusion.tiny import make_subject_images
 
 
 def test_default_run_is_the_mini_recipe_and_flags_win(tmp_path):
-    a = T.finalize_args(T.parse_args(["--output_dir", str(tmp_path)]))
+    a = T.SDXLTrainConfig.from_args(T.parse_args(["--output_dir", str(tmp_path)]))
     assert a.pretrained_model_name_or_path == mini.MINI_NAME
     assert (a.resolution, a.learning_rate, a.text_encoder_lr, a.max_train_steps, a.train_batch_size) == (32, 1e-3, 1e-3, 200, 16)
     assert a.train_text_encoder and a.with_prior_preservation and a.random_flip
     assert a.class_prompt_dropout == 0.1 and a.num_class_images == 1000 and a.class_data_dir is None  # built in main()
     assert a.embedded_subject and a.instance_prompt == "a photo of sks automobile"
     assert a.validation_prompt == ["a photo of sks automobile", "a photo of a automobile", "a photo of a dog"]
-    b = T.finalize_args(T.parse_args(["--output_dir", str(tmp_path), "--no-train_text_encoder", "--resolution", "64",
+    b = T.SDXLTrainConfig.from_args(T.parse_args(["--output_dir", str(tmp_path), "--no-train_text_encoder", "--resolution", "64",
                                       "--no-with_prior_preservation", "--train_batch_size", "2"]))
     assert not b.train_text_encoder and not b.with_prior_preservation and (b.resolution, b.train_batch_size) == (64, 2)
-    c = T.finalize_args(T.parse_args(["--output_dir", str(tmp_path), "--pretrained_model_name_or_path", str(tmp_path),
+    c = T.SDXLTrainConfig.from_args(T.parse_args(["--output_dir", str(tmp_path), "--pretrained_model_name_or_path", str(tmp_path),
                                       "--instance_data_dir", str(tmp_path), "--instance_prompt", "a photo of sks dog"]))
     assert (c.resolution, c.learning_rate, c.text_encoder_lr, c.train_text_encoder, c.with_prior_preservation) == \
         (1024, 1e-4, 5e-6, False, False)
     assert c.validation_prompt == ["a photo of sks dog"]
     with pytest.raises(ValueError, match="--class_data_dir"):
-        T.finalize_args(T.parse_args(["--output_dir", str(tmp_path), "--pretrained_model_name_or_path", str(tmp_path),
+        T.SDXLTrainConfig.from_args(T.parse_args(["--output_dir", str(tmp_path), "--pretrained_model_name_or_path", str(tmp_path),
                                       "--instance_data_dir", str(tmp_path), "--instance_prompt", "x y",
                                       "--with_prior_preservation"]))
 
@@ -154,7 +154,7 @@ def test_default_main_job_runs_with_no_network_and_an_empty_cache(tmp_path):
     cache, out = tmp_path / "empty-cache", tmp_path / "run"
     env = {k: v for k, v in os.environ.items()
            if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "RANK", "LOCAL_RANK", "WORLD_SIZE")}
-    env.update(TSD_CACHE=str(cache), OMP_NUM_THREADS="2")
+    env.update(TSD_CACHE=str(cache), OMP_NUM_THREADS="2", PYTHONPATH=str(repo))
     cmd = [*prefix, sys.executable, "-m", "accelerate.commands.launch", "--quiet", "--num_processes", "1",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
            str(repo / "apps" / "train_sdxl.py"), "--output_dir", str(out), "--max_train_steps", "4",

@@ -32,7 +32,7 @@ def _launch(app_args: list[str]) -> subprocess.CompletedProcess:
            "--num_machines", "1", "--gpu_ids", "all", "--mixed_precision", "no", "--dynamo_backend", "no",
            "--main_process_ip", "127.0.0.1", "--main_process_port", str(free_port()),
            str(REPO / "apps" / "train_text.py"), *app_args]
-    env = launcher_env(ACCELERATE_USE_CPU="true")
+    env = launcher_env(ACCELERATE_USE_CPU="true", PYTHONPATH=str(REPO))
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
     assert proc.returncode == 0, f"2-process run failed (rc={proc.returncode})\n{proc.stderr[-6000:]}"
     return proc

@@ -14,7 +14,8 @@ from tsd_common.assets import asset_path
 from tsd_text import causal
 from tsd_text.data import ensure_pad_token, load_mc
 from tsd_text.tiny import save_tiny_model, toy_mc_task, word_tokenizer, write_toy_classification, write_toy_mc
-from tsd_text.train import TORCH_DTYPES, adapter_config, load_examples, main, parse_args, resolve_targets
+from tsd_text.train import (TORCH_DTYPES, TextTrainConfig, adapter_config, load_examples, main, parse_args,
+                             resolve_targets)
 
 LLAMA = "q_proj,k_proj,v_proj,up_proj,down_proj"
 QUICK = ["--rank", "4", "--lora_alpha", "8", "--dash_warmup_steps", "3", "--dash_directions", "2",
@@ -391,8 +392,9 @@ def test_trainer_and_cli_select_the_same_directions(mc, tmp_path):
     cli = _run_mc(mc, tmp_path / "cli", "--max_steps", "4", "--no-eval_before")
 
     # a user's own Trainer with the same data pieces, model, adapter configuration and seed
-    args = parse_args(["--model_name_or_path", str(mc[1]), "--task", "causal-mc", "--train_file", str(mc[0]),
-                       "--eval_split", "8", "--target_modules", LLAMA, "--output_dir", str(tmp_path / "t"), *QUICK])
+    args = TextTrainConfig.from_args(parse_args(["--model_name_or_path", str(mc[1]), "--task", "causal-mc",
+                                                 "--train_file", str(mc[0]), "--eval_split", "8", "--target_modules",
+                                                 LLAMA, "--output_dir", str(tmp_path / "t"), *QUICK]))
     tok = AutoTokenizer.from_pretrained(mc[1])
     ensure_pad_token(tok)
     data = causal.prepare(tok, *load_examples(args, load_mc), args.max_length)

@@ -13,6 +13,9 @@ from safetensors.torch import load_file, save_file
 
 import tsd_diffusion.train_sdxl as T
 from shared.errors import InputError
+from tsd_common.training import read_loss_log
+from tsd_diffusion.loss import statistics_batches, unet_loss
+from tsd_diffusion.models import SDXLParts
 
 
 @pytest.fixture(autouse=True)
@@ -91,7 +94,7 @@ def test_resume_after_kill_equals_uninterrupted_run_across_the_switch(tmp_path, 
     resumed = run(tmp_path / "killed", *common, "--resume_from_checkpoint", "latest", steps=7)["adapters"]["unet"]
     assert resumed.switched and resumed.num_steps == 7
     # the loss log survives the kill too (wall-clock columns aside)
-    logs = [T._read_loss_log(tmp_path / d) for d in ("killed", "full")]
+    logs = [read_loss_log(tmp_path / d) for d in ("killed", "full")]
     assert [(r["step"], r["loss"], r["lr"]) for r in logs[0]] == [(r["step"], r["loss"], r["lr"]) for r in logs[1]]
     for name in full.layers:
         torch.testing.assert_close(resumed.delta_weight(name), full.delta_weight(name), rtol=1e-5, atol=1e-6)
@@ -230,13 +233,13 @@ def test_noise_offset_matches_a_dense_reference():
         return (torch.zeros_like(noisy),)
 
     args = (zero_unet, scheduler, latents, None, None, None)
-    loss = T.unet_loss(*args, generator=torch.Generator().manual_seed(7), noise_offset=0.1, reduce=False)
+    loss = unet_loss(*args, generator=torch.Generator().manual_seed(7), noise_offset=0.1, reduce=False)
     g = torch.Generator().manual_seed(7)
     noise = torch.randn(latents.shape, generator=g) + 0.1 * torch.randn(3, 4, 1, 1, generator=g)
     t = torch.randint(0, 1000, (3,), generator=g)
     torch.testing.assert_close(loss, noise.pow(2).mean(dim=(1, 2, 3)), rtol=1e-6, atol=0)
     torch.testing.assert_close(seen[0][0], scheduler.add_noise(latents, noise, t), rtol=1e-6, atol=0)
-    plain = T.unet_loss(*args, generator=torch.Generator().manual_seed(7), noise_offset=0.0, reduce=False)
+    plain = unet_loss(*args, generator=torch.Generator().manual_seed(7), noise_offset=0.0, reduce=False)
     g = torch.Generator().manual_seed(7)
     torch.testing.assert_close(plain, torch.randn(latents.shape, generator=g).pow(2).mean(dim=(1, 2, 3)))
 
@@ -250,7 +253,7 @@ def test_report_to_tensorboard_logs_the_loss(tmp_path):
     events = EventAccumulator(str(out / "logs" / "tsd-sdxl"))
     events.Reload()
     logged = [(e.step, e.value) for e in events.Scalars("loss")]
-    assert logged == [(r["step"], pytest.approx(r["loss"], rel=1e-6)) for r in T._read_loss_log(out)]
+    assert logged == [(r["step"], pytest.approx(r["loss"], rel=1e-6)) for r in read_loss_log(out)]
     assert [step for step, _ in logged] == [1, 2, 3]
 
 
@@ -407,8 +410,6 @@ def test_launch_check_refuses_parameter_sharding(monkeypatch):
 def test_statistics_batches_match_what_the_training_step_feeds_the_unet(tmp_path):
     """The data-driven inits' UNet inputs carry the UNet's dtype and device (their time ids stayed fp32 on the CPU,
     which crashed eva, lora_da, lora_init and tsd on CUDA)."""
-    from types import SimpleNamespace
-
     from tsd_diffusion.data import DreamBoothDataset
     from tsd_diffusion.tiny import make_subject_images
 
@@ -416,8 +417,7 @@ def test_statistics_batches_match_what_the_training_step_feeds_the_unet(tmp_path
     dataset = DreamBoothDataset(tmp_path / "subject", "a photo of sks teapot", resolution=32)
     condition = lambda prompts: (torch.randn(len(prompts), 7, 16), torch.randn(len(prompts), 16))  # noqa: E731
     latents_for = lambda batch: torch.randn(len(batch["prompts"]), 4, 4, 4, dtype=torch.bfloat16)  # noqa: E731
-    args = SimpleNamespace(statistics_batches=2, train_batch_size=2)
-    batches = T._statistics_batches(dataset, args, condition, latents_for, torch.device("cpu"), torch.bfloat16)
+    batches = statistics_batches(dataset, 2, 2, condition, latents_for, torch.device("cpu"), torch.bfloat16)
     assert [b["i"] for b in batches] == [0, 1]
     for b in batches:
         for key in ("latents", "embeds", "pooled", "time_ids"):
@@ -439,7 +439,7 @@ def test_mixed_precision_keeps_trainable_fp32_and_lambda_learns(precision, dtype
     assert all(p.dtype == torch.float32 and p.isfinite().all() for p in adapter.trainable_parameters())
     assert adapter.switched
     assert any(adapter.dash_term(n).lam.abs().max() > 0 for n in adapter.dash_layers)  # 3 post-switch steps moved λ
-    assert all(np.isfinite(r["loss"]) for r in T._read_loss_log(tmp_path / precision))
+    assert all(np.isfinite(r["loss"]) for r in read_loss_log(tmp_path / precision))
     assert (tmp_path / precision / "pytorch_lora_weights.safetensors").is_file()
 
 
@@ -459,7 +459,7 @@ def test_replay_prior_with_captions_and_empty_prompt_dropout(tmp_path):
     record = json.loads((tmp_path / "out" / "training_args.json").read_text())
     assert record["class_prompt_dropout"] == 0.5 and record["class_prompt"] is None
 
-    parts = T.SDXLParts(T.parse_args(["--pretrained_model_name_or_path", T.EMBEDDED_NAME, "--output_dir", str(tmp_path / "x")]), str(materialize_tiny_sdxl()))
+    parts = SDXLParts(str(materialize_tiny_sdxl()))
     assert parts.zeros_for_empty_prompt
     with torch.no_grad():
         embeds, pooled = parts.encode_prompt(["", "a photo of a pot"])

@@ -26,28 +26,30 @@ from .data import image_candidates, list_instance_images
 JPEG_QUALITY = 95
 
 
-def missing_class_images(args: Any) -> int:
-    """How many class images to sample (0 without prior preservation); checks the dirs before any model loads.
+def missing_class_images(class_data_dir: str | Path | None, num_class_images: int, class_prompt: str | None,
+                         instance_data_dir: str | Path) -> int:
+    """How many class images to sample into ``class_data_dir`` (0 when it is None: no prior preservation) to have
+    ``num_class_images``; checks the dirs before any model loads.
 
     The class dir's files are counted without decoding: with nothing to sample, the dataset decodes every file
     before any model loads. When sampling is needed the dataset is built only after it, so both dirs are
     decoded here (a bad file is named).
     """
-    if not args.with_prior_preservation or not args.class_data_dir:
+    if not class_data_dir:
         return 0
-    class_dir = Path(args.class_data_dir).expanduser()
+    class_dir = Path(class_data_dir).expanduser()
     have = len(image_candidates(class_dir, "class", allow_empty=True))
-    missing = max(0, args.num_class_images - have)
-    if missing and not args.class_prompt:
+    missing = max(0, num_class_images - have)
+    if missing and not class_prompt:
         if not have:
             raise InputError(f"class data dir {class_dir} holds no images; sampling --num_class_images="
-                             f"{args.num_class_images} from the base needs --class_prompt")
-        print(f"warning: class data dir {class_dir} holds {have} of --num_class_images={args.num_class_images} "
+                             f"{num_class_images} from the base needs --class_prompt")
+        print(f"warning: class data dir {class_dir} holds {have} of --num_class_images={num_class_images} "
               "images; without --class_prompt none are sampled, so the prior uses those it holds")
         return 0
     if missing:
         list_instance_images(class_dir, "class", allow_empty=True)
-        list_instance_images(args.instance_data_dir, "instance")
+        list_instance_images(instance_data_dir, "instance")
     return missing
 
 

@@ -16,6 +16,7 @@ is reported in the UI and left out; the others keep working.
 
 from __future__ import annotations
 
+import argparse
 import csv
 import json
 import logging
@@ -30,7 +31,9 @@ import gradio as gr
 import torch
 from PIL import Image, ImageDraw
 
+import shared.errors
 from shared.export import DIFFUSERS_WEIGHT_NAME
+from tsd_common.launch import run_cli
 
 from shared.methods import names
 
@@ -46,6 +49,7 @@ __all__ = [
     "CompareApp",
     "NoAdaptersError",
     "build_app",
+    "cli",
     "find_recent_adapters",
     "launch",
     "parse_adapter_spec",
@@ -646,3 +650,43 @@ def launch(demo: gr.Blocks, host: str = "127.0.0.1", port: int = 7860, share: bo
         show_error=False, ssr_mode=False, mcp_server=False, footer_links=["api", "settings"],
     )
 
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """The command line of ``tsd-compare`` (``python apps/compare.py``)."""
+    p = argparse.ArgumentParser(description="Compare SDXL LoRA adapters side by side (LoRA vs LoRA-Dash, plus a "
+                                            "no-adapter baseline).")
+    p.add_argument("--base", default=None,
+                   help="hub id or local SDXL pipeline dir (default: the adapters' own base, else tsd-lora/mini-sdxl)")
+    p.add_argument("--adapter", action="append", default=[], metavar="NAME=DIR",
+                   help="a trainer output dir (with pytorch_lora_weights.safetensors); repeat for more")
+    p.add_argument("--adapters_root", default=DEFAULT_ADAPTERS_ROOT,
+                   help="where to look for adapters when no --adapter is given (the two newest are used)")
+    p.add_argument("--save_dir", default=None, help="where batch grids go (default <adapters_root>/compare)")
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default loopback only)")
+    p.add_argument("--port", type=int, default=7860)
+    p.add_argument("--share", action="store_true", help="also open a public gradio share link")
+    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    p.add_argument("--steps", type=int, default=25, help="default inference steps in the UI")
+    p.add_argument("--guidance", type=float, default=5.0, help="default guidance scale in the UI")
+    p.add_argument("--batch_size", type=int, default=4, help="images per pipeline call in the batch grid")
+    return p.parse_args(argv)
+
+
+def main(args: argparse.Namespace) -> None:
+    """Load the adapters (given, or the newest under ``--adapters_root``) on their base and serve the app; a bad or
+    missing adapter spec is a user error (:class:`shared.errors.InputError`)."""
+    try:
+        adapters = resolve_adapters(args.adapter, args.adapters_root)
+    except ValueError as e:
+        raise shared.errors.InputError(str(e)) from None
+    app = CompareApp(args.base or default_base(adapters), adapters,
+                     save_dir=args.save_dir or Path(args.adapters_root) / "compare", device=args.device,
+                     steps=args.steps, guidance=args.guidance, batch_size=args.batch_size)
+    print(app.status_markdown())
+    launch(build_app(app), host=args.host, port=args.port, share=args.share)
+
+
+def cli(argv: Sequence[str] | None = None) -> None:
+    """The ``tsd-compare`` command (``python apps/compare.py``): a user error is one line on stderr and exit
+    status 2 (:func:`tsd_common.launch.run_cli`)."""
+    run_cli(lambda: main(parse_args(argv)))

@@ -9,43 +9,58 @@ the adapter state (not the frozen base) and a resumed run equals an uninterrupte
 
 With no arguments it trains on the embedded default: a tiny pipeline of the SDXL architecture and a
 subject the project draws itself (``tsd_diffusion.tiny``).
+
+This module holds the command line (:func:`parse_args`, :func:`cli`), the resolved config
+(:class:`SDXLTrainConfig`) and the run's three stages, :func:`setup` -> :func:`train_loop` -> :func:`finish`
+(:func:`main` runs them). The frozen base and prompt encoding are in ``tsd_diffusion.models``, the loss in
+``tsd_diffusion.loss``, validation in ``tsd_diffusion.validation``, and the plumbing shared with the text
+trainer (accelerator, resume, checkpoint hooks, loss log) in ``tsd_common.training``.
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
+import dataclasses
 import importlib.util
-import io
-import json
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 import shared
-from tsd_common.checkpoints import resolve_resume, save_training_checkpoint
 from shared.errors import InputError
-from shared.io import atomic_write_json, atomic_write_text
-from tsd_common.launch import check_launch
+from shared.io import atomic_write_json
+from tsd_common.checkpoints import save_training_checkpoint
+from tsd_common.launch import run_cli
+from tsd_common.training import (
+    check_switch_agrees,
+    init_trackers,
+    read_loss_log,
+    register_adapter_hooks,
+    start_training,
+    write_loss_log,
+    write_tsd_report,
+)
 
 from .class_images import missing_class_images, sample_class_images
 from .data import INTERPOLATIONS, DreamBoothDataset, LatentCache, collate, image_candidates, validate_resolution
 from .evaluation import SubjectEvaluator, prompt_class
+from .loss import prior_preservation_loss, statistics_batches, statistics_loss, unet_conditioning, unet_loss
 from .mini_sdxl import CLASSES, MINI_NAME, materialize_replay_prior
+from .models import PRECISIONS, TEXT_ENCODER_TARGETS, UNET_TARGETS, LatentSampler, PromptConditioner, SDXLParts
 from .tiny import EMBEDDED_NAME, make_subject_images, resolve_pretrained
+from .validation import VALIDATION_INFERENCE_STEPS, ValidationSettings, run_validation
 
-UNET_TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]
-TEXT_ENCODER_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
-PRECISIONS = {"fp16": torch.float16, "bf16": torch.bfloat16}  # accelerate's mixed_precision names; others: fp32
+TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
+LOSS_LOG_COLUMNS = ["step", "loss", "lr", "elapsed"]
 
 #: the defaults of a run on an embedded base (flags the user gives win). The mini SDXL's are the recipe its study
-#: measured to work (../shared/notes/mini_sdxl_recipes: text-encoder LoRA + a replay prior of captioned real images
-#: of all classes with 10% empty prompts, lr 1e-3, 200 steps, 16 + 16 images per batch); the random-weight tiny
-#: SDXL only exercises the plumbing.
+#: measured to work (docs/mini_sdxl.md, "The default recipe and its metrics": text-encoder LoRA + a replay prior of
+#: captioned real images of all classes with 10% empty prompts, lr 1e-3, 200 steps, 16 + 16 images per batch); the
+#: random-weight tiny SDXL only exercises the plumbing.
 EMBEDDED_DEFAULTS: dict[str, dict[str, Any]] = {
     MINI_NAME: dict(subject="car", instance_prompt="a photo of sks automobile", resolution=32, learning_rate=1e-3,
                     max_train_steps=200, train_text_encoder=True, text_encoder_lr=1e-3, with_prior_preservation=True,
@@ -54,7 +69,6 @@ EMBEDDED_DEFAULTS: dict[str, dict[str, Any]] = {
     EMBEDDED_NAME: dict(subject="teapot", instance_prompt="a photo of sks teapot", resolution=64, learning_rate=1e-3,
                         max_train_steps=300),
 }
-VALIDATION_INFERENCE_STEPS = 25
 #: what a flag is when neither the user nor an embedded default set it (diffusers' defaults)
 GENERIC_DEFAULTS: dict[str, Any] = dict(resolution=1024, learning_rate=1e-4, train_text_encoder=False,
                                         text_encoder_lr=5e-6, with_prior_preservation=False, class_prompt_dropout=0.0,
@@ -62,7 +76,10 @@ GENERIC_DEFAULTS: dict[str, Any] = dict(resolution=1024, learning_rate=1e-4, tra
                                         random_flip=False)
 
 
+# --------------------------------------------------------------------------------------------------------- CLI
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line: diffusers' DreamBooth flags plus the adapter's; unset defaults stay None until
+    :meth:`SDXLTrainConfig.from_args` resolves them."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     a = p.add_argument
     # model
@@ -156,566 +173,517 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def finalize_args(args: argparse.Namespace) -> argparse.Namespace:
-    """Fill the defaults that depend on other flags and reject bad input before any compute."""
-    embedded = EMBEDDED_DEFAULTS.get(args.pretrained_model_name_or_path, {})
-    for name, generic in GENERIC_DEFAULTS.items():
-        if getattr(args, name) is None:
-            setattr(args, name, embedded.get(name, generic))
-    if args.max_train_steps is None:
-        args.max_train_steps = embedded.get("max_train_steps")
-    validate_resolution(args.resolution)
-    args.embedded_subject = args.instance_data_dir is None
-    if args.embedded_subject:
-        if not embedded:
-            raise InputError("--instance_data_dir is required with a custom --pretrained_model_name_or_path")
-        args.instance_data_dir = str(Path(args.output_dir) / "instance_images")
-        args.instance_prompt = args.instance_prompt or embedded["instance_prompt"]
-    if not args.instance_prompt:
-        raise InputError("--instance_prompt is required (e.g. 'a photo of sks dog')")
-    if args.with_prior_preservation:
-        if not args.class_data_dir and args.pretrained_model_name_or_path != MINI_NAME:  # (the mini's: in main())
-            raise InputError("--with_prior_preservation needs --class_data_dir (and --class_prompt unless every class "
-                             "image has a caption in its metadata.jsonl)")
-    elif args.class_data_dir or args.class_prompt:
-        print("warning: --class_data_dir/--class_prompt are ignored without --with_prior_preservation")
-        args.class_data_dir = args.class_prompt = None
-    if args.rank <= 0:
-        raise InputError(f"--rank must be > 0, got {args.rank}")
-    if args.output_kohya_format:
-        if args.output_format not in ("diffusers", "kohya"):
-            raise InputError(f"--output_kohya_format contradicts --output_format {args.output_format}")
-        args.output_format = "kohya"
-    args.lora_alpha = float(args.lora_alpha or args.rank)
-    for name in ("train_batch_size", "gradient_accumulation_steps", "num_train_epochs", "num_validation_images",
-                 "num_class_images", "sample_batch_size", "repeats"):
-        if getattr(args, name) <= 0:
-            raise InputError(f"--{name} must be > 0")
-    if not args.noise_offset >= 0:
-        raise InputError(f"--noise_offset must be >= 0, got {args.noise_offset}")
-    for name in ("max_train_steps", "validation_steps", "validation_epochs"):
-        if getattr(args, name) is not None and getattr(args, name) <= 0:
-            raise InputError(f"--{name} must be > 0")
-    if args.enable_xformers_memory_efficient_attention and importlib.util.find_spec("xformers") is None:
-        raise InputError("--enable_xformers_memory_efficient_attention needs xformers: pip install xformers (without "
-                         "the flag the UNet uses PyTorch's scaled_dot_product_attention, memory-efficient on GPUs)")
-    if args.use_8bit_adam:
-        try:
-            import bitsandbytes  # noqa: F401
-        except ImportError:
-            raise InputError("--use_8bit_adam needs bitsandbytes: pip install bitsandbytes") from None
-    args.validation_prompt = args.validation_prompt or _default_validation_prompts(args)
-    return args
+# ------------------------------------------------------------------------------------------------------ config
+@dataclass(frozen=True)
+class SDXLTrainConfig:
+    """A run's settings, resolved once from the flags (:meth:`from_args`); the fields carry diffusers' flag names.
+
+    ``embedded_subject`` is True when the subject photos are drawn by the project (no ``--instance_data_dir``:
+    they go to ``<output_dir>/instance_images``).
+    """
+
+    # model
+    pretrained_model_name_or_path: str
+    pretrained_vae_model_name_or_path: str | None
+    revision: str | None
+    variant: str | None
+    # data
+    instance_data_dir: str
+    instance_prompt: str
+    class_data_dir: str | None
+    class_prompt: str | None
+    with_prior_preservation: bool
+    prior_loss_weight: float
+    num_class_images: int
+    sample_batch_size: int
+    prior_generation_precision: str | None
+    class_prompt_dropout: float
+    resolution: int
+    center_crop: bool
+    image_interpolation_mode: str
+    random_flip: bool
+    repeats: int
+    dataloader_num_workers: int
+    embedded_subject: bool
+    # training
+    train_batch_size: int
+    gradient_accumulation_steps: int
+    max_train_steps: int | None
+    num_train_epochs: int
+    learning_rate: float
+    text_encoder_lr: float
+    scale_lr: bool
+    lr_scheduler: str
+    lr_warmup_steps: int
+    lr_num_cycles: int
+    lr_power: float
+    snr_gamma: float | None
+    noise_offset: float
+    max_grad_norm: float
+    adam_beta1: float
+    adam_beta2: float
+    adam_weight_decay: float
+    adam_epsilon: float
+    use_8bit_adam: bool
+    gradient_checkpointing: bool
+    enable_xformers_memory_efficient_attention: bool
+    mixed_precision: str | None
+    allow_tf32: bool
+    cache_latents: bool
+    train_text_encoder: bool
+    seed: int
+    # adapter
+    method: str
+    rank: int
+    lora_alpha: float
+    lora_dropout: float
+    dash_warmup_steps: int
+    dash_directions: int
+    statistics_batches: int
+    # validation, checkpoints, output
+    validation_prompt: list[str]
+    num_validation_images: int
+    validation_steps: int | None
+    validation_epochs: int | None
+    validation_inference_steps: int
+    checkpointing_steps: int
+    checkpoints_total_limit: int | None
+    resume_from_checkpoint: str | None
+    output_dir: str
+    overwrite_output_dir: bool
+    output_format: str
+    report_to: str
+    logging_dir: str
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> SDXLTrainConfig:
+        """Fill the defaults that depend on other flags (an embedded base's recipe, else diffusers' defaults; the
+        validation prompts; alpha = rank) and reject bad input before any compute. ``args`` is left as it is;
+        ``--local_rank`` is dropped (accelerate reads ``LOCAL_RANK``) and ``--output_kohya_format`` becomes
+        ``output_format="kohya"``."""
+        a = argparse.Namespace(**vars(args))
+        embedded = EMBEDDED_DEFAULTS.get(a.pretrained_model_name_or_path, {})
+        for name, generic in GENERIC_DEFAULTS.items():
+            if getattr(a, name) is None:
+                setattr(a, name, embedded.get(name, generic))
+        if a.max_train_steps is None:
+            a.max_train_steps = embedded.get("max_train_steps")
+        validate_resolution(a.resolution)
+        a.embedded_subject = a.instance_data_dir is None
+        if a.embedded_subject:
+            if not embedded:
+                raise InputError("--instance_data_dir is required with a custom --pretrained_model_name_or_path")
+            a.instance_data_dir = str(Path(a.output_dir) / "instance_images")
+            a.instance_prompt = a.instance_prompt or embedded["instance_prompt"]
+        if not a.instance_prompt:
+            raise InputError("--instance_prompt is required (e.g. 'a photo of sks dog')")
+        if a.with_prior_preservation:
+            if not a.class_data_dir and a.pretrained_model_name_or_path != MINI_NAME:  # (the mini's: in setup())
+                raise InputError("--with_prior_preservation needs --class_data_dir (and --class_prompt unless every "
+                                 "class image has a caption in its metadata.jsonl)")
+        elif a.class_data_dir or a.class_prompt:
+            print("warning: --class_data_dir/--class_prompt are ignored without --with_prior_preservation")
+            a.class_data_dir = a.class_prompt = None
+        if a.rank <= 0:
+            raise InputError(f"--rank must be > 0, got {a.rank}")
+        if a.output_kohya_format:
+            if a.output_format not in ("diffusers", "kohya"):
+                raise InputError(f"--output_kohya_format contradicts --output_format {a.output_format}")
+            a.output_format = "kohya"
+        a.lora_alpha = float(a.lora_alpha or a.rank)
+        for name in ("train_batch_size", "gradient_accumulation_steps", "num_train_epochs", "num_validation_images",
+                     "num_class_images", "sample_batch_size", "repeats"):
+            if getattr(a, name) <= 0:
+                raise InputError(f"--{name} must be > 0")
+        if not a.noise_offset >= 0:
+            raise InputError(f"--noise_offset must be >= 0, got {a.noise_offset}")
+        for name in ("max_train_steps", "validation_steps", "validation_epochs"):
+            if getattr(a, name) is not None and getattr(a, name) <= 0:
+                raise InputError(f"--{name} must be > 0")
+        if a.enable_xformers_memory_efficient_attention and importlib.util.find_spec("xformers") is None:
+            raise InputError("--enable_xformers_memory_efficient_attention needs xformers: pip install xformers "
+                             "(without the flag the UNet uses PyTorch's scaled_dot_product_attention, "
+                             "memory-efficient on GPUs)")
+        if a.use_8bit_adam:
+            try:
+                import bitsandbytes  # noqa: F401
+            except ImportError:
+                raise InputError("--use_8bit_adam needs bitsandbytes: pip install bitsandbytes") from None
+        a.validation_prompt = a.validation_prompt or default_validation_prompts(
+            a.instance_prompt, a.pretrained_model_name_or_path, a.embedded_subject)
+        return cls(**{f.name: getattr(a, f.name) for f in dataclasses.fields(cls)})
+
+    @property
+    def validation(self) -> ValidationSettings:
+        """What every validation draws."""
+        return ValidationSettings(self.validation_prompt, self.num_validation_images, self.seed,
+                                  self.validation_inference_steps, self.resolution)
 
 
-def _default_validation_prompts(args: argparse.Namespace) -> list[str]:
+def default_validation_prompts(instance_prompt: str, base_name: str, embedded_subject: bool) -> list[str]:
     """The subject prompt, plus for the mini SDXL the plain class prompt and another class (drift checks), or for
     the tiny one a recontextualisation."""
-    prompt = args.instance_prompt
-    if args.pretrained_model_name_or_path == MINI_NAME:
-        cls = prompt_class(prompt, CLASSES)
+    if base_name == MINI_NAME:
+        cls = prompt_class(instance_prompt, CLASSES)
         if cls is not None:
             other = "dog" if cls != "dog" else "cat"
-            return [prompt, f"a photo of a {cls}", f"a photo of a {other}"]
-        return [prompt]
-    if args.embedded_subject:
-        return [prompt, f"{prompt} on a beach", f"a photo of {prompt.split()[-1]}"]
-    return [prompt]
+            return [instance_prompt, f"a photo of a {cls}", f"a photo of a {other}"]
+        return [instance_prompt]
+    if embedded_subject:
+        return [instance_prompt, f"{instance_prompt} on a beach", f"a photo of {instance_prompt.split()[-1]}"]
+    return [instance_prompt]
 
 
-def adapter_config(args: argparse.Namespace, targets: list[str], method: str | None = None,
+def adapter_config(config: SDXLTrainConfig, targets: list[str], method: str | None = None,
                    train_size: int | None = None) -> shared.AdapterConfig:
     """The adapter's config; ``train_size`` (the training set's length) is LoRA-DA's population N."""
     return shared.AdapterConfig(
-        method=method or args.method, r=args.rank, alpha=args.lora_alpha, dropout=args.lora_dropout,
-        target_modules=targets, dash_warmup_steps=args.dash_warmup_steps, dash_directions=args.dash_directions,
-        seed=args.seed, eva_max_batches=args.statistics_batches, lora_init_steps=args.statistics_batches,
-        lora_ga_batches=args.statistics_batches, lora_da_num_samples=args.statistics_batches * args.train_batch_size,
-        lora_da_population=train_size,
+        method=method or config.method, r=config.rank, alpha=config.lora_alpha, dropout=config.lora_dropout,
+        target_modules=targets, dash_warmup_steps=config.dash_warmup_steps, dash_directions=config.dash_directions,
+        seed=config.seed, eva_max_batches=config.statistics_batches, lora_init_steps=config.statistics_batches,
+        lora_ga_batches=config.statistics_batches,
+        lora_da_num_samples=config.statistics_batches * config.train_batch_size, lora_da_population=train_size,
     )
 
 
-# ---------------------------------------------------------------------------------------------- model pieces
-class SDXLParts:
-    """The frozen pipeline components the trainer needs, loaded through ``from_pretrained`` like a real SDXL."""
+# ------------------------------------------------------------------------------------------------------- setup
+@dataclass
+class SDXLRun:
+    """A run after :func:`setup`: everything the loop and :func:`finish` use.
 
-    def __init__(self, args: argparse.Namespace, base: str) -> None:
-        from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-        from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection
-
-        kw = dict(revision=args.revision)
-        self.tokenizers = [AutoTokenizer.from_pretrained(base, subfolder=f, use_fast=False, **kw)
-                           for f in ("tokenizer", "tokenizer_2")]
-        # float32 first, as diffusers' scripts load (transformers would keep fp16-saved weights in fp16); the
-        # trainer casts to the mixed-precision dtype itself
-        self.text_encoders = [CLIPTextModel.from_pretrained(base, subfolder="text_encoder", variant=args.variant,
-                                                            dtype=torch.float32, **kw),
-                              CLIPTextModelWithProjection.from_pretrained(base, subfolder="text_encoder_2",
-                                                                          variant=args.variant, dtype=torch.float32, **kw)]
-        vae_src = args.pretrained_vae_model_name_or_path
-        self.vae = (AutoencoderKL.from_pretrained(vae_src) if vae_src else
-                    AutoencoderKL.from_pretrained(base, subfolder="vae", variant=args.variant, **kw))
-        self.unet = UNet2DConditionModel.from_pretrained(base, subfolder="unet", variant=args.variant, **kw)
-        self.scheduler = DDPMScheduler.from_pretrained(base, subfolder="scheduler", **kw)
-        self.vae_fp16_safe = bool(vae_src)
-        index = Path(base) / "model_index.json"  # a hub id: SDXL's default
-        self.zeros_for_empty_prompt = (json.loads(index.read_text()).get("force_zeros_for_empty_prompt", True)
-                                       if index.is_file() else True)
-        for m in (self.vae, self.unet, *self.text_encoders):
-            m.requires_grad_(False)
-
-    def place(self, device: torch.device, dtype: torch.dtype) -> "SDXLParts":
-        """Move to ``device`` and cast to ``dtype``; SDXL's own VAE stays fp32 (it overflows in fp16)."""
-        vae_dtype = dtype if self.vae_fp16_safe else torch.float32
-        for module, d in [(self.unet, dtype), (self.vae, vae_dtype), *((e, dtype) for e in self.text_encoders)]:
-            module.to(device)
-            if d != torch.float32:
-                module.to(dtype=d)
-        return self
-
-    def pipeline(self, base: str, args: argparse.Namespace, accelerator: Any) -> Any:
-        """A ``StableDiffusionXLPipeline`` over these components (the trained ones unwrapped), without progress bars."""
-        from diffusers import StableDiffusionXLPipeline
-
-        pipe = StableDiffusionXLPipeline.from_pretrained(
-            base, vae=self.vae, unet=accelerator.unwrap_model(self.unet),
-            text_encoder=accelerator.unwrap_model(self.text_encoders[0]),
-            text_encoder_2=accelerator.unwrap_model(self.text_encoders[1]), revision=args.revision,
-            variant=args.variant,
-        ).to(accelerator.device)
-        pipe.set_progress_bar_config(disable=True)
-        return pipe
-
-    def encode_prompt(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """SDXL conditioning: penultimate hidden states of both encoders concatenated, pooled from the second.
-
-        The empty prompt gets zeros when the pipeline's ``force_zeros_for_empty_prompt`` is set (SDXL's default):
-        that is what the pipeline feeds the unconditional branch of classifier-free guidance.
-        """
-        embeds, pooled = [], None
-        for tok, enc in zip(self.tokenizers, self.text_encoders):
-            ids = tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True,
-                      return_tensors="pt").input_ids.to(enc.device)
-            out = enc(ids, output_hidden_states=True)
-            pooled = out[0]
-            embeds.append(out.hidden_states[-2])
-        embeds = torch.cat(embeds, dim=-1)
-        if self.zeros_for_empty_prompt and "" in prompts:
-            keep = torch.tensor([p != "" for p in prompts], device=embeds.device)
-            embeds, pooled = embeds * keep[:, None, None], pooled * keep[:, None]
-        return embeds, pooled
-
-    @torch.no_grad()
-    def latent_params(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """VAE posterior (mean, std) stacked on dim 1, so cached and fresh latents sample the same way."""
-        dist = self.vae.encode(pixel_values.to(self.vae.device, self.vae.dtype)).latent_dist
-        return torch.stack([dist.mean, dist.std], 1).float().contiguous()
-
-    def sample_latents(self, params: torch.Tensor) -> torch.Tensor:
-        # noise drawn by shape, not randn_like: the VAE may return channels-last tensors, and randn_like follows
-        # their strides, so cached and fresh latents would get different noise for the same RNG state
-        noise = torch.randn(params[:, 0].shape, device=params.device, dtype=params.dtype)
-        latents = params[:, 0] + params[:, 1] * noise
-        cfg = self.vae.config
-        if getattr(cfg, "latents_mean", None) is not None and getattr(cfg, "latents_std", None) is not None:
-            mean = torch.tensor(cfg.latents_mean).view(1, -1, 1, 1).to(latents)
-            std = torch.tensor(cfg.latents_std).view(1, -1, 1, 1).to(latents)
-            return (latents - mean) * cfg.scaling_factor / std
-        return latents * cfg.scaling_factor
-
-
-def unet_loss(unet, scheduler, latents, embeds, pooled, time_ids, *, snr_gamma=None, generator=None,
-              reduce: bool = True, noise_offset: float = 0.0) -> torch.Tensor:
-    """Denoising loss at uniform timesteps (epsilon or v target), optionally Min-SNR weighted.
-
-    ``noise_offset`` adds ``noise_offset * n`` with ``n ~ N(0, 1)`` per sample and channel (constant over the
-    image) to the noise, as diffusers' ``--noise_offset`` (Guttenberg 2023), so the model learns to shift the mean
-    brightness.
+    ``config`` has ``--scale_lr`` and the mini SDXL's replay prior applied; ``trained`` (the UNet, and the text
+    encoders when they train), ``optimizer``, ``loader`` and ``lr_scheduler`` are prepared by accelerate; ``step``
+    is the optimizer steps done (the resumed step, or 0) and ``loss_log`` their rows.
     """
-    noise = torch.randn(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
-    if noise_offset:
-        noise = noise + noise_offset * torch.randn((*latents.shape[:2], 1, 1), generator=generator,
-                                                   device=latents.device, dtype=latents.dtype)
-    t = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],), generator=generator,
-                      device=latents.device).long()
-    noisy = scheduler.add_noise(latents, noise, t)
-    target = noise if scheduler.config.prediction_type == "epsilon" else scheduler.get_velocity(latents, noise, t)
-    pred = unet(noisy, t, embeds, added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids}, return_dict=False)[0]
-    loss = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
-    if snr_gamma is not None:
-        from diffusers.training_utils import compute_snr
 
-        snr = compute_snr(scheduler, t)
-        weight = torch.clamp(snr, max=snr_gamma) / (snr if scheduler.config.prediction_type == "epsilon" else snr + 1)
-        loss = loss * weight
-    return loss.mean() if reduce else loss
+    config: SDXLTrainConfig
+    accelerator: Any
+    base: str
+    parts: SDXLParts
+    dataset: DreamBoothDataset
+    adapters: dict[str, shared.Adapter]
+    trained: list[torch.nn.Module]
+    params: list[torch.nn.Parameter]
+    optimizer: Any
+    loader: Any
+    lr_scheduler: Any
+    condition: PromptConditioner
+    latents: LatentSampler
+    weight_dtype: torch.dtype
+    evaluator: SubjectEvaluator | None
+    steps_per_epoch: int
+    max_steps: int
+    step: int
+    loss_log: list[dict[str, Any]]
 
+    @property
+    def output_dir(self) -> Path:
+        return Path(self.config.output_dir)
 
-# ---------------------------------------------------------------------------------------------- validation
-@torch.no_grad()
-def generate(pipe, prompt: str, num_images: int, seed: int, steps: int, resolution: int) -> torch.Tensor:
-    """The validation images of one prompt (CPU generator seeded with ``seed``): N x 3 x R x R in [-1, 1]."""
-    images = pipe(prompt, num_images_per_prompt=num_images, generator=torch.Generator(device="cpu").manual_seed(seed),
-                  num_inference_steps=steps, height=resolution, width=resolution, output_type="pt").images
-    return images.float().cpu() * 2 - 1
-
-
-@torch.no_grad()
-def run_validation(parts: SDXLParts, base: str, args, accelerator, step: int, out_dir: Path,
-                   evaluator=None) -> tuple[list[Path], list[dict[str, Any]]]:
-    """Generate ``--num_validation_images`` per validation prompt (seeded), save them, a grid (a row per prompt)
-    and, when the base ships an evaluator (the mini SDXL), ``metrics.json`` with the subject metrics per prompt."""
-    import numpy as np
-    from PIL import Image
-
-    from .mini_sdxl import to_uint8
-
-    pipe = parts.pipeline(base, args, accelerator)
-    trained = [m for m in (pipe.unet, pipe.text_encoder, pipe.text_encoder_2) if m.training]
-    for m in trained:
-        m.eval()
-    step_dir = out_dir / f"step-{step}"
-    step_dir.mkdir(parents=True, exist_ok=True)
-    paths, rows, metrics = [], [], []
-    for i, prompt in enumerate(args.validation_prompt):
-        images = generate(pipe, prompt, args.num_validation_images, args.seed, args.validation_inference_steps,
-                          args.resolution)
-        pixels = to_uint8(images)
-        for j, img in enumerate(pixels):
-            path = step_dir / f"prompt{i}-{j}.png"
-            Image.fromarray(img).save(path)
-            paths.append(path)
-        rows.append(pixels)
-        if evaluator is not None:
-            metrics.append(evaluator.score(prompt, images))
-    grid = np.concatenate([np.concatenate(list(r), axis=1) for r in rows], axis=0)
-    scale = max(1, 96 // args.resolution)  # small bases: enlarge (nearest) so the grid is visible
-    Image.fromarray(grid).resize((grid.shape[1] * scale, grid.shape[0] * scale), Image.Resampling.NEAREST).save(
-        step_dir / "grid.png")
-    atomic_write_json(step_dir / "prompts.json", args.validation_prompt)
-    if metrics:
-        atomic_write_json(step_dir / "metrics.json", metrics)
-        for m in metrics:
-            accelerator.print(f"validation step {step}: {m['prompt']!r}: subject probe {m['subject_probe']:.2f}"
-                              + (f", class accuracy {m['class_accuracy']:.2f}" if m["class_accuracy"] is not None else ""))
-    for m in trained:
-        m.train()
-    return paths, metrics
+    def validate(self) -> tuple[list[Path], list[dict[str, Any]]]:
+        """Validation images (and metrics) at the current step into ``<output_dir>/validation``."""
+        return run_validation(self.parts, self.accelerator, self.config.validation, self.step,
+                              self.output_dir / "validation", self.evaluator)
 
 
-# ---------------------------------------------------------------------------------------------- training
-def _sample_class_images(parts: SDXLParts, base: str, args: argparse.Namespace, accelerator: Any, n: int) -> None:
-    sample_class_images(parts.pipeline(base, args, accelerator), accelerator, args.class_data_dir, args.class_prompt,
-                        n, batch_size=args.sample_batch_size, resolution=args.resolution, seed=args.seed)
-
-
-def make_dataset(args: argparse.Namespace) -> DreamBoothDataset:
+def make_dataset(config: SDXLTrainConfig) -> DreamBoothDataset:
+    """The training set: the instance images (repeated), and the class images under prior preservation."""
     return DreamBoothDataset(
-        args.instance_data_dir, args.instance_prompt, args.resolution, args.center_crop, args.random_flip,
-        class_dir=args.class_data_dir, class_prompt=args.class_prompt, seed=args.seed,
-        num_class_images=args.num_class_images if args.with_prior_preservation else None,
-        class_prompt_dropout=args.class_prompt_dropout, interpolation=args.image_interpolation_mode,
-        repeats=args.repeats,
+        config.instance_data_dir, config.instance_prompt, config.resolution, config.center_crop, config.random_flip,
+        class_dir=config.class_data_dir, class_prompt=config.class_prompt, seed=config.seed,
+        num_class_images=config.num_class_images if config.with_prior_preservation else None,
+        class_prompt_dropout=config.class_prompt_dropout, interpolation=config.image_interpolation_mode,
+        repeats=config.repeats,
     )
 
 
-def main(args: argparse.Namespace) -> dict[str, Any]:
-    """Train, export and validate; returns a summary (paths, losses, steps)."""
-    from accelerate import Accelerator
-    from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
-    from diffusers.optimization import get_scheduler
-    from tqdm.auto import tqdm
+def prepare_data(config: SDXLTrainConfig, accelerator: Any) -> tuple[SDXLTrainConfig, int, DreamBoothDataset | None]:
+    """The data, checked before any model loads: the embedded subject's photos are drawn (main process), the mini
+    SDXL's replay prior is built (once, in the cache), the class images to sample are counted.
 
-    args = finalize_args(args)
-    output_dir = Path(args.output_dir)
-    accelerator = Accelerator(
-        gradient_accumulation_steps=args.gradient_accumulation_steps, mixed_precision=args.mixed_precision,
-        log_with=None if args.report_to == "none" else args.report_to,
-        project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / args.logging_dir)),
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
-    )
-    check_launch(accelerator)
-    resume_dir = resolve_resume(accelerator, args.resume_from_checkpoint, output_dir, marker="unet",
-                                overwrite=args.overwrite_output_dir)
-    if args.allow_tf32:
-        torch.backends.cuda.matmul.allow_tf32 = True
-    if args.scale_lr:
-        args.learning_rate *= args.gradient_accumulation_steps * args.train_batch_size * accelerator.num_processes
-    if accelerator.is_main_process:
-        if args.embedded_subject:
-            make_subject_images(args.instance_data_dir, n=5, size=max(96, args.resolution), seed=args.seed,
-                                subject=EMBEDDED_DEFAULTS[args.pretrained_model_name_or_path]["subject"])
+    Returns the config with the class dir in it, the number of class images to sample, and the dataset (every
+    image decoded), or None while class images are missing (it is built once they are sampled).
+    """
+    if accelerator.is_main_process and config.embedded_subject:
+        make_subject_images(config.instance_data_dir, n=5, size=max(96, config.resolution), seed=config.seed,
+                            subject=EMBEDDED_DEFAULTS[config.pretrained_model_name_or_path]["subject"])
     accelerator.wait_for_everyone()
-    image_candidates(args.instance_data_dir, "instance")  # a missing or empty dir is named before anything is built
-    if args.with_prior_preservation and not args.class_data_dir:  # the mini SDXL's replay prior (built once, locked)
-        args.class_data_dir = str(materialize_replay_prior())
-    to_sample = missing_class_images(args)  # checks the data dirs before any model loads
-    dataset = None if to_sample else make_dataset(args)  # validates every image before any model loads
-    set_seed(args.seed)
-    base = resolve_pretrained(args.pretrained_model_name_or_path)
-    weight_dtype = PRECISIONS.get(accelerator.mixed_precision, torch.float32)
-    sample_dtype = PRECISIONS.get(args.prior_generation_precision or accelerator.mixed_precision, torch.float32)
-    if to_sample and sample_dtype != weight_dtype:  # a base of its own, freed before the training one loads
-        _sample_class_images(SDXLParts(args, base).place(accelerator.device, sample_dtype), base, args,
-                             accelerator, to_sample)
+    image_candidates(config.instance_data_dir, "instance")  # a missing or empty dir is named before anything is built
+    if config.with_prior_preservation and not config.class_data_dir:  # the mini SDXL's replay prior (built, locked)
+        config = dataclasses.replace(config, class_data_dir=str(materialize_replay_prior()))
+    to_sample = missing_class_images(config.class_data_dir if config.with_prior_preservation else None,
+                                     config.num_class_images, config.class_prompt, config.instance_data_dir)
+    return config, to_sample, None if to_sample else make_dataset(config)
+
+
+def load_base(config: SDXLTrainConfig, base: str, accelerator: Any, weight_dtype: torch.dtype,
+              to_sample: int) -> SDXLParts:
+    """The frozen base on this process's device at the training precision, after the ``to_sample`` missing class
+    images are sampled from it, or, under another ``--prior_generation_precision``, from a base loaded for that
+    alone and freed before the training one loads."""
+    sample_dtype = PRECISIONS.get(config.prior_generation_precision or accelerator.mixed_precision, torch.float32)
+    if to_sample and sample_dtype != weight_dtype:
+        sample_class_images_from(_parts(config, base).place(accelerator.device, sample_dtype), config, accelerator,
+                                 to_sample)
         to_sample = 0
         if torch.cuda.is_available():
             torch.cuda.empty_cache()  # hand the sampling base's cached blocks back before the training base loads
-    parts = SDXLParts(args, base).place(accelerator.device, weight_dtype)
+    parts = _parts(config, base).place(accelerator.device, weight_dtype)
     if to_sample:  # with the frozen base at the training precision, before any adapter is attached
-        _sample_class_images(parts, base, args, accelerator, to_sample)
-    if dataset is None:
-        dataset = make_dataset(args)
-    evaluator = (SubjectEvaluator.for_base(base, dataset.instance_images, args.resolution)
-                 if accelerator.is_main_process else None)
-    if args.enable_xformers_memory_efficient_attention:
+        sample_class_images_from(parts, config, accelerator, to_sample)
+    if config.enable_xformers_memory_efficient_attention:
         parts.unet.enable_xformers_memory_efficient_attention()
-    if args.gradient_checkpointing:
+    if config.gradient_checkpointing:
         parts.unet.enable_gradient_checkpointing()
-        if args.train_text_encoder:
+        if config.train_text_encoder:
             for enc in parts.text_encoders:
                 enc.gradient_checkpointing_enable()
+    return parts
 
-    # frozen text conditioning, computed once unless the text encoders train
-    prompt_cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
-    def condition(prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        if args.train_text_encoder:
-            return parts.encode_prompt(prompts)
-        for p in set(prompts) - set(prompt_cache):
-            with torch.no_grad():
-                e, pool = parts.encode_prompt([p])
-            prompt_cache[p] = (e[0], pool[0])
-        return (torch.stack([prompt_cache[p][0] for p in prompts]), torch.stack([prompt_cache[p][1] for p in prompts]))
+def _parts(config: SDXLTrainConfig, base: str) -> SDXLParts:
+    return SDXLParts(base, revision=config.revision, variant=config.variant,
+                     vae=config.pretrained_vae_model_name_or_path)
 
-    latent_cache = LatentCache() if args.cache_latents else None
 
-    def latents_for(batch: dict[str, Any]) -> torch.Tensor:
-        pix = batch["pixel_values"]
-        if latent_cache is None:
-            params = parts.latent_params(pix)
-        else:
-            params = latent_cache.get_or_compute(batch["cache_keys"], lambda idx: parts.latent_params(pix[idx]))
-        return parts.sample_latents(params.to(accelerator.device)).to(weight_dtype)
+def sample_class_images_from(parts: SDXLParts, config: SDXLTrainConfig, accelerator: Any, count: int) -> None:
+    """Sample ``count`` class images of ``--class_prompt`` from ``parts``' pipeline into ``--class_data_dir``."""
+    sample_class_images(parts.pipeline(accelerator), accelerator, config.class_data_dir, config.class_prompt, count,
+                        batch_size=config.sample_batch_size, resolution=config.resolution, seed=config.seed)
 
-    # adapters: restored exactly from a checkpoint, or attached (data-driven inits read instance batches)
-    te_method = "dash" if shared.METHODS[args.method].dash_phase else "lora"
+
+def attach_adapters(config: SDXLTrainConfig, parts: SDXLParts, dataset: DreamBoothDataset,
+                    condition: PromptConditioner, latents: LatentSampler, accelerator: Any,
+                    resume_dir: Path | None) -> dict[str, shared.Adapter]:
+    """The adapters by diffusers component name: restored exactly from a checkpoint, or attached (the data-driven
+    inits read instance batches fed as the training step feeds them; the text encoders get lora or dash)."""
     if resume_dir is not None:
         adapters = {"unet": shared.load(parts.unet, resume_dir / "unet")}
-        if args.train_text_encoder:
-            for name, enc in zip(("text_encoder", "text_encoder_2"), parts.text_encoders):
+        if config.train_text_encoder:
+            for name, enc in zip(TEXT_ENCODERS, parts.text_encoders):
                 adapters[name] = shared.load(enc, resume_dir / name)
-    else:
-        stats = (_statistics_batches(dataset, args, condition, latents_for, accelerator.device, weight_dtype)
-                 if shared.METHODS[args.method].needs_data else None)
-        gen = torch.Generator(device=accelerator.device)
+        return adapters
+    method = shared.METHODS[config.method]
+    stats = (statistics_batches(dataset, config.statistics_batches, config.train_batch_size, condition, latents,
+                                accelerator.device, latents.dtype) if method.needs_data else None)
+    unet_config = adapter_config(config, UNET_TARGETS, train_size=len(dataset))
+    adapters = {"unet": shared.attach(parts.unet, unet_config, data=stats,
+                                      forward_fn=statistics_loss(parts.scheduler, config.seed, accelerator.device),
+                                      progress=accelerator.is_main_process)}
+    if config.train_text_encoder:
+        te_config = adapter_config(config, TEXT_ENCODER_TARGETS, "dash" if method.dash_phase else "lora")
+        for name, enc in zip(TEXT_ENCODERS, parts.text_encoders):
+            adapters[name] = shared.attach(enc, te_config)
+    return adapters
 
-        def forward_fn(unet, batch):
-            gen.manual_seed(args.seed + batch["i"])
-            return unet_loss(unet, parts.scheduler, batch["latents"], batch["embeds"], batch["pooled"],
-                             batch["time_ids"], generator=gen)
 
-        unet_config = adapter_config(args, UNET_TARGETS, train_size=len(dataset))
-        adapters = {"unet": shared.attach(parts.unet, unet_config, data=stats, forward_fn=forward_fn,
-                                          progress=accelerator.is_main_process)}
-        if args.train_text_encoder:  # data-driven inits apply to the UNet; text encoders get lora or dash
-            for name, enc in zip(("text_encoder", "text_encoder_2"), parts.text_encoders):
-                adapters[name] = shared.attach(enc, adapter_config(args, TEXT_ENCODER_TARGETS, te_method))
-
-    groups = [{"params": adapters["unet"].trainable_parameters(), "lr": args.learning_rate}]
-    for name in ("text_encoder", "text_encoder_2"):
+def make_optimizer(config: SDXLTrainConfig,
+                   adapters: dict[str, shared.Adapter]) -> tuple[torch.optim.Optimizer, list[torch.nn.Parameter]]:
+    """AdamW (8-bit with ``--use_8bit_adam``) over the UNet adapter at ``--learning_rate`` and the text encoders'
+    at ``--text_encoder_lr``; returns it and the parameters whose gradients are clipped."""
+    groups = [{"params": adapters["unet"].trainable_parameters(), "lr": config.learning_rate}]
+    for name in TEXT_ENCODERS:
         if name in adapters:
-            groups.append({"params": adapters[name].trainable_parameters(), "lr": args.text_encoder_lr})
+            groups.append({"params": adapters[name].trainable_parameters(), "lr": config.text_encoder_lr})
     opt_cls = torch.optim.AdamW
-    if args.use_8bit_adam:
+    if config.use_8bit_adam:
         import bitsandbytes as bnb
 
         opt_cls = bnb.optim.AdamW8bit
     # lr= also sets the optimizer's default, which diffusers' polynomial schedule reads as its starting lr
-    optimizer = opt_cls(groups, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
-                        weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=args.train_batch_size, shuffle=True, collate_fn=collate,
-                                         num_workers=args.dataloader_num_workers)
-    steps_per_epoch = math.ceil(len(loader) / args.gradient_accumulation_steps)
-    max_steps = args.max_train_steps or args.num_train_epochs * steps_per_epoch
-    epochs = math.ceil(max_steps / steps_per_epoch)
-    lr_scheduler = get_scheduler(args.lr_scheduler, optimizer=optimizer,
-                                 num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
+    optimizer = opt_cls(groups, lr=config.learning_rate, betas=(config.adam_beta1, config.adam_beta2),
+                        weight_decay=config.adam_weight_decay, eps=config.adam_epsilon)
+    return optimizer, [p for g in groups for p in g["params"]]
+
+
+def setup(config: SDXLTrainConfig, accelerator: Any, resume_dir: Path | None) -> SDXLRun:
+    """Everything before the first step: the data (checked before any model loads), the frozen base, the class
+    images, the adapters (restored from ``resume_dir``, or attached), the optimizer, loader and scheduler prepared,
+    the checkpoint hooks, the resumed state and loss log, the trackers."""
+    from accelerate.utils import set_seed
+    from diffusers.optimization import get_scheduler
+
+    if config.allow_tf32:
+        torch.backends.cuda.matmul.allow_tf32 = True
+    if config.scale_lr:
+        config = dataclasses.replace(config, learning_rate=config.learning_rate * config.gradient_accumulation_steps
+                                     * config.train_batch_size * accelerator.num_processes)
+    config, to_sample, dataset = prepare_data(config, accelerator)
+    set_seed(config.seed)
+    base = resolve_pretrained(config.pretrained_model_name_or_path)
+    weight_dtype = PRECISIONS.get(accelerator.mixed_precision, torch.float32)
+    parts = load_base(config, base, accelerator, weight_dtype, to_sample)
+    if dataset is None:
+        dataset = make_dataset(config)
+    evaluator = (SubjectEvaluator.for_base(base, dataset.instance_images, config.resolution)
+                 if accelerator.is_main_process else None)
+    # frozen text conditioning is computed once per prompt unless the text encoders train
+    condition = PromptConditioner(parts, config.train_text_encoder)
+    latents = LatentSampler(parts, accelerator.device, weight_dtype, LatentCache() if config.cache_latents else None)
+    adapters = attach_adapters(config, parts, dataset, condition, latents, accelerator, resume_dir)
+    optimizer, params = make_optimizer(config, adapters)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=config.train_batch_size, shuffle=True,
+                                         collate_fn=collate, num_workers=config.dataloader_num_workers)
+    steps_per_epoch = math.ceil(len(loader) / config.gradient_accumulation_steps)
+    max_steps = config.max_train_steps or config.num_train_epochs * steps_per_epoch
+    lr_scheduler = get_scheduler(config.lr_scheduler, optimizer=optimizer,
+                                 num_warmup_steps=config.lr_warmup_steps * accelerator.num_processes,
                                  num_training_steps=max_steps * accelerator.num_processes,
-                                 num_cycles=args.lr_num_cycles, power=args.lr_power)
-    trained = [parts.unet] + ([*parts.text_encoders] if args.train_text_encoder else [])
+                                 num_cycles=config.lr_num_cycles, power=config.lr_power)
+    trained = [parts.unet] + ([*parts.text_encoders] if config.train_text_encoder else [])
     *trained, optimizer, loader, lr_scheduler = accelerator.prepare(*trained, optimizer, loader, lr_scheduler)
     parts.unet = trained[0]
-    if args.train_text_encoder:
+    if config.train_text_encoder:
         parts.text_encoders = trained[1:]
-
-    def save_hook(models, weights, out):  # checkpoints hold the adapters' native state, not the frozen base
-        if accelerator.is_main_process:
-            for name, adapter in adapters.items():
-                shared.export_lora(adapter, Path(out) / name, format="tsd")
-        weights.clear()
-
-    def load_hook(models, _):  # adapters were restored by shared.load before prepare
-        models.clear()
-
-    accelerator.register_save_state_pre_hook(save_hook)
-    accelerator.register_load_state_pre_hook(load_hook)
-
-    global_step, skip_batches = 0, 0
+    register_adapter_hooks(accelerator, adapters)
+    step, loss_log = 0, []
     if resume_dir is not None:
         accelerator.load_state(str(resume_dir))
-        global_step = adapters["unet"].num_steps
-        skip_batches = (global_step % steps_per_epoch) * args.gradient_accumulation_steps
-        accelerator.print(f"resumed from {resume_dir} at step {global_step}")
-    if accelerator.is_main_process:
-        accelerator.init_trackers("tsd-sdxl", config={k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))})
+        step = adapters["unet"].num_steps
+        loss_log = [row for row in read_loss_log(Path(config.output_dir)) if row["step"] <= step]
+        accelerator.print(f"resumed from {resume_dir} at step {step}")
+    init_trackers(accelerator, "tsd-sdxl", dataclasses.asdict(config))
+    return SDXLRun(config, accelerator, base, parts, dataset, adapters, trained, params, optimizer, loader,
+                   lr_scheduler, condition, latents, weight_dtype, evaluator, steps_per_epoch, max_steps, step,
+                   loss_log)
 
+
+# ------------------------------------------------------------------------------------------------------- train
+def train_loop(run: SDXLRun) -> dict[str, Any]:
+    """Optimizer steps from ``run.step`` to ``run.max_steps``; returns the dash switch records by component.
+
+    Every step: the denoising loss of the batch (the prior term weighted by ``--prior_loss_weight``), then
+    ``adapter.step`` (at the switch every process's selection is checked equal), a loss-log row and the trackers'
+    loss and lr. Every ``--checkpointing_steps`` the loss log and a checkpoint are written; validation runs every
+    ``--validation_steps`` and after every ``--validation_epochs``. A resumed run skips the batches its checkpoint
+    had consumed in the current epoch, so it sees the batches an uninterrupted run would.
+    """
+    from tqdm.auto import tqdm
+
+    config, accelerator = run.config, run.accelerator
     switch_record: dict[str, Any] = {}
-    loss_log = _read_loss_log(output_dir) if resume_dir is not None else []
-    loss_log = [row for row in loss_log if row["step"] <= global_step]
-    bar = tqdm(total=max_steps, initial=global_step, desc=f"{args.method} steps", disable=not accelerator.is_local_main_process)
-    validation_dir = output_dir / "validation"
+    skip_batches = (run.step % run.steps_per_epoch) * config.gradient_accumulation_steps
+    bar = tqdm(total=run.max_steps, initial=run.step, desc=f"{config.method} steps",
+               disable=not accelerator.is_local_main_process)
     t_first_step: float | None = None  # perf_counter when this process's first optimizer step started
-    for epoch in range(global_step // steps_per_epoch, epochs):
-        dataset.set_epoch(epoch)
-        loader.set_epoch(epoch)
-        batches = accelerator.skip_first_batches(loader, skip_batches) if skip_batches else loader
+    for epoch in range(run.step // run.steps_per_epoch, math.ceil(run.max_steps / run.steps_per_epoch)):
+        run.dataset.set_epoch(epoch)
+        run.loader.set_epoch(epoch)
+        batches = accelerator.skip_first_batches(run.loader, skip_batches) if skip_batches else run.loader
         skip_batches = 0
-        for model in trained:
+        for model in run.trained:
             model.train()
         for batch in batches:
             if t_first_step is None:
                 t_first_step = time.perf_counter()
-            with accelerator.accumulate(*trained):
-                per_sample = unet_loss(parts.unet, parts.scheduler, latents_for(batch),
-                                       *unet_conditioning(condition, batch, accelerator.device, weight_dtype),
-                                       snr_gamma=args.snr_gamma, noise_offset=args.noise_offset, reduce=False)
-                is_class = batch["is_class"].to(per_sample.device)
-                loss = per_sample[~is_class].mean()
-                if is_class.any():
-                    loss = loss + args.prior_loss_weight * per_sample[is_class].mean()
+            with accelerator.accumulate(*run.trained):
+                per_sample = unet_loss(run.parts.unet, run.parts.scheduler, run.latents(batch),
+                                       *unet_conditioning(run.condition, batch, accelerator.device, run.weight_dtype),
+                                       snr_gamma=config.snr_gamma, noise_offset=config.noise_offset, reduce=False)
+                loss = prior_preservation_loss(per_sample, batch["is_class"], config.prior_loss_weight)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
-                    accelerator.clip_grad_norm_([p for g in groups for p in g["params"]], args.max_grad_norm)
-                optimizer.step()
-                lr_scheduler.step()
-                optimizer.zero_grad()
+                    accelerator.clip_grad_norm_(run.params, config.max_grad_norm)
+                run.optimizer.step()
+                run.lr_scheduler.step()
+                run.optimizer.zero_grad()
             if not accelerator.sync_gradients:
                 continue
-            global_step += 1
-            for name, adapter in adapters.items():
-                if adapter.step(optimizer):
-                    switch_record[name] = _check_switch_agrees(accelerator, adapter)
+            run.step += 1
+            for name, adapter in run.adapters.items():
+                if adapter.step(run.optimizer):
+                    switch_record[name] = check_switch_agrees(accelerator, adapter)
                     if accelerator.is_main_process:
-                        bar.write(f"step {global_step}: dash switch of {name} done ({len(adapter.dash_layers)} layers, "
+                        bar.write(f"step {run.step}: dash switch of {name} done ({len(adapter.dash_layers)} layers, "
                                   f"identical on {accelerator.num_processes} process(es))")
             loss_value = accelerator.gather(loss.detach()).mean().item()
-            loss_log.append({"step": global_step, "loss": loss_value, "lr": lr_scheduler.get_last_lr()[0],
-                             "elapsed": time.perf_counter() - t_first_step})
-            accelerator.log({k: loss_log[-1][k] for k in ("loss", "lr")}, step=global_step)
+            run.loss_log.append({"step": run.step, "loss": loss_value, "lr": run.lr_scheduler.get_last_lr()[0],
+                                 "elapsed": time.perf_counter() - t_first_step})
+            accelerator.log({k: run.loss_log[-1][k] for k in ("loss", "lr")}, step=run.step)
             bar.update(1)
             bar.set_postfix(loss=f"{loss_value:.4f}")
-            if global_step % args.checkpointing_steps == 0 and global_step < max_steps:
+            if run.step % config.checkpointing_steps == 0 and run.step < run.max_steps:
                 if accelerator.is_main_process:  # first: a resume keeps the rows up to its checkpoint
-                    _write_loss_log(output_dir, loss_log)
-                save_training_checkpoint(accelerator, output_dir, global_step, args.checkpoints_total_limit)
-            if args.validation_steps and global_step % args.validation_steps == 0 and accelerator.is_main_process:
-                run_validation(parts, base, args, accelerator, global_step, validation_dir, evaluator)
-            if global_step >= max_steps:
+                    write_loss_log(run.output_dir, run.loss_log, LOSS_LOG_COLUMNS)
+                save_training_checkpoint(accelerator, run.output_dir, run.step, config.checkpoints_total_limit)
+            if config.validation_steps and run.step % config.validation_steps == 0 and accelerator.is_main_process:
+                run.validate()
+            if run.step >= run.max_steps:
                 break
-        if global_step >= max_steps:
+        if run.step >= run.max_steps:
             break
-        if args.validation_epochs and (epoch + 1) % args.validation_epochs == 0 and accelerator.is_main_process:
-            run_validation(parts, base, args, accelerator, global_step, validation_dir, evaluator)
+        if config.validation_epochs and (epoch + 1) % config.validation_epochs == 0 and accelerator.is_main_process:
+            run.validate()
     bar.close()
+    return switch_record
 
+
+# ------------------------------------------------------------------------------------------------------ finish
+def finish(run: SDXLRun, switch_record: dict[str, Any]) -> dict[str, Any]:
+    """Write the outputs (main process) and end the trackers; returns the summary: steps, output dir, base, the
+    live adapters (for in-process callers: tests, notebooks; the files are the product) and, from the main
+    process, the final validation images and metrics and the final loss."""
+    accelerator = run.accelerator
     accelerator.wait_for_everyone()
-    # the live adapters are returned for in-process callers (tests, notebooks); the files are the product
-    summary: dict[str, Any] = {"steps": global_step, "output_dir": str(output_dir), "base": base, "adapters": adapters}
+    summary: dict[str, Any] = {"steps": run.step, "output_dir": str(run.output_dir), "base": run.base,
+                               "adapters": run.adapters}
     if accelerator.is_main_process:
-        summary.update(_finish(args, base, adapters, parts, accelerator, output_dir, validation_dir, loss_log, evaluator))
+        summary.update(write_outputs(run))
         if switch_record:
-            atomic_write_json(output_dir / "dash_switch.json", switch_record)
+            atomic_write_json(run.output_dir / "dash_switch.json", switch_record)
     accelerator.end_training()
     return summary
 
 
-def _check_switch_agrees(accelerator, adapter) -> dict[str, Any]:
-    """Gather a fingerprint of the selected directions from every process; raise if any differs."""
-    dash = [adapter.dash_term(name) for name in adapter.dash_layers]
-    fingerprint = torch.stack([
-        torch.cat([d.indices.double() for d in dash]).sum(),
-        sum(d.U.double().sum() + d.Vh.double().sum() for d in dash),
-    ]).to(accelerator.device)
-    every = accelerator.gather(fingerprint.unsqueeze(0)).cpu()
-    if not torch.equal(every, every[:1].expand_as(every)):
-        raise RuntimeError(f"the dash switch selected different directions on different processes: {every.tolist()}")
-    return {"step": adapter.num_steps, "processes": accelerator.num_processes, "fingerprints": every.tolist()}
-
-
-def unet_conditioning(condition, batch: dict[str, Any], device: torch.device,
-                      dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Prompt embeddings, pooled embeddings and SDXL time ids of ``batch`` on the UNet's device and dtype (what the
-    training step and the data-driven inits feed it); ``condition`` maps prompts to (embeddings, pooled)."""
-    embeds, pooled = condition(batch["prompts"])
-    return embeds.to(dtype), pooled.to(dtype), batch["time_ids"].to(device, dtype)
-
-
-@torch.no_grad()
-def _statistics_batches(dataset, args, condition, latents_for, device: torch.device,
-                        dtype: torch.dtype) -> list[dict[str, Any]]:
-    """Instance batches for the data-driven inits: latents and conditioning as the training step feeds them."""
-    out = []
-    n = len(dataset)
-    for i in range(args.statistics_batches):
-        idx = [(i * args.train_batch_size + j) % n for j in range(args.train_batch_size)]
-        batch = collate([dataset[k] for k in idx])
-        embeds, pooled, time_ids = unet_conditioning(condition, batch, device, dtype)
-        out.append({"i": i, "latents": latents_for(batch), "embeds": embeds, "pooled": pooled, "time_ids": time_ids})
-    return out
-
-
-def _finish(args, base, adapters, parts, accelerator, output_dir: Path, validation_dir: Path, loss_log,
-            evaluator) -> dict[str, Any]:
-    """Export, reports, logs and the final validation images (main process)."""
-    fmt = args.output_format
-    if fmt == "peft":
-        for name, adapter in adapters.items():
-            shared.export_lora(adapter, output_dir / name, format="peft", base_model_name_or_path=base)
-    else:
-        shared.export_lora(adapters, output_dir, format=fmt)
-    for name, adapter in adapters.items():
-        shared.export_lora(adapter, output_dir / "tsd_state" / name, format="tsd")
-    rows = shared.tsd.report(adapters["unet"])
-    shared.tsd.write_report_csv(rows, output_dir / "tsd_report.csv")
-    shared.tsd.plot_change_rates(rows, output_dir / "tsd_report.png")
-    _write_loss_log(output_dir, loss_log)
+def write_outputs(run: SDXLRun) -> dict[str, Any]:
+    """The exported LoRA (``--output_format``), each adapter's native state under ``tsd_state/``, the TSD report,
+    ``loss_log.csv``, ``training_args.json`` (the resolved config, the base and library versions) and the final
+    validation."""
     import diffusers
     import peft
     import transformers
 
-    record = {k: v for k, v in vars(args).items()}
-    record.update(resolved_base=base, versions={"torch": torch.__version__, "diffusers": diffusers.__version__,
-                                                 "transformers": transformers.__version__, "peft": peft.__version__})
-    atomic_write_json(output_dir / "training_args.json", record)
-    images, metrics = run_validation(parts, base, args, accelerator, adapters["unet"].num_steps, validation_dir,
-                                     evaluator)
+    config, out = run.config, run.output_dir
+    if config.output_format == "peft":
+        for name, adapter in run.adapters.items():
+            shared.export_lora(adapter, out / name, format="peft", base_model_name_or_path=run.base)
+    else:
+        shared.export_lora(run.adapters, out, format=config.output_format)
+    for name, adapter in run.adapters.items():
+        shared.export_lora(adapter, out / "tsd_state" / name, format="tsd")
+    write_tsd_report(run.adapters["unet"], out)
+    write_loss_log(out, run.loss_log, LOSS_LOG_COLUMNS)
+    record = dataclasses.asdict(config)
+    record.update(resolved_base=run.base, versions={"torch": torch.__version__, "diffusers": diffusers.__version__,
+                                                     "transformers": transformers.__version__,
+                                                     "peft": peft.__version__})
+    atomic_write_json(out / "training_args.json", record)
+    images, metrics = run.validate()
     return {"validation_images": [str(p) for p in images], "validation_metrics": metrics,
-            "final_loss": loss_log[-1]["loss"] if loss_log else None}
+            "final_loss": run.loss_log[-1]["loss"] if run.loss_log else None}
 
 
-def _write_loss_log(output_dir: Path, rows: list[dict[str, Any]]) -> None:
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=["step", "loss", "lr", "elapsed"])
-    writer.writeheader()
-    writer.writerows(rows)
-    atomic_write_text(output_dir / "loss_log.csv", buf.getvalue())
+# -------------------------------------------------------------------------------------------------------- main
+def main(args: argparse.Namespace) -> dict[str, Any]:
+    """Train, export and validate: the config is resolved, then :func:`setup` -> :func:`train_loop` ->
+    :func:`finish`. Returns the summary."""
+    config = SDXLTrainConfig.from_args(args)
+    accelerator, resume_dir = start_training(
+        output_dir=Path(config.output_dir), logging_dir=config.logging_dir, report_to=config.report_to,
+        mixed_precision=config.mixed_precision, gradient_accumulation_steps=config.gradient_accumulation_steps,
+        resume_from=config.resume_from_checkpoint, overwrite=config.overwrite_output_dir, checkpoint_marker="unet")
+    run = setup(config, accelerator, resume_dir)
+    return finish(run, train_loop(run))
 
 
-def _read_loss_log(output_dir: Path) -> list[dict[str, Any]]:
-    path = output_dir / "loss_log.csv"
-    if not path.is_file():
-        return []
-    with open(path) as f:
-        return [{"step": int(r["step"]), "loss": float(r["loss"]), "lr": float(r["lr"]),
-                 "elapsed": float(r["elapsed"]) if r.get("elapsed") else None} for r in csv.DictReader(f)]
+def cli(argv: list[str] | None = None) -> None:
+    """The ``tsd-train-sdxl`` command (``accelerate launch apps/train_sdxl.py``): a user error is one line on stderr
+    and exit status 2 (:func:`tsd_common.launch.run_cli`)."""
+
+    def train() -> None:
+        summary = main(parse_args(argv))
+        if summary.get("validation_images"):
+            print(f"done: {summary['steps']} steps; adapter, validation images and reports in "
+                  f"{summary['output_dir']}/")
+
+    run_cli(train)

@@ -5,10 +5,11 @@
         --target_modules q_proj k_proj v_proj up_proj down_proj --dash_warmup_steps 30 --dash_directions 8 \\
         --learning_rate 5e-4 --max_steps 100 --output_dir out/
 
-Order of work: the checks that need no model run first (arguments, adapter configuration, files, formats, rows,
-labels), then the tokenizer (pad token, truncation counts), the model (target modules, task head), the adapter
-(``shared.attach``, before ``accelerator.prepare``), evaluation before training, the loop, evaluation after it,
-and the outputs. ``adapter.step(optimizer)`` runs once per optimizer step (when ``accelerator.sync_gradients``),
+Order of work (:func:`main`: the config, then :func:`setup` -> :func:`train_loop` -> :func:`finish`): the checks
+that need no model run first (arguments, adapter configuration, files, formats, rows, labels), then the tokenizer
+(pad token, truncation counts), the model (target modules, task head), the adapter (``shared.attach``, before
+``accelerator.prepare``), evaluation before training, the loop, evaluation after it, and the outputs. The
+plumbing shared with the SDXL trainer (accelerator, resume, checkpoint hooks, loss log) is ``tsd_common.training``. ``adapter.step(optimizer)`` runs once per optimizer step (when ``accelerator.sync_gradients``),
 so the dash switch lands at exactly ``--dash_warmup_steps`` updates whatever the accumulation.
 
 Outputs in ``--output_dir`` (main process, atomic writes):
@@ -56,10 +57,18 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 import shared
-from tsd_common.checkpoints import resolve_resume, save_training_checkpoint
 from shared.errors import InputError
-from shared.io import atomic_write_json, atomic_write_text
-from tsd_common.launch import check_launch
+from shared.io import atomic_write_json
+from tsd_common.checkpoints import save_training_checkpoint
+from tsd_common.launch import run_cli
+from tsd_common.training import (
+    init_trackers,
+    read_trainer_state,
+    register_adapter_hooks,
+    start_training,
+    write_loss_log,
+    write_tsd_report,
+)
 
 from . import causal, classification
 from .data import TaskData, ensure_pad_token, load_mc, load_text, train_eval_split
@@ -217,14 +226,91 @@ def _key_values(parser: argparse.ArgumentParser, items: list[str]) -> dict[str, 
     return out
 
 
-# ------------------------------------------------------------------------------------------------------- setup
-def load_examples(args: argparse.Namespace, load: Callable[[str], list]) -> tuple[list, list]:
-    train = load(args.train_file)
-    if args.eval_file:
-        eval_ = load(args.eval_file)
+# ------------------------------------------------------------------------------------------------------ config
+@dataclass(frozen=True)
+class TextTrainConfig:
+    """A run's settings, resolved once from the parsed flags (:meth:`from_args`); the fields carry the flags' names
+    (``--bf16``/``--fp16`` are in ``mixed_precision``). ``eval_steps`` and ``checkpointing_steps`` are the
+    intervals in optimizer steps; :func:`setup` resolves ``--eval_strategy``/``--save_strategy`` into them once
+    an epoch's length is known."""
+
+    # model and data
+    model_name_or_path: str
+    task: str
+    train_file: str
+    eval_file: str | None
+    text_column_names: list[str] | None
+    label_column_name: str
+    eval_split: float | None
+    max_train_samples: int | None
+    max_eval_samples: int | None
+    max_length: int
+    torch_dtype: str
+    # adapter
+    method: str
+    rank: int
+    lora_alpha: float
+    lora_dropout: float
+    target_modules: list[str] | None
+    dash_warmup_steps: int
+    dash_directions: int
+    adapter_options: dict[str, Any]
+    # training
+    learning_rate: float
+    weight_decay: float
+    adam_beta1: float
+    adam_beta2: float
+    adam_epsilon: float
+    lr_scheduler: str
+    lr_warmup_steps: int
+    warmup_ratio: float
+    max_grad_norm: float
+    num_train_epochs: int
+    max_steps: int
+    per_device_train_batch_size: int
+    per_device_eval_batch_size: int
+    gradient_accumulation_steps: int
+    seed: int
+    mixed_precision: str | None
+    gradient_checkpointing: bool
+    # evaluation and outputs
+    output_dir: str
+    overwrite_output_dir: bool
+    report_to: str
+    logging_dir: str
+    eval_steps: int
+    eval_strategy: str | None
+    eval_before: bool
+    report_plot: bool
+    checkpointing_steps: int
+    save_strategy: str | None
+    checkpoints_total_limit: int | None
+    resume_from_checkpoint: str | None
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> TextTrainConfig:
+        """The config of :func:`parse_args`' result (which has checked the flags and resolved their spellings)."""
+        return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls)})
+
+
+def check_torch_dtype(torch_dtype: str, mixed_precision: str) -> None:
+    """Refuse a half-precision frozen base without mixed precision (accelerate's ``mixed_precision``)."""
+    if torch_dtype != "float32" and mixed_precision == "no":
+        raise InputError(f"--torch_dtype {torch_dtype} stores the frozen base in {torch_dtype} but "
+                         "--mixed_precision is no: add --mixed_precision bf16 or fp16, whose autocast runs the "
+                         "float32 adapter and head at the base's precision")
+
+
+# ------------------------------------------------------------------------------------------------ model, data
+def load_examples(config: TextTrainConfig, load: Callable[[str], list]) -> tuple[list, list]:
+    """The training and evaluation examples: ``--eval_file``, or ``--eval_split`` held out of ``--train_file``
+    (by ``--seed``), each cut to ``--max_train_samples`` / ``--max_eval_samples``."""
+    train = load(config.train_file)
+    if config.eval_file:
+        eval_ = load(config.eval_file)
     else:
-        train, eval_ = train_eval_split(train, args.eval_split, args.seed, args.train_file)
-    return train[: args.max_train_samples], eval_[: args.max_eval_samples]
+        train, eval_ = train_eval_split(train, config.eval_split, config.seed, config.train_file)
+    return train[: config.max_train_samples], eval_[: config.max_eval_samples]
 
 
 def default_targets(model: nn.Module) -> list[str] | None:
@@ -251,17 +337,70 @@ def resolve_targets(model: nn.Module, target_modules: list[str] | None, head: li
     return names
 
 
-def adapter_config(args: argparse.Namespace) -> shared.AdapterConfig:
-    return shared.AdapterConfig(method=args.method, r=args.rank, alpha=args.lora_alpha, dropout=args.lora_dropout,
-                                target_modules=args.target_modules, dash_warmup_steps=args.dash_warmup_steps,
-                                dash_directions=args.dash_directions, seed=args.seed, **args.adapter_options)
+def adapter_config(config: TextTrainConfig) -> shared.AdapterConfig:
+    """The adapter's config from the flags (the target modules as given; :func:`build_model` resolves them)."""
+    return shared.AdapterConfig(method=config.method, r=config.rank, alpha=config.lora_alpha,
+                                dropout=config.lora_dropout, target_modules=config.target_modules,
+                                dash_warmup_steps=config.dash_warmup_steps, dash_directions=config.dash_directions,
+                                seed=config.seed, **config.adapter_options)
 
 
 @dataclass
-class TrainResult:
+class ModelSetup:
+    """Everything before ``accelerator.prepare``: validated data, the model with its adapter attached."""
+
+    task: ModuleType
+    data: TaskData
+    model: nn.Module
     adapter: shared.Adapter
-    results: dict[str, Any]
-    output_dir: Path
+    notes: list[str]
+
+
+def build_model(config: TextTrainConfig, accelerator: Any, resume_dir: Path | None = None) -> ModelSetup:
+    """Checks that need no model first (configuration, files, rows, labels), then tokenizer, model, adapter.
+
+    From a checkpoint the adapter is restored exactly (``shared.load``: no init, no re-selection).
+    """
+    from transformers import AutoTokenizer
+
+    task, load = TASKS[config.task]
+    if config.task == "classification":
+        load = functools.partial(load, text_columns=config.text_column_names, label_column=config.label_column_name)
+    adapter_cfg = adapter_config(config)
+    train_examples, eval_examples = load_examples(config, load)
+    tokenizer = AutoTokenizer.from_pretrained(config.model_name_or_path)
+    notes = [n for n in [ensure_pad_token(tokenizer)] if n]
+    data: TaskData = task.prepare(tokenizer, train_examples, eval_examples, config.max_length)
+    notes += [f"{n} of {len(getattr(data, split))} {split} examples were longer than --max_length={config.max_length} "
+              "and were truncated" for split, n in data.truncated.items() if n]
+    model, head = task.load_model(config.model_name_or_path, data, tokenizer, TORCH_DTYPES[config.torch_dtype])
+    if accelerator.distributed_type != DistributedType.DEEPSPEED:
+        # placed as the Trainer places models: the data-driven inits run on the GPU, and a resume recomputes the
+        # dash directions with the switch's SVD kernels (LAPACK and cuSOLVER can differ in the last bits)
+        model.to(accelerator.device)
+    adapter_cfg = dataclasses.replace(adapter_cfg, target_modules=resolve_targets(model, config.target_modules, head),
+                                      modules_to_save=head,  # LoRA-DA's population N: the training set, as reference
+                                      lora_da_population=adapter_cfg.lora_da_population or len(data.train))
+    if not config.target_modules:
+        notes.append(f"--target_modules not given: peft's default for model_type {model.config.model_type!r}, "
+                     f"{','.join(default_targets(model))}")
+    if resume_dir is not None:
+        adapter = shared.load(model, resume_dir / CHECKPOINT_ADAPTER)
+        saved = (adapter.config.method, adapter.config.r, sorted(adapter.config.target_modules or []))
+        if saved != (adapter_cfg.method, adapter_cfg.r, sorted(adapter_cfg.target_modules)):
+            raise InputError(f"{resume_dir} holds a {saved[0]} adapter of rank {saved[1]} on {len(saved[2])} layers; "
+                             f"this run asks for {adapter_cfg.method} rank {adapter_cfg.r} on "
+                             f"{len(adapter_cfg.target_modules)} layers")
+    else:
+        init_data = None
+        if adapter_cfg.needs_data:  # the same seeded batches on every process, so every process gets the same init
+            init_data = DataLoader(data.train, batch_size=config.per_device_train_batch_size, shuffle=True,
+                                   collate_fn=data.collate_train, generator=torch.Generator().manual_seed(config.seed))
+        adapter = shared.attach(model, adapter_cfg, data=init_data, progress=accelerator.is_local_main_process)
+    if config.gradient_checkpointing:
+        model.config.use_cache = False
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return ModelSetup(task, data, model, adapter, notes)
 
 
 # ---------------------------------------------------------------------------------------------------- evaluate
@@ -283,88 +422,109 @@ def evaluate(accelerator: Any, model: nn.Module, loader: DataLoader, task: Modul
     return {**task.compute_metrics(pred, ref, info), "num_examples": int(ref.shape[0])}
 
 
-# -------------------------------------------------------------------------------------------------------- main
+# ------------------------------------------------------------------------------------------------------- setup
 @dataclass
-class Setup:
-    """Everything before ``accelerator.prepare``: validated data, the model with its adapter attached."""
+class TextRun:
+    """A run after :func:`setup`: everything the loop and :func:`finish` use.
 
+    ``config`` has the strategies resolved into ``eval_steps``/``checkpointing_steps``; ``model``, the optimizer,
+    scheduler and loaders are prepared by accelerate; ``state`` (evaluations, loss log, tokens, runtime, switch
+    step) is what a checkpoint carries besides the adapter, optimizer, scheduler and RNG states.
+    """
+
+    config: TextTrainConfig
+    accelerator: Any
     task: ModuleType
     data: TaskData
     model: nn.Module
     adapter: shared.Adapter
+    optimizer: Any
+    scheduler: Any
+    train_loader: Any
+    eval_loader: Any
+    max_steps: int
     notes: list[str]
+    resume_dir: Path | None
+    state: dict[str, Any]
+
+    def evaluate(self, desc: str) -> dict[str, float]:
+        """Metrics on the evaluation set now, logged and sent to the trackers at the adapter's step."""
+        metrics = evaluate(self.accelerator, self.model, self.eval_loader, self.task, self.data.info, desc)
+        logger.info(f"eval ({desc}): {metrics}")
+        self.accelerator.log({f"eval/{k}": v for k, v in metrics.items()}, step=self.adapter.num_steps)
+        return metrics
 
 
-def setup(args: argparse.Namespace, accelerator: Any, resume_dir: Path | None = None) -> Setup:
-    """Checks that need no model first (configuration, files, rows, labels), then tokenizer, model, adapter.
+def setup(config: TextTrainConfig, accelerator: Any, resume_dir: Path | None = None) -> TextRun:
+    """Everything before the first step: the model and adapter (:func:`build_model`), the optimizer, loaders and
+    scheduler prepared, the checkpoint hooks, the resumed state, the trackers and the evaluation before training."""
+    from accelerate.utils import set_seed
+    from transformers import get_scheduler
 
-    From a checkpoint the adapter is restored exactly (``shared.load``: no init, no re-selection).
-    """
-    from transformers import AutoTokenizer
-
-    task, load = TASKS[args.task]
-    if args.task == "classification":
-        load = functools.partial(load, text_columns=args.text_column_names, label_column=args.label_column_name)
-    config = adapter_config(args)
-    train_examples, eval_examples = load_examples(args, load)
-    tokenizer = AutoTokenizer.from_pretrained(args.model_name_or_path)
-    notes = [n for n in [ensure_pad_token(tokenizer)] if n]
-    data: TaskData = task.prepare(tokenizer, train_examples, eval_examples, args.max_length)
-    notes += [f"{n} of {len(getattr(data, split))} {split} examples were longer than --max_length={args.max_length} "
-              "and were truncated" for split, n in data.truncated.items() if n]
-    model, head = task.load_model(args.model_name_or_path, data, tokenizer, TORCH_DTYPES[args.torch_dtype])
-    if accelerator.distributed_type != DistributedType.DEEPSPEED:
-        # placed as the Trainer places models: the data-driven inits run on the GPU, and a resume recomputes the
-        # dash directions with the switch's SVD kernels (LAPACK and cuSOLVER can differ in the last bits)
-        model.to(accelerator.device)
-    config = dataclasses.replace(config, target_modules=resolve_targets(model, args.target_modules, head),
-                                 modules_to_save=head,  # LoRA-DA's population N: the training set, as the reference
-                                 lora_da_population=config.lora_da_population or len(data.train))
-    if not args.target_modules:
-        notes.append(f"--target_modules not given: peft's default for model_type {model.config.model_type!r}, "
-                     f"{','.join(default_targets(model))}")
+    set_seed(config.seed)
+    built = build_model(config, accelerator, resume_dir)
+    data, adapter = built.data, built.adapter
+    optimizer = torch.optim.AdamW(adapter.trainable_parameters(), lr=config.learning_rate,
+                                  weight_decay=config.weight_decay, betas=(config.adam_beta1, config.adam_beta2),
+                                  eps=config.adam_epsilon)
+    # its own generator: starting an epoch's iterator then draws no number from the global RNG, so a resumed
+    # run's dropout masks are those of the uninterrupted run
+    train_loader = DataLoader(data.train, batch_size=config.per_device_train_batch_size, shuffle=True,
+                              collate_fn=data.collate_train, generator=torch.Generator().manual_seed(config.seed))
+    eval_loader = DataLoader(data.eval, batch_size=config.per_device_eval_batch_size, collate_fn=data.collate_eval)
+    model, optimizer, train_loader, eval_loader = accelerator.prepare(built.model, optimizer, train_loader, eval_loader)
+    updates_per_epoch = math.ceil(len(train_loader) / config.gradient_accumulation_steps)
+    max_steps = config.max_steps if config.max_steps > 0 else config.num_train_epochs * updates_per_epoch
+    config = dataclasses.replace(
+        config, eval_steps={"epoch": updates_per_epoch, "no": 0}.get(config.eval_strategy, config.eval_steps),
+        checkpointing_steps={"epoch": updates_per_epoch, "no": 0}.get(config.save_strategy, config.checkpointing_steps))
+    world = accelerator.num_processes
+    warmup_steps = config.lr_warmup_steps or math.ceil(config.warmup_ratio * max_steps)  # the Trainer's rule
+    # a prepared scheduler steps once per process each update, hence the factor (as in diffusers' examples)
+    scheduler = accelerator.prepare(get_scheduler(config.lr_scheduler, optimizer, num_warmup_steps=warmup_steps * world,
+                                                  num_training_steps=max_steps * world))
+    if adapter.config.uses_dash and adapter.config.dash_warmup_steps >= max_steps:
+        built.notes.append(f"--dash_warmup_steps={adapter.config.dash_warmup_steps} >= {max_steps} optimizer steps: "
+                           "the dash phase gets no update, so this run is plain LoRA")
+    for note in built.notes:
+        logger.warning(note)
+    state: dict[str, Any] = {"before": None, "history": [], "loss_log": [], "tokens": 0, "runtime_s": 0.0,
+                             "dash_switch_step": None}
+    register_adapter_hooks(accelerator, {CHECKPOINT_ADAPTER: adapter}, trainer_state=state)
     if resume_dir is not None:
-        adapter = shared.load(model, resume_dir / CHECKPOINT_ADAPTER)
-        saved = (adapter.config.method, adapter.config.r, sorted(adapter.config.target_modules or []))
-        if saved != (config.method, config.r, sorted(config.target_modules)):
-            raise InputError(f"{resume_dir} holds a {saved[0]} adapter of rank {saved[1]} on {len(saved[2])} layers; "
-                             f"this run asks for {config.method} rank {config.r} on {len(config.target_modules)} layers")
-        return _with_gradient_checkpointing(args, Setup(task, data, model, adapter, notes))
-    init_data = None
-    if config.needs_data:  # the same seeded batches on every process, so every process gets the same init
-        init_data = DataLoader(data.train, batch_size=args.per_device_train_batch_size, shuffle=True,
-                               collate_fn=data.collate_train, generator=torch.Generator().manual_seed(args.seed))
-    adapter = shared.attach(model, config, data=init_data, progress=accelerator.is_local_main_process)
-    return _with_gradient_checkpointing(args, Setup(task, data, model, adapter, notes))
-
-
-def _with_gradient_checkpointing(args: argparse.Namespace, run: Setup) -> Setup:
-    if args.gradient_checkpointing:
-        run.model.config.use_cache = False
-        run.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        accelerator.load_state(str(resume_dir))
+        state.update(read_trainer_state(resume_dir))
+        logger.info(f"resumed from {resume_dir} at step {adapter.num_steps}")
+    init_trackers(accelerator, "tsd-text", dataclasses.asdict(config))
+    run = TextRun(config, accelerator, built.task, data, model, adapter, optimizer, scheduler, train_loader,
+                  eval_loader, max_steps, built.notes, resume_dir, state)
+    if config.eval_before and resume_dir is None:
+        state["before"] = run.evaluate("eval before")
     return run
 
 
-def train_loop(accelerator: Any, model: nn.Module, adapter: shared.Adapter, optimizer: Any, scheduler: Any,
-               loader: DataLoader, args: argparse.Namespace, max_steps: int, state: dict[str, Any],
-               evaluate_at: Callable[[int], None], checkpoint_at: Callable[[int], None]) -> dict[str, Any]:
-    """Optimizer steps from ``adapter.num_steps`` (0, or the resumed step) to ``max_steps``.
+# ------------------------------------------------------------------------------------------------------- train
+def train_loop(run: TextRun) -> dict[str, Any]:
+    """Optimizer steps from ``adapter.num_steps`` (0, or the resumed step) to ``run.max_steps``.
 
-    ``adapter.step`` runs after each; ``evaluate_at(step)`` every ``--eval_steps`` and ``checkpoint_at(step)``
-    every ``--checkpointing_steps``. A resumed run skips the batches its checkpoint had consumed in the current
-    epoch, so it sees the batches an uninterrupted run would. ``state`` (loss log, tokens, runtime, switch step)
-    is what a checkpoint carries besides the adapter, optimizer, scheduler and RNG states. Returns the training
-    facts (runtime without evaluation, tokens, dash switch step).
+    ``adapter.step`` runs after each; an evaluation every ``--eval_steps`` and a checkpoint every
+    ``--checkpointing_steps``. A resumed run skips the batches its checkpoint had consumed in the current
+    epoch, so it sees the batches an uninterrupted run would. ``run.state`` gets the loss log, tokens, runtime
+    and switch step. Returns the training facts (runtime without evaluation, tokens, dash switch step).
     """
     from tqdm.auto import tqdm
 
+    config, accelerator, adapter, state = run.config, run.accelerator, run.adapter, run.state
+    model, optimizer, scheduler, loader = run.model, run.optimizer, run.scheduler, run.train_loader
+    max_steps = run.max_steps
     params = adapter.trainable_parameters()
     step = adapter.num_steps
-    updates_per_epoch = math.ceil(len(loader) / args.gradient_accumulation_steps)
-    skip = (step % updates_per_epoch) * args.gradient_accumulation_steps
+    updates_per_epoch = math.ceil(len(loader) / config.gradient_accumulation_steps)
+    skip = (step % updates_per_epoch) * config.gradient_accumulation_steps
     tokens, eval_time, prior_runtime = 0, 0.0, state["runtime_s"]
     step_loss, micro = torch.zeros((), device=accelerator.device), 0
-    bar = tqdm(total=max_steps, initial=step, desc=f"train {args.method}", disable=not accelerator.is_local_main_process)
+    bar = tqdm(total=max_steps, initial=step, desc=f"train {config.method}",
+               disable=not accelerator.is_local_main_process)
     model.train()
     start = time.perf_counter()
     for epoch in range(step // updates_per_epoch, math.ceil(max_steps / updates_per_epoch)):
@@ -377,8 +537,8 @@ def train_loop(accelerator: Any, model: nn.Module, adapter: shared.Adapter, opti
             with accelerator.accumulate(model):
                 loss = model(**batch).loss
                 accelerator.backward(loss)
-                if accelerator.sync_gradients and args.max_grad_norm > 0:
-                    accelerator.clip_grad_norm_(params, args.max_grad_norm)
+                if accelerator.sync_gradients and config.max_grad_norm > 0:
+                    accelerator.clip_grad_norm_(params, config.max_grad_norm)
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad()
@@ -398,16 +558,18 @@ def train_loop(accelerator: Any, model: nn.Module, adapter: shared.Adapter, opti
             accelerator.log({"train/loss": mean_loss, "train/learning_rate": lr}, step=step)
             bar.update(1)
             bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}")
-            if step < max_steps and (args.eval_steps and step % args.eval_steps == 0
-                                     or args.checkpointing_steps and step % args.checkpointing_steps == 0):
+            evaluate_now = config.eval_steps and step % config.eval_steps == 0
+            checkpoint_now = config.checkpointing_steps and step % config.checkpointing_steps == 0
+            if step < max_steps and (evaluate_now or checkpoint_now):
                 t0 = time.perf_counter()
                 state["tokens"] += int(accelerator.reduce(torch.tensor(tokens, device=accelerator.device), "sum"))
                 tokens = 0
                 state["runtime_s"] = prior_runtime + t0 - start - eval_time
-                if args.eval_steps and step % args.eval_steps == 0:
-                    evaluate_at(step)
-                if args.checkpointing_steps and step % args.checkpointing_steps == 0:
-                    checkpoint_at(step)
+                if evaluate_now:
+                    state["history"].append({"step": step, **run.evaluate(f"eval step {step}")})
+                if checkpoint_now:
+                    save_training_checkpoint(accelerator, Path(config.output_dir), step,
+                                             config.checkpoints_total_limit)
                 eval_time += time.perf_counter() - t0
             if step >= max_steps:
                 break
@@ -416,121 +578,68 @@ def train_loop(accelerator: Any, model: nn.Module, adapter: shared.Adapter, opti
     state["tokens"] += int(accelerator.reduce(torch.tensor(tokens, device=accelerator.device), "sum"))
     log = state["loss_log"]
     return {"steps": step, "runtime_s": state["runtime_s"], "tokens": state["tokens"],
-            "tokens_per_s": state["tokens"] / max(state["runtime_s"], 1e-9), "dash_switch_step": state["dash_switch_step"],
+            "tokens_per_s": state["tokens"] / max(state["runtime_s"], 1e-9),
+            "dash_switch_step": state["dash_switch_step"],
             "final_loss": log[-1]["loss"] if log else None, "world_size": accelerator.num_processes}
 
 
-def main(args: argparse.Namespace) -> TrainResult:
-    from accelerate import Accelerator, DataLoaderConfiguration
-    from accelerate.utils import ProjectConfiguration, set_seed
-    from transformers import get_scheduler
+# ------------------------------------------------------------------------------------------------------ finish
+@dataclass
+class TrainResult:
+    """What :func:`main` returns: the live adapter (on its model), the evaluations with the training facts under
+    ``"train"``, and the output directory."""
 
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    out = Path(args.output_dir)
-    accelerator = Accelerator(
-        gradient_accumulation_steps=args.gradient_accumulation_steps, mixed_precision=args.mixed_precision,
-        log_with=None if args.report_to == "none" else args.report_to,
-        project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / args.logging_dir)),
-        # the Trainer's sampler: a seeded shuffle, identical on every process (then sharded)
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed))
-    check_launch(accelerator)
-    if args.torch_dtype != "float32" and accelerator.mixed_precision == "no":
-        raise InputError(f"--torch_dtype {args.torch_dtype} stores the frozen base in {args.torch_dtype} but "
-                         "--mixed_precision is no: add --mixed_precision bf16 or fp16, whose autocast runs the "
-                         "float32 adapter and head at the base's precision")
-    resume_dir = resolve_resume(accelerator, args.resume_from_checkpoint, out, marker=CHECKPOINT_ADAPTER,
-                                overwrite=args.overwrite_output_dir)
-    set_seed(args.seed)
-    run = setup(args, accelerator, resume_dir)
-    data, adapter = run.data, run.adapter
-    optimizer = torch.optim.AdamW(adapter.trainable_parameters(), lr=args.learning_rate, weight_decay=args.weight_decay,
-                                  betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon)
-    # its own generator: starting an epoch's iterator then draws no number from the global RNG, so a resumed
-    # run's dropout masks are those of the uninterrupted run
-    train_loader = DataLoader(data.train, batch_size=args.per_device_train_batch_size, shuffle=True,
-                              collate_fn=data.collate_train, generator=torch.Generator().manual_seed(args.seed))
-    eval_loader = DataLoader(data.eval, batch_size=args.per_device_eval_batch_size, collate_fn=data.collate_eval)
-    model, optimizer, train_loader, eval_loader = accelerator.prepare(run.model, optimizer, train_loader, eval_loader)
-    updates_per_epoch = math.ceil(len(train_loader) / args.gradient_accumulation_steps)
-    max_steps = args.max_steps if args.max_steps > 0 else args.num_train_epochs * updates_per_epoch
-    args.eval_steps = {"epoch": updates_per_epoch, "no": 0}.get(args.eval_strategy, args.eval_steps)
-    args.checkpointing_steps = {"epoch": updates_per_epoch, "no": 0}.get(args.save_strategy, args.checkpointing_steps)
-    world = accelerator.num_processes
-    warmup_steps = args.lr_warmup_steps or math.ceil(args.warmup_ratio * max_steps)  # the Trainer's rule
-    # a prepared scheduler steps once per process each update, hence the factor (as in diffusers' examples)
-    scheduler = accelerator.prepare(get_scheduler(args.lr_scheduler, optimizer, num_warmup_steps=warmup_steps * world,
-                                                  num_training_steps=max_steps * world))
-    if adapter.config.uses_dash and adapter.config.dash_warmup_steps >= max_steps:
-        run.notes.append(f"--dash_warmup_steps={adapter.config.dash_warmup_steps} >= {max_steps} optimizer steps: "
-                         "the dash phase gets no update, so this run is plain LoRA")
-    for note in run.notes:
-        logger.warning(note)
+    adapter: shared.Adapter
+    results: dict[str, Any]
+    output_dir: Path
 
-    # checkpoints: the adapter's native state (not the frozen base) and the trainer state, beside accelerate's
-    # optimizer, scheduler, sampler and RNG states
-    state: dict[str, Any] = {"before": None, "history": [], "loss_log": [], "tokens": 0, "runtime_s": 0.0,
-                             "dash_switch_step": None}
 
-    def save_hook(models: list, weights: list, ckpt: str) -> None:
-        if accelerator.is_main_process:
-            shared.export_lora(adapter, Path(ckpt) / CHECKPOINT_ADAPTER, format="tsd")
-            atomic_write_json(Path(ckpt) / "trainer_state.json", state)
-        weights.clear()
-
-    def load_hook(models: list, _: str) -> None:  # the adapter was restored by shared.load before prepare
-        models.clear()
-
-    accelerator.register_save_state_pre_hook(save_hook)
-    accelerator.register_load_state_pre_hook(load_hook)
-    if resume_dir is not None:
-        accelerator.load_state(str(resume_dir))
-        state.update(json.loads((resume_dir / "trainer_state.json").read_text()))
-        logger.info(f"resumed from {resume_dir} at step {adapter.num_steps}")
-    accelerator.init_trackers("tsd-text", config={k: v for k, v in vars(args).items()
-                                                  if isinstance(v, (int, float, str, bool))})
-
-    def run_eval(desc: str) -> dict[str, float]:
-        metrics = evaluate(accelerator, model, eval_loader, run.task, data.info, desc)
-        logger.info(f"eval ({desc}): {metrics}")
-        accelerator.log({f"eval/{k}": v for k, v in metrics.items()}, step=adapter.num_steps)
-        return metrics
-
-    if args.eval_before and resume_dir is None:
-        state["before"] = run_eval("eval before")
-    facts = train_loop(accelerator, model, adapter, optimizer, scheduler, train_loader, args, max_steps, state,
-                       lambda step: state["history"].append({"step": step, **run_eval(f"eval step {step}")}),
-                       lambda step: save_training_checkpoint(accelerator, out, step, args.checkpoints_total_limit))
-    results = {"before": state["before"], "history": state["history"], "after": run_eval("eval after")}
-
+def finish(run: TextRun, facts: dict[str, Any]) -> TrainResult:
+    """Evaluate after training, write the outputs (main process) and end the trackers."""
+    accelerator, out = run.accelerator, Path(run.config.output_dir)
+    results = {"before": run.state["before"], "history": run.state["history"], "after": run.evaluate("eval after")}
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        config = adapter.config
-        resolved = {"target_modules": config.target_modules, "modules_to_save": config.modules_to_save,
-                    "num_examples": {"train": len(data.train), "eval": len(data.eval)}, "truncated": data.truncated,
-                    "notes": run.notes, "adapter_config": config.to_dict(), "resumed_from": resume_dir and str(resume_dir),
-                    **data.info}
-        write_outputs(out, adapter, run.task, args, resolved, results, facts, state["loss_log"])
+        write_outputs(run, results, facts)
         logger.info(f"wrote {out}: before {results['before']}, after {results['after']}")
     accelerator.wait_for_everyone()
     accelerator.end_training()
-    return TrainResult(adapter, {**results, "train": facts}, out)
+    return TrainResult(run.adapter, {**results, "train": facts}, out)
 
 
-def write_outputs(out: Path, adapter: shared.Adapter, task: ModuleType, args: argparse.Namespace,
-                  resolved: dict[str, Any], results: dict[str, Any], train_results: dict[str, Any],
-                  loss_log: list[dict[str, Any]]) -> None:
-    shared.export_lora(adapter, out, format="peft", task_type=task.TASK_TYPE,
-                       base_model_name_or_path=args.model_name_or_path)
+def write_outputs(run: TextRun, results: dict[str, Any], train_results: dict[str, Any]) -> None:
+    """The standard LoRA (``PeftModel.from_pretrained`` loads it), ``eval_results.json``, ``train_results.json``,
+    ``training_args.json`` (the config and what it resolved to), ``loss_log.csv`` and the TSD report."""
+    config, adapter, data, out = run.config, run.adapter, run.data, Path(run.config.output_dir)
+    resolved = {"target_modules": adapter.config.target_modules, "modules_to_save": adapter.config.modules_to_save,
+                "num_examples": {"train": len(data.train), "eval": len(data.eval)}, "truncated": data.truncated,
+                "notes": run.notes, "adapter_config": adapter.config.to_dict(),
+                "resumed_from": run.resume_dir and str(run.resume_dir), **data.info}
+    shared.export_lora(adapter, out, format="peft", task_type=run.task.TASK_TYPE,
+                       base_model_name_or_path=config.model_name_or_path)
     atomic_write_json(out / "eval_results.json", results)
     atomic_write_json(out / "train_results.json", train_results)
-    atomic_write_json(out / "training_args.json", {**vars(args), "resolved": resolved})
-    header = LOSS_LOG_COLUMNS
-    atomic_write_text(out / "loss_log.csv", "\n".join([",".join(header)] + [
-        ",".join(str(row[k]) for k in header) for row in loss_log]) + "\n")
-    rows = shared.tsd.report(adapter)
-    shared.tsd.write_report_csv(rows, str(out / "tsd_report.csv"))
-    if args.report_plot:
-        try:
-            shared.tsd.plot_change_rates(rows, str(out / "tsd_report.png"))
-        except ImportError:
-            logger.warning("matplotlib is not installed: tsd_report.png skipped (tsd_report.csv has the numbers)")
+    atomic_write_json(out / "training_args.json", {**dataclasses.asdict(config), "resolved": resolved})
+    write_loss_log(out, run.state["loss_log"], LOSS_LOG_COLUMNS)
+    write_tsd_report(adapter, out, plot=config.report_plot)
+
+
+# -------------------------------------------------------------------------------------------------------- main
+def main(args: argparse.Namespace) -> TrainResult:
+    """Train and evaluate: the config is resolved, then :func:`setup` -> :func:`train_loop` -> :func:`finish`."""
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    config = TextTrainConfig.from_args(args)
+    accelerator, resume_dir = start_training(
+        output_dir=Path(config.output_dir), logging_dir=config.logging_dir, report_to=config.report_to,
+        mixed_precision=config.mixed_precision, gradient_accumulation_steps=config.gradient_accumulation_steps,
+        resume_from=config.resume_from_checkpoint, overwrite=config.overwrite_output_dir,
+        checkpoint_marker=CHECKPOINT_ADAPTER, data_seed=config.seed,
+        check=lambda accelerator: check_torch_dtype(config.torch_dtype, accelerator.mixed_precision))
+    run = setup(config, accelerator, resume_dir)
+    return finish(run, train_loop(run))
+
+
+def cli(argv: Sequence[str] | None = None) -> None:
+    """The ``tsd-train-text`` command (``accelerate launch apps/train_text.py``): a user error is one line on stderr
+    and exit status 2 (:func:`tsd_common.launch.run_cli`)."""
+    run_cli(lambda: main(parse_args(argv)))

@@ -1,0 +1,94 @@
+"""The DreamBooth denoising loss: the UNet's conditioning of a batch, the noise (with diffusers' offset noise),
+the epsilon or v target, Min-SNR weighting, the prior-preservation term, and the batches the data-driven inits
+read, fed as the training step feeds the UNet."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .data import DreamBoothDataset, collate
+
+#: prompts -> (prompt embeddings, pooled embeddings)
+Condition = Callable[[list[str]], tuple[torch.Tensor, torch.Tensor]]
+
+
+def unet_loss(unet: Any, scheduler: Any, latents: torch.Tensor, embeds: torch.Tensor, pooled: torch.Tensor,
+              time_ids: torch.Tensor, *, snr_gamma: float | None = None, generator: torch.Generator | None = None,
+              reduce: bool = True, noise_offset: float = 0.0) -> torch.Tensor:
+    """Denoising loss at uniform timesteps (epsilon or v target), optionally Min-SNR weighted.
+
+    ``noise_offset`` adds ``noise_offset * n`` with ``n ~ N(0, 1)`` per sample and channel (constant over the
+    image) to the noise, as diffusers' ``--noise_offset`` (Guttenberg 2023), so the model learns to shift the mean
+    brightness. With ``snr_gamma`` each sample's loss is weighted by ``min(SNR(t), gamma) / SNR(t)`` (epsilon) or
+    ``/ (SNR(t) + 1)`` (v prediction), Min-SNR (Hang et al. 2023). ``reduce=False`` returns the per-sample losses.
+    """
+    noise = torch.randn(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
+    if noise_offset:
+        noise = noise + noise_offset * torch.randn((*latents.shape[:2], 1, 1), generator=generator,
+                                                   device=latents.device, dtype=latents.dtype)
+    t = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],), generator=generator,
+                      device=latents.device).long()
+    noisy = scheduler.add_noise(latents, noise, t)
+    target = noise if scheduler.config.prediction_type == "epsilon" else scheduler.get_velocity(latents, noise, t)
+    pred = unet(noisy, t, embeds, added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids}, return_dict=False)[0]
+    loss = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+    if snr_gamma is not None:
+        from diffusers.training_utils import compute_snr
+
+        snr = compute_snr(scheduler, t)
+        weight = torch.clamp(snr, max=snr_gamma) / (snr if scheduler.config.prediction_type == "epsilon" else snr + 1)
+        loss = loss * weight
+    return loss.mean() if reduce else loss
+
+
+def prior_preservation_loss(per_sample: torch.Tensor, is_class: torch.Tensor, prior_loss_weight: float) -> torch.Tensor:
+    """DreamBooth's loss of a batch: the mean over its instance images plus ``prior_loss_weight`` times the mean
+    over its class images (when it has any)."""
+    is_class = is_class.to(per_sample.device)
+    loss = per_sample[~is_class].mean()
+    if is_class.any():
+        loss = loss + prior_loss_weight * per_sample[is_class].mean()
+    return loss
+
+
+def unet_conditioning(condition: Condition, batch: dict[str, Any], device: torch.device,
+                      dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Prompt embeddings, pooled embeddings and SDXL time ids of ``batch`` on the UNet's device and dtype (what the
+    training step and the data-driven inits feed it); ``condition`` maps prompts to (embeddings, pooled)."""
+    embeds, pooled = condition(batch["prompts"])
+    return embeds.to(dtype), pooled.to(dtype), batch["time_ids"].to(device, dtype)
+
+
+@torch.no_grad()
+def statistics_batches(dataset: DreamBoothDataset, num_batches: int, batch_size: int, condition: Condition,
+                       latents_for: Callable[[dict[str, Any]], torch.Tensor], device: torch.device,
+                       dtype: torch.dtype) -> list[dict[str, Any]]:
+    """``num_batches`` instance batches for the data-driven inits (the dataset's items in order, wrapping round):
+    latents and conditioning as the training step feeds them, each with its index ``i``."""
+    out = []
+    n = len(dataset)
+    for i in range(num_batches):
+        idx = [(i * batch_size + j) % n for j in range(batch_size)]
+        batch = collate([dataset[k] for k in idx])
+        embeds, pooled, time_ids = unet_conditioning(condition, batch, device, dtype)
+        out.append({"i": i, "latents": latents_for(batch), "embeds": embeds, "pooled": pooled, "time_ids": time_ids})
+    return out
+
+
+def statistics_loss(scheduler: Any, seed: int,
+                    device: torch.device) -> Callable[[nn.Module, dict[str, Any]], torch.Tensor]:
+    """The inits' ``forward_fn``: the denoising loss of a :func:`statistics_batches` batch, its noise and timesteps
+    seeded by ``seed + i`` (the same draws on every process and every run)."""
+    generator = torch.Generator(device=device)
+
+    def forward_fn(unet: nn.Module, batch: dict[str, Any]) -> torch.Tensor:
+        generator.manual_seed(seed + batch["i"])
+        return unet_loss(unet, scheduler, batch["latents"], batch["embeds"], batch["pooled"], batch["time_ids"],
+                         generator=generator)
+
+    return forward_fn
