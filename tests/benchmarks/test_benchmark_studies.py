@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import LLAMA_TARGETS, lm_batches, tiny_llama, train
 
 import shared
 from benchmarks import subject_study, teacher_study, text_quality, tsd_analysis
 from shared import tsd
+from tests.helpers import LLAMA_TARGETS, lm_batches, tiny_llama, train
 
 
 def _weight_svd(n: int = 48, m: int = 40, seed: int = 0):

@@ -13,6 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
+from tests.helpers import SHARED_DATA
 from tsd_diffusion.data import (
     CacheKey,
     DreamBoothDataset,
@@ -26,7 +27,7 @@ from tsd_diffusion.data import (
     validate_resolution,
 )
 
-DREAMBOOTH = Path(__file__).resolve().parents[2] / "shared" / "data" / "dreambooth"
+DREAMBOOTH = SHARED_DATA / "dreambooth"
 
 
 # ---------------------------------------------------------------------------------------------------------------------

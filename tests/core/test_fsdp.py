@@ -22,11 +22,10 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from conftest import free_port, launcher_env
-from fsdp_dash_worker import DIRECTIONS, WARMUP, run
+from tests.core.fsdp_dash_worker import DIRECTIONS, WARMUP, run
+from tests.helpers import REPO, free_port, launcher_env
 
-REPO = Path(__file__).resolve().parents[1]
-WORKER = REPO / "tests" / "fsdp_dash_worker.py"
+WORKER = Path(__file__).resolve().parent / "fsdp_dash_worker.py"
 TIMEOUT_S = 240
 
 

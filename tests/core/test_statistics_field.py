@@ -4,12 +4,11 @@ prompt-masked SFT labels, gradient checkpointing, LoRA-DA's population and memor
 
 import pytest
 import torch
-from conftest import LLAMA_TARGETS, lm_batches, tiny_llama
-from test_inits import mse
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 import shared
+from tests.helpers import LLAMA_TARGETS, lm_batches, mse, tiny_llama
 
 
 def _sft_batches(n=4, batch_size=3, seq=12, prompt=6):

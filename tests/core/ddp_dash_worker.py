@@ -11,18 +11,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-sys.path[:0] = [str(HERE.parent), str(HERE)]  # repo root (shared) and tests/ (conftest helpers)
+import torch
+from accelerate import Accelerator
+from safetensors.torch import save_file
 
-import torch  # noqa: E402
-from accelerate import Accelerator  # noqa: E402
-from safetensors.torch import save_file  # noqa: E402
-
-import shared  # noqa: E402
-from conftest import LLAMA_TARGETS, lm_batches, tiny_llama  # noqa: E402
+import shared
+from tests.helpers import LLAMA_TARGETS, lm_batches, tiny_llama
 
 WARMUP, DIRECTIONS, RANK, ACCUM, OPT_STEPS = 3, 2, 4, 2, 6
 

@@ -9,13 +9,20 @@ import pytest
 import torch
 
 import shared
-from conftest import NEEDS_CUDA
+from tests.helpers import NEEDS_CUDA
 from tsd_common.assets import asset_path
 from tsd_text import causal
 from tsd_text.data import ensure_pad_token, load_mc
 from tsd_text.tiny import save_tiny_model, toy_mc_task, word_tokenizer, write_toy_classification, write_toy_mc
-from tsd_text.train import (TORCH_DTYPES, TextTrainConfig, adapter_config, load_examples, main, parse_args,
-                             resolve_targets)
+from tsd_text.train import (
+    TORCH_DTYPES,
+    TextTrainConfig,
+    adapter_config,
+    load_examples,
+    main,
+    parse_args,
+    resolve_targets,
+)
 
 LLAMA = "q_proj,k_proj,v_proj,up_proj,down_proj"
 QUICK = ["--rank", "4", "--lora_alpha", "8", "--dash_warmup_steps", "3", "--dash_directions", "2",

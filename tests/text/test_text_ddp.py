@@ -15,12 +15,11 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import free_port, launcher_env
 
+from tests.helpers import REPO, free_port, launcher_env
 from tsd_text.tiny import write_toy_classification, write_toy_mc
 from tsd_text.train import main, parse_args
 
-REPO = Path(__file__).resolve().parents[1]
 COMMON = ["--rank", "4", "--lora_alpha", "8", "--method", "dash", "--dash_warmup_steps", "2", "--dash_directions", "2",
           "--per_device_train_batch_size", "2", "--per_device_eval_batch_size", "2", "--max_steps", "4",
           "--learning_rate", "1e-2", "--seed", "3", "--no-report_plot"]

@@ -21,11 +21,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import free_port, launcher_env
 from safetensors import safe_open
 
-REPO = Path(__file__).resolve().parents[1]
-WORKER = REPO / "tests" / "ddp_dash_worker.py"
+from tests.helpers import REPO, free_port, launcher_env
+
+WORKER = Path(__file__).resolve().parent / "ddp_dash_worker.py"
 WORLD = 2
 TIMEOUT_S = 240
 

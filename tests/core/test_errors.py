@@ -1,9 +1,9 @@
 """Bad input fails before any compute, with a message naming what is wrong."""
 
 import pytest
-from conftest import LLAMA_TARGETS, lm_batches, tiny_llama
 
 import shared
+from tests.helpers import LLAMA_TARGETS, lm_batches, tiny_llama
 
 
 @pytest.mark.parametrize("kwargs, message", [
@@ -97,8 +97,8 @@ def test_data_driven_inits_take_mapping_batches_such_as_batch_encoding():
 
 
 def test_loading_a_non_tsd_file_is_refused(tmp_path):
-    from safetensors.torch import save_file
     import torch
+    from safetensors.torch import save_file
 
     save_file({"x": torch.zeros(1)}, tmp_path / "tsd_adapter.safetensors")
     with pytest.raises(ValueError, match="not a tsd-lora native adapter"):

@@ -113,8 +113,8 @@ def test_encode_latents_inverts_the_pipeline_decode_normalisation():
 def test_pretrain_unet_phase_resumes_exactly(tmp_path, monkeypatch):
     from safetensors.torch import load_file
 
-    from tsd_diffusion import pretrain_mini as P
     from shared.io import save_safetensors
+    from tsd_diffusion import pretrain_mini as P
 
     def prepare(work):
         torch.manual_seed(0)

@@ -6,12 +6,11 @@ skipped fp16 steps, ZeRO-style optimizer state, half-precision bases. Every test
 
 import pytest
 import torch
-from conftest import LLAMA_TARGETS, lm_batches, tiny_llama, train
-from test_inits import mse
 from torch import nn
 
 import shared
 from shared import tsd
+from tests.helpers import LLAMA_TARGETS, lm_batches, mse, tiny_llama, train
 
 
 # ------------------------------------------------------------------------------ 3. peft's own LoRA conversion
@@ -234,9 +233,10 @@ def test_runtime_scale_scales_the_dash_term_like_peft_scales_the_export(factor, 
 
 def test_diffusers_cross_attention_scale_matches_the_stock_loaded_export(tmp_path):
     from diffusers import StableDiffusionXLPipeline
-    from test_export import _tiny_unet
 
-    unet = _tiny_unet()
+    from tests.helpers import tiny_unet
+
+    unet = tiny_unet()
     adapter = shared.attach(unet, _dash_cfg(target_modules=["to_q", "to_k", "to_v", "to_out.0"], dash_warmup_steps=1))
     g = torch.Generator().manual_seed(0)
     sample, states, t = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 5, 32, generator=g), torch.tensor([10, 500])
@@ -248,7 +248,7 @@ def test_diffusers_cross_attention_scale_matches_the_stock_loaded_export(tmp_pat
         adapter.step(opt)
     assert adapter.switched and any(torch.count_nonzero(adapter.dash_term(n).lam) for n in adapter.layers)
     shared.export_lora(adapter, tmp_path, format="diffusers")
-    stock = _tiny_unet()
+    stock = tiny_unet()
     state_dict, alphas, metadata = StableDiffusionXLPipeline.lora_state_dict(str(tmp_path), return_lora_metadata=True)
     StableDiffusionXLPipeline.load_lora_into_unet(state_dict, network_alphas=alphas, unet=stock, metadata=metadata)
     with torch.no_grad():
@@ -257,7 +257,7 @@ def test_diffusers_cross_attention_scale_matches_the_stock_loaded_export(tmp_pat
             torch.testing.assert_close(live, stock(sample, t, states, cross_attention_kwargs={"scale": scale}).sample,
                                        rtol=0, atol=1e-5)
         torch.testing.assert_close(unet(sample, t, states, cross_attention_kwargs={"scale": 0.0}).sample,
-                                   _tiny_unet()(sample, t, states).sample, rtol=0, atol=1e-5)
+                                   tiny_unet()(sample, t, states).sample, rtol=0, atol=1e-5)
 
 
 def test_runtime_scale_does_not_change_the_original_weight_or_the_export():

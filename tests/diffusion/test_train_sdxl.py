@@ -8,11 +8,11 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import DEVICE, NEEDS_CUDA, free_port, launcher_env
 from safetensors.torch import load_file, save_file
 
 import tsd_diffusion.train_sdxl as T
 from shared.errors import InputError
+from tests.helpers import DEVICE, NEEDS_CUDA, REPO, free_port, launcher_env
 from tsd_common.training import read_loss_log
 from tsd_diffusion.loss import statistics_batches, unet_loss
 from tsd_diffusion.models import SDXLParts
@@ -333,9 +333,8 @@ def test_two_process_gloo_run_switches_identically(tmp_path):
     """Two processes select identical directions; they also split the class-image sampling, which must give the
     same files as one process."""
     import subprocess
-    from pathlib import Path
 
-    repo = Path(__file__).resolve().parents[1]
+    repo = REPO
     port = free_port()
     env = launcher_env(ACCELERATE_USE_CPU="true", PYTHONPATH=str(repo))
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",

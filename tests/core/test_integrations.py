@@ -3,9 +3,9 @@
 import csv
 
 import torch
-from conftest import LLAMA_TARGETS, lm_batches, tiny_llama, train
 
 import shared
+from tests.helpers import LLAMA_TARGETS, lm_batches, tiny_llama, train
 
 
 class ListDataset(torch.utils.data.Dataset):

@@ -2,10 +2,10 @@
 
 import pytest
 import torch
-from conftest import LLAMA_TARGETS, lm_batches, tiny_llama, train
 
 import shared
 from shared.layers import dense_weight
+from tests.helpers import LLAMA_TARGETS, lm_batches, tiny_llama, train
 
 
 def _dash(t=3, s=2, **kw):

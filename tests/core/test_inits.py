@@ -2,12 +2,12 @@
 
 import pytest
 import torch
-from conftest import LLAMA_TARGETS, lm_batches, tiny_llama
 from torch import nn
 
 import shared
 from shared.inits.lora_da import lora_da_factors
 from shared.statistics import FisherGradient, collect
+from tests.helpers import LLAMA_TARGETS, lm_batches, mse, tiny_llama
 
 
 class TwoLayer(nn.Module):
@@ -20,11 +20,6 @@ class TwoLayer(nn.Module):
 
     def forward(self, x):
         return self.fc2(torch.tanh(self.fc1(x)))
-
-
-def mse(model, batch):
-    x, y = batch
-    return nn.functional.mse_loss(model(x), y)
 
 
 def _data(n=6, b=4, t=5, d_in=10, d_out=6, seed=0):

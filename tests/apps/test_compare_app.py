@@ -23,10 +23,10 @@ gr = pytest.importorskip("gradio", reason="the app needs gradio: pip install -e 
 
 from PIL import Image  # noqa: E402
 
+from tests.helpers import REPO
 from tsd_diffusion import compare  # noqa: E402
 from tsd_diffusion.tiny import EMBEDDED_NAME, resolve_pretrained  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
 PROMPT = "a photo of sks teapot"
 STEPS, GUIDANCE = 2, 5.0
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")

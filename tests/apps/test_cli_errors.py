@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+from tests.helpers import REPO
 
 
 def _run(app: str, *args: str, launcher: bool = False, cwd: Path) -> subprocess.CompletedProcess:

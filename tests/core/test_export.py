@@ -6,9 +6,9 @@ import stat
 
 import pytest
 import torch
-from conftest import BERT_TARGETS, LLAMA_TARGETS, cls_batches, lm_batches, tiny_bert, tiny_llama, train
 
 import shared
+from tests.helpers import BERT_TARGETS, LLAMA_TARGETS, cls_batches, lm_batches, tiny_bert, tiny_llama, tiny_unet, train
 
 SMALL = dict(r=4, alpha=8, dash_warmup_steps=3, dash_directions=2, eva_max_batches=8, lora_da_num_samples=8,
              lora_init_steps=3, lora_ga_batches=2)
@@ -166,17 +166,6 @@ def test_export_writes_atomically_and_only_safetensors(tmp_path):
             assert stat.S_IMODE(p.stat().st_mode) == 0o666 & ~umask, p
 
 
-def _tiny_unet():
-    from diffusers import UNet2DConditionModel
-
-    torch.manual_seed(0)
-    return UNet2DConditionModel(
-        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        attention_head_dim=(2, 4), use_linear_projection=True, cross_attention_dim=32, norm_num_groups=8,
-    ).eval()
-
-
 ATTENTION = ["to_q", "to_k", "to_v", "to_out.0"]
 TARGET_SETS = {"attention": ATTENTION, "attention+proj+ff": [*ATTENTION, "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2"],
                "attention+proj+ff+convs": [*ATTENTION, "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2", "conv1", "conv2"]}
@@ -190,7 +179,7 @@ def test_unet_export_loads_in_stock_diffusers(fmt, targets, method, tmp_path):
     and ``load_lora_weights`` then silently drops the attention LoRAs; our export writes one format)."""
     from diffusers import StableDiffusionXLPipeline
 
-    unet = _tiny_unet()
+    unet = tiny_unet()
     cfg = shared.AdapterConfig(method=method, r=4, alpha=8, target_modules=TARGET_SETS[targets],
                                dash_warmup_steps=2, dash_directions=2)
     g = torch.Generator().manual_seed(0)
@@ -211,12 +200,12 @@ def test_unet_export_loads_in_stock_diffusers(fmt, targets, method, tmp_path):
     unet.eval()
     assert adapter.switched == (method == "dash")
     expected = unet(sample, t, encoder_hidden_states=enc).sample
-    assert (expected - _tiny_unet()(sample, t, encoder_hidden_states=enc).sample).abs().max() > 1e-2  # it trained
+    assert (expected - tiny_unet()(sample, t, encoder_hidden_states=enc).sample).abs().max() > 1e-2  # it trained
     shared.export_lora(adapter, tmp_path, format=fmt)
     state_dict, network_alphas, metadata = StableDiffusionXLPipeline.lora_state_dict(
         str(tmp_path), return_lora_metadata=True
-    ) if fmt == "diffusers" else (*StableDiffusionXLPipeline.lora_state_dict(str(tmp_path), unet_config=_tiny_unet().config), None)
-    fresh = _tiny_unet()
+    ) if fmt == "diffusers" else (*StableDiffusionXLPipeline.lora_state_dict(str(tmp_path), unet_config=tiny_unet().config), None)
+    fresh = tiny_unet()
     StableDiffusionXLPipeline.load_lora_into_unet(state_dict, network_alphas=network_alphas, unet=fresh,
                                                    metadata=metadata)
     got = fresh(sample, t, encoder_hidden_states=enc).sample

@@ -6,8 +6,7 @@ import json
 import pytest
 
 from tsd_text.classification import prepare as prepare_classification
-from tsd_text.data import (DataError, alpaca_prompt, ensure_pad_token, load_mc, load_text, read_records,
-                           train_eval_split)
+from tsd_text.data import DataError, alpaca_prompt, ensure_pad_token, load_mc, load_text, read_records, train_eval_split
 from tsd_text.tiny import word_tokenizer
 
 BOOLQ = {"instruction": "Please answer the following question with true or false, question: is the sky blue?\n\n"

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from tests.helpers import REPO
 from tsd_diffusion import evaluation as ev
 from tsd_diffusion import mini_sdxl as mini
 from tsd_diffusion import train_sdxl as T
@@ -150,7 +151,7 @@ def test_default_main_job_runs_with_no_network_and_an_empty_cache(tmp_path):
     prefix = _no_network_prefix()
     if prefix is None:
         pytest.skip("`unshare -n` / `unshare -rn` is not available here, so no run without network can be made")
-    repo = Path(__file__).resolve().parents[1]
+    repo = REPO
     cache, out = tmp_path / "empty-cache", tmp_path / "run"
     env = {k: v for k, v in os.environ.items()
            if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "RANK", "LOCAL_RANK", "WORLD_SIZE")}

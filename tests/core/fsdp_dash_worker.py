@@ -12,18 +12,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-sys.path[:0] = [str(HERE.parent), str(HERE)]  # repo root (shared) and tests/ (conftest helpers)
+import torch
+from safetensors.torch import save_file
 
-import torch  # noqa: E402
-from safetensors.torch import save_file  # noqa: E402
-
-import shared  # noqa: E402
-from conftest import LLAMA_TARGETS, lm_batches, tiny_llama  # noqa: E402
-from shared.layers import full_tensor, is_sharded  # noqa: E402
+import shared
+from shared.layers import full_tensor, is_sharded
+from tests.helpers import LLAMA_TARGETS, lm_batches, tiny_llama
 
 WARMUP, DIRECTIONS, RANK, STEPS = 3, 3, 4, 6
 
