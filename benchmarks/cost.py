@@ -21,7 +21,8 @@ in one process, so every ratio pairs measurements of the same run:
    portable ``peft`` format (dash/tsd folded to rank r+s, residualised inits to 2r) and the native ``tsd`` format,
    against the file of peft's own ``save_pretrained``.
 4. **our EVA vs peft's EVA** on the same base, the same batches (``init["eva_max_batches"]`` of them), the same
-   tau / rho and the same randomized-SVD seed (peft's fixed 42): ``shared.attach(method="eva")`` against ``peft.get_peft_model(LoraConfig(init_lora_weights="eva",
+   tau / rho and the same randomized-SVD seed (peft's fixed 42): ``shared.attach(method="eva")`` against
+   ``peft.get_peft_model(LoraConfig(init_lora_weights="eva",
    eva_config=EvaConfig(rho, tau)))`` + ``peft.initialize_lora_eva_weights``. Both select the same rows (attention
    mask, and labels != -100 only for token-level labels: ``shared.statistics.token_mask``), passed to peft as its
    ``prepare_*_inputs_fn``. peft's loop has no batch cap; at ours (after the same number of forwards) its

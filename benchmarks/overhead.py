@@ -1,6 +1,7 @@
 """Training-step overhead of the core's ``lora`` and ``dash`` (after the switch) against plain peft LoRA, on CPU.
 
-    python -m benchmarks.overhead [--repeats N] [--steps N] [--models llama minilm] [--out benchmarks/results/overhead.json]
+    python -m benchmarks.overhead [--repeats N] [--steps N] [--models llama minilm] [--out
+    benchmarks/results/overhead.json]
 
 Models: (a) a small random LLaMA (hidden 256, 4 layers, intermediate 512, vocab 1000; batch 8 x seq 64) and
 (b) the real all-MiniLM-L6-v2 encoder with a 2-label head (``tsd_common.assets.asset_path("minilm")``, else the
@@ -28,7 +29,8 @@ medians, median of the per-repeat ratios, median of the per-round paired ratios)
 peak RSS of each method measured in a fresh subprocess (psutil sampling thread + ``ru_maxrss``).
 
 The pieces take any method of ``shared.METHODS`` (``benchmarks.cost`` times all of them): data-driven inits
-(registry entries with ``needs_data``, :data:`shared.methods.METHODS`) read their batches from :class:`InitData` (the model's batch function, seeds
+(registry entries with ``needs_data``, :data:`shared.methods.METHODS`) read their batches from :class:`InitData` (the
+model's batch function, seeds
 1, 2, ...; the timed batch is seed 0) through ``loss_fn``; ``tsd`` switches at ``dash_warmup_steps`` like ``dash``.
 """
 
@@ -47,9 +49,10 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -402,7 +405,7 @@ def time_runners(spec: ModelSpec, runners: dict[str, Runner], batch: dict[str, t
             block: dict[str, list[float]] = {m: [] for m in methods}
             for i in range(steps):
                 rot = order[i % len(order):] + order[:i % len(order)]
-                rnd, share = guard.run(lambda: _round(runners, rot, batch))
+                rnd, share = guard.run(lambda rot=rot: _round(runners, rot, batch))
                 rep_shares.append(share)
                 for m in methods:
                     block[m].append(rnd[m])
@@ -413,7 +416,7 @@ def time_runners(spec: ModelSpec, runners: dict[str, Runner], batch: dict[str, t
                 times[m].append(block[m])
         else:
             for m in order:
-                ts, share = guard.run(lambda: _timed_steps(runners[m], batch, warmup, steps))
+                ts, share = guard.run(lambda m=m: _timed_steps(runners[m], batch, warmup, steps))
                 rep_shares.append(share)
                 times[m].append(ts)
                 if share < guard.threshold:
@@ -446,9 +449,9 @@ def time_runners(spec: ModelSpec, runners: dict[str, Runner], batch: dict[str, t
     for m in methods:
         if m == "peft":
             continue
-        per_rep = [statistics.median(a) / statistics.median(b) for a, b in zip(times[m], times["peft"])]
+        per_rep = [statistics.median(a) / statistics.median(b) for a, b in zip(times[m], times["peft"], strict=True)]
         if interleave == "step":  # step i of every method ran in the same round: paired ratios
-            paired = [a / b for ra, rb in zip(times[m], times["peft"]) for a, b in zip(ra, rb)]
+            paired = [a / b for ra, rb in zip(times[m], times["peft"], strict=True) for a, b in zip(ra, rb, strict=True)]
             res["methods"][m]["ratio_vs_peft_paired_median"] = statistics.median(paired)
         res["methods"][m]["ratio_vs_peft"] = res["methods"][m]["median_step_ms"] / res["methods"]["peft"]["median_step_ms"]
         # the same, from the units no other process disturbed (None when there were none)
@@ -502,7 +505,7 @@ def time_attaches(spec: ModelSpec, base: nn.Module, batch: dict[str, torch.Tenso
         for m in methods[i % len(methods):] + methods[:i % len(methods)]:
             last.pop(m, None)
             gc.collect()
-            (last[m], switch_s), share = guard.run(lambda: unit(m))
+            (last[m], switch_s), share = guard.run(lambda m=m: unit(m))
             samples[m]["init"].append(last[m].init_s)
             samples[m]["share"].append(share)
             if switch_s is not None:
@@ -514,7 +517,7 @@ def time_attaches(spec: ModelSpec, base: nn.Module, batch: dict[str, torch.Tenso
 
 def _summary(seconds: list[float], shares: list[float], threshold: float) -> dict[str, Any]:
     """Median (ms) of timed units, all of them and the uncontended ones, with their foreign CPU shares."""
-    ok = [x for x, sh in zip(seconds, shares) if sh < threshold]
+    ok = [x for x, sh in zip(seconds, shares, strict=True) if sh < threshold]
     return {"median_ms": 1e3 * statistics.median(seconds), "all_ms": [1e3 * x for x in seconds],
             "attaches": len(seconds), "foreign_cpu_share": shares,
             "clean_median_ms": 1e3 * statistics.median(ok) if ok else None, "clean_attaches": len(ok)}

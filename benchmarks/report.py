@@ -7,8 +7,9 @@ import importlib
 import json
 import os
 import platform
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 
 def machine_info(*packages: str) -> dict[str, Any]:

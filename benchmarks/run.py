@@ -102,8 +102,8 @@ def run_one(cfg_path: Path) -> None:
     """Child process: run the cell of ``cfg_path`` and write its result (or why it was skipped) beside it; a cell
     that needs a missing asset writes :func:`unrunnable_path` instead; any other error exits non-zero and the
     parent stops with the cell's name."""
-    from tsd_common.assets import AssetMissingError, FetchError
     from shared.io import atomic_write_json
+    from tsd_common.assets import AssetMissingError, FetchError
 
     from . import subject_study
     from .report import machine_info
@@ -239,7 +239,7 @@ def main(argv: list[str] | None = None) -> None:
             run_one(args.cell)
         except Exception:
             traceback.print_exc()
-            raise SystemExit(1)
+            raise SystemExit(1) from None
         return
     t = time.perf_counter()
     if args.report_only:

@@ -119,7 +119,7 @@ def run_baseline(steps: int, workdir: Path, device: str, seed: int = 0) -> list[
 
     with torch.no_grad():  # SDXL conditioning, once: penultimate hidden states of both encoders, pooled from the 2nd
         hidden = []
-        for tok, enc in zip(tokenizers, encoders):
+        for tok, enc in zip(tokenizers, encoders, strict=True):
             ids = tok([PROMPT], padding="max_length", max_length=tok.model_max_length, truncation=True,
                       return_tensors="pt").input_ids
             out = enc(ids.to(device), output_hidden_states=True)

@@ -6,11 +6,13 @@ singular directions of each adapted weight (the trainer's attention targets),
     W_T = W + Σ_{i ∈ I*} c · sign_i · σ_i u_i v_iᵀ,
 
 with ``teacher_directions`` = |I*| indices drawn per layer from a band of the σ order (:data:`BANDS`; "moderate",
-ranks k/4 to 3k/4, is where the paper places TSDs) and a change rate δ_i = c on I*, 0 elsewhere: I* is, by construction, the
+ranks k/4 to 3k/4, is where the paper places TSDs) and a change rate δ_i = c on I*, 0 elsewhere: I* is, by construction,
+the
 task-specific direction set of ΔW* = W_T - W (Si et al., arXiv 2409.01035, Sec. 3). Each method trains the
 student (the base UNet with its adapter, rank ``rank``) to match the teacher's noise prediction,
 L = ‖ε_student(x_t, t, c) - ε_teacher(x_t, t, c)‖², on noisy VAE latents of ``train_images`` images of the shipped
-replay prior (the base's own generations of the ten classes) with their class prompts (uniform DDPM timesteps), AdamW at a constant lr, the same data order for every method.
+replay prior (the base's own generations of the ten classes) with their class prompts (uniform DDPM timesteps), AdamW at
+a constant lr, the same data order for every method.
 ``teacher_band`` "top" (the largest σ, the directions the data excites most) is the positive control.
 
 Reported per method (mean ± std over seeds; a seed draws the teacher's directions and signs, the data order and
@@ -124,8 +126,8 @@ def run_cell(cfg: dict[str, Any], work: Path) -> dict[str, Any]:
     from shared import tsd
     from shared.layers import find_targets
     from tsd_diffusion.mini_sdxl import MINI_NAME
-    from tsd_diffusion.tiny import resolve_pretrained
     from tsd_diffusion.models import UNET_TARGETS, SDXLParts
+    from tsd_diffusion.tiny import resolve_pretrained
 
     torch.manual_seed(cfg["seed"])
     parts = SDXLParts(resolve_pretrained(MINI_NAME))
@@ -198,7 +200,7 @@ def run_cell(cfg: dict[str, Any], work: Path) -> dict[str, Any]:
             "teacher_recall_at_switch": statistics.mean(recall_switch) if recall_switch else None,
             "dash_share": statistics.mean(dash_share) if dash_share else None,
             **{key: statistics.mean(r[key] for r in per_layer) for key in per_layer[0]},
-            "by_layer_type": {ty: {key: statistics.mean(r[key] for n, r in zip(names, per_layer) if layer_type(n) == ty)
+            "by_layer_type": {ty: {key: statistics.mean(r[key] for n, r in zip(names, per_layer, strict=True) if layer_type(n) == ty)
                                    for key in per_layer[0]} for ty in sorted({layer_type(n) for n in names})},
             "trainable_parameters": sum(p.numel() for p in params)}
 
@@ -220,7 +222,8 @@ def recovery(U: torch.Tensor, S: torch.Tensor, Vh: torch.Tensor, idx_true: torch
     """How much of the teacher's change a learned update ΔW = B A recovered, along the teacher's own directions.
 
     ``teacher_recall_final``: overlap of top-s(δ) of ΔW with I* (the paper's rule); ``teacher_recall_final_abs``:
-    the same for top-s(|Δσ|), without the division by σ that favours small-σ directions; ``recovered_change``: mean_i∈I* Δσ_i / Δσ*_i;
+    the same for top-s(|Δσ|), without the division by σ that favours small-σ directions; ``recovered_change``: mean_i∈I*
+    Δσ_i / Δσ*_i;
     ``energy_on_teacher``: ‖U_I*ᵀ ΔW V_I*‖_F² / ‖ΔW‖_F².
     """
     from shared import tsd
@@ -288,7 +291,7 @@ def _plot(curves: dict[tuple[str, str], tuple[list[int], list[float]]], cfg: dic
     bands = list(dict.fromkeys(band for _, band in curves))
     methods = list(dict.fromkeys(m for m, _ in curves))
     fig, axes = plt.subplots(1, len(bands), figsize=(5 * len(bands), 4), squeeze=False)
-    for ax, band in zip(axes[0], bands):
+    for ax, band in zip(axes[0], bands, strict=True):
         for (m, b), (x, y) in curves.items():
             if b == band:
                 ax.plot(x, y, label=m, color=plt.cm.tab10(methods.index(m) % 10))

@@ -16,13 +16,14 @@ adapter file, and the step at which the method first reached plain LoRA's final 
 
 from __future__ import annotations
 
-import shared
-
 import csv
 import math
 import statistics
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
+
+import shared
 
 from .report import mean_std
 
@@ -130,7 +131,7 @@ def dash_scale(adapter: Any) -> dict[str, float]:
     from shared import tsd
 
     by_norm, by_sigma, by_dsigma = [], [], []
-    for name, layer in adapter.dash_layers.items():
+    for name, _layer in adapter.dash_layers.items():
         dash = adapter.dash_term(name)
         lam = dash.lam.detach().float().abs()
         P, Q = adapter.update_factors(name)
@@ -204,7 +205,7 @@ def report(records: list[dict[str, Any]], out_dir: Path) -> str:
             lines += ["", f"Best lr at the edge of the sweep for {', '.join(edge)}: the best lr may lie outside the "
                       "swept range, so these rows may understate what the method reaches on this task."]
         order = list(groups)
-        curves = {k: [statistics.mean(v) for v in zip(*[_smooth(x["loss_curve"]) for x in groups[k]])] for k in order}
+        curves = {k: [statistics.mean(v) for v in zip(*[_smooth(x["loss_curve"]) for x in groups[k]], strict=True)] for k in order}
         lines += ["", "Accuracy − lora's pairs each seed with lora's run at the same rank and seed (the seed also draws "
                   "the held-out split, so pairing removes the split's variance).", "",
                   "| method | rank | lr | seeds | accuracy before | accuracy after | accuracy − lora's (paired) "
@@ -234,7 +235,7 @@ def report(records: list[dict[str, Any]], out_dir: Path) -> str:
                       ("lam_over_lora_norm", "lam_over_sigma", "lam_over_lora_dsigma")) + " |" for (m, rank), xs in scales]
         bigger = [k for k in order if k[0] == "lora" and k[1] > rank0]
         if ("dash", rank0) in groups and bigger:
-            def acc(k: tuple[str, int]) -> str:
+            def acc(k: tuple[str, int], groups: dict = groups) -> str:
                 rs = groups[k]
                 return (f"{k[0]} r={k[1]} {mean_std([x['after']['accuracy'] for x in rs])} "
                         f"({rs[0]['trainable_parameters']:,} trainable)")

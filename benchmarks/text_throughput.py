@@ -14,13 +14,15 @@ loop without evaluation), the wall time of ``Trainer.train()`` for the baseline.
 switch (the SVDs of every adapted weight); the median step time leaves out the first step and the switch step, and
 the switch step's own time is shown. Models: SmolLM2-135M on social_iqa (the SIQA dev set of the ``commonsense``
 asset; BIG-bench's copy of it until 2026-12) and MiniLM on Pang & Lee polarity when fetched
-(``scripts/fetch_assets.py``), else tiny models on toy data (``tsd_text.tiny``). A benchmark, not a test: numbers depend on the machine and its load.
+(``scripts/fetch_assets.py``), else tiny models on toy data (``tsd_text.tiny``). A benchmark, not a test: numbers depend
+on the machine and its load.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import itertools
 import json
 import statistics
 import tempfile
@@ -89,14 +91,14 @@ def _trainer_peft(args: argparse.Namespace, out: Path) -> dict[str, float]:
     trainer.train()
     runtime = time.perf_counter() - times[0]
     return {"tokens": tokens[0], "runtime_s": runtime, "tokens_per_s": tokens[0] / runtime,
-            "step_s": [b - a for a, b in zip(times, times[1:])]}
+            "step_s": [b - a for a, b in itertools.pairwise(times)]}
 
 
 def _step_times(out_dir: Path) -> list[float]:
     """Per-update loop times from our ``loss_log.csv`` (elapsed_s differences)."""
     with open(out_dir / "loss_log.csv") as f:
         elapsed = [0.0] + [float(row["elapsed_s"]) for row in csv.DictReader(f)]
-    return [b - a for a, b in zip(elapsed, elapsed[1:])]
+    return [b - a for a, b in itertools.pairwise(elapsed)]
 
 
 def bench_task(task: str, steps: int, batch_size: int, root: Path) -> tuple[str, dict[str, dict[str, float]]]:

@@ -132,7 +132,7 @@ def run_cell(cfg: dict[str, Any], work: Path) -> dict[str, Any]:
     acc_full = _accuracy(run, spec["batch"])
     full: dict[str, torch.Tensor] = {}
     full_abs_change: dict[str, torch.Tensor] = {}
-    for n, m in zip(names, bases):
+    for n, m in zip(names, bases, strict=True):
         U, S, Vh = svd[n]
         dW = dense_weight(m).detach().float() - original.pop(n)
         d_sigma = tsd.delta_sigma(U, Vh, dW, torch.eye(Vh.shape[1]))
@@ -206,7 +206,7 @@ def report(records: list[dict[str, Any]], out_dir: Path) -> str:
                   f"{statistics.mean(x['random_overlap'] for x in rs):.3f}):", "",
                   "| t | vs LoRA final | vs LoRA longer | vs full FT | Spearman δ vs full FT |", "|---|---|---|---|---|"]
         for i, t in enumerate(c["checkpoints"]):
-            get = lambda key: [x["by_t"][i][key] for x in rs]  # noqa: E731
+            get = lambda key, i=i, rs=rs: [x["by_t"][i][key] for x in rs]  # noqa: E731
             lines.append(f"| {t} | {mean_std(get('overlap_final'))} | {mean_std(get('overlap_longer'))} "
                          f"| {mean_std(get('overlap_full'))} | {mean_std(get('spearman_full'))} |")
         lines += ["", "| update | top-s share of Σδ | same for a flat δ | median relative σ position of TSDs "
@@ -216,7 +216,7 @@ def report(records: list[dict[str, Any]], out_dir: Path) -> str:
             has = [x for x in rs if key in x]  # the control was added after the first minilm seed had run
             if not has:
                 continue
-            get = lambda k: [x[key][k] for x in has]  # noqa: E731
+            get = lambda k, key=key, has=has: [x[key][k] for x in has]  # noqa: E731
             label += f", {len(has)} seed(s)" if len(has) < len(rs) else ""
             lines.append(f"| {label} | {mean_std(get('top_s_mass'))} | {mean_std(get('flat_top_s_mass'))} "
                          f"| {mean_std(get('median_relative_position'))} | {mean_std(get('share_in_top_decile'))} "

@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import itertools
 import warnings
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 import torch
 from torch import nn
@@ -23,8 +24,17 @@ from .config import AdapterConfig
 from .dash import DashTerm
 from .errors import InputError
 from .injection import InitOffset, add_dash, check_new_adapter
-from .layers import (dense_weight, find_targets, full_tensor, in_out_features, is_dtensor, is_linear_like,
-                     iter_lora_layers, nominal_scale, set_dense_weight)
+from .layers import (
+    dense_weight,
+    find_targets,
+    full_tensor,
+    in_out_features,
+    is_dtensor,
+    is_linear_like,
+    iter_lora_layers,
+    nominal_scale,
+    set_dense_weight,
+)
 from .statistics import ForwardFn, batch_size_of, default_forward_fn
 
 

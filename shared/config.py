@@ -170,7 +170,7 @@ class AdapterConfig:
         return json.dumps(self.to_dict(), sort_keys=True)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "AdapterConfig":
+    def from_dict(cls, d: dict[str, Any]) -> AdapterConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:

@@ -12,8 +12,9 @@ from __future__ import annotations
 import json
 import re
 from collections import Counter
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any
 
 import torch
 
@@ -138,6 +139,6 @@ def _jsonable(obj: Any) -> Any:
     if isinstance(obj, (list, tuple, set)):
         items = [_jsonable(v) for v in obj]
         return sorted(items) if isinstance(obj, set) else items
-    if hasattr(obj, "value") and isinstance(getattr(obj, "value"), str):  # enums
+    if hasattr(obj, "value") and isinstance(obj.value, str):  # enums
         return obj.value
     return obj

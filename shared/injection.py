@@ -18,8 +18,15 @@ from torch import nn
 
 from .dash import DashTerm, DashVariant
 from .errors import InputError
-from .layers import (dense_weight, full_tensor, in_out_features, is_fan_in_fan_out, iter_lora_layers, nominal_scale,
-                     set_dense_weight)
+from .layers import (
+    dense_weight,
+    full_tensor,
+    in_out_features,
+    is_fan_in_fan_out,
+    iter_lora_layers,
+    nominal_scale,
+    set_dense_weight,
+)
 
 if TYPE_CHECKING:
     from .config import AdapterConfig

@@ -9,7 +9,7 @@ from __future__ import annotations
 import functools
 import math
 import re
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 from torch import nn

@@ -9,8 +9,9 @@ method is in ``docs/methods.md``.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 from .inits.eva import init_eva
 from .inits.lora import init_lora

@@ -21,8 +21,8 @@ the rows and their gradients instead).
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Mapping
-from typing import Any, Callable, Iterable, Protocol
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, Protocol
 
 import torch
 from torch import nn

@@ -9,7 +9,8 @@ k = min(n, m). For an update ΔW the coordinates along the core directions u_i v
 and the task-specific directions are I = top-s(δ) over the numerically non-null directions,
 σ_i > max(n, m)·ε·σ_1 with ε the machine epsilon of the fp32 SVD (the rank tolerance of LAPACK and
 ``numpy.linalg.matrix_rank``). Below that floor σ_i is rounding noise: δ_i would be ~|Δσ_i|/1e-7 and win
-every top-s, although such a direction's basis is arbitrary (fp32 and fp64 pick different ones). LoRA-Dash replaces the unknown ΔW* = W* - W by the
+every top-s, although such a direction's basis is arbitrary (fp32 and fp64 pick different ones). LoRA-Dash replaces the
+unknown ΔW* = W* - W by the
 LoRA update after t steps. The update is always given in factored form ΔW = P Q (P: n×q, Q: q×m), so
 Δσ = rowsum((UᵀP) ⊙ (Q V)ᵀ) costs O(k q (n + m)) and ΔW is never formed (``docs/methods.md#lora-dash``).
 """
@@ -19,8 +20,9 @@ from __future__ import annotations
 import csv
 import io
 from collections import defaultdict
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Any
 
 import torch
 
@@ -194,7 +196,7 @@ def plot_change_rates(reports: Sequence[LayerReport], path: str, max_layers: int
     cols = min(3, len(shown))
     rows = (len(shown) + cols - 1) // cols
     fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 2.8 * rows), squeeze=False)
-    for ax, rep in zip(axes.flat, shown):
+    for ax, rep in zip(axes.flat, shown, strict=False):  # the last row may have spare axes
         x = torch.arange(1, rep.sigma.numel() + 1)
         ax.plot(x, rep.change_rate.cpu(), lw=0.8, color="tab:blue", label="change rate δ")
         ax.scatter(

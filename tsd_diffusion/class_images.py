@@ -74,7 +74,7 @@ def sample_class_images(pipe: Any, accelerator: Any, class_dir: str | Path, prom
             generators = [torch.Generator("cpu").manual_seed(seed * 1_000_003 + i) for i in batch]
             latents = pipe(prompt, num_images_per_prompt=len(batch), generator=generators, height=resolution,
                            width=resolution, output_type="latent").images
-            for i, image in zip(batch, _decode(pipe, latents)):
+            for i, image in zip(batch, _decode(pipe, latents), strict=True):
                 buf = io.BytesIO()
                 image.save(buf, format="JPEG", quality=JPEG_QUALITY)
                 data = buf.getvalue()

@@ -23,9 +23,10 @@ import logging
 import re
 import threading
 import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 import gradio as gr
 import torch
@@ -33,9 +34,8 @@ from PIL import Image, ImageDraw
 
 import shared.errors
 from shared.export import DIFFUSERS_WEIGHT_NAME
-from tsd_common.launch import run_cli
-
 from shared.methods import names
+from tsd_common.launch import run_cli
 
 from .mini_sdxl import CLASSES, EVALUATION_DIR, MINI_NAME
 from .tiny import resolve_pretrained
@@ -450,7 +450,8 @@ class CompareApp:
 
     # ------------------------------------------------------------------ handlers
     def generate(self, prompt: str, negative_prompt: str, seed: Any, steps: Any, guidance: Any, scale: Any,
-                 num_images: Any, slider_a: str, slider_b: str, progress: Callable[..., Any] = gr.Progress(),
+                 num_images: Any, slider_a: str, slider_b: str,
+                 progress: Callable[..., Any] = gr.Progress(),  # noqa: B008 - how Gradio injects a progress bar
                  ) -> tuple[list[tuple[Image.Image, str]], tuple[Image.Image, Image.Image] | None, str,
                             dict[str, Image.Image]]:
         """Render every column with the same seeds (``seed``, ``seed+1``, ... per image row).
@@ -494,7 +495,8 @@ class CompareApp:
         return firsts[slider_a], firsts[slider_b]
 
     def batch(self, negative_prompt: str, seed: Any, steps: Any, guidance: Any, scale: Any,
-              progress: Callable[..., Any] = gr.Progress()) -> tuple[Image.Image | None, str]:
+              progress: Callable[..., Any] = gr.Progress(),  # noqa: B008 - how Gradio injects a progress bar
+              ) -> tuple[Image.Image | None, str]:
         """Render all template prompts for every column into one grid (rows: prompts) and save it.
 
         The grid goes to ``<save_dir>/batch-<time>.png`` with a ``.json`` beside it (prompts, columns,

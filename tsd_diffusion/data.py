@@ -31,9 +31,10 @@ import os
 import random
 import struct
 import warnings
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -265,7 +266,8 @@ def _scan_dir(directory: str | os.PathLike, kind: str = "instance",
     return good
 
 
-CAPTIONS_FILE = "metadata.jsonl"  # the Hugging Face ``imagefolder`` convention: {"file_name": ..., "text": ...} per line
+# the Hugging Face ``imagefolder`` convention: {"file_name": ..., "text": ...} per line
+CAPTIONS_FILE = "metadata.jsonl"
 
 
 def read_captions(directory: str | os.PathLike, images: list[Path]) -> dict[str, str]:
@@ -345,7 +347,8 @@ class TransformParams:
 class SDXLTransform:
     """Resize (shorter side), optional random h-flip, centre/random crop, to [-1, 1]; see the module docstring.
 
-    ``t(image, rng)`` returns ``(pixel_values CHW float32 in [-1, 1], original_size (h, w), crop_top_left (top, left))``.
+    ``t(image, rng)`` returns ``(pixel_values CHW float32 in [-1, 1], original_size (h, w), crop_top_left (top,
+    left))``.
     ``rng`` is a ``random.Random``, a ``torch.Generator``, an int seed, or None (Python's global ``random``, like the
     diffusers script). Draw order is the script's: the flip coin first (only when ``random_flip``), then the crop
     (only when not ``center_crop``). ``sample_params`` + ``apply`` split this so the augmentation can be known
@@ -496,7 +499,7 @@ class LatentCache:
             fresh = compute(missing)
             if len(fresh) != len(missing):
                 raise ValueError(f"compute returned {len(fresh)} latents for {len(missing)} missing keys")
-            for i, t in zip(missing, fresh):
+            for i, t in zip(missing, fresh, strict=True):
                 self.put(keys[i], t)
                 found[i] = self._d[keys[i]]
         return torch.stack(found)

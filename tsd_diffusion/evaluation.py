@@ -245,7 +245,7 @@ class SubjectProbe:
         return float(self.probability(images).mean())
 
 
-def load_images(paths: "list[Path]", resolution: int) -> torch.Tensor:
+def load_images(paths: list[Path], resolution: int) -> torch.Tensor:
     """Image files -> N x 3 x R x R in [-1, 1], as the trainer sees them with ``--center_crop`` (the trainer's
     :class:`tsd_diffusion.data.SDXLTransform` after :func:`tsd_diffusion.data.load_image`)."""
     from .data import SDXLTransform, load_image
@@ -254,7 +254,7 @@ def load_images(paths: "list[Path]", resolution: int) -> torch.Tensor:
     return torch.stack([transform(load_image(p))[0] for p in paths])
 
 
-def prompt_class(prompt: str, classes: "tuple[str, ...]") -> str | None:
+def prompt_class(prompt: str, classes: tuple[str, ...]) -> str | None:
     """The class a prompt names (its last word that is one of ``classes``): ``"a photo of sks automobile"`` ->
     ``"automobile"``; None when it names none."""
     words = prompt.lower().replace(",", " ").split()
@@ -266,7 +266,8 @@ class SubjectEvaluator:
     shipped CIFAR classifier):
 
     - subject fidelity: ``subject_probe`` (:class:`SubjectProbe`: the mean probability a subject-vs-gallery
-      detector trained on the subject photos gives the generations), ``subject_retrieval`` (:func:`subject_retrieval` against
+      detector trained on the subject photos gives the generations), ``subject_retrieval`` (:func:`subject_retrieval`
+      against
       the subject photos + the gallery; chance ≈ n_subject / (n_subject + len(gallery)); strict: it needs the same
       framing and background as a photo), ``subject_rmse`` (mean pixel RMSE to the nearest subject
       photo), ``feature_similarity`` (classifier-feature cosine to the subject's mean, centred by the gallery's
@@ -281,13 +282,13 @@ class SubjectEvaluator:
     """
 
     def __init__(self, classifier: SmallCNN, subject: torch.Tensor, gallery: torch.Tensor,
-                 classes: "tuple[str, ...]") -> None:
+                 classes: tuple[str, ...]) -> None:
         self.classifier, self.subject, self.gallery, self.classes = classifier, subject, gallery, classes
         self.center = features(classifier, gallery).mean(0, keepdim=True)
         self.probe = SubjectProbe(classifier, subject, gallery)
 
     @classmethod
-    def for_base(cls, base: str | Path, subject_paths: "list[Path]", resolution: int) -> "SubjectEvaluator | None":
+    def for_base(cls, base: str | Path, subject_paths: list[Path], resolution: int) -> SubjectEvaluator | None:
         """The evaluator of a pipeline dir that ships the mini SDXL's classifier (None for any other base)."""
         from .mini_sdxl import CLASSES, EVALUATION_DIR, RESOLUTION, reference_images
 

@@ -1,5 +1,6 @@
 """The mini SDXL: a 32x32 pipeline of the real SDXL architecture, pretrained on CIFAR-10 on a CPU by
-``scripts/pretrain_mini_sdxl.py`` (:mod:`tsd_diffusion.pretrain_mini`) and shipped complete with the package (``weights/mini-sdxl``; see
+``scripts/pretrain_mini_sdxl.py`` (:mod:`tsd_diffusion.pretrain_mini`) and shipped complete with the package
+(``weights/mini-sdxl``; see
 ``docs/mini_sdxl.md``).
 
 Every component is a stock class, loaded through ``StableDiffusionXLPipeline.from_pretrained(WEIGHTS_DIR)``:
@@ -32,7 +33,8 @@ import numpy as np
 import torch
 
 MINI_NAME = "tsd-lora/mini-sdxl"
-WEIGHTS_DIR = Path(__file__).resolve().parent / "weights" / "mini-sdxl"  # package data written by the pretraining script
+# package data written by the pretraining script
+WEIGHTS_DIR = Path(__file__).resolve().parent / "weights" / "mini-sdxl"
 EVALUATION_DIR = "evaluation"  # the CIFAR classifier shipped with the weights (tsd_diffusion.evaluation)
 CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 CAPTION_TEMPLATES = ("a photo of a {}", "a {}", "a picture of a {}", "a photo of the {}")

@@ -80,7 +80,7 @@ class SDXLParts:
         that is what the pipeline feeds the unconditional branch of classifier-free guidance.
         """
         embeds, pooled = [], None
-        for tok, enc in zip(self.tokenizers, self.text_encoders):
+        for tok, enc in zip(self.tokenizers, self.text_encoders, strict=True):
             ids = tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True,
                       return_tensors="pt").input_ids.to(enc.device)
             out = enc(ids, output_hidden_states=True)

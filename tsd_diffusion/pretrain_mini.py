@@ -277,7 +277,7 @@ def phase_unet(args: argparse.Namespace) -> dict[str, Any]:
         step += 1
         decay = min(args.ema_decay, (1 + step) / (10 + step))
         with torch.no_grad():
-            for pe, p in zip(ema.parameters(), unet.parameters()):
+            for pe, p in zip(ema.parameters(), unet.parameters(), strict=True):
                 pe.lerp_(p, 1 - decay)
         running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
         bar.update(1)
@@ -359,7 +359,7 @@ def phase_eval(args: argparse.Namespace, data: dict[str, torch.Tensor]) -> dict[
     info = {
         "wall_s": round(time.perf_counter() - t0, 1), "inference_steps": args.eval_inference_steps, "sweep": sweep,
         "best_guidance": best, "per_class_at_best": args.eval_per_class,
-        "class_accuracy": sum(per) / len(per), "class_accuracy_per_class": dict(zip(mini.CLASSES, per)),
+        "class_accuracy": sum(per) / len(per), "class_accuracy_per_class": dict(zip(mini.CLASSES, per, strict=True)),
         "fd_generated_vs_held_out": ev.frechet_distance(f_gen, f_held),
         "fd_real_train_vs_held_out": ev.frechet_distance(ev.features(clf, data["x_train"][pick]), f_held),
         "nearest_train_rmse_generated": {"mean": float(gen_nn.mean()), "min": float(gen_nn.min())},

@@ -199,7 +199,7 @@ _BACKGROUNDS = [(236, 226, 208), (196, 220, 236), (214, 236, 200), (238, 206, 21
                 (250, 240, 190), (200, 200, 230)]
 
 
-def _draw_teapot(size: int, rng) -> "object":
+def _draw_teapot(size: int, rng) -> object:
     """One image of the subject: a teapot with red/white stripes, a gold lid knob, a blue spout and handle, and a
     yellow five-pointed star on its belly, standing on a table line with a soft shadow; random background colour
     (with a vertical gradient), position, scale and facing direction. Drawn at 4x and downsampled (anti-aliasing)."""
@@ -215,7 +215,7 @@ def _draw_teapot(size: int, rng) -> "object":
     d = ImageDraw.Draw(img)
     for y in range(S):  # vertical gradient: lighter top, darker bottom
         t = y / (S - 1)
-        d.line([(0, y), (S, y)], fill=tuple(int(a + (b - a) * t) for a, b in zip(bg, bg2)))
+        d.line([(0, y), (S, y)], fill=tuple(int(a + (b - a) * t) for a, b in zip(bg, bg2, strict=True)))
     scale = rng.uniform(0.4, 0.6)
     bw, bh = S * scale, S * scale * 0.62  # body ellipse
     facing = rng.choice((-1, 1))  # spout to the right (1) or left (-1)
@@ -269,7 +269,7 @@ def _draw_teapot(size: int, rng) -> "object":
     return img.resize((size, size), Image.Resampling.LANCZOS)
 
 
-def _draw_toy_car(size: int, rng) -> "object":
+def _draw_toy_car(size: int, rng) -> object:
     """One image of the mini SDXL's demo subject: a yellow toy car with a black roof, light-blue windows, big
     black wheels with white hubs and a red stripe along its side, seen from the side on a road, random sky/ground
     colours, position, scale and facing direction. A CIFAR class (automobile) with a look no CIFAR car has."""

@@ -460,7 +460,7 @@ def attach_adapters(config: SDXLTrainConfig, parts: SDXLParts, dataset: DreamBoo
     if resume_dir is not None:
         adapters = {"unet": shared.load(parts.unet, resume_dir / "unet")}
         if config.train_text_encoder:
-            for name, enc in zip(TEXT_ENCODERS, parts.text_encoders):
+            for name, enc in zip(TEXT_ENCODERS, parts.text_encoders, strict=True):
                 adapters[name] = shared.load(enc, resume_dir / name)
         return adapters
     method = shared.METHODS[config.method]
@@ -472,7 +472,7 @@ def attach_adapters(config: SDXLTrainConfig, parts: SDXLParts, dataset: DreamBoo
                                       progress=accelerator.is_main_process)}
     if config.train_text_encoder:
         te_config = adapter_config(config, TEXT_ENCODER_TARGETS, "dash" if method.dash_phase else "lora")
-        for name, enc in zip(TEXT_ENCODERS, parts.text_encoders):
+        for name, enc in zip(TEXT_ENCODERS, parts.text_encoders, strict=True):
             adapters[name] = shared.attach(enc, te_config)
     return adapters
 

@@ -47,7 +47,7 @@ def _fit(ctx: list[int], n_answer: int, max_length: int, bos: int | None) -> tup
 def _ids(tokenizer: Any, texts: list[str], wheres: list[str], special: bool) -> list[list[int]]:
     """Token ids of ``texts`` (with the tokenizer's special tokens if ``special``); empty results are errors."""
     ids = tokenizer(texts, add_special_tokens=special)["input_ids"]
-    for where, text, seq in zip(wheres, texts, ids):
+    for where, text, seq in zip(wheres, texts, ids, strict=True):
         if not seq:
             raise DataError(f"{where}: {text!r} tokenises to no tokens")
     return ids
@@ -63,7 +63,7 @@ def encode(tokenizer: Any, examples: list[MCExample], max_length: int) -> tuple[
     ctx_ids = _ids(tokenizer, [c for c, _ in pairs], wheres, special=True)
     ans_ids = _ids(tokenizer, [a for _, a in pairs], wheres, special=False)
     rows, truncated = [], 0
-    for ctx, ans in zip(ctx_ids, ans_ids):
+    for ctx, ans in zip(ctx_ids, ans_ids, strict=True):
         cut, n = _fit(ctx, len(ans), max_length, tokenizer.bos_token_id)
         rows.append({"input_ids": cut + ans[:n], "labels": [IGNORE_INDEX] * len(cut) + ans[:n]})
         truncated += len(cut) + n < len(ctx) + len(ans)
@@ -78,7 +78,7 @@ def encode_choices(tokenizer: Any, examples: list[MCExample], max_length: int) -
     ans_ids = iter(_ids(tokenizer, [_move_space(e.context, c)[1] for e in examples for c in e.choices],
                         [e.where for e in examples for _ in e.choices], special=False))
     items, truncated = [], 0
-    for e, ctx in zip(examples, ctx_ids):
+    for e, ctx in zip(examples, ctx_ids, strict=True):
         answers = [next(ans_ids) for _ in e.choices]
         longest = max(len(a) for a in answers)
         cut, n = _fit(ctx, longest, max_length, tokenizer.bos_token_id)

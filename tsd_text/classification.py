@@ -53,7 +53,7 @@ class LabelSpace:
         return str(int(num)) if num is not None and num.is_integer() else str(value).strip()
 
     @classmethod
-    def from_examples(cls, examples: list[TextExample]) -> "LabelSpace":
+    def from_examples(cls, examples: list[TextExample]) -> LabelSpace:
         numbers = [_number(e.label) for e in examples]
         if all(n is not None for n in numbers):
             if any(not n.is_integer() for n in numbers):

@@ -33,9 +33,10 @@ import csv
 import json
 import random
 import re
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 from shared.errors import InputError, MissingInputError
 

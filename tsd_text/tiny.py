@@ -8,8 +8,9 @@ assets are fetched; :func:`word_tokenizer` builds a small word-level one from th
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import torch
 
@@ -46,8 +47,14 @@ def word_tokenizer(texts: Iterable[str], kind: str = "llama", pad: bool = True) 
 
 def tiny_model(kind: str, vocab_size: int, num_labels: int = 2, pad_token_id: int | None = 0, seed: int = 0) -> Any:
     """A seeded random 2-layer model of ``kind`` (hidden 32) in fp32."""
-    from transformers import (BertConfig, BertForSequenceClassification, DebertaV2Config,
-                              DebertaV2ForSequenceClassification, LlamaConfig, LlamaForCausalLM)
+    from transformers import (
+        BertConfig,
+        BertForSequenceClassification,
+        DebertaV2Config,
+        DebertaV2ForSequenceClassification,
+        LlamaConfig,
+        LlamaForCausalLM,
+    )
 
     if kind not in KINDS:
         raise ValueError(f"unknown tiny model kind {kind!r}; choose one of {', '.join(KINDS)}")

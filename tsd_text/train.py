@@ -9,7 +9,8 @@ Order of work (:func:`main`: the config, then :func:`setup` -> :func:`train_loop
 that need no model run first (arguments, adapter configuration, files, formats, rows, labels), then the tokenizer
 (pad token, truncation counts), the model (target modules, task head), the adapter (``shared.attach``, before
 ``accelerator.prepare``), evaluation before training, the loop, evaluation after it, and the outputs. The
-plumbing shared with the SDXL trainer (accelerator, resume, checkpoint hooks, loss log) is ``tsd_common.training``. ``adapter.step(optimizer)`` runs once per optimizer step (when ``accelerator.sync_gradients``),
+plumbing shared with the SDXL trainer (accelerator, resume, checkpoint hooks, loss log) is ``tsd_common.training``.
+``adapter.step(optimizer)`` runs once per optimizer step (when ``accelerator.sync_gradients``),
 so the dash switch lands at exactly ``--dash_warmup_steps`` updates whatever the accumulation.
 
 Outputs in ``--output_dir`` (main process, atomic writes):
@@ -20,7 +21,8 @@ Outputs in ``--output_dir`` (main process, atomic writes):
   ``num_examples`` (gathered across processes without duplicates);
 - ``train_results.json``: updates, runtime, tokens/s, the dash switch step; ``training_args.json``: the arguments
   and what they resolved to (adapted layers, head, labels, truncations, notes); ``loss_log.csv``: loss, learning
-  rate and elapsed loop time per update; ``tsd_report.csv`` (and ``tsd_report.png`` with matplotlib): per-layer σ, Δσ, change rates and
+  rate and elapsed loop time per update; ``tsd_report.csv`` (and ``tsd_report.png`` with matplotlib): per-layer σ, Δσ,
+  change rates and
   the selected directions (``shared.tsd.report``);
 - ``checkpoint-<step>/`` every ``--checkpointing_steps`` updates (``accelerator.save_state``: optimizer, scheduler,
   sampler and RNG states, the adapter's native state under ``adapter/``, not the frozen base, and
@@ -45,10 +47,11 @@ import json
 import logging
 import math
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 from accelerate.logging import get_logger

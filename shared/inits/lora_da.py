@@ -52,7 +52,7 @@ def damped_cholesky(Z: torch.Tensor, damping: float, where: str = "") -> torch.T
         if int(info) == 0:
             if used != damping:
                 warnings.warn(f"LoRA-DA{where}: Z + {damping:g} I is not positive definite in {Z.dtype} (fewer samples "
-                              f"than inputs?); damped with {used:.3g} instead")
+                              f"than inputs?); damped with {used:.3g} instead", stacklevel=2)
             return L
         used = max(used * 10, 1e-7 * float(Z.diagonal().mean().clamp_min(torch.finfo(Z.dtype).tiny)))
     raise ValueError(f"LoRA-DA{where}: the input second moment Z is not positive definite even damped by {used:.3g}")
@@ -109,7 +109,7 @@ def lora_da_init(model: nn.Module, targets: dict[str, nn.Module], config: Adapte
     if population is None:
         population = config.lora_da_num_samples
         warnings.warn(f"lora_da_population is not set: LoRA-DA's population N falls back to lora_da_num_samples="
-                      f"{population}; the reference uses the training-set size (pass lora_da_population=len(train))")
+                      f"{population}; the reference uses the training-set size (pass lora_da_population=len(train))", stacklevel=2)
     per_batch = max(1, batch_size_of(batches[0]))
     n_batches = -(-config.lora_da_num_samples // per_batch)
     groups = shared_input_groups(model, targets, batches[0], forward_fn)

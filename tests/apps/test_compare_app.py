@@ -10,9 +10,9 @@ import socket
 import subprocess
 import sys
 import threading
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import pytest
@@ -23,7 +23,7 @@ gr = pytest.importorskip("gradio", reason="the app needs gradio: pip install -e 
 
 from PIL import Image  # noqa: E402
 
-from tests.helpers import REPO
+from tests.helpers import REPO  # noqa: E402
 from tsd_diffusion import compare  # noqa: E402
 from tsd_diffusion.tiny import EMBEDDED_NAME, resolve_pretrained  # noqa: E402
 
@@ -154,7 +154,7 @@ def test_adapter_specs_and_discovery(tmp_path):
 
     with pytest.raises(compare.NoAdaptersError, match="apps/train_sdxl.py --method lora"):
         compare.resolve_adapters([], tmp_path / "absent")
-    for i, name in enumerate(["old", "newest", "middle"]):
+    for _i, name in enumerate(["old", "newest", "middle"]):
         d = tmp_path / "runs" / name
         d.mkdir(parents=True)
         (d / compare.DIFFUSERS_WEIGHT_NAME).write_bytes(b"")
@@ -191,7 +191,8 @@ def test_generate_columns_match_direct_pipeline(app, direct):
     assert "3 columns × 2 image(s)" in status
     assert [caption for _, caption in gallery] == [f"{c} · seed {s}" for s in (0, 1) for c in app.columns]
     row0, row1 = gallery[:3], gallery[3:]
-    for column, (img, _) in zip(app.columns, row0):  # same seed per column: each equals its own stock pipeline run
+    # same seed per column: each equals its own stock pipeline run
+    for column, (img, _) in zip(app.columns, row0, strict=True):
         np.testing.assert_array_equal(pixels(img), direct[column])
         assert firsts[column] is img
     assert not np.array_equal(direct["lora"], direct[compare.BASELINE])
@@ -200,7 +201,7 @@ def test_generate_columns_match_direct_pipeline(app, direct):
     assert not np.array_equal(pixels(row0[1][0]), pixels(row1[1][0]))  # seed 1 differs from seed 0
     assert pair == (firsts["lora"], firsts["dash"])
     again = app.generate(PROMPT, "", 1, STEPS, GUIDANCE, 1.0, 1, "lora", "dash")[0]  # seed 1 alone = row 2
-    for (img, _), (img_again, caption) in zip(row1, again):
+    for (img, _), (img_again, caption) in zip(row1, again, strict=True):
         assert caption.endswith("seed 1")
         np.testing.assert_array_equal(pixels(img_again), pixels(img))
 
@@ -263,7 +264,7 @@ def test_batch_renders_all_prompts_into_a_saved_grid(app):
 
 
 def test_tsd_tab_data(app):
-    table = {row[0]: dict(zip(compare.CompareApp.TABLE_HEADERS, row)) for row in app.adapter_table()}
+    table = {row[0]: dict(zip(compare.CompareApp.TABLE_HEADERS, row, strict=True)) for row in app.adapter_table()}
     assert table["lora"]["rank (trained)"] == 4 and table["lora"]["rank (file)"] == "4"
     assert table["dash"]["rank (file)"] == "6" and table["dash"]["dash directions"] == 2  # r + s folded
     assert table["dash"]["parameters"] > table["lora"]["parameters"] > 0
@@ -289,7 +290,7 @@ def test_gradio_client_returns_lossless_png_equal_to_direct(app, direct):
         gallery, pair, status = job.result(timeout=120)
         assert "3 columns × 1 image(s)" in status
         assert [item["caption"] for item in gallery] == [f"{c} · seed 0" for c in app.columns]
-        for column, item in zip(app.columns, gallery):
+        for column, item in zip(app.columns, gallery, strict=True):
             assert item["image"].endswith(".png") and Image.open(item["image"]).format == "PNG"
             np.testing.assert_array_equal(pixels(item["image"]), direct[column])
         assert all(Image.open(p).format == "PNG" for p in pair)

@@ -154,7 +154,7 @@ def test_dash_scale_measures_the_trained_dash_term_against_dense_references():
     train(adapter, lm_batches(), steps=5)
     assert adapter.switched
     norms, by_sigma, by_dsigma = [], [], []
-    for name, layer in adapter.dash_layers.items():
+    for name, _layer in adapter.dash_layers.items():
         dash = adapter.dash_term(name)
         assert torch.count_nonzero(dash.lam) > 0, name  # λ trained after the switch
         term = (dash.U * dash.lam).detach() @ dash.Vh

@@ -116,7 +116,7 @@ def test_text_report_picks_each_methods_best_lr_and_counts_steps_to_loras_loss(t
                _text("lora", 3e-3, 0, 0.60, lora), _text("lora", 3e-3, 1, 0.95, lora),
                _text("dash", 1e-3, 0, 0.90, [0.4] * 4), _text("dash", 1e-3, 1, 0.70, [0.4] * 4),
                _text("lora", 1e-3, 0, 0.75, lora, rank=16, params=400)]
-    for r, size in zip(records[4:6], (0.01, 0.03)):
+    for r, size in zip(records[4:6], (0.01, 0.03), strict=True):
         r["result"]["dash_scale"] = {"lam_over_lora_norm": size, "lam_over_sigma": 0.5, "lam_over_lora_dsigma": 2.0}
     table = text_quality.report(records, tmp_path)
     assert "| dash | 4 | 2 | 0.02 ± 0.014 | 0.5 ± 0 | 2 ± 0 |" in table  # the dash term's size, 2 significant digits
@@ -272,7 +272,7 @@ def test_paired_verdicts_need_every_seed_and_a_margin_over_the_noise():
 def test_claims_report_pairs_dash_with_lora_by_seed_and_reads_the_direction_properties():
     records = [_text("lora", 1e-3, s, acc, [1.0] * 4) for s, acc in enumerate((0.70, 0.72, 0.74))]
     records += [_text("dash", 1e-3, s, acc, [1.0] * 4) for s, acc in enumerate((0.75, 0.78, 0.77))]
-    for r, size in zip(records[3:], (0.01, 0.02, 0.03)):
+    for r, size in zip(records[3:], (0.01, 0.02, 0.03), strict=True):
         r["result"]["dash_scale"] = {"lam_over_lora_norm": size, "lam_over_sigma": 10 * size, "lam_over_lora_dsigma": 1.0}
     records += [_text("lora", 1e-3, s, acc, [1.0] * 4, rank=16, params=400) for s, acc in enumerate((0.80, 0.81, 0.82))]
     records += [_text("tsd", 1e-3, s, acc, [1.0] * 4) for s, acc in enumerate((0.69, 0.71, 0.75))]

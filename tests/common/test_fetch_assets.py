@@ -221,7 +221,7 @@ def test_fetched_commonsense_asset_has_the_expected_docs_and_hand_checked_first_
     manifest = json.loads((root / "manifest.json").read_text())
     assert manifest["docs"] == {t: {"train": n, "validation": v} for t, (n, v) in F.COMMONSENSE_COUNTS.items()}
     for task, counts in F.COMMONSENSE_COUNTS.items():
-        for split, n in zip(("train", "validation"), counts):
+        for split, n in zip(("train", "validation"), counts, strict=True):
             assert len(load_mc(root / task / f"{split}.jsonl")) == n, (task, split)  # the trainer reads every record
     first = {t: _records(root, t)[0] for t in F.COMMONSENSE_COUNTS}
     # the first validation item of each set, checked against the sets' published dev files

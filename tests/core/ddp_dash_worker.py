@@ -62,7 +62,7 @@ def main() -> None:
             switched_at = adapter.num_steps
 
     tensors: dict[str, torch.Tensor] = {"num_steps": torch.tensor(adapter.num_steps, dtype=torch.int64)}
-    for name, layer in adapter.layers.items():
+    for name, _layer in adapter.layers.items():
         B, A = adapter.lora_factors(name)
         dash = adapter.dash_term(name)
         for key, t in (("lora_A", A), ("lora_B", B), ("U", dash.U), ("Vh", dash.Vh), ("lam", dash.lam),

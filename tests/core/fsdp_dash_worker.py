@@ -50,7 +50,7 @@ def run(out: Path, shard: bool) -> dict:
     rank = torch.distributed.get_rank() if shard else 0
     out.mkdir(parents=True, exist_ok=True)
     tensors: dict[str, torch.Tensor] = {}
-    for name, layer in adapter.layers.items():
+    for name in adapter.layers:
         B, A = adapter.lora_factors(name)
         dash = adapter.dash_term(name)
         tensors.update({f"{name}.lora_A": A, f"{name}.lora_B": B, f"{name}.indices": dash.indices,

@@ -323,7 +323,8 @@ def test_an_fp16_step_skipped_by_the_grad_scaler_does_not_count_towards_the_swit
     from accelerate.state import AcceleratorState
 
     AcceleratorState._reset_state(reset_partial_state=True)
-    Accelerator(cpu=True)  # the state AcceleratedOptimizer reads; accelerate refuses fp16 on a CPU, so the scaler is ours
+    # the state AcceleratedOptimizer reads; accelerate refuses fp16 on a CPU, so the scaler is ours
+    Accelerator(cpu=True)
     model, batches = tiny_llama(), lm_batches()
     adapter = shared.attach(model, _dash_cfg(dash_warmup_steps=3))
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)

@@ -188,7 +188,7 @@ def test_forward_and_gradients_match_the_dense_formula():
     W = dense_weight(layer.get_base_layer()).detach()
     ref = x @ (W + adapter.scale(name) * B @ A + (dash.U * dash.lam) @ dash.Vh).T
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
-    for g, r in zip(grads, torch.autograd.grad(ref, params, g_out)):
+    for g, r in zip(grads, torch.autograd.grad(ref, params, g_out), strict=True):
         torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-6)
 
 

@@ -64,7 +64,7 @@ def test_native_format_round_trip_restores_training_state(method, tmp_path):
     assert loaded.num_steps == adapter.num_steps == 4
     assert loaded.switched == adapter.switched
     torch.testing.assert_close(_out(loaded.model, batches[0]), _out(model, batches[0]), rtol=1e-5, atol=1e-5)
-    for name, layer in adapter.layers.items():
+    for name, _layer in adapter.layers.items():
         if cfg.uses_dash:
             assert torch.equal(loaded.dash_term(name).indices, adapter.dash_term(name).indices)
 

@@ -40,7 +40,7 @@ def test_statistics_engine_matches_autograd():
             model.zero_grad()
             inp = {}
 
-            def keep(module, args, out):
+            def keep(module, args, out, inp=inp):
                 out.retain_grad()
                 inp.update(x=args[0], o=out)
 

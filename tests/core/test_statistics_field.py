@@ -30,7 +30,7 @@ def _loss_from_target(model, batch):
 def _assert_same_adapter(a, b, rtol=1e-5, atol=1e-6):
     assert a.layers.keys() == b.layers.keys()
     for name in a.layers:
-        for x, y in zip(a.lora_factors(name), b.lora_factors(name)):
+        for x, y in zip(a.lora_factors(name), b.lora_factors(name), strict=True):
             torch.testing.assert_close(x, y, rtol=rtol, atol=atol, msg=name)
 
 

@@ -411,7 +411,7 @@ def test_prior_preservation_collate_layout(tmp_path):
     assert batch["prompts"] == ["a photo of sks dog"] * 2 + ["a photo of dog"] * 2
     assert batch["time_ids"].shape == (4, 6) and batch["time_ids"].dtype == torch.float32
     assert batch["time_ids"][2].tolist()[:2] == [80, 80] and batch["time_ids"][0].tolist()[:2] == [96, 160]
-    for row, o, c in zip(batch["time_ids"], batch["original_sizes"], batch["crop_top_lefts"]):
+    for row, o, c in zip(batch["time_ids"], batch["original_sizes"], batch["crop_top_lefts"], strict=True):
         assert row.tolist() == [*o, *c, 64, 64]
     assert ds.collate is collate
 
@@ -487,7 +487,7 @@ def test_replay_prior_captions_and_prompt_dropout(tmp_path):
     assert 0 < flat.count("") < len(flat) and seen[0] != seen[1]
 
     for bad, match in [("not json", "line 1: not JSON"), ('{"file_name": "nope.png", "text": "a"}', "'nope.png' is not an image"),
-                       ('{"file_name": "%s"}' % names[0], "line 1: needs a string")]:
+                       (f'{{"file_name": "{names[0]}"}}', "line 1: needs a string")]:
         (cls / "metadata.jsonl").write_text(bad + "\n")
         with pytest.raises(ValueError, match=match):
             DreamBoothDataset(inst, "a photo of sks dog", 32, class_dir=cls, class_prompt="x")

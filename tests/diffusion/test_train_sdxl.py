@@ -475,7 +475,7 @@ def test_data_driven_inits_under_gradient_checkpointing(method, tmp_path):
     ckpt = run(tmp_path / "ckpt", "--method", method, "--statistics_batches", "2", "--gradient_checkpointing",
                steps=1)["adapters"]["unet"]
     for name in plain.layers:
-        for a, b in zip(plain.lora_factors(name), ckpt.lora_factors(name)):
+        for a, b in zip(plain.lora_factors(name), ckpt.lora_factors(name), strict=True):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     if method == "lora_da":
         assert plain.config.lora_da_population == ckpt.config.lora_da_population == 5  # the 5 subject images

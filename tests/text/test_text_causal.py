@@ -1,6 +1,8 @@
 """Causal-LM multiple choice: answer-only masking against the tokenizer, truncation, and batched
 length-normalised log-likelihood scoring against a brute-force per-choice, per-token loop."""
 
+import itertools
+
 import pytest
 import torch
 
@@ -31,7 +33,7 @@ def test_labels_mask_the_prompt_and_keep_exactly_the_answer_tokens():
              ("Q: What color is the sky?\nA:", " a rather long answer with many words")]
     rows, truncated = causal.encode(tok, [_mc(c, a) for c, a in pairs], max_length=128)
     assert truncated == 0
-    for (context, answer), row in zip(pairs, rows):
+    for (context, answer), row in zip(pairs, rows, strict=True):
         ids, labels = torch.tensor(row["input_ids"]), torch.tensor(row["labels"])
         ctx = tok(context.rstrip())["input_ids"]
         ans = tok(" " + answer.lstrip(), add_special_tokens=False)["input_ids"]  # the context's space moved over
@@ -89,9 +91,9 @@ def test_batched_scoring_matches_brute_force_loop_on_tiny_llama():
     torch.testing.assert_close(scores, brute, atol=1e-5, rtol=1e-5)
     pred, answer = causal.predict(model, batch)
     bounds = torch.tensor([0] + [len(it["choices"]) for it in data.eval]).cumsum(0).tolist()
-    expected = [int(torch.argmax(brute[s:e])) for s, e in zip(bounds, bounds[1:])]
+    expected = [int(torch.argmax(brute[s:e])) for s, e in itertools.pairwise(bounds)]
     assert pred.tolist() == expected and answer.tolist() == [it["label"] for it in data.eval] == [2, 1, 0]
     assert causal.compute_metrics(pred, answer, {})["accuracy"] == pytest.approx(
-        sum(p == a for p, a in zip(expected, [2, 1, 0])) / 3)
+        sum(p == a for p, a in zip(expected, [2, 1, 0], strict=True)) / 3)
     # the training row of an example is its context followed by its correct choice
     assert data.train[1]["input_ids"] == data.eval[1]["context"] + data.eval[1]["choices"][1]

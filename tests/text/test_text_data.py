@@ -62,7 +62,7 @@ def test_classification_tables_csv_tsv_jsonl_json(tmp_path):
     rows = [("good film", "a", 1), ("bad film", "b", 0)]
     header = ("text", "text_pair", "label")
     files = [_csv(tmp_path / "d.csv", rows, header), _csv(tmp_path / "d.tsv", rows, header, "\t")]
-    records = [dict(zip(header, r)) for r in rows]
+    records = [dict(zip(header, r, strict=True)) for r in rows]
     (tmp_path / "d.jsonl").write_text("\n".join(json.dumps(r) for r in records))
     files += [tmp_path / "d.jsonl", _json(tmp_path / "d.json", records)]
     for f in files:

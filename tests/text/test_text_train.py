@@ -415,7 +415,7 @@ def test_trainer_and_cli_select_the_same_directions(mc, tmp_path):
             callbacks=[TSDCallback(adapter)]).train()
 
     assert adapter.switched and cli.adapter.switched
-    for name, layer in adapter.dash_layers.items():
+    for name, _layer in adapter.dash_layers.items():
         mine, theirs = cli.adapter.dash_term(name), adapter.dash_term(name)
         assert mine.indices.tolist() == theirs.indices.tolist(), name
         torch.testing.assert_close(mine.U, theirs.U, atol=1e-4, rtol=0)
