@@ -22,6 +22,7 @@ from torch import nn
 from . import tsd
 from .config import AdapterConfig
 from .dash import DashTerm
+from .distributed import check_identical
 from .errors import InputError
 from .injection import InitOffset, add_dash, check_new_adapter
 from .layers import (
@@ -35,6 +36,7 @@ from .layers import (
     nominal_scale,
     set_dense_weight,
 )
+from .quantization import pin_layout
 from .statistics import ForwardFn, batch_size_of, default_forward_fn
 
 
@@ -192,7 +194,7 @@ class Adapter:
     # ------------------------------------------------------------------ update algebra (all out × in, fp32)
     def dense_shape(self, name: str) -> tuple[int, int]:
         """(out, in) of layer ``name``'s weight."""
-        return tuple(dense_weight(self.layers[name].get_base_layer()).shape)
+        return tuple(in_out_features(self.layers[name].get_base_layer())[::-1])
 
     def scale(self, name: str) -> float:
         """γ = α/r of layer ``name`` as trained (peft's runtime scale factors are not part of the adapter)."""
@@ -205,6 +207,10 @@ class Adapter:
 
     def original_weight(self, name: str) -> torch.Tensor:
         """The pretrained W (fp32, out × in): the stored base weight plus γ₀ B₀ A₀ of every adapter that residualised it.
+
+        On a quantised base (bitsandbytes 4/8-bit) the stored weight is read dequantised, deq(Q(W)), one layer per
+        call; after a residualising init it is deq(Q(W_res)) + γ₀B₀A₀, which differs from deq(Q(W)) by the
+        residual's requantisation error (:meth:`residual_errors`).
 
         Raises while peft has merged an adapter into the layer (the stored weight then holds its update).
         """
@@ -250,6 +256,25 @@ class Adapter:
         return B @ A
 
     # ------------------------------------------------------------------ diagnostics
+    def residual_errors(self) -> dict[str, float]:
+        """Per residualised layer, ‖stored W_res - W_res‖_F / ‖W_res‖_F: 0 on an fp32 base, the rounding of a
+        bf16/fp16 base, the requantisation error of a quantised one (``docs/text.md#qlora``)."""
+        return {n: o.residual_error for n in self.layers if (o := self.init_offset(n)) is not None}
+
+    @torch.no_grad()
+    def fingerprint(self) -> torch.Tensor:
+        """float64 sums, per layer, of what the init wrote: A, B, and for a residualised layer B₀, A₀ and the stored
+        base (every tensor of its state, so codes and scales on a quantised one). :func:`attach` compares it across
+        processes."""
+        sums = []
+        for name, layer in self.layers.items():
+            tensors = [*self.lora_factors(name)]
+            if self.init_offset(name) is not None:
+                tensors += [*self.init_offset(name).factors(), *layer.get_base_layer().state_dict().values()]
+            sums.append(torch.stack([full_tensor(t).detach().double().sum().cpu() for t in tensors
+                                     if isinstance(t, torch.Tensor)]).sum())
+        return torch.stack(sums)
+
     def tsd_report(self) -> list[tsd.LayerReport]:
         """See :func:`shared.tsd.report`."""
         rows: dict[str, tsd.LayerReport] = {}
@@ -345,6 +370,12 @@ def attach(model: nn.Module, config: AdapterConfig, *, data: Iterable[Any] | Non
 
     A model may hold several adapters under different ``adapter_name``s; the one attached last is the active
     one (:meth:`Adapter.activate` switches).
+
+    Under DDP (an initialised process group of several ranks) a data-driven init pools its statistics across the
+    processes, so every rank must call ``attach``, each with its own batches, and every rank ends with the same
+    adapter: a fingerprint (:meth:`Adapter.fingerprint`) is compared across ranks at the end, and a difference
+    raises (``docs/distributed.md#pooled-init-statistics``). A quantised model (bitsandbytes 4/8-bit) keeps its
+    4-bit layers in bitsandbytes' standard layout from here on (:func:`shared.quantization.pin_layout`).
     """
     config.validate()
     spec = config.spec
@@ -352,6 +383,7 @@ def attach(model: nn.Module, config: AdapterConfig, *, data: Iterable[Any] | Non
     check_new_adapter(model, adapter_name, config, list(targets))
     _check_targets(targets, config)
     batches = _take_batches(data, config) if spec.needs_data else []
+    pin_layout(model)
     devices = sorted({p.device.index for p in model.parameters() if p.device.type == "cuda"})
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(config.seed)
@@ -360,6 +392,8 @@ def attach(model: nn.Module, config: AdapterConfig, *, data: Iterable[Any] | Non
             add_dash(model, adapter_name, config)
     adapter = Adapter(model, config, adapter_name)
     adapter.activate()
+    if spec.needs_data:
+        check_identical(adapter.fingerprint(), f"the {config.method} init")
     return adapter
 
 

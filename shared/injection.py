@@ -10,7 +10,9 @@ functions, so a reloaded adapter is built exactly as the attached one was.
 
 from __future__ import annotations
 
+import contextlib
 import re
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -27,6 +29,7 @@ from .layers import (
     nominal_scale,
     set_dense_weight,
 )
+from .quantization import is_quantized
 
 if TYPE_CHECKING:
     from .config import AdapterConfig
@@ -45,6 +48,9 @@ class InitOffset(nn.Module):
         self.A0 = nn.Parameter(A0.detach().float().clone().contiguous(), requires_grad=False)
         self.B0 = nn.Parameter(B0.detach().float().clone().contiguous(), requires_grad=False)
         self.scale = float(scale)
+        #: ‖stored W_res - W_res‖_F / ‖W_res‖_F as :func:`residualise` left it: 0 on an fp32 base, the rounding to a
+        #: bf16/fp16 base, the requantisation error on a quantised one (``docs/text.md#qlora``); None before it ran
+        self.residual_error: float | None = None
 
     def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(B₀, A₀) in fp32, gathered under FSDP2."""
@@ -57,10 +63,44 @@ class InitOffset(nn.Module):
 
 
 def residualise(layer: nn.Module, offset: InitOffset) -> None:
-    """W ← W - γ₀ (B₀ A₀): computed in fp32 and rounded once to W's dtype, at the init and at a reload."""
+    """W ← W - γ₀ (B₀ A₀): computed in fp32 and rounded once to W's dtype, at the init and at a reload.
+
+    On a quantised base this is LoftQ-style: W is dequantised, the residual formed in fp32 and quantised again with
+    the layer's settings (:func:`shared.quantization.requantize`); deterministic, so a reload stores the same bytes.
+    ``offset.residual_error`` records how far the stored residual is from the exact one.
+    """
     base = layer.get_base_layer()
     with torch.no_grad():
-        set_dense_weight(base, dense_weight(base).float() - offset.product().to(base.weight.device))
+        residual = dense_weight(base).float() - offset.product().to(base.weight.device)
+        set_dense_weight(base, residual)
+        stored = dense_weight(base).float()
+        offset.residual_error = float((stored - residual).norm() / residual.norm().clamp_min(torch.finfo().tiny))
+
+
+@contextlib.contextmanager
+def dense_stand_in(layer: nn.Module) -> Iterator[nn.Module]:
+    """The base layer of a peft layer as a dense Linear while the block runs, for peft's inits that read and write
+    ``get_base_layer().weight`` in floating point (PiSSA, LoRA-GA), which refuse a quantised one.
+
+    A dense base is yielded as it is. A quantised base (:mod:`shared.quantization`) is swapped for an ``nn.Linear``
+    holding deq(Q(W)) in fp32 (this layer alone is dequantised) and put back, unchanged, afterwards: whatever the
+    block wrote into the stand-in is dropped, so the caller residualises the quantised base itself.
+    """
+    base = layer.get_base_layer()
+    if not is_quantized(base):
+        yield base
+        return
+    d_in, d_out = in_out_features(base)
+    stand_in = nn.utils.skip_init(nn.Linear, d_in, d_out, bias=False, device=base.weight.device)  # draws no RNG
+    stand_in.weight = nn.Parameter(dense_weight(base).float(), requires_grad=False)
+    owner = layer
+    while owner.base_layer is not base:  # peft nests a layer holding earlier adapters
+        owner = owner.base_layer
+    owner.base_layer = stand_in
+    try:
+        yield stand_in
+    finally:
+        owner.base_layer = base
 
 
 def check_new_adapter(model: nn.Module, adapter_name: str, config: AdapterConfig, names: list[str]) -> None:

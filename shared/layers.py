@@ -14,6 +14,8 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
+from . import quantization
+
 
 @functools.cache
 def _conv1d_type() -> type | None:
@@ -35,7 +37,10 @@ def is_linear_like(module: nn.Module) -> bool:
 
 
 def dense_weight(module: nn.Module) -> torch.Tensor:
-    """The weight of a Linear/Conv1D as out × in (a view, no copy)."""
+    """The weight of a Linear/Conv1D as out × in: a view, no copy; for a quantised layer (bitsandbytes 4/8-bit) the
+    dequantised weight deq(Q(W)) it computes with, in fresh memory (:mod:`shared.quantization`)."""
+    if quantization.is_quantized(module):
+        return quantization.dequantized_weight(module)
     return module.weight.T if is_fan_in_fan_out(module) else module.weight
 
 
@@ -62,12 +67,19 @@ def is_sharded(module: nn.Module) -> bool:
 
 
 def set_dense_weight(module: nn.Module, w_out_in: torch.Tensor) -> None:
-    """Overwrite a Linear/Conv1D weight in place from an out × in matrix, keeping its dtype."""
+    """Overwrite a Linear/Conv1D weight in place from an out × in matrix, keeping its dtype; a quantised layer stores
+    Q(w) with its own quantisation settings (:func:`shared.quantization.requantize`)."""
+    if quantization.is_quantized(module):
+        quantization.requantize(module, w_out_in)
+        return
     target = module.weight.data
     target.copy_((w_out_in.T if is_fan_in_fan_out(module) else w_out_in).to(target.dtype))
 
 
 def in_out_features(module: nn.Module) -> tuple[int, int]:
+    """(in, out) of a Linear/Conv1D (a quantised layer's stored weight is packed, so its attributes say)."""
+    if quantization.is_quantized(module):
+        return quantization.in_out_features(module)
     w = dense_weight(module)
     return int(w.shape[1]), int(w.shape[0])
 

@@ -26,6 +26,7 @@ from .errors import InputError
 from .injection import InitOffset, add_dash, check_new_adapter, inject, residualise, set_lora, unwrapped
 from .io import load_safetensors, save_safetensors
 from .layers import full_tensor, in_out_features, iter_lora_layers, nominal_scale
+from .quantization import pin_layout
 
 NATIVE_WEIGHT_NAME = "tsd_adapter.safetensors"
 FORMAT_VERSION = "2"
@@ -99,6 +100,7 @@ def load(model: nn.Module, path: str | Path, *, adapter_name: str = "default") -
             raise InputError(f"{path}: layer {name} has shape (out, in) = {got} in the model but {expected} in the adapter")
 
     check_new_adapter(model, adapter_name, config, names)
+    pin_layout(model)
     ranks = {n: tensors[f"layers.{n}.lora_A"].shape[0] for n in names}
     inject(model, config, names, adapter_name, ranks=ranks)
     layers = dict(iter_lora_layers(model, adapter_name))

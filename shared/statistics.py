@@ -16,16 +16,26 @@ a leaf that requires grad when nothing upstream does; everything downstream then
 Gradient checkpointing is supported: forwards that run inside the engine's own backward are recomputations,
 which add no rows (with reentrant checkpointing, whose first forward has no graph, the recomputation supplies
 the rows and their gradients instead).
+
+A quantised layer (bitsandbytes 4/8-bit) has no gradient buffer on its W, but its inputs and output gradients are
+there as for any layer, so Σ_t g_t x_tᵀ is the gradient with respect to the dequantised weight it computes with.
+
+Under DDP (``docs/distributed.md#pooled-init-statistics``) each process reads its own batches and the accumulators
+pool them at the end of :func:`collect` (:meth:`Accumulator.pool`: sums all-reduced), so N processes read N× the
+batches, and the statistics equal one process reading all of them.
 """
 
 from __future__ import annotations
 
 import contextlib
+import itertools
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Protocol
 
 import torch
 from torch import nn
+
+from .distributed import all_reduce_sum
 
 ForwardFn = Callable[[nn.Module, Any], torch.Tensor]
 MaskFn = Callable[[Any], "torch.Tensor | None"]
@@ -38,6 +48,9 @@ class Accumulator(Protocol):
 
     def update(self, x: torch.Tensor, g: torch.Tensor | None, batch_size: int) -> None:
         """x: masked fp32 inputs (T × in); g: masked fp32 output gradients (T × out) or None."""
+
+    def pool(self) -> None:
+        """Combine the statistics of every process (a collective; a no-op with one process)."""
 
 
 def model_device(model: nn.Module) -> torch.device:
@@ -175,7 +188,8 @@ def collect(
     Each call of a hooked layer is one row block [x, g]: g is the gradient of its output, zero for a call the
     loss does not depend on. Calls during the backward (gradient checkpointing's recomputation) add no block,
     except to stand in for a forward call that had no graph (reentrant checkpointing runs the first forward
-    without one).
+    without one). At the end every accumulator is pooled across processes (:meth:`Accumulator.pool`), so every
+    rank must call ``collect`` with the same layers.
     """
     from tqdm.auto import tqdm
 
@@ -250,7 +264,20 @@ def collect(
         bar.close()
     if used == 0:
         raise ValueError("data is empty: the data-driven init needs at least one batch")
+    for key in owners:
+        accumulators[owners[key]].pool()
     return used
+
+
+def weight_gradients(model: nn.Module, layers: dict[str, nn.Module], batches: Iterable[Any],
+                     forward_fn: ForwardFn = default_forward_fn, *, max_batches: int, mask_fn: MaskFn = attention_mask,
+                     desc: str = "gradients", progress: bool = True) -> dict[str, torch.Tensor]:
+    """Per layer the mean over ``max_batches`` batches (cycled when fewer) of ∂L/∂W = Σ_t g_t x_tᵀ (out × in, fp32),
+    pooled across processes (:class:`WeightGradient`)."""
+    accs = {name: WeightGradient() for name in layers}
+    collect(model, layers, accs, itertools.cycle(batches), forward_fn, mask_fn=mask_fn, max_batches=max_batches,
+            desc=desc, progress=progress)
+    return {name: acc.value for name, acc in accs.items()}
 
 
 def _rows(name: str, blocks: list[list[Any]] | None, needs_grad: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -325,6 +352,10 @@ class InputSecondMoment:
         self.sum = xtx if self.sum is None else self.sum + xtx
         self.count += x.shape[0]
 
+    def pool(self) -> None:
+        self.sum, count = all_reduce_sum([self.sum, torch.tensor(float(self.count), dtype=torch.float64)])
+        self.count = int(count)
+
     @property
     def value(self) -> torch.Tensor:
         return self.sum / max(self.count, 1)
@@ -343,6 +374,10 @@ class WeightGradient:
         gw = g.T @ x
         self.total = gw if self.total is None else self.total + gw
         self.batches += 1
+
+    def pool(self) -> None:
+        self.total, batches = all_reduce_sum([self.total, torch.tensor(float(self.batches), dtype=torch.float64)])
+        self.batches = int(batches)
 
     @property
     def value(self) -> torch.Tensor:
@@ -371,6 +406,13 @@ class FisherGradient:
             self.z.update(x, None, batch_size)
         gs = (g * batch_size).pow(2).sum(0)
         self.y_sum = gs if self.y_sum is None else self.y_sum + gs
+
+    def pool(self) -> None:
+        """G, diag(Y) and (if this one owns it) Z summed over the processes."""
+        self.g.pool()
+        if self.owns_z:
+            self.z.pool()
+        (self.y_sum,) = all_reduce_sum([self.y_sum])
 
     @property
     def grad(self) -> torch.Tensor:

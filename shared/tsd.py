@@ -39,9 +39,11 @@ def iter_svd(names: Sequence[str], weight_of: Callable[[str], Tensor], shape_of:
     """Yield ``(name, U, S, Vh)``: thin fp32 SVDs of many weights, stacked by equal shape into batched calls.
 
     Weights are materialised chunk by chunk (at most ``max_bytes`` of fp32 per call), so a whole model
-    never sits in memory twice. Names are stacked in sorted order, so a reload passing the layers in another
-    order makes the same batched calls as the switch did. Signs are canonical (:func:`canonical_signs`): every
-    process and every reload that sees the same W gets the same singular vectors.
+    never sits in memory twice; each is copied into the chunk's stack as soon as it is read, so besides the stack
+    at most one weight that ``weight_of`` made (a dequantised layer of a quantised base) is alive at a time. Names
+    are stacked in sorted order, so a reload passing the layers in another order makes the same batched calls as
+    the switch did. Signs are canonical (:func:`canonical_signs`): every process and every reload that sees the same
+    W gets the same singular vectors.
     """
     groups: dict[tuple, list[str]] = defaultdict(list)
     for name in sorted(names):
@@ -50,7 +52,13 @@ def iter_svd(names: Sequence[str], weight_of: Callable[[str], Tensor], shape_of:
         per = max(1, max_bytes // (4 * shape[0] * shape[1]))
         for start in range(0, len(members), per):
             chunk = members[start : start + per]
-            stack = torch.stack([weight_of(n).detach().to(torch.float32) for n in chunk])
+            stack = None
+            for j, name in enumerate(chunk):
+                w = weight_of(name).detach()
+                if stack is None:
+                    stack = torch.empty((len(chunk), *w.shape), dtype=torch.float32, device=w.device)
+                stack[j] = w
+                del w
             U, S, Vh = torch.linalg.svd(stack, full_matrices=False)
             U, Vh = canonical_signs(U, Vh)
             for j, name in enumerate(chunk):

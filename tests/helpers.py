@@ -119,3 +119,33 @@ def tiny_unet():
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
         attention_head_dim=(2, 4), use_linear_projection=True, cross_attention_dim=32, norm_num_groups=8,
     ).eval()
+
+
+#: bitsandbytes settings of the quantised tiny LLaMA: QLoRA's NF4 with double quantisation, fp32 compute (the CPU)
+NF4 = dict(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+           bnb_4bit_compute_dtype=torch.float32)
+
+
+def quantized_llama(root: Path, seed: int = 0, **bnb):
+    """:func:`tiny_llama` (``seed``) saved under ``root`` and loaded quantised by transformers' ``BitsAndBytesConfig``
+    (``bnb``, default :data:`NF4`), on the CPU; skips without bitsandbytes."""
+    pytest.importorskip("bitsandbytes", reason="the quantised-base tests need bitsandbytes (the 'quant' extra)")
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    path = Path(root) / f"tiny-llama-{seed}"
+    if not (path / "config.json").is_file():
+        tiny_llama(seed).save_pretrained(path)
+    return AutoModelForCausalLM.from_pretrained(path, quantization_config=BitsAndBytesConfig(**(bnb or NF4)),
+                                                dtype=torch.float32).eval()
+
+
+def dequantized_llama(quantized, seed: int = 0):
+    """A dense :func:`tiny_llama` (``seed``) computing with the dequantised weights of ``quantized``: the dense
+    reference of a quantised model (every other parameter is the same checkpoint's)."""
+    from shared.quantization import dequantized_weight, quantized_layers
+
+    model = tiny_llama(seed)
+    with torch.no_grad():
+        for name, layer in quantized_layers(quantized):
+            model.get_submodule(name).weight.copy_(dequantized_weight(layer))
+    return model

@@ -8,6 +8,10 @@ redistribution allots it more components than have converged. Ranks are redistri
 R = Σ_ℓ r by pooling the first round(ρ r) explained-variance ratios of every layer and keeping the top R
 (Sec. 3.2). Init: A = top-r'_ℓ components (rows divided by √σ_i with ``whiten``), B = 0, α scaled by r'/r
 so the LoRA scale stays α/r. Unlike peft, the number of batches is capped (``eva_max_batches``).
+
+Under DDP every PCA step reads the rows of every process's batch of that step, all-gathered in rank order as peft's
+EVA gathers them, so N processes read N× the batches, every rank fits the same PCA and stops at the same step, and
+the result equals one process whose batches are the ranks' batches concatenated.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from ..distributed import all_gather_rows
 from ..injection import inject, set_lora
 from ..layers import in_out_features, iter_lora_layers
 from ..statistics import ForwardFn, collect, shared_input_groups, token_mask
@@ -47,6 +52,7 @@ class EvaPCA:
     def update(self, x: torch.Tensor, g: torch.Tensor | None, batch_size: int) -> None:
         if self.done(self.needed):
             return  # frozen while converged, as peft removes the hook (refitted if a redistribution asks for more)
+        x = all_gather_rows(x)  # under DDP: every rank's rows of this step, as peft's EVA gathers them
         # layers that see few rows per batch (a pooler sees one per sequence) are buffered across batches:
         # a randomized SVD step needs at least 2k rows
         self.pending.append(x)
@@ -61,6 +67,9 @@ class EvaPCA:
             cos = torch.nn.functional.cosine_similarity(prev, self.ipca.components_, dim=1).abs()
             self.converged = (cos >= self.tau).cpu()
         self.fitted = True
+
+    def pool(self) -> None:
+        """Nothing left to pool: :meth:`update` gathered every process's rows as they came."""
 
     def done(self, rank: int) -> bool:
         return self.fitted and bool(self.converged[:rank].all())

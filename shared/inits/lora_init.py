@@ -23,9 +23,10 @@ import torch
 from torch import nn
 
 from .. import tsd
+from ..distributed import all_reduce_sum, world_size
 from ..injection import add_offset, inject, residualise, set_lora
-from ..layers import dense_weight, iter_lora_layers, nominal_scale
-from ..statistics import ForwardFn, WeightGradient, collect, gradient_mask, require_loss
+from ..layers import dense_weight, in_out_features, iter_lora_layers, nominal_scale
+from ..statistics import ForwardFn, gradient_mask, require_loss, weight_gradients
 
 if TYPE_CHECKING:
     from ..config import AdapterConfig
@@ -33,25 +34,32 @@ if TYPE_CHECKING:
 
 def gradient_updates(model: nn.Module, targets: dict[str, nn.Module], config: AdapterConfig, batches: list[Any],
                      forward_fn: ForwardFn, progress: bool = True) -> dict[str, torch.Tensor]:
-    """ΔW ≈ -mean gradient per target layer (out × in), from the statistics engine."""
-    accs = {name: WeightGradient() for name in targets}
-    collect(model, targets, accs, itertools.cycle(batches), forward_fn, mask_fn=gradient_mask(config),
-            max_batches=config.lora_init_steps, desc="LoRA-Init: accumulating gradients", progress=progress)
-    return {name: -acc.value for name, acc in accs.items()}
+    """ΔW ≈ -mean gradient per target layer (out × in), from the statistics engine (pooled across processes)."""
+    grads = weight_gradients(model, targets, batches, forward_fn, max_batches=config.lora_init_steps,
+                             mask_fn=gradient_mask(config), desc="LoRA-Init: accumulating gradients", progress=progress)
+    return {name: -g for name, g in grads.items()}
 
 
 def warmup_lora(model: nn.Module, params: list[torch.nn.Parameter], config: AdapterConfig, batches: list[Any],
                 forward_fn: ForwardFn, progress: bool = True) -> None:
-    """Train the freshly injected LoRA for ``lora_init_steps`` AdamW steps (the run is discarded afterwards)."""
+    """Train the freshly injected LoRA for ``lora_init_steps`` AdamW steps (the run is discarded afterwards).
+
+    Under DDP each step applies the mean gradient of every process's batch, as DDP would, so every rank warms up
+    the same LoRA on N× the batches."""
     from tqdm.auto import tqdm
 
     opt = torch.optim.AdamW(params, lr=config.lora_init_lr, weight_decay=0.0)
+    world = world_size()
     was_training = model.training
     model.train()
     try:
         for batch in tqdm(itertools.islice(itertools.cycle(batches), config.lora_init_steps),
                           total=config.lora_init_steps, desc="LoRA-Init: warm-up", disable=not progress, leave=False):
             require_loss(forward_fn(model, batch)).backward()
+            if world > 1:
+                grads = all_reduce_sum([torch.zeros_like(p) if p.grad is None else p.grad for p in params])
+                for p, g in zip(params, grads, strict=True):
+                    p.grad = g / world
             opt.step()
             opt.zero_grad(set_to_none=True)
     finally:
@@ -97,10 +105,13 @@ def init_lora_init(model: nn.Module, config: AdapterConfig, targets: dict[str, n
     def weight_of(name: str) -> torch.Tensor:
         return dense_weight(layers[name].get_base_layer())
 
-    for name, U, S, Vh in tsd.iter_svd(names, weight_of, lambda n: tuple(weight_of(n).shape)):
+    def shape_of(name: str) -> tuple[int, int]:
+        return in_out_features(layers[name].get_base_layer())[::-1]
+
+    for name, U, S, Vh in tsd.iter_svd(names, weight_of, shape_of):
         layer = layers[name]
         ds = ((U.T @ dense[name]) * Vh).sum(1) if dense is not None else tsd.delta_sigma(U, Vh, *warm[name])
-        valid = tsd.non_null(S, tuple(weight_of(name).shape))
+        valid = tsd.non_null(S, shape_of(name))
         idx = tsd.select_directions(tsd.change_rate(S, ds, config.dash_eps), config.r, valid)
         A, B = fresh[name]
         A[: idx.numel()], B[:, : idx.numel()] = tsd_init_factors(U, S, Vh, idx, nominal_scale(layer, adapter_name))

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from ..injection import add_offset, inject, residualise
+from ..injection import add_offset, dense_stand_in, inject, residualise
 from ..layers import dense_weight, iter_lora_layers, set_dense_weight
 from ..statistics import ForwardFn
 
@@ -23,12 +23,14 @@ def init_pissa(model: nn.Module, config: AdapterConfig, targets: dict[str, nn.Mo
     """PiSSA with peft's factors (``LoraLayer.pissa_init``), the base residualised by :func:`residualise`.
 
     peft rounds its residual as W - (γB) A; the core's one expression is W - γ (B A), which the reload repeats
-    bit for bit. So each layer's W is kept while peft computes the factors and residualised again from it.
+    bit for bit. So each layer's W is kept while peft computes the factors and residualised again from it. peft
+    refuses a quantised W; there it runs on a dense stand-in holding deq(Q(W)), and the residual is quantised again
+    (LoftQ-style, :func:`shared.injection.residualise`).
     """
     inject(model, config, sorted(targets), adapter_name)
     for _, layer in iter_lora_layers(model, adapter_name):
-        base = layer.get_base_layer()
-        W = dense_weight(base).detach().clone()
-        layer.pissa_init(adapter_name, "pissa")
-        set_dense_weight(base, W)
+        with dense_stand_in(layer) as base:
+            W = dense_weight(base).detach().clone()
+            layer.pissa_init(adapter_name, "pissa")
+            set_dense_weight(base, W)
         residualise(layer, add_offset(layer, adapter_name))

@@ -192,3 +192,24 @@ def test_lora_da_survives_a_rank_deficient_input_moment():
                                where=" (pooler)")
     assert A.shape == (4, 64) and B.shape == (16, 4)
     assert torch.isfinite(A).all() and torch.isfinite(B).all() and B.abs().sum() > 0
+
+
+def test_lora_ga_gradient_equals_peft_preprocess_loraga():
+    """LoRA-GA's gradient comes from the statistics engine: the mean over batches of ∂L/∂W that peft's
+    ``preprocess_loraga`` reads from ``weight.grad`` (peft's ``lora_ga_init`` then makes the factors from it)."""
+    from peft import LoraConfig, LoraGAConfig
+    from peft.tuners.lora.loraga import preprocess_loraga
+
+    from shared.statistics import weight_gradients
+
+    batches = lm_batches(n=3)
+    reference = tiny_llama()
+    lcfg = LoraConfig(r=2, target_modules=LLAMA_TARGETS, init_lora_weights="lora_ga", lora_ga_config=LoraGAConfig())
+    preprocess_loraga(reference, lcfg, lambda: [reference(**b).loss.backward() for b in batches])
+    model = tiny_llama()
+    names = [n for n, m in model.named_modules() if n.rsplit(".", 1)[-1] in LLAMA_TARGETS]
+    ours = weight_gradients(model, {n: model.get_submodule(n) for n in names}, batches, max_batches=3, progress=False)
+    assert len(names) == 2 * 7
+    for name in names:
+        torch.testing.assert_close(ours[name], reference.get_submodule(name)._peft_loraga_grad, rtol=1e-4, atol=1e-7,
+                                   msg=name)
