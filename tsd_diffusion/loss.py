@@ -67,12 +67,15 @@ def unet_conditioning(condition: Condition, batch: dict[str, Any], device: torch
 @torch.no_grad()
 def statistics_batches(dataset: DreamBoothDataset, num_batches: int, batch_size: int, condition: Condition,
                        latents_for: Callable[[dict[str, Any]], torch.Tensor], device: torch.device,
-                       dtype: torch.dtype) -> list[dict[str, Any]]:
-    """``num_batches`` instance batches for the data-driven inits (the dataset's items in order, wrapping round):
-    latents and conditioning as the training step feeds them, each with its index ``i``."""
+                       dtype: torch.dtype, process_index: int = 0, num_processes: int = 1) -> list[dict[str, Any]]:
+    """``num_batches`` instance batches for the data-driven inits of this process (the dataset's items in order,
+    wrapping round): latents and conditioning as the training step feeds them, each with its global index ``i``.
+
+    Process p of N gets the global batches p, p + N, p + 2N, ...: the inits pool the processes' statistics, so N
+    processes read N× the batches (``docs/distributed.md#pooled-init-statistics``)."""
     out = []
     n = len(dataset)
-    for i in range(num_batches):
+    for i in range(process_index, num_batches * num_processes, num_processes):
         idx = [(i * batch_size + j) % n for j in range(batch_size)]
         batch = collate([dataset[k] for k in idx])
         embeds, pooled, time_ids = unet_conditioning(condition, batch, device, dtype)
@@ -83,7 +86,7 @@ def statistics_batches(dataset: DreamBoothDataset, num_batches: int, batch_size:
 def statistics_loss(scheduler: Any, seed: int,
                     device: torch.device) -> Callable[[nn.Module, dict[str, Any]], torch.Tensor]:
     """The inits' ``forward_fn``: the denoising loss of a :func:`statistics_batches` batch, its noise and timesteps
-    seeded by ``seed + i`` (the same draws on every process and every run)."""
+    seeded by ``seed + i`` (global batch i gets the same draws on whichever process reads it, in every run)."""
     generator = torch.Generator(device=device)
 
     def forward_fn(unet: nn.Module, batch: dict[str, Any]) -> torch.Tensor:

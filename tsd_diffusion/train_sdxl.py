@@ -152,7 +152,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a("--lora_dropout", type=float, default=0.0)
     a("--dash_warmup_steps", type=int, default=100, help="t: optimizer steps of LoRA before the dash switch")
     a("--dash_directions", type=int, default=8, help="s: task-specific directions per layer")
-    a("--statistics_batches", type=int, default=8, help="batches the data-driven inits (eva, lora_da, lora_init, tsd) read")
+    a("--statistics_batches", type=int, default=8,
+      help="batches the data-driven inits (eva, lora_da, lora_init, tsd) read per process (pooled: N× under DDP)")
     # validation, checkpoints, output
     a("--validation_prompt", action="append", default=None, help="repeat for several prompts")
     a("--num_validation_images", type=int, default=None, help="per prompt; default 4 (8 for the mini SDXL)")
@@ -465,7 +466,8 @@ def attach_adapters(config: SDXLTrainConfig, parts: SDXLParts, dataset: DreamBoo
         return adapters
     method = shared.METHODS[config.method]
     stats = (statistics_batches(dataset, config.statistics_batches, config.train_batch_size, condition, latents,
-                                accelerator.device, latents.dtype) if method.needs_data else None)
+                                accelerator.device, latents.dtype, accelerator.process_index,
+                                accelerator.num_processes) if method.needs_data else None)
     unet_config = adapter_config(config, UNET_TARGETS, train_size=len(dataset))
     adapters = {"unet": shared.attach(parts.unet, unet_config, data=stats,
                                       forward_fn=statistics_loss(parts.scheduler, config.seed, accelerator.device),

@@ -168,12 +168,13 @@ def compute_metrics(pred: torch.Tensor, ref: torch.Tensor, info: dict[str, Any])
     return {"accuracy": float((pred == ref).double().mean())}
 
 
-def load_model(path: str, data: TaskData, tokenizer: Any,
-               dtype: torch.dtype = torch.float32) -> tuple[nn.Module, list[str] | None]:
-    """The causal LM with its weights in ``dtype`` (SmolLM2's checkpoint is bf16); a causal LM trains no extra head."""
+def load_model(path: str, data: TaskData, tokenizer: Any, dtype: torch.dtype = torch.float32,
+               **load: Any) -> tuple[nn.Module, list[str] | None]:
+    """The causal LM with its weights in ``dtype`` (SmolLM2's checkpoint is bf16); a causal LM trains no extra head.
+    ``load`` goes to ``from_pretrained`` (``quantization_config``, ``device_map`` for a quantised base)."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **load)
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     return model, None

@@ -43,11 +43,14 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
+import importlib.util
+import itertools
 import json
 import logging
 import math
+import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -113,6 +116,16 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     g.add_argument("--torch_dtype", default="float32", choices=sorted(TORCH_DTYPES),
                    help="dtype of the frozen pretrained weights (bfloat16/float16 halve their memory; needs "
                         "--mixed_precision); the adapter and a new classification head stay float32")
+    g = p.add_argument_group("quantised base (QLoRA; needs bitsandbytes, the quant extra)")
+    g.add_argument("--load_in_4bit", action="store_true",
+                   help="load the base's linear layers in 4 bits (transformers' BitsAndBytesConfig; not the LM head)")
+    g.add_argument("--load_in_8bit", action="store_true", help="load the base's linear layers in 8 bits (LLM.int8)")
+    g.add_argument("--bnb_4bit_quant_type", default=None, choices=["nf4", "fp4"],
+                   help="4-bit data type (default nf4, QLoRA's; transformers' own default is fp4)")
+    g.add_argument("--bnb_4bit_compute_dtype", default=None, choices=sorted(TORCH_DTYPES),
+                   help="dtype of the 4-bit layers' matmuls (default: --torch_dtype)")
+    g.add_argument("--bnb_4bit_use_double_quant", action="store_true",
+                   help="quantise the 4-bit block scales again (QLoRA's double quantisation)")
     g = p.add_argument_group("adapter")
     g.add_argument("--method", default="dash", choices=shared.METHODS)
     g.add_argument("--rank", type=int, default=8)
@@ -206,6 +219,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         if args.mixed_precision not in (None, asked):
             p.error(f"--{asked} contradicts --mixed_precision {args.mixed_precision}")
         args.mixed_precision = asked
+    if args.load_in_4bit and args.load_in_8bit:
+        p.error("--load_in_4bit and --load_in_8bit exclude each other")
+    four_bit = [f"--{n}" for n in ("bnb_4bit_quant_type", "bnb_4bit_compute_dtype", "bnb_4bit_use_double_quant")
+                if getattr(args, n) not in (None, False)]
+    if four_bit and not args.load_in_4bit:
+        p.error(f"{', '.join(four_bit)} set the 4-bit quantisation: add --load_in_4bit")
+    if args.load_in_4bit:
+        args.bnb_4bit_quant_type = args.bnb_4bit_quant_type or "nf4"
+        args.bnb_4bit_compute_dtype = args.bnb_4bit_compute_dtype or args.torch_dtype
     args.per_device_eval_batch_size = args.per_device_eval_batch_size or args.per_device_train_batch_size
     args.adapter_options = _key_values(p, args.adapter_options)
     return args
@@ -249,6 +271,11 @@ class TextTrainConfig:
     max_eval_samples: int | None
     max_length: int
     torch_dtype: str
+    load_in_4bit: bool
+    load_in_8bit: bool
+    bnb_4bit_quant_type: str | None
+    bnb_4bit_compute_dtype: str | None
+    bnb_4bit_use_double_quant: bool
     # adapter
     method: str
     rank: int
@@ -294,6 +321,46 @@ class TextTrainConfig:
     def from_args(cls, args: argparse.Namespace) -> TextTrainConfig:
         """The config of :func:`parse_args`' result (which has checked the flags and resolved their spellings)."""
         return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls)})
+
+    @property
+    def quantized(self) -> bool:
+        return self.load_in_4bit or self.load_in_8bit
+
+
+def check_setup(config: TextTrainConfig, accelerator: Any) -> None:
+    """The checks of the flags against the launch and the environment, before the resume is resolved and before any
+    model loads: :func:`check_quantization`, then :func:`check_torch_dtype` (which a quantised base does not need:
+    its 4-bit layers compute in ``--bnb_4bit_compute_dtype`` whatever the autocast)."""
+    check_quantization(config)
+    if not config.quantized:
+        check_torch_dtype(config.torch_dtype, accelerator.mixed_precision)
+
+
+def check_quantization(config: TextTrainConfig) -> None:
+    """Refuse a quantisation flag that cannot work: without bitsandbytes, or for a classification task (transformers
+    quantises every linear layer but the LM head, so the classification head, which is trained in full, would be
+    quantised). Every method of the core works on a quantised causal LM (``docs/text.md#qlora``)."""
+    if not config.quantized:
+        return
+    flag = "--load_in_4bit" if config.load_in_4bit else "--load_in_8bit"
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise InputError(f"{flag} needs bitsandbytes: pip install 'tsd-lora[quant]' (bitsandbytes>=0.50.2)")
+    if config.task != "causal-mc":
+        raise InputError(f"{flag} is for --task causal-mc: transformers would quantise the classification head too, "
+                         "which this task trains in full")
+
+
+def quantization_config(config: TextTrainConfig) -> Any:
+    """transformers' ``BitsAndBytesConfig`` of the flags, or None without quantisation."""
+    if not config.quantized:
+        return None
+    from transformers import BitsAndBytesConfig
+
+    if config.load_in_8bit:
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=config.bnb_4bit_quant_type,
+                              bnb_4bit_compute_dtype=TORCH_DTYPES[config.bnb_4bit_compute_dtype],
+                              bnb_4bit_use_double_quant=config.bnb_4bit_use_double_quant)
 
 
 def check_torch_dtype(torch_dtype: str, mixed_precision: str) -> None:
@@ -348,6 +415,17 @@ def adapter_config(config: TextTrainConfig) -> shared.AdapterConfig:
                                 seed=config.seed, **config.adapter_options)
 
 
+def init_batches(data: TaskData, config: TextTrainConfig, process_index: int,
+                 num_processes: int) -> Iterator[dict[str, torch.Tensor]]:
+    """The batches a data-driven init reads on this process: the training set in one seeded order, cut into batches
+    of ``--per_device_train_batch_size``, every ``num_processes``-th one from ``process_index`` on. The init pools
+    the processes' statistics (``docs/distributed.md#pooled-init-statistics``), so N processes read N× the batches,
+    and together they read the first N·k batches of the order, what one process reads with N× the budget."""
+    loader = DataLoader(data.train, batch_size=config.per_device_train_batch_size, shuffle=True,
+                        collate_fn=data.collate_train, generator=torch.Generator().manual_seed(config.seed))
+    return itertools.islice(loader, process_index, None, num_processes)
+
+
 @dataclass
 class ModelSetup:
     """Everything before ``accelerator.prepare``: validated data, the model with its adapter attached."""
@@ -376,8 +454,14 @@ def build_model(config: TextTrainConfig, accelerator: Any, resume_dir: Path | No
     data: TaskData = task.prepare(tokenizer, train_examples, eval_examples, config.max_length)
     notes += [f"{n} of {len(getattr(data, split))} {split} examples were longer than --max_length={config.max_length} "
               "and were truncated" for split, n in data.truncated.items() if n]
-    model, head = task.load_model(config.model_name_or_path, data, tokenizer, TORCH_DTYPES[config.torch_dtype])
-    if accelerator.distributed_type != DistributedType.DEEPSPEED:
+    if config.quantized:  # quantised where it will run, as QLoRA recipes load it (device_map)
+        model, head = task.load_model(config.model_name_or_path, data, tokenizer, TORCH_DTYPES[config.torch_dtype],
+                                      quantization_config=quantization_config(config),
+                                      device_map={"": accelerator.device})
+        prepare_kbit(model, config.gradient_checkpointing)
+    else:
+        model, head = task.load_model(config.model_name_or_path, data, tokenizer, TORCH_DTYPES[config.torch_dtype])
+    if accelerator.distributed_type != DistributedType.DEEPSPEED and not config.quantized:
         # placed as the Trainer places models: the data-driven inits run on the GPU, and a resume recomputes the
         # dash directions with the switch's SVD kernels (LAPACK and cuSOLVER can differ in the last bits)
         model.to(accelerator.device)
@@ -396,14 +480,29 @@ def build_model(config: TextTrainConfig, accelerator: Any, resume_dir: Path | No
                              f"{len(adapter_cfg.target_modules)} layers")
     else:
         init_data = None
-        if adapter_cfg.needs_data:  # the same seeded batches on every process, so every process gets the same init
-            init_data = DataLoader(data.train, batch_size=config.per_device_train_batch_size, shuffle=True,
-                                   collate_fn=data.collate_train, generator=torch.Generator().manual_seed(config.seed))
+        if adapter_cfg.needs_data:
+            init_data = init_batches(data, config, accelerator.process_index, accelerator.num_processes)
         adapter = shared.attach(model, adapter_cfg, data=init_data, progress=accelerator.is_local_main_process)
     if config.gradient_checkpointing:
         model.config.use_cache = False
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    errors = adapter.residual_errors()
+    if errors and config.quantized:
+        notes.append(f"{adapter_cfg.method} subtracted its initial update from the quantised W and quantised the "
+                     f"residual again: its stored error is {statistics.mean(errors.values()):.3g} of the residual's "
+                     f"norm on average, {max(errors.values()):.3g} at most, over {len(errors)} layers "
+                     "(Adapter.residual_errors())")
     return ModelSetup(task, data, model, adapter, notes)
+
+
+def prepare_kbit(model: nn.Module, gradient_checkpointing: bool) -> None:
+    """peft's ``prepare_model_for_kbit_training`` (the base frozen, its non-quantised half-precision parameters such
+    as the norms cast to fp32, gradient checkpointing enabled non-reentrant when asked) before the adapter is
+    attached, so the data-driven inits run on the model as it trains."""
+    from peft import prepare_model_for_kbit_training
+
+    prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing,
+                                    gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 # ---------------------------------------------------------------------------------------------------- evaluate
@@ -637,7 +736,7 @@ def main(args: argparse.Namespace) -> TrainResult:
         mixed_precision=config.mixed_precision, gradient_accumulation_steps=config.gradient_accumulation_steps,
         resume_from=config.resume_from_checkpoint, overwrite=config.overwrite_output_dir,
         checkpoint_marker=CHECKPOINT_ADAPTER, data_seed=config.seed,
-        check=lambda accelerator: check_torch_dtype(config.torch_dtype, accelerator.mixed_precision))
+        check=functools.partial(check_setup, config))
     run = setup(config, accelerator, resume_dir)
     return finish(run, train_loop(run))
 

@@ -1,4 +1,5 @@
-"""A real 2-process DDP run (gloo on CPU, launched by ``accelerate launch``) of LoRA-Dash.
+"""Real 2-process DDP runs (gloo on CPU): LoRA-Dash through ``accelerate launch``, and the data-driven inits' pooled
+statistics (``ddp_pooled_worker.py``, under ``torch.distributed.run``) against one process on every rank's batches.
 
 Checks that under DDP with accelerate's gradient accumulation the dash switch happens on the same optimizer
 step on every rank, that every rank ends with bitwise identical directions, indices, λ and LoRA factors
@@ -89,3 +90,39 @@ def test_ddp_dash_two_processes_stay_identical(tmp_path):
         assert t0[f"{name}.U"].abs().sum() > 0 and t0[f"{name}.Vh"].abs().sum() > 0, f"{name}: directions unset"
         assert (t0[f"{name}.lam"] != 0).all(), f"{name}: λ did not train after the switch: {t0[f'{name}.lam']}"
         assert t0[f"{name}.lora_B"].abs().sum() > 0, f"{name}: LoRA B did not train"
+
+
+@pytest.mark.slow
+def test_pooled_init_statistics_equal_one_process_on_every_rank_s_batches(tmp_path):
+    """2 gloo processes, each on its own batches: the pooled statistics (LoRA-DA's G, Z, diag(Y); the mean gradient
+    of LoRA-Init's estimator and LoRA-GA) and the adapters of eva, lora_da, lora_init and lora_ga equal one process
+    reading every rank's batches, to fp32 tolerance; the ranks' adapters are bitwise equal (the warm-up estimator's
+    too), and attach's fingerprint check stops ranks whose inits differ."""
+    from tests.core.ddp_pooled_worker import METHODS, run
+
+    worker = Path(__file__).resolve().parent / "ddp_pooled_worker.py"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(WORLD), "--master_addr",
+           "127.0.0.1", "--master_port", str(free_port()), str(worker), "--out", str(tmp_path / "ddp")]
+    proc = subprocess.run(cmd, cwd=REPO, env=launcher_env(), capture_output=True, text=True, timeout=TIMEOUT_S)
+    assert proc.returncode == 0, f"pooled run failed (rc={proc.returncode})\n{proc.stderr[-6000:]}"
+    run(tmp_path / "ref")
+    _, ref = _read_plain(tmp_path / "ref" / "rank0.safetensors")
+    (meta0, t0), (meta1, t1) = (_read_plain(tmp_path / "ddp" / f"rank{r}.safetensors") for r in range(WORLD))
+    assert meta0["world_size"] == meta1["world_size"] == WORLD
+    assert meta0["first_tokens"] != meta1["first_tokens"], "the ranks must read different batches"
+    for meta in (meta0, meta1):
+        assert "differs across processes" in meta["mismatch"], meta
+    assert t0.keys() == t1.keys()
+    for key in t0:
+        assert torch.equal(t0[key], t1[key]), f"{key} differs across ranks"
+    assert {k.split(".", 1)[0] for k in t0} == set(METHODS)
+    compared = [k for k in t0 if not k.startswith("lora_init_warmup.")]
+    assert set(compared) == set(ref), sorted(set(compared) ^ set(ref))
+    assert sum(".stat." in k for k in compared) == 6 * (3 + 1 + 1)  # 6 layers: G, Z, y (lora_da); G; G
+    for key in compared:
+        torch.testing.assert_close(t0[key], ref[key], rtol=1e-4, atol=1e-6, msg=key)
+
+
+def _read_plain(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    with safe_open(str(path), framework="pt") as f:
+        return json.loads((f.metadata() or {}).get("meta", "{}")), {k: f.get_tensor(k) for k in f.keys()}

@@ -479,3 +479,23 @@ def test_data_driven_inits_under_gradient_checkpointing(method, tmp_path):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     if method == "lora_da":
         assert plain.config.lora_da_population == ckpt.config.lora_da_population == 5  # the 5 subject images
+
+
+def test_statistics_batches_give_each_process_its_own_share(tmp_path):
+    """Under DDP process p reads global batches p, p + N, ...: together the processes read exactly the batches of one
+    process with N× the budget, each with its global index (which seeds its noise)."""
+    from tsd_diffusion.data import DreamBoothDataset
+    from tsd_diffusion.tiny import make_subject_images
+
+    make_subject_images(tmp_path / "subject", n=5, size=64, seed=0)
+    dataset = DreamBoothDataset(tmp_path / "subject", "a photo of sks teapot", resolution=32)
+    condition = lambda prompts: (torch.zeros(len(prompts), 7, 16), torch.zeros(len(prompts), 16))  # noqa: E731
+    latents_for = lambda batch: batch["pixel_values"][:, :1].clone()  # noqa: E731  # identifies the images
+    make = lambda *share: statistics_batches(dataset, *share[:1], 2, condition, latents_for,  # noqa: E731
+                                             torch.device("cpu"), torch.float32, *share[1:])
+    single = make(6)
+    shares = [make(3, p, 2) for p in range(2)]
+    assert [b["i"] for b in shares[0]] == [0, 2, 4] and [b["i"] for b in shares[1]] == [1, 3, 5]
+    for share in shares:
+        for b in share:
+            assert torch.equal(b["latents"], single[b["i"]]["latents"]), b["i"]

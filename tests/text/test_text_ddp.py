@@ -67,3 +67,35 @@ def test_two_processes_classification(tmp_path):
     single = main(parse_args([*args, "--output_dir", str(tmp_path / "one"), "--max_steps", "1"])).results
     evals = _check(tmp_path / "ddp", single, 7)
     assert set(evals["after"]) == {"accuracy", "f1", "matthews_correlation", "num_examples"}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method, options", [("eva", ["eva_max_batches=3", "eva_use_label_mask=false"]),
+                                             ("lora_init", ["lora_init_steps=3"])])
+def test_two_processes_pool_the_init_statistics(tmp_path, method, options):
+    """Each process reads its own init batches and the init pools them (EVA gathers every step's rows, the
+    gradient estimator sums its gradients): the run completes only if every rank ends with the same adapter, which
+    attach checks by fingerprint."""
+    task, model_dir = write_toy_mc(tmp_path / "mc", 25)
+    args = ["--model_name_or_path", str(model_dir), "--task", "causal-mc", "--train_file", str(task),
+            "--eval_split", "9", "--target_modules", "q_proj,v_proj,down_proj", *COMMON, "--method", method,
+            "--adapter_options", *options, "--output_dir", str(tmp_path / "ddp")]
+    _launch(args)
+    train = json.loads((tmp_path / "ddp" / "train_results.json").read_text())
+    assert train["world_size"] == 2 and train["steps"] == 4, train
+
+
+def test_init_batches_give_each_process_its_own_share(tmp_path):
+    """Process p of N reads batches p, p + N, ... of one seeded order: together, the first N·k batches."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from tsd_text.train import init_batches
+
+    data = SimpleNamespace(train=list(range(20)), collate_train=torch.tensor)
+    config = SimpleNamespace(per_device_train_batch_size=3, seed=5)
+    single = [b.tolist() for b in init_batches(data, config, 0, 1)]
+    shares = [[b.tolist() for b in init_batches(data, config, p, 2)] for p in range(2)]
+    assert shares[0] == single[0::2] and shares[1] == single[1::2]
+    assert sorted(x for share in shares for b in share for x in b) == list(range(20))
