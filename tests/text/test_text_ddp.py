@@ -70,19 +70,25 @@ def test_two_processes_classification(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method, options", [("eva", ["eva_max_batches=3", "eva_use_label_mask=false"]),
-                                             ("lora_init", ["lora_init_steps=3"])])
-def test_two_processes_pool_the_init_statistics(tmp_path, method, options):
+@pytest.mark.parametrize("extra", [
+    ["--method", "eva", "--adapter_options", "eva_max_batches=3", "eva_use_label_mask=false"],
+    ["--method", "lora_init", "--adapter_options", "lora_init_steps=3"],
+    ["--method", "tsd", "--load_in_4bit", "--adapter_options", "lora_init_steps=3"],  # QLoRA + DDP
+], ids=["eva", "lora_init", "tsd-4bit"])
+def test_two_processes_pool_the_init_statistics(tmp_path, extra):
     """Each process reads its own init batches and the init pools them (EVA gathers every step's rows, the
     gradient estimator sums its gradients): the run completes only if every rank ends with the same adapter, which
-    attach checks by fingerprint."""
+    attach checks by fingerprint. The 4-bit run requantises tsd's residual on every rank and switches at step 2."""
+    if "--load_in_4bit" in extra:
+        pytest.importorskip("bitsandbytes", reason="--load_in_4bit needs bitsandbytes (the 'quant' extra)")
     task, model_dir = write_toy_mc(tmp_path / "mc", 25)
     args = ["--model_name_or_path", str(model_dir), "--task", "causal-mc", "--train_file", str(task),
-            "--eval_split", "9", "--target_modules", "q_proj,v_proj,down_proj", *COMMON, "--method", method,
-            "--adapter_options", *options, "--output_dir", str(tmp_path / "ddp")]
+            "--eval_split", "9", "--target_modules", "q_proj,v_proj,down_proj", *COMMON, *extra,
+            "--output_dir", str(tmp_path / "ddp")]
     _launch(args)
     train = json.loads((tmp_path / "ddp" / "train_results.json").read_text())
     assert train["world_size"] == 2 and train["steps"] == 4, train
+    assert train["dash_switch_step"] == (2 if "tsd" in extra else None), train
 
 
 def test_init_batches_give_each_process_its_own_share(tmp_path):

@@ -54,3 +54,41 @@ def test_minilm_polarity_dash_learns(tmp_path):
     assert result.results["train"]["steps"] == 20 and result.results["train"]["dash_switch_step"] == 10
     assert evals["after"]["num_examples"] == 200
     assert evals["after"]["accuracy"] > max(0.6, evals["before"]["accuracy"] + 0.05), evals
+
+
+def test_smollm2_4bit_dash_trains_and_its_export_reloads_in_stock_peft(tmp_path):
+    """SmolLM2-135M quantised to NF4 on the CPU: dash switches and trains, and stock peft reproduces the trained model
+    on a fresh 4-bit base and applies the trained update on the original bf16 checkpoint."""
+    pytest.importorskip("bitsandbytes", reason="--load_in_4bit needs bitsandbytes (the 'quant' extra)")
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+
+    from shared.quantization import pin_layout, quantized_layers
+
+    model_dir, commonsense = _require("smollm2", "commonsense")
+    result = main(parse_args([
+        "--model_name_or_path", str(model_dir), "--task", "causal-mc",
+        "--train_file", str(commonsense / "socialiqa" / "validation.jsonl"), "--eval_split", "16",
+        "--max_train_samples", "48", "--method", "dash", "--rank", "4", "--lora_alpha", "8",
+        "--target_modules", "q_proj,v_proj,down_proj", "--dash_warmup_steps", "2", "--dash_directions", "4",
+        "--learning_rate", "2e-3", "--max_steps", "4", "--per_device_train_batch_size", "8", "--max_length", "128",
+        "--load_in_4bit", "--bnb_4bit_use_double_quant", "--seed", "0", "--no-eval_before", "--no-report_plot",
+        "--output_dir", str(tmp_path / "out")]))
+    adapter = result.adapter
+    assert adapter.switched and result.results["train"]["steps"] == 4
+    assert {type(m).__name__ for _, m in quantized_layers(adapter.model)} == {"Linear4bit"}
+    assert result.results["after"]["num_examples"] == 16
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    batch = dict(tok(["Question: Where would Sam go to buy milk? Answer: the store"], return_tensors="pt"))
+    q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                           bnb_4bit_compute_dtype=torch.float32)
+    base_4bit = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, quantization_config=q)
+    pin_layout(base_4bit)
+    on_4bit = PeftModel.from_pretrained(base_4bit, str(tmp_path / "out")).eval()
+    with torch.no_grad():
+        diff = (on_4bit(**batch).logits - adapter.model.eval()(**batch).logits).abs().max()
+    assert diff <= 1e-4, f"stock peft on a fresh 4-bit base differs from the trained model by {diff:.3g}"
+    on_bf16 = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_dir), str(tmp_path / "out"))
+    for name in adapter.layers:
+        delta = on_bf16.base_model.model.get_submodule(name).get_delta_weight("default").float()
+        torch.testing.assert_close(delta, adapter.delta_weight(name), rtol=1e-5, atol=1e-6, msg=name)
