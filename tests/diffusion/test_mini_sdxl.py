@@ -1,8 +1,7 @@
 """The mini SDXL building blocks and metrics (tsd_diffusion/mini_sdxl.py, tsd_diffusion/evaluation.py) against dense
 references, what ships with it (a complete pipeline dir, the real CLIP tokenizers, the sample sets made from the base
 itself), and the pretraining (tsd_diffusion/pretrain_mini.py): its UNet phase resumed from a checkpoint ends where an
-uninterrupted run
-ends."""
+uninterrupted run ends."""
 
 import base64
 import io
