@@ -76,7 +76,8 @@ def main(argv: list[str] | None = None) -> None:
         accuracy = ev.class_accuracy(classifier, mini.to_tensor(images), torch.from_numpy(labels))
         info = {"seed": seed, "per_class": args.per_class, "guidance": guidance,
                 "inference_steps": mini.SAMPLE_STEPS, "classifier_accuracy": round(accuracy, 4),
-                "wall_s": round(time.time() - t0, 1), "machine": f"{platform.machine()}, {torch.get_num_threads()} threads",
+                "wall_s": round(time.time() - t0, 1),
+                "machine": f"{platform.machine()}, {torch.get_num_threads()} threads",
                 "date": time.strftime("%Y-%m-%d")}
         mini.save_class_set(out / file, images, labels, captions, **info)
         infos[file] = info

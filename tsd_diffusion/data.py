@@ -184,7 +184,8 @@ def load_image(path: str | os.PathLike) -> Image.Image:
     """
     p = Path(path)
     if ImageFile.LOAD_TRUNCATED_IMAGES:
-        warnings.warn("PIL.ImageFile.LOAD_TRUNCATED_IMAGES is True: truncated images will not be detected", stacklevel=2)
+        warnings.warn("PIL.ImageFile.LOAD_TRUNCATED_IMAGES is True: truncated images will not be detected",
+                      stacklevel=2)
     try:
         with Image.open(p) as im:
             im.load()  # force a full decode: raises on truncated / corrupt data
@@ -288,7 +289,8 @@ def read_captions(directory: str | os.PathLike, images: list[Path]) -> dict[str,
             row = json.loads(line)
         except json.JSONDecodeError as e:
             raise InputError(f"{path} line {n}: not JSON ({e.msg})") from None
-        if not isinstance(row, dict) or not isinstance(row.get("file_name"), str) or not isinstance(row.get("text"), str):
+        if (not isinstance(row, dict) or not isinstance(row.get("file_name"), str)
+                or not isinstance(row.get("text"), str)):
             raise InputError(f"{path} line {n}: needs a string \"file_name\" and a string \"text\"")
         if row["file_name"] not in names:
             raise InputError(f"{path} line {n}: {row['file_name']!r} is not an image of {path.parent}")

@@ -137,7 +137,8 @@ def frechet_distance(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(mu @ mu + cov_a.trace() + cov_b.trace() - 2 * cross)
 
 
-def nearest_rmse(samples: torch.Tensor, references: torch.Tensor, chunk: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+def nearest_rmse(samples: torch.Tensor, references: torch.Tensor,
+                 chunk: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
     """For every sample, the pixel RMSE (on [0, 1] images) to its nearest reference and that reference's index."""
     s = ((samples.flatten(1).double() + 1) / 2)
     r = ((references.flatten(1).double() + 1) / 2)

@@ -226,7 +226,8 @@ def _draw_teapot(size: int, rng) -> object:
     floor = S * rng.uniform(0.78, 0.9)
     cy = floor - bh / 2
     # table line + shadow
-    d.line([(0, floor + S * 0.01), (S, floor + S * 0.01)], fill=tuple(max(0, c - 60) for c in bg2), width=max(1, S // 96))
+    d.line([(0, floor + S * 0.01), (S, floor + S * 0.01)], fill=tuple(max(0, c - 60) for c in bg2),
+           width=max(1, S // 96))
     shadow = Image.new("L", (S, S), 0)
     ImageDraw.Draw(shadow).ellipse([cx - bw * 0.55, floor - bh * 0.06, cx + bw * 0.55, floor + bh * 0.1], fill=110)
     shadow = shadow.filter(ImageFilter.GaussianBlur(S / 60))

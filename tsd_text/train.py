@@ -171,7 +171,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         "--checkpointing_steps, no never (default: steps)")
     g.add_argument("--checkpoints_total_limit", "--save_total_limit", type=int, default=None,
                    help="keep only the newest N checkpoints")
-    g.add_argument("--resume_from_checkpoint", default=None, help='a checkpoint-<step> dir, or "latest" in --output_dir')
+    g.add_argument("--resume_from_checkpoint", default=None,
+                   help='a checkpoint-<step> dir, or "latest" in --output_dir')
     args = p.parse_args(argv)
     if args.target_modules:
         args.target_modules = [t for a in args.target_modules for t in a.split(",") if t]
