@@ -268,10 +268,10 @@ class SubjectEvaluator:
 
     - subject fidelity: ``subject_probe`` (:class:`SubjectProbe`: the mean probability a subject-vs-gallery
       detector trained on the subject photos gives the generations), ``subject_retrieval``
-      (:func:`subject_retrieval` against the subject photos + the gallery; chance ≈ n_subject / (n_subject + len(gallery)); strict: it needs the same
-      framing and background as a photo), ``subject_rmse`` (mean pixel RMSE to the nearest subject
-      photo), ``feature_similarity`` (classifier-feature cosine to the subject's mean, centred by the gallery's
-      mean; reported, but the study found it does not track what one sees);
+      (:func:`subject_retrieval` against the subject photos + the gallery; chance ≈ n_subject / (n_subject +
+      len(gallery)); strict: it needs the same framing and background as a photo), ``subject_rmse`` (mean pixel RMSE
+      to the nearest subject photo), ``feature_similarity`` (classifier-feature cosine to the subject's mean,
+      centred by the gallery's mean; reported, but the study found it does not track what one sees);
     - prompt fidelity: ``class_accuracy``, the share the classifier assigns to the CIFAR class the prompt names
       (for the subject prompt, the class prompt and other classes: drift shows up as a drop);
     - ``diversity`` (:func:`diversity`).
