@@ -1,4 +1,5 @@
-"""The embedded default base model: a tiny pipeline of the real SDXL architecture, built locally from configs.
+"""The tiny SDXL (``tsd-lora/tiny-sdxl``): random weights of the real SDXL architecture for fast plumbing tests,
+built locally from configs; the name resolution of the embedded bases; the subject images the project draws.
 
 No weights are downloaded (none of SDXL's are on any package registry). :func:`materialize_tiny_sdxl` builds a
 ``StableDiffusionXLPipeline`` with randomly initialised (seeded, deterministic) components of the *same classes and
