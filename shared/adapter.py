@@ -130,7 +130,8 @@ class Adapter:
 
         own: list[torch.Tensor] = []
         for name, layer in self.layers.items():
-            own += list(layer.lora_A[self.adapter_name].parameters()) + list(layer.lora_B[self.adapter_name].parameters())
+            own += (list(layer.lora_A[self.adapter_name].parameters())
+                    + list(layer.lora_B[self.adapter_name].parameters()))
             term = self.dash_term(name)
             if term is not None:
                 own.append(term.lam)
@@ -206,7 +207,8 @@ class Adapter:
         return full_tensor(layer.lora_B[self.adapter_name].weight), full_tensor(layer.lora_A[self.adapter_name].weight)
 
     def original_weight(self, name: str) -> torch.Tensor:
-        """The pretrained W (fp32, out × in): the stored base weight plus γ₀ B₀ A₀ of every adapter that residualised it.
+        """The pretrained W (fp32, out × in): the stored base weight plus γ₀ B₀ A₀ of every adapter that
+        residualised it.
 
         On a quantised base (bitsandbytes 4/8-bit) the stored weight is read dequantised, deq(Q(W)), one layer per
         call; after a residualising init it is deq(Q(W_res)) + γ₀B₀A₀, which differs from deq(Q(W)) by the

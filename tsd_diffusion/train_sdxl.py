@@ -93,7 +93,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a("--instance_data_dir", default=None, help="subject photos; default: the embedded subject (generated)")
     a("--instance_prompt", default=None, help="e.g. 'a photo of sks dog'; default for an embedded base: its subject's")
     a("--class_data_dir", default=None,
-      help="prior images; a metadata.jsonl ({\"file_name\", \"text\"} per line) gives each its own caption (a replay prior)")
+      help="prior images; a metadata.jsonl ({\"file_name\", \"text\"} per line) gives each its own caption "
+           "(a replay prior)")
     a("--class_prompt", default=None, help="the prompt of class images without a caption")
     a("--with_prior_preservation", action=argparse.BooleanOptionalAction, default=None,
       help="default on for the mini SDXL (with its replay prior as --class_data_dir), else off")
