@@ -14,7 +14,7 @@ import tsd_diffusion.train_sdxl as T
 from shared.errors import InputError
 from tests.helpers import DEVICE, NEEDS_CUDA, REPO, free_port, launcher_env
 from tsd_common.training import read_loss_log
-from tsd_diffusion.loss import statistics_batches, unet_loss
+from tsd_diffusion.loss import sequential_batches, statistics_batches, unet_loss
 from tsd_diffusion.models import SDXLParts
 
 
@@ -416,7 +416,8 @@ def test_statistics_batches_match_what_the_training_step_feeds_the_unet(tmp_path
     dataset = DreamBoothDataset(tmp_path / "subject", "a photo of sks teapot", resolution=32)
     condition = lambda prompts: (torch.randn(len(prompts), 7, 16), torch.randn(len(prompts), 16))  # noqa: E731
     latents_for = lambda batch: torch.randn(len(batch["prompts"]), 4, 4, 4, dtype=torch.bfloat16)  # noqa: E731
-    batches = statistics_batches(dataset, 2, 2, condition, latents_for, torch.device("cpu"), torch.bfloat16)
+    batches = statistics_batches(dataset, sequential_batches(len(dataset), 2, 2), condition, latents_for,
+                                 torch.device("cpu"), torch.bfloat16)
     assert [b["i"] for b in batches] == [0, 1]
     for b in batches:
         for key in ("latents", "embeds", "pooled", "time_ids"):
