@@ -641,8 +641,11 @@ def make_loader(config: SDXLTrainConfig, dataset: DreamBoothDataset, accelerator
         sampler = BucketBatchSampler(dataset.item_buckets, config.train_batch_size, config.seed,
                                      num_replicas=accelerator.num_processes, rank=accelerator.process_index,
                                      multiple_of=config.gradient_accumulation_steps)
+        # its own generator: a DataLoader iterator draws a seed from it, not from the global RNG that the noise and
+        # timesteps come from (a resumed run restores that RNG and then starts a new iterator)
         return torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collate,
-                                           num_workers=config.dataloader_num_workers), False
+                                           num_workers=config.dataloader_num_workers,
+                                           generator=torch.Generator().manual_seed(config.seed)), False
     return torch.utils.data.DataLoader(dataset, batch_size=config.train_batch_size, shuffle=True,
                                        collate_fn=collate, num_workers=config.dataloader_num_workers), True
 

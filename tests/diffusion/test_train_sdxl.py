@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 
 import tsd_diffusion.train_sdxl as T
 from shared.errors import InputError
-from tests.helpers import DEVICE, NEEDS_CUDA, REPO, free_port, launcher_env
+from tests.helpers import DEVICE, NEEDS_CUDA, REPO, free_port, launcher_env, train_tiny_sdxl
 from tsd_common.training import read_loss_log
 from tsd_diffusion.loss import sequential_batches, statistics_batches, unet_loss
 from tsd_diffusion.models import SDXLParts
@@ -27,14 +27,7 @@ def one_thread():
     torch.set_num_threads(n)
 
 
-def run(tmp, *extra, steps=6):
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(reset_partial_state=True)  # each run is its own "process" (as accelerate's tests do)
-    argv = ["--pretrained_model_name_or_path", T.EMBEDDED_NAME, "--output_dir", str(tmp), "--max_train_steps", str(steps), "--dash_warmup_steps", "3",
-            "--dash_directions", "2", "--train_batch_size", "2", "--num_validation_images", "1",
-            "--validation_inference_steps", "2", "--checkpointing_steps", "1000", *extra]
-    return T.main(T.parse_args(argv))
+run = train_tiny_sdxl
 
 
 def _images(pipe, prompt="a photo of sks teapot"):
