@@ -4,7 +4,12 @@
   tensors of 4096+ elements, 32-bit below);
 - ``prodigy``: ``prodigyopt.Prodigy`` (Mishchenko & Defazio 2023; the ``prodigy`` extra), with diffusers'
   ``--prodigy_beta3``, ``--prodigy_decouple``, ``--prodigy_use_bias_correction``, ``--prodigy_safeguard_warmup``;
-  its group learning rates are multipliers of the step size it estimates (1.0 is the usual ``--learning_rate``);
+  its learning rate multiplies the step size it estimates (1.0 is the usual ``--learning_rate``). Prodigy accepts
+  one learning rate for all groups, so a group asking for ``c`` times the first group's (λ under
+  ``--dash_lr_ratio``, the text encoders' ``--text_encoder_lr``) runs at the common rate and has its update scaled
+  by ``c`` after every step (:func:`scale_group_updates`): θ ← θ₀ + c (θ - θ₀), which is the update a group rate of
+  ``c`` times the common one gives for any update linear in the rate (Prodigy's ``d·lr`` step and its decoupled
+  weight decay are);
 - ``adafactor``: ``transformers.optimization.Adafactor`` (Shazeer & Stern 2018) at the given learning rate
   (``relative_step=False, scale_parameter=False, warmup_init=False``, as kohya runs it with a fixed lr).
 
@@ -64,10 +69,15 @@ def make_optimizer(settings: OptimizerSettings, groups: list[dict[str, Any]], lr
     if settings.name == "prodigy":
         from prodigyopt import Prodigy
 
-        return Prodigy(groups, lr=lr, betas=betas, beta3=settings.prodigy_beta3,
-                       weight_decay=settings.adam_weight_decay, eps=settings.adam_epsilon,
-                       decouple=settings.prodigy_decouple, use_bias_correction=settings.prodigy_use_bias_correction,
-                       safeguard_warmup=settings.prodigy_safeguard_warmup)
+        common = groups[0]["lr"]
+        groups = [{**g, "lr": common, "update_scale": g["lr"] / common} for g in groups]
+        optimizer = Prodigy(groups, lr=common, betas=betas, beta3=settings.prodigy_beta3,
+                            weight_decay=settings.adam_weight_decay, eps=settings.adam_epsilon,
+                            decouple=settings.prodigy_decouple,
+                            use_bias_correction=settings.prodigy_use_bias_correction,
+                            safeguard_warmup=settings.prodigy_safeguard_warmup)
+        scale_group_updates(optimizer)
+        return optimizer
     if settings.name == "adafactor":
         from transformers.optimization import Adafactor
 
@@ -79,3 +89,22 @@ def make_optimizer(settings: OptimizerSettings, groups: list[dict[str, Any]], lr
 
         opt_cls = bnb.optim.AdamW8bit
     return opt_cls(groups, lr=lr, betas=betas, weight_decay=settings.adam_weight_decay, eps=settings.adam_epsilon)
+
+
+def scale_group_updates(optimizer: torch.optim.Optimizer) -> None:
+    """Scale the update of every parameter group with an ``update_scale`` c ≠ 1 by c after each step:
+    θ ← θ₀ + c (θ - θ₀), θ₀ the value before the step (kept by a step pre-hook; only those groups' tensors)."""
+    before: list[tuple[torch.Tensor, torch.Tensor, float]] = []
+
+    def keep(opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        before[:] = [(p, p.detach().clone(), g["update_scale"]) for g in opt.param_groups
+                     if g.get("update_scale", 1.0) != 1.0 for p in g["params"]]
+
+    @torch.no_grad()
+    def scale(opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        for p, p0, c in before:
+            p.copy_(p0 + c * (p - p0))
+        before.clear()
+
+    optimizer.register_step_pre_hook(keep)
+    optimizer.register_step_post_hook(scale)

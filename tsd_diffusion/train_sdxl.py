@@ -527,6 +527,7 @@ class SDXLRun:
     loss_log: list[dict[str, Any]]
     ema: AdapterEMA | None = None
     fidelity: FidelityScorer | None = None
+    validated: tuple[int, tuple[list[Path], list[dict[str, Any]]]] | None = None  # the last validation's step, result
 
     @property
     def output_dir(self) -> Path:
@@ -534,10 +535,13 @@ class SDXLRun:
 
     def validate(self) -> tuple[list[Path], list[dict[str, Any]]]:
         """Validation images (and metrics) at the current step into ``<output_dir>/validation``, with the EMA
-        weights under ``--use_ema``."""
-        with self.ema.applied() if self.ema is not None else contextlib.nullcontext():
-            return run_validation(self.parts, self.accelerator, self.config.validation, self.step,
-                                  self.output_dir / "validation", self.evaluator, self.fidelity)
+        weights under ``--use_ema``; once per step (the final validation reuses one done at the last step)."""
+        if self.validated is None or self.validated[0] != self.step:
+            with self.ema.applied() if self.ema is not None else contextlib.nullcontext():
+                result = run_validation(self.parts, self.accelerator, self.config.validation, self.step,
+                                        self.output_dir / "validation", self.evaluator, self.fidelity)
+            self.validated = (self.step, result)
+        return self.validated[1]
 
     def set_epoch(self, epoch: int) -> None:
         """Select the epoch's augmentation and shuffle (or bucket schedule)."""
@@ -647,7 +651,8 @@ def make_loader(config: SDXLTrainConfig, dataset: DreamBoothDataset, accelerator
                                            num_workers=config.dataloader_num_workers,
                                            generator=torch.Generator().manual_seed(config.seed)), False
     return torch.utils.data.DataLoader(dataset, batch_size=config.train_batch_size, shuffle=True,
-                                       collate_fn=collate, num_workers=config.dataloader_num_workers), True
+                                       collate_fn=collate, num_workers=config.dataloader_num_workers,
+                                       generator=torch.Generator().manual_seed(config.seed)), True
 
 
 def attach_adapters(config: SDXLTrainConfig, parts: SDXLParts, dataset: DreamBoothDataset,
