@@ -51,6 +51,9 @@ def suite_cells(suite: str) -> list[dict[str, Any]]:
                                                                      "lora_da", "pissa", "lora_ga"],
                                       [0, 1, 2], steps=200, batch_size=8, rank=4, dash_warmup_steps=100,
                                       num_images=16)  # the default recipe at half its batch (CPU time)
+        subject += subject_study.lambda_study_cells(list(subject_study.SUBJECTS), LAMBDA_LR_RATIOS, [0, 1, 2],
+                                                    steps=200, batch_size=8, rank=4, dash_warmup_steps=100,
+                                                    num_images=16)
         done = read_cells(suite)  # the text grid's second stage follows from its finished lr sweep
         text = [*text_quality.cells("minilm", text_quality.METHODS, ranks=[4, 16], seeds=[0, 1, 2],
                                     lrs=[3e-4, 1e-3, 3e-3], steps=200, eval_examples=1000, done=done,
@@ -69,6 +72,8 @@ def suite_cells(suite: str) -> list[dict[str, Any]]:
     raise ValueError(f"unknown suite {suite!r}")
 
 
+#: λ's learning rate over the base rate in the λ study's subject cells (``--dash_lr_ratio``)
+LAMBDA_LR_RATIOS = [1.0, 10.0, 100.0]
 #: the teacher study's task and student: 8 teacher directions per layer, student rank 4 and s = 8
 TEACHER = dict(rank=4, directions=8, teacher_directions=8, batch_size=16, lr=1e-3, eval_every=25, train_images=1000)
 #: change rates that give both bands about the same base error (held-out MSE to the teacher ~0.006, measured)

@@ -134,3 +134,27 @@ def train_tiny_sdxl(out, *extra: str, steps: int = 6):
             "--num_validation_images", "1", "--validation_inference_steps", "2", "--checkpointing_steps", "1000",
             *extra]
     return T.main(T.parse_args(argv))
+
+
+@pytest.fixture(autouse=True)
+def single_thread():
+    """Tiny models on a busy 2-core machine run much faster single-threaded (import it into a test module to use
+    it there)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def kill_after_first_checkpoint(monkeypatch):
+    """Make the SDXL trainer die (KeyboardInterrupt) right after its next checkpoint; returns the undo."""
+    import tsd_diffusion.train_sdxl as T
+
+    save = T.save_training_checkpoint
+
+    def killed(*args, **kw):
+        save(*args, **kw)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(T, "save_training_checkpoint", killed)
+    return lambda: monkeypatch.setattr(T, "save_training_checkpoint", save)

@@ -700,13 +700,14 @@ def make_optimizer(config: SDXLTrainConfig,
     return optimizer, [p for g in groups for p in g["params"]]
 
 
-def load_fidelity(config: SDXLTrainConfig, dataset: DreamBoothDataset, accelerator: Any) -> FidelityScorer | None:
+def load_fidelity(config: SDXLTrainConfig, accelerator: Any) -> FidelityScorer | None:
     """The DINO/CLIP scorer of ``--eval_dino_model``/``--eval_clip_model`` on the main process, with the instance
-    images as references (None without either flag)."""
+    images (checked by :func:`prepare_data`) as references; None without either flag."""
     if not (config.eval_dino_model or config.eval_clip_model) or not accelerator.is_main_process:
         return None
-    return FidelityScorer([load_image(p) for p in dataset.instance_images], dino=config.eval_dino_model,
-                          clip=config.eval_clip_model, device=accelerator.device)
+    photos = image_candidates(config.instance_data_dir, "instance", caption_extension=config.caption_extension)
+    return FidelityScorer([load_image(p) for p in photos], dino=config.eval_dino_model, clip=config.eval_clip_model,
+                          device=accelerator.device)
 
 
 def setup(config: SDXLTrainConfig, accelerator: Any, resume_dir: Path | None) -> SDXLRun:
@@ -728,8 +729,7 @@ def setup(config: SDXLTrainConfig, accelerator: Any, resume_dir: Path | None) ->
     set_seed(config.seed)
     base = resolve_pretrained(config.pretrained_model_name_or_path)
     weight_dtype = PRECISIONS.get(accelerator.mixed_precision, torch.float32)
-    fidelity = load_fidelity(config, dataset or make_dataset(dataclasses.replace(
-        config, with_prior_preservation=False, class_data_dir=None, class_prompt=None)), accelerator)
+    fidelity = load_fidelity(config, accelerator)
     parts = load_base(config, base, accelerator, weight_dtype, to_sample)
     if dataset is None:
         dataset = make_dataset(config)
@@ -828,12 +828,12 @@ def train_loop(run: SDXLRun) -> dict[str, Any]:
                disable=not accelerator.is_local_main_process)
     log = LossLogger(run, bar)
     t_first_step: float | None = None  # perf_counter when this process's first optimizer step started
+    for model in run.trained:  # (a validation puts them back in train mode itself)
+        model.train()
     for epoch in range(run.step // run.steps_per_epoch, math.ceil(run.max_steps / run.steps_per_epoch)):
         run.set_epoch(epoch)
         batches = accelerator.skip_first_batches(run.loader, skip_batches) if skip_batches else run.loader
         skip_batches = 0
-        for model in run.trained:
-            model.train()
         for batch in batches:
             if t_first_step is None:
                 t_first_step = time.perf_counter()

@@ -11,21 +11,13 @@ from PIL import Image
 
 import tsd_diffusion.train_sdxl as T
 from shared.errors import InputError
-from tests.helpers import train_tiny_sdxl
+from tests.helpers import kill_after_first_checkpoint, single_thread, train_tiny_sdxl  # noqa: F401
 from tsd_common.training import read_loss_log
 from tsd_diffusion.buckets import BucketBatchSampler, Buckets
 from tsd_diffusion.data import DreamBoothDataset
 
 #: (width, height) of the mixed folder: landscape, portrait, square, very wide, slightly tall, large square
 SIZES = [(120, 80), (80, 120), (96, 96), (160, 64), (90, 100), (200, 200)]
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def mixed_photos(directory, sizes=SIZES):
@@ -154,8 +146,8 @@ def test_bucket_schedule_is_deterministic_under_the_seed(tmp_path, monkeypatch):
     runs = {}
     for name, seed in (("a", "0"), ("b", "0"), ("c", "1")):
         seen = record_batches(monkeypatch)
-        train_tiny_sdxl(tmp_path / name, "--instance_data_dir", str(photos), "--instance_prompt", "a photo of sks thing",
-                        "--enable_bucket", "--seed", seed, "--train_batch_size", "1", "--method", "lora", steps=8)
+        train_tiny_sdxl(tmp_path / name, "--instance_data_dir", str(photos), "--instance_prompt",
+                        "a photo of sks thing", "--enable_bucket", "--seed", seed, "--train_batch_size", "1", "--method", "lora", steps=8)
         runs[name] = [b["paths"] for b in seen]
     assert runs["a"] == runs["b"] and runs["a"] != runs["c"]
     assert [r["loss"] for r in read_loss_log(tmp_path / "a")] == [r["loss"] for r in read_loss_log(tmp_path / "b")]
@@ -169,16 +161,10 @@ def test_mid_epoch_resume_continues_the_same_schedule(tmp_path, monkeypatch):
     seen = record_batches(monkeypatch)
     full = train_tiny_sdxl(tmp_path / "full", *common, steps=7)["adapters"]["unet"]
     full_paths = [b["paths"] for b in seen]
-    save = T.save_training_checkpoint
-
-    def killed(*args, **kw):  # dies right after the checkpoint at step 2: mid-epoch (6 photos, 3 steps per epoch)
-        save(*args, **kw)
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(T, "save_training_checkpoint", killed)
+    restore = kill_after_first_checkpoint(monkeypatch)  # at step 2: mid-epoch (6 photos, 3 steps per epoch)
     with pytest.raises(KeyboardInterrupt):
         train_tiny_sdxl(tmp_path / "killed", *common, steps=7)
-    monkeypatch.setattr(T, "save_training_checkpoint", save)
+    restore()
     seen.clear()
     resumed = train_tiny_sdxl(tmp_path / "killed", *common, "--resume_from_checkpoint", "latest",
                               steps=7)["adapters"]["unet"]

@@ -9,20 +9,12 @@ import torch
 from PIL import Image
 
 from shared.errors import InputError
-from tests.helpers import train_tiny_sdxl
+from tests.helpers import kill_after_first_checkpoint, single_thread, train_tiny_sdxl  # noqa: F401
 from tsd_common.training import read_loss_log
 from tsd_diffusion.data import DreamBoothDataset, collate
 from tsd_diffusion.loss import latent_mask, unet_loss
 
 PROMPT = "a photo of sks thing"
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def photos(directory, n=4, size=(80, 64), mode="RGB"):

@@ -14,33 +14,14 @@ from PIL import Image
 
 import tsd_diffusion.train_sdxl as T
 from shared.errors import InputError
-from tests.helpers import train_tiny_sdxl
+from tests.helpers import kill_after_first_checkpoint, single_thread, train_tiny_sdxl  # noqa: F401
 from tsd_common.training import read_loss_log
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def images(pipe, prompt="a photo of sks teapot"):
     pipe.set_progress_bar_config(disable=True)
     return pipe(prompt, num_inference_steps=3, generator=torch.Generator().manual_seed(0), height=64, width=64,
                 output_type="np").images
-
-
-def kill_after_first_checkpoint(monkeypatch):
-    save = T.save_training_checkpoint
-
-    def killed(*args, **kw):
-        save(*args, **kw)
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(T, "save_training_checkpoint", killed)
-    return lambda: monkeypatch.setattr(T, "save_training_checkpoint", save)
 
 
 def record_optimizer(monkeypatch):
@@ -200,22 +181,6 @@ def test_resume_with_another_lambda_lr_ratio_is_refused(tmp_path):
     train_tiny_sdxl(tmp_path / "run", "--dash_lr_ratio", "10", "--checkpointing_steps", "2", steps=3)
     with pytest.raises(InputError, match=r"trained with --dash_lr_ratio 10.0, not 1.0"):
         train_tiny_sdxl(tmp_path / "run", "--resume_from_checkpoint", "latest", steps=4)
-
-
-@pytest.mark.parametrize("extra, message", [
-    (["--optimizer", "adafactor", "--use_8bit_adam"], "--use_8bit_adam is an AdamW option"),
-    (["--ema_decay", "0.9"], "--ema_decay needs --use_ema"),
-    (["--use_ema", "--ema_decay", "1.0"], r"--ema_decay must be in \(0, 1\)"),
-    (["--dash_lr_ratio", "0"], "--dash_lr_ratio must be > 0"),
-    (["--cache_text_encoder_outputs", "--train_text_encoder"], "contradicts --train_text_encoder"),
-    (["--caption_dropout_rate", "1.0"], r"--caption_dropout_rate must be in \[0, 1\)"),
-    (["--logging_steps", "0"], "--logging_steps must be > 0"),
-    (["--eval_dino_model", "/nonexistent/dino"], "--eval_dino_model /nonexistent/dino: not a transformers model"),
-])
-def test_new_flags_are_checked_before_training(extra, message, tmp_path):
-    with pytest.raises(InputError, match=message):
-        train_tiny_sdxl(tmp_path / "bad", *extra)
-    assert not (tmp_path / "bad" / "loss_log.csv").exists()
 
 
 def test_prodigy_missing_is_named(tmp_path, monkeypatch):

@@ -12,19 +12,19 @@ from safetensors.torch import load_file, save_file
 
 import tsd_diffusion.train_sdxl as T
 from shared.errors import InputError
-from tests.helpers import DEVICE, NEEDS_CUDA, REPO, free_port, launcher_env, train_tiny_sdxl
+from tests.helpers import (  # noqa: F401 (single_thread: an autouse fixture)
+    DEVICE,
+    NEEDS_CUDA,
+    REPO,
+    free_port,
+    kill_after_first_checkpoint,
+    launcher_env,
+    single_thread,
+    train_tiny_sdxl,
+)
 from tsd_common.training import read_loss_log
 from tsd_diffusion.loss import sequential_batches, statistics_batches, unet_loss
 from tsd_diffusion.models import SDXLParts
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models on a busy 2-core machine run much faster single-threaded."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 run = train_tiny_sdxl
@@ -73,16 +73,10 @@ def test_resume_after_kill_equals_uninterrupted_run_across_the_switch(tmp_path, 
               "--learning_rate", "1e-3"]
     full = run(tmp_path / "full", *common, steps=7)["adapters"]["unet"]
 
-    save = T.save_training_checkpoint
-
-    def killed(*args, **kw):  # the process dies right after the checkpoint at step 3, before the switch at 4
-        save(*args, **kw)
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(T, "save_training_checkpoint", killed)
+    restore = kill_after_first_checkpoint(monkeypatch)  # at step 3, before the switch at 4
     with pytest.raises(KeyboardInterrupt):
         run(tmp_path / "killed", *common, steps=7)
-    monkeypatch.setattr(T, "save_training_checkpoint", save)
+    restore()
     assert (tmp_path / "killed" / "checkpoint-3" / "unet" / "tsd_adapter.safetensors").is_file()
     resumed = run(tmp_path / "killed", *common, "--resume_from_checkpoint", "latest", steps=7)["adapters"]["unet"]
     assert resumed.switched and resumed.num_steps == 7
@@ -152,6 +146,14 @@ def test_text_encoder_training_exports_all_components(tmp_path):
     pytest.param(["--enable_xformers_memory_efficient_attention"], "needs xformers: pip install xformers",
                  marks=pytest.mark.skipif(importlib.util.find_spec("xformers") is not None, reason="xformers is installed")),
     (["--dash_directions", "500"], "dash_directions=500 is larger than"),
+    (["--optimizer", "adafactor", "--use_8bit_adam"], "--use_8bit_adam is an AdamW option"),
+    (["--ema_decay", "0.9"], "--ema_decay needs --use_ema"),
+    (["--use_ema", "--ema_decay", "1.0"], r"--ema_decay must be in \(0, 1\)"),
+    (["--dash_lr_ratio", "0"], "--dash_lr_ratio must be > 0"),
+    (["--cache_text_encoder_outputs", "--train_text_encoder"], "contradicts --train_text_encoder"),
+    (["--caption_dropout_rate", "1.0"], r"--caption_dropout_rate must be in \[0, 1\)"),
+    (["--logging_steps", "0"], "--logging_steps must be > 0"),
+    (["--eval_dino_model", "/nonexistent/dino"], "--eval_dino_model /nonexistent/dino: not a transformers model"),
 ])
 def test_bad_input_fails_before_training(extra, message, tmp_path):
     with pytest.raises(ValueError, match=message):
