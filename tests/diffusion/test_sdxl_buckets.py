@@ -206,3 +206,30 @@ def test_bucket_range_errors_before_training(tmp_path, extra, message):
         train_tiny_sdxl(tmp_path / "bad", "--instance_data_dir", str(photos), "--instance_prompt",
                         "a photo of sks thing", *extra)
     assert not (tmp_path / "bad" / "loss_log.csv").exists()
+
+
+@pytest.mark.slow
+def test_two_processes_train_their_shares_of_one_bucket_schedule(tmp_path):
+    """Two gloo processes on a mixed folder: each draws its own batches of the one schedule and both switch to
+    identical directions."""
+    import json
+    import subprocess
+    import sys
+
+    from tests.helpers import REPO, free_port, launcher_env
+
+    photos = mixed_photos(tmp_path / "mixed")
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--gpu_ids", "all", "--main_process_port", str(free_port()), "--mixed_precision",
+           "no", "--dynamo_backend", "no", str(REPO / "apps" / "train_sdxl.py"), "--pretrained_model_name_or_path",
+           T.EMBEDDED_NAME, "--output_dir", str(tmp_path / "ddp"), "--instance_data_dir", str(photos),
+           "--instance_prompt", "a photo of sks thing", "--enable_bucket", "--max_train_steps", "4",
+           "--dash_warmup_steps", "2", "--dash_directions", "2", "--train_batch_size", "1", "--num_validation_images",
+           "1", "--validation_inference_steps", "2"]
+    proc = subprocess.run(cmd, env=launcher_env(ACCELERATE_USE_CPU="true", PYTHONPATH=str(REPO)), capture_output=True,
+                          text=True, timeout=400)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    record = json.loads((tmp_path / "ddp" / "dash_switch.json").read_text())["unet"]
+    assert record["processes"] == 2 and record["fingerprints"][0] == record["fingerprints"][1]
+    # 6 photos in batches of 1 on 2 processes: 3 steps per epoch, so 4 steps reach the second epoch
+    assert len(read_loss_log(tmp_path / "ddp")) == 4
