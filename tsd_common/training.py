@@ -76,8 +76,9 @@ def register_adapter_hooks(accelerator: Any, adapters: Mapping[str, shared.Adapt
     Saving writes ``<checkpoint>/<name>/`` with each adapter's native state (``shared.export_lora(...,
     format="tsd")``), when given ``trainer_state`` (read when the checkpoint is written) as
     ``trainer_state.json`` and whatever ``save_extra(checkpoint_dir)`` writes (e.g. an EMA's state), from the
-    main process; the model weights accelerate would save, the frozen base included, are dropped. Loading restores no model (the adapters were restored by ``shared.load`` before
-    ``prepare``); accelerate still restores the optimizer, scheduler, sampler and RNG states.
+    main process; the model weights accelerate would save, the frozen base included, are dropped. Loading
+    restores no model (the adapters were restored by ``shared.load`` before ``prepare``); accelerate still
+    restores the optimizer, scheduler, sampler and RNG states.
     """
 
     def save_hook(models: list, weights: list, checkpoint: str) -> None:

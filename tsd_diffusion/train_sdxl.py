@@ -5,7 +5,11 @@ everything device-related) with these differences: the adapter comes from :func:
 ``--method`` picks lora, dash, lora_init, tsd, eva, lora_da, pissa or lora_ga), the dash switch counts
 optimizer steps, the output is a folded standard LoRA that stock ``load_lora_weights`` reproduces exactly,
 augmentation is redrawn every epoch, latents are cached per (image, augmentation), checkpoints hold only
-the adapter state (not the frozen base) and a resumed run equals an uninterrupted one.
+the adapter state (not the frozen base) and a resumed run equals an uninterrupted one. What practitioners bring
+from kohya and SimpleTuner is there under their names: aspect-ratio buckets (``tsd_diffusion.buckets``), caption
+files, masked loss, EMA (``tsd_diffusion.ema``), Prodigy and Adafactor (``tsd_diffusion.optimizers``), a
+text-embedding cache, and files with model-spec metadata (``tsd_diffusion.lora_metadata``); validations can score
+the DreamBooth paper's DINO, CLIP-I and CLIP-T (``tsd_diffusion.fidelity``).
 
 With no arguments it trains on the embedded default: a tiny pipeline of the SDXL architecture and a
 subject the project draws itself (``tsd_diffusion.tiny``).

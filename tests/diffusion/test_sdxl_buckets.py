@@ -147,7 +147,8 @@ def test_bucket_schedule_is_deterministic_under_the_seed(tmp_path, monkeypatch):
     for name, seed in (("a", "0"), ("b", "0"), ("c", "1")):
         seen = record_batches(monkeypatch)
         train_tiny_sdxl(tmp_path / name, "--instance_data_dir", str(photos), "--instance_prompt",
-                        "a photo of sks thing", "--enable_bucket", "--seed", seed, "--train_batch_size", "1", "--method", "lora", steps=8)
+                        "a photo of sks thing", "--enable_bucket", "--seed", seed, "--train_batch_size", "1",
+                        "--method", "lora", steps=8)
         runs[name] = [b["paths"] for b in seen]
     assert runs["a"] == runs["b"] and runs["a"] != runs["c"]
     assert [r["loss"] for r in read_loss_log(tmp_path / "a")] == [r["loss"] for r in read_loss_log(tmp_path / "b")]

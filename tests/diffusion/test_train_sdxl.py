@@ -26,7 +26,6 @@ from tsd_common.training import read_loss_log
 from tsd_diffusion.loss import sequential_batches, statistics_batches, unet_loss
 from tsd_diffusion.models import SDXLParts
 
-
 run = train_tiny_sdxl
 
 
