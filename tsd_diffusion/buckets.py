@@ -86,6 +86,18 @@ class Buckets:
         return (bh, bw) if min(bh, bw) >= self.min_reso else None
 
 
+def describe_assignment(names: Sequence[str], buckets: Sequence[tuple[int, int]]) -> str:
+    """The bucket assignment as the trainer prints it at start-up: one line per bucket (width x height, as kohya
+    prints them), largest share first, with its image count and the images' names."""
+    by_bucket: dict[tuple[int, int], list[str]] = {}
+    for name, bucket in zip(names, buckets, strict=True):
+        by_bucket.setdefault(bucket, []).append(name)
+    lines = [f"buckets: {len(names)} images in {len(by_bucket)} bucket(s)"]
+    lines += [f"  {w}x{h}: {len(ns)} image(s): {', '.join(ns)}"
+              for (h, w), ns in sorted(by_bucket.items(), key=lambda kv: (-len(kv[1]), kv[0]))]
+    return "\n".join(lines)
+
+
 def epoch_rng(seed: int, epoch: int, what: str) -> random.Random:
     """A ``random.Random`` drawn from ``(seed, epoch, what)`` alone (the same on every process and platform)."""
     material = f"tsd-buckets:{what}:{seed}:{epoch}".encode()

@@ -51,7 +51,7 @@ from tsd_common.training import (
     write_tsd_report,
 )
 
-from .buckets import BucketBatchSampler, Buckets
+from .buckets import BucketBatchSampler, Buckets, describe_assignment
 from .class_images import missing_class_images, sample_class_images
 from .data import (
     INTERPOLATIONS,
@@ -737,6 +737,8 @@ def setup(config: SDXLTrainConfig, accelerator: Any, resume_dir: Path | None) ->
     parts = load_base(config, base, accelerator, weight_dtype, to_sample)
     if dataset is None:
         dataset = make_dataset(config)
+    if dataset.image_buckets is not None:
+        accelerator.print(describe_assignment([p.name for p in dataset.instance_images], dataset.image_buckets))
     evaluator = (SubjectEvaluator.for_base(base, dataset.instance_images, config.resolution)
                  if accelerator.is_main_process else None)
     # frozen text conditioning is computed once per prompt unless the text encoders train

@@ -120,7 +120,7 @@ def record_batches(monkeypatch):
     return seen
 
 
-def test_mixed_folder_trains_in_buckets_with_per_image_time_ids(tmp_path, monkeypatch):
+def test_mixed_folder_trains_in_buckets_with_per_image_time_ids(tmp_path, monkeypatch, capsys):
     photos = mixed_photos(tmp_path / "mixed")
     seen = record_batches(monkeypatch)
     summary = train_tiny_sdxl(tmp_path / "run", "--instance_data_dir", str(photos), "--instance_prompt",
@@ -139,6 +139,14 @@ def test_mixed_folder_trains_in_buckets_with_per_image_time_ids(tmp_path, monkey
             assert isinstance(flip, bool)
     assert len(shapes) >= 3  # portrait, landscape and square buckets all trained
     assert (tmp_path / "run" / "pytorch_lora_weights.safetensors").is_file()
+    # the start-up print: every photo on the line of its bucket (w x h), with the bucket's image count
+    printed = capsys.readouterr().out.splitlines()
+    assert f"buckets: {len(SIZES)} images in {len({buckets.assign((h, w)) for w, h in SIZES})} bucket(s)" in printed
+    for i, (w, h) in enumerate(SIZES):
+        bh, bw = buckets.assign((h, w))
+        line, = [x for x in printed if f"photo{i}.png" in x and x.startswith("  ")]
+        count = sum(buckets.assign((hh, ww)) == (bh, bw) for ww, hh in SIZES)
+        assert line.startswith(f"  {bw}x{bh}: {count} image(s): ")
 
 
 def test_bucket_schedule_is_deterministic_under_the_seed(tmp_path, monkeypatch):
