@@ -127,6 +127,7 @@ class TextExample:
     text_pair: str | None
     label: Any
     where: str
+    task: str = ""
 
 
 @dataclass

@@ -385,7 +385,7 @@ def load_examples(config: TextTrainConfig) -> tuple[list, list]:
                              "to score; give --eval_file with multiple-choice records")
     for flag, cap, examples in (("--max_train_samples", config.max_train_samples, train),
                                 ("--max_eval_samples", config.max_eval_samples, eval_)):
-        tasks = {getattr(e, "task", "") for e in examples}
+        tasks = {e.task for e in examples}
         if cap is not None and cap < len(tasks):
             raise InputError(f"{flag} {cap} is shared among {len(tasks)} tasks and must leave each at least one "
                              "example")

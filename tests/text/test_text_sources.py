@@ -7,7 +7,7 @@ import pytest
 
 from shared.errors import InputError
 from tsd_common.assets import asset_path
-from tsd_text.data import load_mc
+from tsd_text.data import load_mc, load_text, train_eval_split
 from tsd_text.sources import MIXTURES, Source, quotas, resolve, subsample, task_name
 from tsd_text.train import TextTrainConfig, load_examples, parse_args
 
@@ -87,3 +87,15 @@ def test_several_files_load_per_task_with_shared_caps(tmp_path):
     with pytest.raises(InputError, match="--max_eval_samples 1 is shared among 2 tasks and must leave each at least"):
         load_examples(_config(tmp_path, "--train_file", str(a), "--eval_file", str(ea), str(eb),
                               "--max_eval_samples", "1"))
+
+
+def test_a_classification_file_keeps_its_first_rows(tmp_path):
+    rows = tmp_path / "train.csv"
+    rows.write_text("text,label\n" + "".join(f"film {i},{i % 2}\n" for i in range(10)))
+    config = TextTrainConfig.from_args(parse_args(["--model_name_or_path", "m", "--task", "classification",
+                                                   "--train_file", str(rows), "--eval_split", "4",
+                                                   "--max_train_samples", "3", "--max_eval_samples", "2",
+                                                   "--output_dir", str(tmp_path / "o")]))
+    train, eval_ = load_examples(config)
+    all_train, all_eval = train_eval_split(load_text(rows), 4, config.seed, rows)
+    assert train == all_train[:3] and eval_ == all_eval[:2]  # one task: the first rows, as before mixtures
