@@ -346,7 +346,7 @@ def test_report_counts_the_seed_cells_an_open_lr_sweep_will_add(tmp_path, monkey
     (tmp_path / "quick").mkdir()
     text = run.write_report("quick", lora).read_text()
     # lora's sweep is finished: its seeds 1, 2 at lr 3e-3 are planned; dash's sweep (2 cells) is open
-    assert ("Cells of the suite not run yet: 4 (text 4), plus the other seeds of the 1 text lr sweep(s) still open"
+    assert ("Cells of the suite not run yet: 4 (text 4), plus the other seeds of the 1 lr sweep(s) still open"
             in text)
 
 
