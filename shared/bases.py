@@ -65,6 +65,9 @@ FORMAT_VERSION = "1"
 #: a layer's selection record: U_I (n × s), V_Iᵀ (s × m), I (s), σ (k), Δσ (k), energy shares (2)
 Record = tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]
 _RUNNING: weakref.WeakSet = weakref.WeakSet()  # bases whose background thread may still run
+#: at exit, how long to wait for a background thread to finish its batched call (a thread left inside a LAPACK or
+#: CUDA call while the interpreter shuts down can crash the exit)
+EXIT_WAIT_S = 120.0
 
 
 def compute_signature(device: torch.device) -> str:
@@ -109,11 +112,12 @@ def svd_cost(shape: Sequence[int]) -> float:
 
 @dataclass
 class _Entry:
-    """A checked file of one batched call: where it is, what it was when checked, its key and its layouts."""
+    """A checked file of one batched call: where it is, what it was when checked, its key, the stack's shape."""
 
     path: Path
     stat: tuple[int, int, int]
     key: str
+    shape: tuple[int, int, int]  # of the weight stack
 
 
 class SwitchBases:
@@ -122,6 +126,10 @@ class SwitchBases:
     ``weight_of(name)`` gives the fp32 original W (out × in), ``shape_of(name)`` its shape and ``state_of(name)`` the
     identity and version of the tensors it is read from (see the module docstring for what is checked when).
     ``collective``: reading a weight is a collective (FSDP2), so every rank reads and computes everything, in order.
+
+    A background thread takes the batched calls one by one. The switch never waits for it: it reads the files of
+    the calls finished, computes those not started itself and, last, those the thread is still on, unless it finished
+    them meanwhile (a thread in the idle class may wait long for a core). Call :meth:`wait` to block until it is done.
     """
 
     def __init__(self, names: Sequence[str], weight_of: Callable[[str], Tensor], shape_of: Callable[[str], tuple],
@@ -136,10 +144,14 @@ class SwitchBases:
                       share_out([sum(svd_cost(shape_of(n)) for n in c) for c in self.chunks], self.world))
         self.cache_dir = Path(cache_dir) if cache_dir is not None else None
         self.cache_hits = self.cache_rebuilt = 0
-        self._entries: dict[int, _Entry] = {}
-        self._signature: str | None = None
+        self._signature: str | None = None  # of the SVDs in the files
         self._state: list[Any] | None = None
         self._tmp: tempfile.TemporaryDirectory | None = None
+        self._lock = threading.Lock()  # guards the four fields below, shared with the background thread
+        self._claimed: set[int] = set()  # chunks started
+        self._entries: dict[int, _Entry] = {}  # chunks finished
+        self._thread_done = True
+        self._closed = False
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
         self._stop = threading.Event()
@@ -147,6 +159,17 @@ class SwitchBases:
     def computes(self, i: int) -> bool:
         """Whether this rank computes (or reads) the SVDs of chunk ``i``."""
         return self.collective or self.owner[i] == self.rank
+
+    @property
+    def files(self) -> list[Path]:
+        """The files of the batched calls finished so far (their number is the progress of a background thread)."""
+        with self._lock:
+            return [entry.path for entry in self._entries.values()]
+
+    @property
+    def directory(self) -> Path | None:
+        """Where the files go: the cache directory, or the temporary one (None before :meth:`start`)."""
+        return self.cache_dir if self._tmp is None else Path(self._tmp.name)
 
     # ------------------------------------------------------------------ before the switch
     def start(self, background: bool) -> None:
@@ -161,44 +184,66 @@ class SwitchBases:
             with torch.no_grad():
                 self._prepare()
             return
+        self._thread_done = False
         self._thread = threading.Thread(target=self._run, name="tsd-switch-svd", daemon=True)
         _RUNNING.add(self)
         self._thread.start()
 
-    @property
-    def ready(self) -> bool:
-        """True once every SVD of this rank has been written (or found in the cache)."""
-        return self._signature is not None and (self._thread is None or not self._thread.is_alive())
+    def wait(self) -> None:
+        """Block until the background thread has finished (or stopped)."""
+        if self._thread is not None:
+            self._thread.join()
 
     def _run(self) -> None:
         try:
             _idle_priority(self.device)
             with torch.no_grad(), _side_stream(self.device):
                 self._prepare()
-        except BaseException as err:  # re-raised (or, for I/O errors, reported) at the switch by wait()
+        except BaseException as err:  # reported at the switch, which computes what is missing
             self._error = err
+        finally:
+            with self._lock:
+                self._thread_done, clean = True, self._closed
+            if clean:
+                self._remove_tmp()
 
     def _prepare(self) -> None:
-        for i, chunk in enumerate(self.chunks):
-            if self._stop.is_set():
-                return
-            if self.computes(i):
-                self._entries[i] = self._store(i, self._stack(chunk))
+        while (i := self._claim()) is not None:
+            entry = self._store(i, self._stack(self.chunks[i]), self._signature)
+            if entry is None:
+                return  # the thread count changed meanwhile: the switch computes everything itself
+            with self._lock:
+                self._entries[i] = entry
+
+    def _claim(self) -> int | None:
+        """The next chunk of this rank nobody started (marked started), or None."""
+        with self._lock:
+            for i in range(len(self.chunks)):
+                if self.computes(i) and i not in self._claimed and not self._stop.is_set():
+                    self._claimed.add(i)
+                    return i
+        return None
 
     def _stack(self, chunk: Sequence[str]) -> Tensor:
         return torch.stack([self.weight_of(n).detach().to(torch.float32) for n in chunk])
 
-    def _store(self, i: int, stack: Tensor) -> _Entry:
-        key = self._key(stack) if self.cache_dir is not None else ""
-        if key and self._cached(key, stack.shape) is not None:
+    def _store(self, i: int, stack: Tensor, signature: str) -> _Entry | None:
+        """Chunk ``i``'s file: found in the cache, or computed and written; None (nothing written) if the compute
+        signature is no longer ``signature`` after the SVD."""
+        key = self._key(stack, signature) if self.cache_dir is not None else ""
+        shape = tuple(stack.shape)
+        if key and self._cached(key, shape) is not None:
             path = self._cache_path(key)
-            return _Entry(path, _stat(path), key)
+            return _Entry(path, _stat(path), key, shape)
+        bases = tsd.batched_svd(stack)
+        if compute_signature(self.device) != signature:
+            return None
         path = self._cache_path(key) if key else Path(self._tmp.name) / f"chunk{i}.safetensors"
-        _write(path, key, tsd.batched_svd(stack))
-        return _Entry(path, _stat(path), key)
+        _write(path, key, bases)
+        return _Entry(path, _stat(path), key, shape)
 
-    def _key(self, stack: Tensor) -> str:
-        h = hashlib.sha256(json.dumps({"format": FORMAT_VERSION, "signature": self._signature,
+    def _key(self, stack: Tensor, signature: str) -> str:
+        h = hashlib.sha256(json.dumps({"format": FORMAT_VERSION, "signature": signature,
                                        "shape": list(stack.shape)}).encode())
         h.update(_buffer(stack))
         return h.hexdigest()
@@ -212,54 +257,56 @@ class SwitchBases:
         if not path.exists():
             return None
         bases = _read_checked(path, key, shape)
+        with self._lock:
+            if bases is None:
+                self.cache_rebuilt += 1
+            else:
+                self.cache_hits += 1
         if bases is None:
             warnings.warn(f"dash switch SVD cache file {path} is corrupt, partial or not of these weights; rebuilding "
                           "it", stacklevel=2)
-            self.cache_rebuilt += 1
-        else:
-            self.cache_hits += 1
         return bases
 
     # ------------------------------------------------------------------ at the switch
-    def wait(self) -> None:
-        """Wait for the background thread. Its error is raised here; an I/O error (a full disk) only warns, and the
-        switch then computes what is missing itself."""
-        if self._thread is not None:
-            self._thread.join()
-            self._thread = None
-        err, self._error = self._error, None
-        if isinstance(err, OSError):
-            warnings.warn(f"the dash switch's background SVDs failed ({err}); computing the rest at the switch",
-                          stacklevel=3)
-        elif err is not None:
-            raise err
-
     def owned(self) -> Iterator[tuple[str, Tensor, Tensor, Tensor]]:
         """``(name, U, S, Vh)`` of every layer this rank computes, one batched call at a time, on the weights' device:
-        read from the prepared files, else (schedule "switch", a stale or failed file) computed now."""
-        self.wait()
+        read from the files finished, else (schedule "switch", not finished, stale or failed) computed now."""
+        self._stop.set()  # a background thread takes no new chunk
         current = compute_signature(self.device)
         fresh = self._signature == current and self._state == [self.state_of(n) for n in self.names]
-        self._signature = current
-        for i, chunk in enumerate(self.chunks):
-            if not self.computes(i):
-                continue
-            entry = self._entries.get(i) if fresh else None
+        if self.collective:  # every rank must read the weights of the same chunks (a collective): all or none
+            fresh = _on_every_rank(fresh and all(_unchanged(e) for e in self._entries.values()), self.device)
+        with self._lock:
+            started = set(self._claimed) - set(self._entries)
+        if self._error is not None:
+            warnings.warn(f"the dash switch's background SVDs stopped ({self._error!r}); the switch computes the rest",
+                          stacklevel=3)
+        mine = [i for i in range(len(self.chunks)) if self.computes(i)]
+        if not self.collective:  # the chunks a background thread is still on go last: it may finish them meanwhile
+            mine = [i for i in mine if i not in started] + [i for i in mine if i in started]
+        for i in mine:
+            with self._lock:
+                entry = self._entries.get(i) if fresh else None
             bases = None if entry is None else _read(entry)
             if entry is not None and bases is None:
                 warnings.warn(f"dash switch SVD file {entry.path} changed since it was written or checked and fails "
                               "its check now; computing its SVDs at the switch", stacklevel=2)
             if bases is None:
-                stack = self._stack(chunk)
-                key = self._key(stack) if self.cache_dir is not None else ""
-                bases = self._cached(key, stack.shape) if key else None
-                if bases is None:
-                    bases = tsd.batched_svd(stack)
-                    if key:
-                        _write(self._cache_path(key), key, bases)
+                bases = self._compute_now(self.chunks[i], current)
             U, S, Vh = (t.to(self.device) for t in bases)
-            for j, name in enumerate(chunk):
+            for j, name in enumerate(self.chunks[i]):
                 yield name, U[j], S[j], Vh[j]
+
+    def _compute_now(self, chunk: Sequence[str], signature: str) -> tuple[Tensor, Tensor, Tensor]:
+        """The SVDs of a chunk at the switch: from the cache when it has them, else computed (and cached)."""
+        stack = self._stack(chunk)
+        key = self._key(stack, signature) if self.cache_dir is not None else ""
+        bases = self._cached(key, stack.shape) if key else None
+        if bases is None:
+            bases = tsd.batched_svd(stack)
+            if key:
+                _write(self._cache_path(key), key, bases)
+        return bases
 
     def share(self, records: dict[str, Record], shapes: dict[str, tuple[int, int]], s: int) -> dict[str, Record]:
         """Every layer's record on every rank: each rank broadcasts those of the layers it computed (one packed fp64
@@ -284,14 +331,18 @@ class SwitchBases:
         return out
 
     def close(self) -> None:
-        """Stop the background thread (after its current batched call) and remove the temporary files."""
+        """Stop the background thread after its current batched call, and remove the temporary files (now, or when
+        the thread ends). Does not wait for the thread."""
         self._stop.set()
-        if self._thread is not None:
-            self._thread.join()
+        with self._lock:
+            self._closed, clean = True, self._thread_done
         _RUNNING.discard(self)
+        if clean:
+            self._remove_tmp()
+
+    def _remove_tmp(self) -> None:
         if self._tmp is not None:
             self._tmp.cleanup()
-            self._tmp = None
 
 
 # ---------------------------------------------------------------------------------------------- files
@@ -352,36 +403,36 @@ def _restore(meta: dict[str, str], stored: dict[str, Tensor]) -> tuple[Tensor, T
         return None
 
 
+def _unchanged(entry: _Entry) -> bool:
+    try:
+        return _stat(entry.path) == entry.stat
+    except OSError:
+        return False
+
+
 def _read(entry: _Entry) -> tuple[Tensor, Tensor, Tensor] | None:
     """An entry's bases; checked again (key, data hash) if the file changed on disk since it was checked."""
-    try:
-        unchanged = _stat(entry.path) == entry.stat
-    except OSError:
-        return None
-    if not unchanged:
-        return _read_checked(entry.path, entry.key, None)
+    if not _unchanged(entry):
+        return _read_checked(entry.path, entry.key, entry.shape)
     loaded = _load(entry.path)
     return None if loaded is None else _restore(*loaded)
 
 
-def _read_checked(path: Path, key: str, shape: Sequence[int] | None) -> tuple[Tensor, Tensor, Tensor] | None:
-    """The bases in ``path`` if its format, key, data hash and (given the stack's ``shape``) shapes and dtypes are
-    right; None otherwise."""
+def _read_checked(path: Path, key: str, shape: Sequence[int]) -> tuple[Tensor, Tensor, Tensor] | None:
+    """The bases in ``path`` if its format, key, dtypes, data hash and shapes (for a stack of ``shape``) are right;
+    None otherwise."""
     loaded = _load(path)
     if loaded is None:
         return None
     meta, stored = loaded
     if (meta.get("tsd_switch_svd") != FORMAT_VERSION or meta.get("key") != key or set(stored) != {"U", "S", "Vh"}
-            or meta.get("data_sha256") != _data_sha(stored)):
+            or any(t.dtype != torch.float32 for t in stored.values()) or meta.get("data_sha256") != _data_sha(stored)):
         return None
     bases = _restore(meta, stored)
-    if bases is None or any(t.dtype != torch.float32 for t in bases):
+    b, n, m = shape
+    k = min(n, m)
+    if bases is None or [tuple(t.shape) for t in bases] != [(b, n, k), (b, k), (b, k, m)]:
         return None
-    if shape is not None:
-        b, n, m = shape
-        k = min(n, m)
-        if [tuple(t.shape) for t in bases] != [(b, n, k), (b, k), (b, k, m)]:
-            return None
     return bases
 
 
@@ -418,6 +469,16 @@ def _rank_and_world() -> tuple[int, int]:
     return 0, 1
 
 
+def _on_every_rank(flag: bool, device: torch.device) -> bool:
+    """True when ``flag`` is True on every rank (an all-reduce)."""
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized()):
+        return flag
+    t = torch.tensor([int(flag)], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return bool(t.item())
+
+
 def _idle_priority(device: torch.device) -> None:
     """On CPU, put the calling thread (and the OpenMP/MKL threads it starts) in the idle scheduling class."""
     if device.type != "cpu":
@@ -441,5 +502,9 @@ def _side_stream(device: torch.device) -> Iterator[None]:
 
 @atexit.register
 def _stop_background() -> None:
-    for bases in list(_RUNNING):
+    running = list(_RUNNING)
+    for bases in running:
         bases.close()
+    for bases in running:
+        if bases._thread is not None:
+            bases._thread.join(EXIT_WAIT_S)

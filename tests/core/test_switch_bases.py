@@ -79,6 +79,12 @@ def _assert_identical(got: shared.Adapter, want: shared.Adapter) -> None:
     assert all(got.dash_term(n).is_active for n in got.dash_layers)
 
 
+def _wait(adapter: shared.Adapter) -> None:
+    """Let the background thread finish before the switch (it runs in the idle scheduling class, and the switch
+    computes what it has not finished)."""
+    adapter.switch_bases.wait()
+
+
 def _reference_switch(adapter: shared.Adapter) -> dict[str, tuple]:
     """The switch as the core computed it before the SVDs moved (``tsd.iter_svd`` at the switch): per layer U_I, V_Iᵀ,
     I, σ, Δσ, energy from the adapter's current factors."""
@@ -139,7 +145,7 @@ def test_precomputed_bases_select_exactly_what_the_switch_selects(schedule, meth
     want = _run(model, method, dash_svd="switch")
     assert svd_calls["switch"] > 0
     svd_calls.update(all=0, switch=0)
-    got = _run(model, method, dash_svd=schedule)
+    got = _run(model, method, dash_svd=schedule, between=_wait)
     assert svd_calls["all"] > 0 and svd_calls["switch"] == 0, svd_calls  # computed ahead, not at the switch
     _assert_identical(got, want)
 
@@ -174,7 +180,7 @@ def test_cache_is_reused_by_a_later_run_and_never_for_other_weights(tmp_path, sv
     _assert_identical(first, want)
 
     svd_calls.update(all=0)
-    again = _run(dash_svd="background", dash_svd_cache_dir=str(tmp_path))
+    again = _run(dash_svd="background", dash_svd_cache_dir=str(tmp_path), between=_wait)
     assert svd_calls["all"] == 0, "a run on the same weights must read every SVD from the cache"
     _assert_identical(again, want)
 
@@ -227,8 +233,8 @@ def test_a_file_changed_after_it_was_checked_is_checked_again_at_the_switch(cach
     def damage(adapter):
         adapter.switch_bases.wait()
         time.sleep(0.05)  # past the file system's timestamp granularity, so the change shows in the mtime
-        for entry in adapter.switch_bases._entries.values():
-            _flip_last_byte(entry.path)
+        for path in adapter.switch_bases.files:
+            _flip_last_byte(path)
 
     with pytest.warns(UserWarning, match="changed since it was written or checked"):
         got = _run(dash_svd="background", dash_svd_cache_dir=str(tmp_path) if cache else None, between=damage)
@@ -275,15 +281,40 @@ def test_an_io_error_in_the_background_warns_and_the_switch_computes(monkeypatch
 
     monkeypatch.setattr(bases_module, "_write", full_disk)
     svd_calls.update(all=0, switch=0)
-    with pytest.warns(UserWarning, match="background SVDs failed"):
+    with pytest.warns(UserWarning, match="background SVDs stopped"):
         got = _run(dash_svd="background")
     assert svd_calls["switch"] == 4
     _assert_identical(got, want)
 
 
+def test_the_switch_does_not_wait_for_a_slow_background_thread(monkeypatch, svd_calls):
+    """A background thread that has not finished (here: held inside its first SVD) does not hold the switch up: the
+    switch computes every SVD itself, selects what it always selects, and the thread's files are removed when it
+    ends."""
+    want = _run(dash_svd="switch")
+    release, counting = threading.Event(), tsd.batched_svd
+
+    def slow_in_background(stack):
+        if threading.current_thread().name == "tsd-switch-svd":
+            release.wait(60)
+        return counting(stack)
+
+    monkeypatch.setattr(tsd, "batched_svd", slow_in_background)
+    seen = {}
+    svd_calls.update(all=0, switch=0)
+    got = _run(dash_svd="background", between=lambda a: seen.update(bases=a.switch_bases))
+    assert svd_calls["switch"] == 4
+    _assert_identical(got, want)
+    bases = seen["bases"]
+    assert bases.directory.exists()  # the thread still writes there
+    release.set()
+    bases.wait()
+    assert not bases.directory.exists()
+
+
 def test_temporary_files_are_removed_after_the_switch():
     seen = {}
-    adapter = _run(dash_svd="background", between=lambda a: seen.update(dir=Path(a.switch_bases._tmp.name)))
+    adapter = _run(dash_svd="background", between=lambda a: seen.update(dir=a.switch_bases.directory) or _wait(a))
     assert adapter.switched and adapter.switch_bases is None
     assert not seen["dir"].exists()
 
