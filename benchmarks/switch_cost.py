@@ -1,12 +1,15 @@
 """What the dash switch costs on a full-size SDXL UNet, with its SVDs at the switch (before issue 28) and computed
 ahead (``AdapterConfig.dash_svd``, ``shared.bases``), measured in one run, on CPU.
 
-    python -m benchmarks.switch_cost [--unet sdxl|tiny] [--latent 32] [--baseline_steps 3] [--background_steps 4]
-                                     [--split_layers 16] [--workdir DIR] [--out benchmarks/results/switch_cost.json]
+    python -m benchmarks.switch_cost [--unet sdxl|tiny] [--dtype bfloat16|float32] [--latent 32]
+        [--baseline_steps 3] [--background_steps 4] [--split_layers 16] [--workdir DIR]
+        [--out benchmarks/results/switch_cost.json]
 
 The UNet is diffusers' ``UNet2DConditionModel`` built from stabilityai/stable-diffusion-xl-base-1.0's UNet config
-(:data:`SDXL_UNET_CONFIG`, its values written out here: the hub is not reachable) with seeded random fp32 weights:
-2.57 B parameters, 560 attention linears (``to_q/to_k/to_v/to_out.0``, the SDXL trainer's targets). Dash at the
+(:data:`SDXL_UNET_CONFIG`, its values written out here: the hub is not reachable) with seeded random weights, in
+bf16 by default (``--dtype``: 5.1 GB instead of 10.3 GB in fp32 on this shared 24 GB machine; the SVDs and the
+adapter are fp32 either way, the SVD input being the fp32 upcast of the weight): 2.57 B parameters, 560 attention
+linears (``to_q/to_k/to_v/to_out.0``, the SDXL trainer's targets). Dash at the
 SDXL trainer's defaults (r = 4, alpha = 4, s = 8). One process, in this order, on the same LoRA factors:
 
 1. **training steps** (forward, backward, AdamW; batch 1 at ``--latent`` × ``--latent`` latents with SDXL's text
@@ -86,12 +89,15 @@ TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]  # the SDXL trainer's UNET_TARGET
 RANK, ALPHA, DIRECTIONS = 4, 4.0, 8  # the SDXL trainer's defaults
 
 
-def build_unet(kind: str, seed: int = 0) -> nn.Module:
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def build_unet(kind: str, dtype: torch.dtype, seed: int = 0) -> nn.Module:
     from diffusers import UNet2DConditionModel
 
     torch.manual_seed(seed)
     config = SDXL_UNET_CONFIG if kind == "sdxl" else TINY_UNET_CONFIG
-    return UNet2DConditionModel.from_config(config).requires_grad_(False)
+    return UNet2DConditionModel.from_config(config).to(dtype).requires_grad_(False)
 
 
 class PeakRSS:
@@ -143,28 +149,33 @@ def timed(fn: Any) -> tuple[Any, dict[str, float]]:
 class UNetSteps:
     """Training steps of the adapted UNet on one fixed random batch (noise-prediction MSE)."""
 
-    def __init__(self, unet: nn.Module, adapter: shared.Adapter, kind: str, latent: int) -> None:
+    def __init__(self, unet: nn.Module, adapter: shared.Adapter, kind: str, latent: int, dtype: torch.dtype) -> None:
         g = torch.Generator().manual_seed(1)
         self.unet, self.adapter = unet, adapter
         width = SDXL_UNET_CONFIG["cross_attention_dim"] if kind == "sdxl" else TINY_UNET_CONFIG["cross_attention_dim"]
         size = 8 * latent
-        self.inputs = {"sample": torch.randn(1, 4, latent, latent, generator=g),
+        self.inputs = {"sample": torch.randn(1, 4, latent, latent, generator=g).to(dtype),
                        "timestep": torch.tensor([500]),
-                       "encoder_hidden_states": torch.randn(1, 77, width, generator=g),
-                       "added_cond_kwargs": {"text_embeds": torch.randn(1, TEXT_EMBEDS[kind], generator=g),
-                                             "time_ids": torch.tensor([[size, size, 0, 0, size, size]],
-                                                                      dtype=torch.float32)}}
+                       "encoder_hidden_states": torch.randn(1, 77, width, generator=g).to(dtype),
+                       "added_cond_kwargs": {"text_embeds": torch.randn(1, TEXT_EMBEDS[kind], generator=g).to(dtype),
+                                             "time_ids": torch.tensor([[size, size, 0, 0, size, size]], dtype=dtype)}}
         self.target = torch.randn(1, 4, latent, latent, generator=g)
         self.optimizer = torch.optim.AdamW(adapter.trainable_parameters(), lr=1e-4)
 
     def step(self) -> float:
         start = time.perf_counter()
         self.unet.train()
-        loss = nn.functional.mse_loss(self.unet(**self.inputs).sample, self.target)
+        loss = nn.functional.mse_loss(self.unet(**self.inputs).sample.float(), self.target)
         loss.backward()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return time.perf_counter() - start
+
+
+def log(what: str, record: dict[str, Any]) -> None:
+    took = f"{record['seconds']:.1f} s, " if isinstance(record.get("seconds"), float) else ""
+    print(f"[switch_cost] {what}: {took}peak RSS {record['peak_rss_mb']:.0f} MB (+{record['peak_extra_mb']:.0f})",
+          flush=True)
 
 
 def timed_step(trainer: UNetSteps) -> tuple[float, float]:
@@ -206,10 +217,12 @@ def switch_with(adapter: shared.Adapter, schedule: str, cache_dir: Path | None) 
 
 
 def measure_unet(args: argparse.Namespace, work: Path) -> dict[str, Any]:
-    out: dict[str, Any] = {"unet": args.unet, "latent": args.latent, "image_px": 8 * args.latent, "batch": 1,
-                           "rank": RANK, "alpha": ALPHA, "directions": DIRECTIONS, "targets": TARGETS,
+    out: dict[str, Any] = {"unet": args.unet, "dtype": args.dtype, "latent": args.latent, "image_px": 8 * args.latent,
+                           "batch": 1, "rank": RANK, "alpha": ALPHA, "directions": DIRECTIONS, "targets": TARGETS,
                            "torch_threads": torch.get_num_threads()}
-    unet, built = timed(lambda: build_unet(args.unet))
+    dtype = DTYPES[args.dtype]
+    unet, built = timed(lambda: build_unet(args.unet, dtype))
+    log(f"built the {args.unet} UNet ({args.dtype})", built)
     out["build"] = built
     out["parameters"] = sum(p.numel() for p in unet.parameters())
     config = shared.AdapterConfig(method="dash", r=RANK, alpha=ALPHA, target_modules=TARGETS,
@@ -221,7 +234,7 @@ def measure_unet(args: argparse.Namespace, work: Path) -> dict[str, Any]:
                                            for n in adapter.dash_layers)
     out["svd_bases_bytes_fp32"] = sum(4 * (n * min(n, m) + min(n, m) + min(n, m) * m)
                                       for n, m in map(adapter.dense_shape, adapter.dash_layers))
-    trainer = UNetSteps(unet, adapter, args.unet, args.latent)
+    trainer = UNetSteps(unet, adapter, args.unet, args.latent, dtype)
 
     # 1. training steps
     trainer.step()
@@ -229,6 +242,7 @@ def measure_unet(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         steps, foreign = zip(*[timed_step(trainer) for _ in range(args.baseline_steps)], strict=True)
     out["step"] = {"seconds": steps, "foreign_cpu_share": foreign, "median_s": statistics.median(steps),
                    **mem.report()}
+    log(f"training steps {[round(x, 1) for x in steps]}", out["step"])
     step_s = out["step"]["median_s"]
     shared.export_lora(adapter, work / "lora", format="diffusers")  # before the switch: the rank-r LoRA
 
@@ -248,7 +262,9 @@ def measure_unet(args: argparse.Namespace, work: Path) -> dict[str, Any]:
                  "batched_calls": chunks, "step_seconds": beside, "foreign_cpu_share": foreign,
                  "median_step_s": statistics.median(beside), "slowdown": statistics.median(beside) / step_s - 1,
                  "calls_done_after_each_step": done, **mem.report()}
+    log(f"steps beside the background thread {[round(x, 1) for x in beside]}, calls done {done}", mem.report())
     _, bg_record["switch"] = timed(adapter.switch)  # reads what the thread finished, computes the rest
+    log("switch after the background thread", bg_record["switch"])
     bases.wait()  # the call the thread was on, if any, ends before the next phase
     reference = selection(adapter)
     out["background"] = bg_record
@@ -257,6 +273,7 @@ def measure_unet(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     unswitch(adapter)
     switch_with(adapter, "switch", None)
     _, out["at_switch"] = timed(adapter.switch)
+    log("switch with its SVDs (before issue 28)", out["at_switch"])
     out["at_switch"]["identical_to_background"] = identical(selection(adapter), reference)
     shared.export_lora(adapter, work / "dash", format="diffusers")
     shared.export_lora(adapter, work / "native", format="tsd")
@@ -269,7 +286,9 @@ def measure_unet(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         _, prepared = timed(adapter.prepare_switch)
         prepared["cache_hits"], prepared["cache_rebuilt"] = adapter.switch_bases.cache_hits, \
             adapter.switch_bases.cache_rebuilt
+        log(f"precompute, cache {phase}", prepared)
         _, stall = timed(adapter.switch)
+        log(f"switch, cache {phase}", stall)
         out[f"upfront_cache_{phase}"] = {"precompute": prepared, "switch": stall,
                                         "identical_to_at_switch": identical(selection(adapter), reference)}
     out["files_bytes"] = {"lora_diffusers": file_bytes(work / "lora"), "dash_diffusers": file_bytes(work / "dash"),
@@ -348,7 +367,8 @@ def markdown(result: dict[str, Any]) -> str:
                   "upfront_cache_cold": f"{u['upfront_cache_cold']['precompute']['seconds']:.0f} s",
                   "upfront_cache_warm": f"{u['upfront_cache_warm']['precompute']['seconds']:.0f} s"}
     lines = [f"{u['unet']} UNet: {u['parameters'] / 1e9:.2f} B parameters, {u['adapted_layers']} adapted linears, "
-             f"random fp32 weights; dash r = {u['rank']}, s = {u['directions']}; {u['torch_threads']} torch threads. "
+             f"random {u['dtype']} weights; dash r = {u['rank']}, s = {u['directions']}; "
+             f"{u['torch_threads']} torch threads. "
              f"Training step (batch 1, {u['image_px']} px, forward + backward + AdamW): median {step:.1f} s, so a "
              f"{RUN_STEPS}-step run takes {u['run_500_steps_s'] / 60:.0f} min at this size.", "",
              "| switch's SVDs | precompute | where | stall at the switch | of a 500-step run | peak RSS extra |",
@@ -377,6 +397,8 @@ def markdown(result: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--unet", choices=["sdxl", "tiny"], default="sdxl")
+    p.add_argument("--dtype", choices=list(DTYPES), default="bfloat16",
+                   help="the UNet's weights (the SVDs and the adapter are fp32 either way)")
     p.add_argument("--latent", type=int, default=32, help="latent height and width of the training batch")
     p.add_argument("--baseline_steps", type=int, default=3)
     p.add_argument("--background_steps", type=int, default=4)

@@ -423,7 +423,7 @@ def _check_svd_cache_dir(config: AdapterConfig) -> None:
     """``dash_svd_cache_dir`` must be a writable directory (created when missing)."""
     if not (config.uses_dash and config.dash_svd_cache_dir):
         return
-    path = Path(config.dash_svd_cache_dir)
+    path = Path(config.dash_svd_cache_dir).expanduser()
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as err:

@@ -142,7 +142,7 @@ class SwitchBases:
         self.collective = collective
         self.owner = ([0] * len(self.chunks) if collective else
                       share_out([sum(svd_cost(shape_of(n)) for n in c) for c in self.chunks], self.world))
-        self.cache_dir = Path(cache_dir) if cache_dir is not None else None
+        self.cache_dir = Path(cache_dir).expanduser() if cache_dir is not None else None
         self.cache_hits = self.cache_rebuilt = 0
         self._signature: str | None = None  # of the SVDs in the files
         self._state: list[Any] | None = None
