@@ -23,6 +23,8 @@ SDXL trainer's defaults (r = 4, alpha = 4, s = 8). One process, in this order, o
    (the precompute, timed), then the switch.
 5. **up front with the cache, warm** (a later run on the same base): ``prepare_switch()`` finds every file (hashing
    the weights and checking the files, timed), then the switch.
+6. **overlap**: ``--overlap_pairs`` pairs of training steps, one with an idle-class thread doing SVDs beside it and
+   one without (the order alternating): the paired step-time ratios, and the CPU time the thread got.
 
 Between phases the dash terms are reset to their pre-switch state (no training in between), so every switch sees
 the same factors, and the selections are checked bit-identical to phase 3's. Per phase: wall time and the sampled
@@ -186,6 +188,62 @@ def timed_step(trainer: UNetSteps) -> tuple[float, float]:
     return trainer.step(), monitor.foreign_share()
 
 
+class IdleSVDLoad:
+    """A thread in the idle scheduling class (as the background SVDs run, ``shared.bases``) doing SVDs of a
+    1280 × 1280 matrix (SDXL's most common attention shape) back to back while it is on; its CPU time is counted."""
+
+    def __init__(self) -> None:
+        self.matrix = torch.randn(1, 1280, 1280, generator=torch.Generator().manual_seed(0))
+        self.on, self.resting = threading.Event(), threading.Event()
+        self.resting.set()
+        self.cpu_s, self.calls = 0.0, 0
+        threading.Thread(target=self._run, daemon=True).start()
+
+    def _run(self) -> None:
+        from shared.bases import lower_thread_priority
+
+        lower_thread_priority(torch.device("cpu"))
+        while True:
+            self.on.wait()
+            self.resting.clear()
+            start = time.thread_time()
+            while self.on.is_set():
+                shared.tsd.batched_svd(self.matrix)
+                self.calls += 1
+            self.cpu_s += time.thread_time() - start
+            self.resting.set()
+
+    def start(self) -> None:
+        self.on.set()
+
+    def stop(self) -> None:
+        """Switch off and wait until the SVD in progress has ended."""
+        self.on.clear()
+        self.resting.wait()
+
+
+def measure_overlap(trainer: UNetSteps, pairs: int) -> dict[str, Any]:
+    """Training steps with and without an idle-class SVD thread beside them, paired step by step (the order
+    alternating), so that a neighbour's load hits both halves of a pair alike."""
+    load = IdleSVDLoad()
+    on, off, cpu, calls = [], [], [], []
+    for i in range(pairs):
+        for with_load in ((False, True) if i % 2 == 0 else (True, False)):
+            if with_load:
+                cpu0, calls0 = load.cpu_s, load.calls
+                load.start()
+                on.append(trainer.step())
+                load.stop()
+                cpu.append(load.cpu_s - cpu0)
+                calls.append(load.calls - calls0)
+            else:
+                off.append(trainer.step())
+    ratios = [a / b for a, b in zip(on, off, strict=True)]
+    return {"pairs": pairs, "step_s_with_thread": on, "step_s_without": off, "paired_ratio": ratios,
+            "median_paired_ratio": statistics.median(ratios), "thread_cpu_s_per_step": cpu,
+            "thread_svds_finished_per_step": calls}
+
+
 def unswitch(adapter: shared.Adapter) -> None:
     """Put every dash term back to its state before the switch (empty directions, λ = 0, no record)."""
     with torch.no_grad():
@@ -291,6 +349,11 @@ def measure_unet(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         log(f"switch, cache {phase}", stall)
         out[f"upfront_cache_{phase}"] = {"precompute": prepared, "switch": stall,
                                         "identical_to_at_switch": identical(selection(adapter), reference)}
+
+    # 6. overlap
+    out["overlap"] = measure_overlap(trainer, args.overlap_pairs)
+    print(f"[switch_cost] overlap: step time with / without an idle SVD thread "
+          f"{[round(r, 3) for r in out['overlap']['paired_ratio']]}", flush=True)
     out["files_bytes"] = {"lora_diffusers": file_bytes(work / "lora"), "dash_diffusers": file_bytes(work / "dash"),
                           "dash_native": file_bytes(work / "native"), "svd_cache": file_bytes(cache)}
     run_s = RUN_STEPS * step_s
@@ -379,9 +442,13 @@ def markdown(result: dict[str, Any]) -> str:
                      f"{rec['peak_extra_mb']:.0f} MB |")
     same = (u["at_switch"]["identical_to_background"], u["upfront_cache_cold"]["identical_to_at_switch"],
             u["upfront_cache_warm"]["identical_to_at_switch"])
+    ov = u["overlap"]
     lines += ["", f"Background: the steps beside the thread took {bg['median_step_s']:.2f} s (median) against "
-              f"{step:.2f} s without ({100 * bg['slowdown']:+.1f} %); batched SVD calls finished after each step: "
+              f"{step:.2f} s for the steps before it; batched SVD calls finished after each step: "
               f"{bg['calls_done_after_each_step']} of {bg['batched_calls']}.",
+              f"Idle-class SVD thread beside training, {ov['pairs']} pairs of steps: step time with / without "
+              f"{[round(r, 3) for r in ov['paired_ratio']]}, median {ov['median_paired_ratio']:.3f}; the thread "
+              f"got {[round(c, 1) for c in ov['thread_cpu_s_per_step']]} CPU s per step.",
               f"Selections bit-identical to the switch's own SVDs (background, cache cold, cache warm): {same}.",
               f"Files: LoRA (diffusers, rank {u['rank']}) {f['lora_diffusers'] * MB:.1f} MB; dash (diffusers, rank "
               f"{u['rank'] + u['directions']}) {f['dash_diffusers'] * MB:.1f} MB; dash native "
@@ -402,6 +469,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--latent", type=int, default=32, help="latent height and width of the training batch")
     p.add_argument("--baseline_steps", type=int, default=3)
     p.add_argument("--background_steps", type=int, default=4)
+    p.add_argument("--overlap_pairs", type=int, default=4,
+                   help="pairs of training steps with / without an idle-class SVD thread")
     p.add_argument("--split_layers", type=int, default=16, help="0: skip the split measurement")
     p.add_argument("--workdir", type=Path, default=None, help="default: a temporary directory, removed after")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT)

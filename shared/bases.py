@@ -196,7 +196,7 @@ class SwitchBases:
 
     def _run(self) -> None:
         try:
-            _idle_priority(self.device)
+            lower_thread_priority(self.device)
             with torch.no_grad(), _side_stream(self.device):
                 self._prepare()
         except BaseException as err:  # reported at the switch, which computes what is missing
@@ -479,7 +479,7 @@ def _on_every_rank(flag: bool, device: torch.device) -> bool:
     return bool(t.item())
 
 
-def _idle_priority(device: torch.device) -> None:
+def lower_thread_priority(device: torch.device) -> None:
     """On CPU, put the calling thread (and the OpenMP/MKL threads it starts) in the idle scheduling class."""
     if device.type != "cpu":
         return
