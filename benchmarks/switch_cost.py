@@ -99,7 +99,12 @@ def build_unet(kind: str, dtype: torch.dtype, seed: int = 0) -> nn.Module:
 
     torch.manual_seed(seed)
     config = SDXL_UNET_CONFIG if kind == "sdxl" else TINY_UNET_CONFIG
-    return UNet2DConditionModel.from_config(config).to(dtype).requires_grad_(False)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # built in ``dtype``: no fp32 copy of the whole UNet at any time
+    try:
+        return UNet2DConditionModel.from_config(config).to(dtype).requires_grad_(False)
+    finally:
+        torch.set_default_dtype(default)
 
 
 class PeakRSS:
