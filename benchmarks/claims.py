@@ -52,7 +52,8 @@ def not_worse_verdict(diffs: list[float], untested_because: str | None = None) -
     verdict = paired_verdict(diffs)
     if verdict in ("one seed, no verdict", "**does not hold**"):
         return verdict
-    return f"**not tested here** ({untested_because})" if untested_because else "**holds** (not worse beyond seed noise)"
+    return (f"**not tested here** ({untested_because})" if untested_because
+            else "**holds** (not worse beyond seed noise)")
 
 
 def _paired(a: dict[Any, float], b: dict[Any, float], higher_is_better: bool = True) -> list[float]:
@@ -82,7 +83,8 @@ def same_rank_lines(records: list[dict[str, Any]]) -> list[str]:
     for model in sorted({r["config"]["model"] for r in text}):
         _, groups = at_best_lr([r for r in text if r["config"]["model"] == model])
         for rank in sorted({k[1] for k in groups}):
-            acc = {m: {x["seed"]: x["after"]["accuracy"] for x in groups.get((m, rank), [])} for m in ("lora", *CHALLENGERS)}
+            acc = {m: {x["seed"]: x["after"]["accuracy"] for x in groups.get((m, rank), [])}
+                   for m in ("lora", *CHALLENGERS)}
             lines += [_line(f"text, {model} r={rank}: held-out accuracy ↑", m, "lora", acc[m], acc["lora"])
                       for m in CHALLENGERS if acc[m] and acc["lora"]]
     subject = [r for r in done if r["config"]["kind"] == "subject"]
@@ -94,8 +96,10 @@ def same_rank_lines(records: list[dict[str, Any]]) -> list[str]:
     teacher = [r for r in done if r["config"]["kind"] == "teacher"]
     for band in sorted({r["config"]["teacher_band"] for r in teacher}):
         err = {m: {r["config"]["seed"]: r["result"]["relative_error"] for r in teacher
-                   if (r["config"]["teacher_band"], r["config"]["method"]) == (band, m)} for m in ("lora", *CHALLENGERS)}
-        lines += [_line(f"teacher, {band} band: relative error ↓", m, "lora", err[m], err["lora"], higher_is_better=False)
+                   if (r["config"]["teacher_band"], r["config"]["method"]) == (band, m)}
+               for m in ("lora", *CHALLENGERS)}
+        lines += [_line(f"teacher, {band} band: relative error ↓", m, "lora", err[m], err["lora"],
+                        higher_is_better=False)
                   for m in CHALLENGERS if err[m] and err["lora"]]
     return lines
 
@@ -119,7 +123,8 @@ def dash_size_lines(records: list[dict[str, Any]]) -> list[str]:
                              f"‖λ‖ is {norm:.3g} of the LoRA update's Frobenius norm and |λ_i| is {sigma:.3g} of σ_i: "
                              + ("it rescales its s directions strongly" if sigma >= 0.05 else
                                 "it changes its s directions by a small fraction of their σ")
-                             + (", " + ("but" if sigma >= 0.05 else "and") + " the term is small next to the LoRA update."
+                             + (", " + ("but" if sigma >= 0.05 else "and")
+                                + " the term is small next to the LoRA update."
                                 if norm < 0.1 else ", and the term is not small next to the LoRA update."))
     return lines
 
@@ -160,7 +165,8 @@ def direction_lines(records: list[dict[str, Any]]) -> list[str]:
         share = statistics.mean(x["full"]["top_s_mass"] for x in rs)
         flat = statistics.mean(x["full"]["flat_top_s_mass"] for x in rs)
         lines.append(f"- TSDs are few ({model}, full fine-tune, {len(rs)} seed(s)): the top s carry {share:.3f} of Σδ, "
-                     f"{share / flat:.0f} times a flat δ's {flat:.3f}: {'**holds**' if share >= 10 * flat else '**does not hold**'}.")
+                     f"{share / flat:.0f} times a flat δ's {flat:.3f}: "
+                     f"{'**holds**' if share >= 10 * flat else '**does not hold**'}.")
         pos = statistics.mean(x["full"]["median_relative_position"] for x in rs)
         top = statistics.mean(x["full"]["share_in_top_decile"] for x in rs)
         bottom = statistics.mean(x["full"]["share_in_bottom_decile"] for x in rs)
@@ -176,18 +182,23 @@ def direction_lines(records: list[dict[str, Any]]) -> list[str]:
                    "division by σ" if cside == "moderate" else "; so the update itself acts most along the other end "
                    "of the spectrum, and the TSDs' place comes from the division by σ")
             where += (f" (control, {len(control)} seed(s): the top s by |Δσ| alone, without the division by σ, have "
-                      f"median position {cpos:.3f}, {statistics.mean(c['share_in_bottom_decile'] for c in control):.3f} "
+                      f"median position {cpos:.3f}, "
+                      f"{statistics.mean(c['share_in_bottom_decile'] for c in control):.3f} "
                       f"in the bottom decile{why})")
         lines.append(f"- TSDs at moderate σ ({model}, full fine-tune): median relative σ position {pos:.3f} "
-                     f"(0 = largest σ), {top:.3f} of them in the top σ decile, {bottom:.3f} in the bottom one: {where}.")
+                     f"(0 = largest σ), {top:.3f} of them in the top σ decile, {bottom:.3f} in the bottom one: "
+                     f"{where}.")
         first = [x["by_t"][0] for x in rs]
-        t0 = next(r["config"]["checkpoints"][0] for r in done if r["config"]["kind"] == "tsd" and r["config"]["model"] == model)
-        overlap, chance = statistics.mean(b["overlap_full"] for b in first), statistics.mean(x["random_overlap"] for x in rs)
+        t0 = next(r["config"]["checkpoints"][0] for r in done
+                  if r["config"]["kind"] == "tsd" and r["config"]["model"] == model)
+        overlap, chance = (statistics.mean(b["overlap_full"] for b in first),
+                           statistics.mean(x["random_overlap"] for x in rs))
         early = ("**holds**" if overlap >= 0.5 else
                  "**in part**: far above chance, but most of the predicted directions are not the full fine-tune's"
                  if overlap >= 5 * chance else "**does not hold**")
         lines.append(f"- TSDs visible early ({model}): overlap@s of LoRA's TSDs at step {t0} with the full fine-tune's "
-                     f"{overlap:.3f}, against the final LoRA update's {statistics.mean(b['overlap_final'] for b in first):.3f}; "
+                     f"{overlap:.3f}, against the final LoRA update's "
+                     f"{statistics.mean(b['overlap_final'] for b in first):.3f}; "
                      f"a random choice {chance:.3f}: {early}.")
     teacher = [r for r in done if r["config"]["kind"] == "teacher" and r["config"]["method"] == "dash"]
     for band in sorted({r["config"]["teacher_band"] for r in teacher}):

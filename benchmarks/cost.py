@@ -1,4 +1,5 @@
-"""Cost cells: what every method of the core costs next to plain peft LoRA, on CPU (run by ``python -m benchmarks.run``).
+"""Cost cells: what every method of the core costs next to plain peft LoRA, on CPU (run by
+``python -m benchmarks.run``).
 
 One cell is one model of :mod:`benchmarks.overhead` (``llama``: its small random LLaMA; ``minilm``: the real
 all-MiniLM-L6-v2 with a 2-label head, skipped with the reason when absent) at its settings (r=8, alpha=16,
@@ -240,7 +241,8 @@ def compare_eva(spec: overhead.ModelSpec, base: nn.Module, init: dict[str, Any],
             initialize_lora_eva_weights(
                 pm, dataloader=batches, forward_fn=forward, show_progress_bar=False,
                 prepare_model_inputs_fn=lambda inputs, _: token_mask(inputs, label_mask),
-                prepare_layer_inputs_fn=lambda x, mask, _: masked_rows(x[0] if isinstance(x, (tuple, list)) else x, mask))
+                prepare_layer_inputs_fn=lambda x, mask, _: masked_rows(x[0] if isinstance(x, (tuple, list)) else x,
+                                                                       mask))
             dt = time.perf_counter() - t0
         A = {n.removeprefix("base_model.model."): mod.lora_A["default"].weight.detach()
              for n, mod in pm.named_modules() if isinstance(mod, LoraLayer)}
@@ -281,7 +283,8 @@ def report(records: list[dict[str, Any]], out_dir: Path) -> str:
         c, res = rec["config"], rec["result"]
         s, st, model = res["summary"], res["settings"], c["model"]
         lines += [f"### {model}: {res['description']}", "",
-                  f"r={st['r']}, alpha={st['alpha']:g}, s={st['dash_directions']}, switch at t={st['dash_warmup_steps']}, "
+                  f"r={st['r']}, alpha={st['alpha']:g}, s={st['dash_directions']}, "
+                  f"switch at t={st['dash_warmup_steps']}, "
                   f"batch {st['batch']} x {st['seq']}, {st['threads']} thread(s); init and switch: median of "
                   f"{c['attaches']} fresh attaches; step: median of {c['repeats']} x {c['steps']} interleaved rounds "
                   f"(dash/tsd after the switch); data-driven inits with "
@@ -293,10 +296,12 @@ def report(records: list[dict[str, Any]], out_dir: Path) -> str:
         for m in METHODS:
             x = s[m]
             lines.append(
-                f"| {m} | {x['lora_layers']} | {x['init_ms']:.1f} | {_ratio(x['init_ratio'], m)} | {_num(x['switch_ms'], '.1f')} "
+                f"| {m} | {x['lora_layers']} | {x['init_ms']:.1f} | {_ratio(x['init_ratio'], m)} "
+                f"| {_num(x['switch_ms'], '.1f')} "
                 f"| {_num(x['switch_in_peft_steps'], '.1f')} | {x['step_ms']:.2f} "
                 f"| {_ratio(x['step_ratio'], m, '.3f')}" + ("" if m == "peft" else f" / {x['step_ratio_paired']:.3f}")
-                + f" | {x['trainable_params']:,} | {_num(x['rss_extra_mb'], '.1f')} | {_num(x['init_rss_extra_mb'], '.1f')} "
+                + f" | {x['trainable_params']:,} | {_num(x['rss_extra_mb'], '.1f')} "
+                f"| {_num(x['init_rss_extra_mb'], '.1f')} "
                 f"| {x['export_bytes']['peft'] / 1024:.1f} | {_ratio(x['export_ratio']['peft'], m, '.2f')} "
                 f"| {_num(x['export_bytes'].get('tsd'), '.1f', 1 / 1024)} |")
         e = res["eva"]
@@ -305,8 +310,8 @@ def report(records: list[dict[str, Any]], out_dir: Path) -> str:
                   "| | init (ms) | forwards | stopped at the cap | rank sum |", "|---|---:|---:|---|---:|"]
         for side in ("ours", "peft"):
             x = e[side]
-            lines.append(f"| {side} | {x['init_ms']:.0f} | {x['forwards']} | {'yes' if x['hit_cap'] else 'no (converged)'} "
-                         f"| {x['rank_sum']} |")
+            lines.append(f"| {side} | {x['init_ms']:.0f} | {x['forwards']} "
+                         f"| {'yes' if x['hit_cap'] else 'no (converged)'} | {x['rank_sum']} |")
         sub = e["subspace_agreement"]
         differ = [f"{n} {ro} vs {rp}" for n, (ro, rp) in e["ranks"].items() if ro != rp]
         lines += ["", f"- init time ours / peft's: **{e['init_ratio_ours_vs_peft']:.2f}**; layers with the same rank: "
@@ -318,12 +323,16 @@ def report(records: list[dict[str, Any]], out_dir: Path) -> str:
         k = res["contention"]
         g = k["guard"]
         lines.append(f"- contention (other processes >= {100 * k['threshold']:.0f}% of the CPUs): "
-                     f"{k['attach_contended']} of {k['attach_units']} attach units (max {100 * k['attach_share_max']:.0f}%), "
-                     f"{k['step_rounds_contended']} of {k['step_rounds']} step rounds (max {100 * k['step_share_max']:.0f}%), "
-                     f"EVA runs {', '.join(f'{100 * x:.0f}%' for x in k['eva_shares'])}; {g['discarded_units']} units re-run, "
+                     f"{k['attach_contended']} of {k['attach_units']} attach units "
+                     f"(max {100 * k['attach_share_max']:.0f}%), "
+                     f"{k['step_rounds_contended']} of {k['step_rounds']} step rounds "
+                     f"(max {100 * k['step_share_max']:.0f}%), "
+                     f"EVA runs {', '.join(f'{100 * x:.0f}%' for x in k['eva_shares'])}; "
+                     f"{g['discarded_units']} units re-run, "
                      f"{g['waited_s']:.0f} s waited"
                      + (" -- contended: rerun on an idle machine for trustworthy times"
-                        if k["attach_contended"] + k["step_rounds_contended"] > 0.1 * (k["attach_units"] + k["step_rounds"])
+                        if k["attach_contended"] + k["step_rounds_contended"]
+                        > 0.1 * (k["attach_units"] + k["step_rounds"])
                         else ""))
         skipped = {**res["skipped"], **{f"EVA comparison, {n}": why for n, why in e["excluded"].items()}}
         for what, why in skipped.items():

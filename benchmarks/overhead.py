@@ -451,9 +451,11 @@ def time_runners(spec: ModelSpec, runners: dict[str, Runner], batch: dict[str, t
             continue
         per_rep = [statistics.median(a) / statistics.median(b) for a, b in zip(times[m], times["peft"], strict=True)]
         if interleave == "step":  # step i of every method ran in the same round: paired ratios
-            paired = [a / b for ra, rb in zip(times[m], times["peft"], strict=True) for a, b in zip(ra, rb, strict=True)]
+            paired = [a / b for ra, rb in zip(times[m], times["peft"], strict=True)
+                      for a, b in zip(ra, rb, strict=True)]
             res["methods"][m]["ratio_vs_peft_paired_median"] = statistics.median(paired)
-        res["methods"][m]["ratio_vs_peft"] = res["methods"][m]["median_step_ms"] / res["methods"]["peft"]["median_step_ms"]
+        res["methods"][m]["ratio_vs_peft"] = (res["methods"][m]["median_step_ms"]
+                                              / res["methods"]["peft"]["median_step_ms"])
         # the same, from the units no other process disturbed (None when there were none)
         cm, cp = res["methods"][m]["clean_median_step_ms"], res["methods"]["peft"]["clean_median_step_ms"]
         res["methods"][m]["clean_ratio_vs_peft"] = cm / cp if cm and cp else None
@@ -607,7 +609,8 @@ def measure_memory(spec: ModelSpec, steps: int, methods: tuple[str, ...] = METHO
     out = {}
     for m in methods:
         cmd = [sys.executable, "-m", "benchmarks.overhead", "--memory-probe", spec.name, m,
-               "--memory-steps", str(steps), "--probe-overrides", json.dumps(overrides or {}), "--threads", str(threads)]
+               "--memory-steps", str(steps), "--probe-overrides", json.dumps(overrides or {}),
+               "--threads", str(threads)]
         env = dict(os.environ, OMP_NUM_THREADS=str(threads),
                    PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
         p = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
@@ -659,7 +662,8 @@ def markdown(result: dict[str, Any]) -> str:
     for name, mres in result["models"].items():
         bad = mres["contended_units"]
         lines.append(f"- {name}: {bad} of {mres['units']} timed units ran while other processes used >= "
-                     f"{100 * g.get('threshold', 0.1):.0f}% of the CPUs (max {100 * mres['foreign_cpu_share_max']:.0f}%)"
+                     f"{100 * g.get('threshold', 0.1):.0f}% of the CPUs "
+                     f"(max {100 * mres['foreign_cpu_share_max']:.0f}%)"
                      + (" -- contended, rerun on an idle machine" if bad > 0.1 * mres["units"] else ""))
     if g:
         lines.append(f"- contention guard: {g['discarded_units']} units discarded and re-run, "

@@ -187,7 +187,8 @@ def write_report(suite: str, records: list[dict[str, Any]]) -> Path:
         m = machines[-1]
         dates = sorted(x["date"] for x in machines)
         head += [f"Machine: {m['processor']}, {m['cpu_count']} CPUs, {m['platform']}, Python {m['python']}; "
-                 f"versions {', '.join(f'{k} {v}' for k, v in m['versions'].items())}; cells run {dates[0]} … {dates[-1]}; "
+                 f"versions {', '.join(f'{k} {v}' for k, v in m['versions'].items())}; "
+                 f"cells run {dates[0]} … {dates[-1]}; "
                  f"the cells' wall times add up to {sum(r.get('wall_s', 0.0) for r in records) / 60:.1f} min."]
     have = {cell_id(r["config"]) for r in records}
     planned = suite_cells(suite)
@@ -230,7 +231,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--where", action="append", default=[], metavar="KEY=VALUE",
                     help="run only the cells whose config has this value, e.g. method=dash (repeatable: values of one "
                          "key are alternatives, different keys must all match)")
-    ap.add_argument("--shard", default="0/1", help="K/N: run only the cells whose id hashes to K mod N (N parallel runners)")
+    ap.add_argument("--shard", default="0/1",
+                    help="K/N: run only the cells whose id hashes to K mod N (N parallel runners)")
     ap.add_argument("--report_only", action="store_true", help="rebuild the report from the existing cell files")
     ap.add_argument("--cell", type=Path, help=argparse.SUPPRESS)  # internal: run one cell in this process
     args = ap.parse_args(argv)

@@ -105,7 +105,8 @@ def run_baseline(steps: int, workdir: Path, device: str, seed: int = 0) -> list[
 
     torch.manual_seed(seed)
     base = resolve_pretrained(EMBEDDED_NAME)
-    tokenizers = [AutoTokenizer.from_pretrained(base, subfolder=f, use_fast=False) for f in ("tokenizer", "tokenizer_2")]
+    tokenizers = [AutoTokenizer.from_pretrained(base, subfolder=f, use_fast=False)
+                  for f in ("tokenizer", "tokenizer_2")]
     encoders = [CLIPTextModel.from_pretrained(base, subfolder="text_encoder"),
                 CLIPTextModelWithProjection.from_pretrained(base, subfolder="text_encoder_2")]
     vae = AutoencoderKL.from_pretrained(base, subfolder="vae")
@@ -178,7 +179,8 @@ def run_trainer(flags: list[str], steps: int, dash_warmup: int, workdir: Path) -
 
     data.LatentCache.__init__ = counting_init
     out = workdir / "run"
-    argv = ["--pretrained_model_name_or_path", "tsd-lora/tiny-sdxl", "--output_dir", str(out), "--max_train_steps", str(steps), "--resolution", str(RESOLUTION),
+    argv = ["--pretrained_model_name_or_path", "tsd-lora/tiny-sdxl", "--output_dir", str(out),
+            "--max_train_steps", str(steps), "--resolution", str(RESOLUTION),
             "--train_batch_size", str(BATCH), "--rank", str(RANK), "--learning_rate", str(LR),
             "--dash_warmup_steps", str(dash_warmup), "--num_validation_images", "1",
             "--validation_inference_steps", "2", "--checkpointing_steps", "100000", *flags]

@@ -140,7 +140,8 @@ def summarize(results: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], str]
     for (subject, method), rs in list(groups.items()):
         groups.setdefault(("all", method), []).extend({**m, "subject": subject} for m in rs)
     rows = []
-    for (subject, method), rs in sorted(groups.items(), key=lambda kv: (kv[0][0] == "all", kv[0][0], kv[0][1] != "base", kv[0][1])):
+    for (subject, method), rs in sorted(groups.items(),
+                                        key=lambda kv: (kv[0][0] == "all", kv[0][0], kv[0][1] != "base", kv[0][1])):
         row = {"subject": subject, "method": method, "n": len(rs)}
         for key, i, label in keys:
             row[label] = mean_std([m["metrics"][i][key] for m in rs])

@@ -7,8 +7,7 @@ singular directions of each adapted weight (the trainer's attention targets),
 
 with ``teacher_directions`` = |I*| indices drawn per layer from a band of the σ order (:data:`BANDS`; "moderate",
 ranks k/4 to 3k/4, is where the paper places TSDs) and a change rate δ_i = c on I*, 0 elsewhere: I* is, by construction,
-the
-task-specific direction set of ΔW* = W_T - W (Si et al., arXiv 2409.01035, Sec. 3). Each method trains the
+the task-specific direction set of ΔW* = W_T - W (Si et al., arXiv 2409.01035, Sec. 3). Each method trains the
 student (the base UNet with its adapter, rank ``rank``) to match the teacher's noise prediction,
 L = ‖ε_student(x_t, t, c) - ε_teacher(x_t, t, c)‖², on noisy VAE latents of ``train_images`` images of the shipped
 replay prior (the base's own generations of the ten classes) with their class prompts (uniform DDPM timesteps), AdamW at
@@ -113,8 +112,10 @@ class Data:
             latents = self.parts.sample_latents(params)
         noise = torch.randn(latents.shape, generator=generator)
         t = torch.randint(0, sched.config.num_train_timesteps, (len(idx),), generator=generator)
-        return {"sample": sched.add_noise(latents, noise, t), "timestep": t, "encoder_hidden_states": src["embeds"][idx],
-                "added_cond_kwargs": {"text_embeds": src["pooled"][idx], "time_ids": self.time_ids.expand(len(idx), -1)}}
+        return {"sample": sched.add_noise(latents, noise, t), "timestep": t,
+                "encoder_hidden_states": src["embeds"][idx],
+                "added_cond_kwargs": {"text_embeds": src["pooled"][idx],
+                                      "time_ids": self.time_ids.expand(len(idx), -1)}}
 
 
 def predict(unet: torch.nn.Module, batch: dict[str, Any]) -> torch.Tensor:
@@ -136,7 +137,8 @@ def run_cell(cfg: dict[str, Any], work: Path) -> dict[str, Any]:
     teacher = copy.deepcopy(base)
     targets = find_targets(base, UNET_TARGETS)
     names = sorted(targets)
-    svd = {n: (U, S, Vh) for n, U, S, Vh in tsd.iter_svd(names, lambda n: targets[n].weight, lambda n: targets[n].weight.shape)}
+    svd = {n: (U, S, Vh) for n, U, S, Vh in tsd.iter_svd(names, lambda n: targets[n].weight,
+                                                         lambda n: targets[n].weight.shape)}
     g = torch.Generator().manual_seed(cfg["seed"])
     truth: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     teacher_modules = dict(teacher.named_modules())
@@ -157,7 +159,8 @@ def run_cell(cfg: dict[str, Any], work: Path) -> dict[str, Any]:
     order = torch.Generator().manual_seed(cfg["seed"])
 
     def next_batch() -> dict[str, Any]:
-        return with_target(data.batch(torch.randint(0, cfg["train_images"], (cfg["batch_size"],), generator=order), order))
+        return with_target(data.batch(torch.randint(0, cfg["train_images"], (cfg["batch_size"],), generator=order),
+                                      order))
 
     def loss_fn(unet: torch.nn.Module, batch: dict[str, Any]) -> torch.Tensor:
         return F.mse_loss(predict(unet, batch), batch["target"])
@@ -200,7 +203,8 @@ def run_cell(cfg: dict[str, Any], work: Path) -> dict[str, Any]:
             "teacher_recall_at_switch": statistics.mean(recall_switch) if recall_switch else None,
             "dash_share": statistics.mean(dash_share) if dash_share else None,
             **{key: statistics.mean(r[key] for r in per_layer) for key in per_layer[0]},
-            "by_layer_type": {ty: {key: statistics.mean(r[key] for n, r in zip(names, per_layer, strict=True) if layer_type(n) == ty)
+            "by_layer_type": {ty: {key: statistics.mean(r[key] for n, r in zip(names, per_layer, strict=True)
+                                                        if layer_type(n) == ty)
                                    for key in per_layer[0]} for ty in sorted({layer_type(n) for n in names})},
             "trainable_parameters": sum(p.numel() for p in params)}
 
@@ -222,8 +226,8 @@ def recovery(U: torch.Tensor, S: torch.Tensor, Vh: torch.Tensor, idx_true: torch
     """How much of the teacher's change a learned update ΔW = B A recovered, along the teacher's own directions.
 
     ``teacher_recall_final``: overlap of top-s(δ) of ΔW with I* (the paper's rule); ``teacher_recall_final_abs``:
-    the same for top-s(|Δσ|), without the division by σ that favours small-σ directions; ``recovered_change``: mean_i∈I*
-    Δσ_i / Δσ*_i;
+    the same for top-s(|Δσ|), without the division by σ that favours small-σ directions;
+    ``recovered_change``: mean_i∈I* Δσ_i / Δσ*_i;
     ``energy_on_teacher``: ‖U_I*ᵀ ΔW V_I*‖_F² / ‖ΔW‖_F².
     """
     from shared import tsd
@@ -247,7 +251,8 @@ def report(records: list[dict[str, Any]], out_dir: Path) -> str:
     key = lambda r: (f"{r['config']['teacher_band']}, δ* = {r['config']['teacher_rate']:g}", r["config"]["method"])  # noqa: E731
     groups = sorted({key(r) for r in done}, key=lambda g: (not g[0].startswith("moderate"), g[0], METHODS.index(g[1])))
     lines = [f"Teacher: {c['teacher_directions']} directions per layer (change rate δ* on them) on "
-             f"{done[0]['result']['layers']} attention layers (k = {done[0]['result']['k']}); student rank {c['rank']}, "
+             f"{done[0]['result']['layers']} attention layers (k = {done[0]['result']['k']}); "
+             f"student rank {c['rank']}, "
              f"s = {c['directions']}, dash switch at step {c['dash_warmup_steps']}, {c['steps']} steps of batch "
              f"{c['batch_size']} at lr {c['lr']:g}. A random choice of s directions recalls about s / k of I*.", "",
              "| teacher band | method | seeds | relative error ↓ | teacher recall at switch | teacher recall, final "
@@ -259,9 +264,11 @@ def report(records: list[dict[str, Any]], out_dir: Path) -> str:
         at_switch = [x["teacher_recall_at_switch"] for x in rs if x["teacher_recall_at_switch"] is not None]
         shares = [x["dash_share"] for x in rs if x["dash_share"] is not None]
         lines.append(f"| {band} | {m} | {len(rs)} | **{mean_std([x['relative_error'] for x in rs])}** "
-                     f"| {mean_std(at_switch) if at_switch else '–'} | {mean_std([x['teacher_recall_final'] for x in rs])} / "
+                     f"| {mean_std(at_switch) if at_switch else '–'} "
+                     f"| {mean_std([x['teacher_recall_final'] for x in rs])} / "
                      f"{mean_std([x['teacher_recall_final_abs'] for x in rs])} "
-                     f"| {mean_std([x['recovered_change'] for x in rs])} | {mean_std([x['energy_on_teacher'] for x in rs])} "
+                     f"| {mean_std([x['recovered_change'] for x in rs])} "
+                     f"| {mean_std([x['energy_on_teacher'] for x in rs])} "
                      f"| {mean_std(shares) if shares else '–'} | {rs[0]['trainable_parameters']:,} |")
         curves[(m, band)] = ([p[0] for p in rs[0]["error_curve"]],
                                    [statistics.mean(x["error_curve"][i][1] for x in rs)
@@ -274,8 +281,9 @@ def report(records: list[dict[str, Any]], out_dir: Path) -> str:
         cells = []
         for band, m in groups:
             rs = [r["result"]["by_layer_type"][ty] for r in done if key(r) == (band, m)]
+            # + 0.0: no -0.000
             cells.append(f"{statistics.mean(x['teacher_recall_final_abs'] for x in rs):.2f} / "
-                         f"{round(statistics.mean(x['recovered_change'] for x in rs), 3) + 0.0:.3f}")  # + 0.0: no -0.000
+                         f"{round(statistics.mean(x['recovered_change'] for x in rs), 3) + 0.0:.3f}")
         lines.append(f"| {ty} | " + " | ".join(cells) + " |")
     lines += ["", f"![teacher study]({_plot(curves, c, out_dir / 'teacher_error.png')})", ""]
     return "\n".join(lines)

@@ -157,11 +157,13 @@ def _smooth(values: list[float], k: int = 10) -> list[float]:
     return [statistics.mean(values[max(0, i - k + 1):i + 1]) for i in range(len(values))]
 
 
-def at_best_lr(rows: list[dict[str, Any]]) -> tuple[dict[tuple[str, int], float], dict[tuple[str, int], list[dict[str, Any]]]]:
+def at_best_lr(rows: list[dict[str, Any]]) -> tuple[dict[tuple[str, int], float],
+                                                    dict[tuple[str, int], list[dict[str, Any]]]]:
     """For the finished cells ``rows`` of one model, per (method, rank) in rank then :data:`METHODS` order: the lr
     its sweep chose (at the smallest seed) and the results at that lr, each with its ``seed``."""
     model, seed0 = rows[0]["config"]["model"], min(r["config"]["seed"] for r in rows)
-    keys = sorted({(r["config"]["method"], r["config"]["rank"]) for r in rows}, key=lambda k: (k[1], METHODS.index(k[0])))
+    keys = sorted({(r["config"]["method"], r["config"]["rank"]) for r in rows},
+                  key=lambda k: (k[1], METHODS.index(k[0])))
     chosen = {(m, rank): best_lr(rows, model, m, rank, seed0) for m, rank in keys}
     groups: dict[tuple[str, int], list[dict[str, Any]]] = {}
     for r in sorted(rows, key=lambda r: r["config"]["seed"]):
@@ -205,42 +207,50 @@ def report(records: list[dict[str, Any]], out_dir: Path) -> str:
             lines += ["", f"Best lr at the edge of the sweep for {', '.join(edge)}: the best lr may lie outside the "
                       "swept range, so these rows may understate what the method reaches on this task."]
         order = list(groups)
-        curves = {k: [statistics.mean(v) for v in zip(*[_smooth(x["loss_curve"]) for x in groups[k]], strict=True)] for k in order}
-        lines += ["", "Accuracy − lora's pairs each seed with lora's run at the same rank and seed (the seed also draws "
-                  "the held-out split, so pairing removes the split's variance).", "",
+        curves = {k: [statistics.mean(v) for v in zip(*[_smooth(x["loss_curve"]) for x in groups[k]], strict=True)]
+                  for k in order}
+        lines += ["", "Accuracy − lora's pairs each seed with lora's run at the same rank and seed (the seed also "
+                  "draws the held-out split, so pairing removes the split's variance).", "",
                   "| method | rank | lr | seeds | accuracy before | accuracy after | accuracy − lora's (paired) "
                   "| final loss | steps to lora's final loss | trainable params | stored params | adapter file |",
                   "|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for method, rank in order:
             rs = groups[(method, rank)]
             target = curves.get(("lora", rank), [None])[-1]
-            reach = next((i + 1 for i, v in enumerate(curves[(method, rank)]) if target is not None and v <= target), None)
+            reach = next((i + 1 for i, v in enumerate(curves[(method, rank)]) if target is not None and v <= target),
+                         None)
             stored = next((f"{x['stored_parameters']:,}" for x in rs if "stored_parameters" in x), "–")
             lora_acc = {x["seed"]: x["after"]["accuracy"] for x in groups.get(("lora", rank), [])}
             paired = "–" if method == "lora" else mean_std([x["after"]["accuracy"] - lora_acc[x["seed"]] for x in rs
                                                              if x["seed"] in lora_acc])
-            lines.append(f"| {method} | {rank} | {chosen[(method, rank)]:g} | {len(rs)} | {mean_std([x['before']['accuracy'] for x in rs])} "
+            lines.append(f"| {method} | {rank} | {chosen[(method, rank)]:g} | {len(rs)} "
+                         f"| {mean_std([x['before']['accuracy'] for x in rs])} "
                          f"| **{mean_std([x['after']['accuracy'] for x in rs])}** | {paired} "
                          f"| {mean_std([x['train']['final_loss'] for x in rs])} "
-                         f"| {reach if reach is not None else 'not reached'} | {rs[0]['trainable_parameters']:,} | {stored} "
+                         f"| {reach if reach is not None else 'not reached'} | {rs[0]['trainable_parameters']:,} "
+                         f"| {stored} "
                          f"| {rs[0]['adapter_file_bytes'] / 1024:.0f} KiB |")
         scales = [(k, [x["dash_scale"] for x in groups[k] if "dash_scale" in x]) for k in order]
         scales = [(k, xs) for k, xs in scales if xs]
         if scales:
-            lines += ["", "Size of the trained dash term U_I diag(λ) V_Iᵀ at the end (medians over layers and directions, "
-                      "mean ± std over seeds): ‖λ‖ against the LoRA update's ‖γBA‖_F, and |λ_i| against the "
-                      "pretrained σ_i and against the LoRA update's own change u_iᵀ γBA v_i along the same direction.",
-                      "", "| method | rank | seeds | ‖λ‖ / ‖γBA‖_F | \\|λ_i\\| / σ_i | \\|λ_i\\| / \\|u_iᵀ γBA v_i\\| |", "|---|---|---|---|---|---|"]
-            lines += [f"| {m} | {rank} | {len(xs)} | " + " | ".join(mean_std([x[key] for x in xs], 2, significant=True) for key in
-                      ("lam_over_lora_norm", "lam_over_sigma", "lam_over_lora_dsigma")) + " |" for (m, rank), xs in scales]
+            lines += ["", "Size of the trained dash term U_I diag(λ) V_Iᵀ at the end (medians over layers and "
+                      "directions, mean ± std over seeds): ‖λ‖ against the LoRA update's ‖γBA‖_F, and |λ_i| "
+                      "against the pretrained σ_i and against the LoRA update's own change u_iᵀ γBA v_i along the "
+                      "same direction.", "",
+                      "| method | rank | seeds | ‖λ‖ / ‖γBA‖_F | \\|λ_i\\| / σ_i | \\|λ_i\\| / \\|u_iᵀ γBA v_i\\| |",
+                      "|---|---|---|---|---|---|"]
+            lines += [f"| {m} | {rank} | {len(xs)} | "
+                      + " | ".join(mean_std([x[key] for x in xs], 2, significant=True) for key in
+                                   ("lam_over_lora_norm", "lam_over_sigma", "lam_over_lora_dsigma")) + " |"
+                      for (m, rank), xs in scales]
         bigger = [k for k in order if k[0] == "lora" and k[1] > rank0]
         if ("dash", rank0) in groups and bigger:
             def acc(k: tuple[str, int], groups: dict = groups) -> str:
                 rs = groups[k]
                 return (f"{k[0]} r={k[1]} {mean_std([x['after']['accuracy'] for x in rs])} "
                         f"({rs[0]['trainable_parameters']:,} trainable)")
-            lines += ["", "Fewer parameters (the paper's claim that dash at a small rank matches lora at a larger one): "
-                      + " vs ".join(acc(k) for k in [("dash", rank0), *bigger]) + "."]
+            lines += ["", "Fewer parameters (the paper's claim that dash at a small rank matches lora at a larger "
+                      "one): " + " vs ".join(acc(k) for k in [("dash", rank0), *bigger]) + "."]
         lines += ["", f"![loss curves]({_plot(curves, out_dir / f'text_{model}_loss.png', model)})", ""]
     return "\n".join(lines)
 

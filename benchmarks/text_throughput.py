@@ -41,16 +41,19 @@ def _assets(task: str, root: Path) -> tuple[list[str], str]:
     from tsd_text.tiny import write_toy_classification, write_toy_mc
 
     if task == "causal-mc" and asset_path("smollm2") and asset_path("commonsense"):
-        data = ["--train_file", str(asset_path("commonsense") / "socialiqa" / "validation.jsonl"), "--eval_split", "200"]
+        data = ["--train_file", str(asset_path("commonsense") / "socialiqa" / "validation.jsonl"),
+                "--eval_split", "200"]
         return ["--model_name_or_path", str(asset_path("smollm2")), *data], "SmolLM2-135M / social_iqa"
     if task == "classification" and asset_path("minilm") and asset_path("polarity"):
         data = ["--train_file", str(asset_path("polarity") / "polarity.csv"), "--eval_split", "800"]
         return ["--model_name_or_path", str(asset_path("minilm")), *data], "MiniLM-L6 / polarity"
     if task == "causal-mc":
         task_file, model = write_toy_mc(root / "mc", 200)
-        return ["--model_name_or_path", str(model), "--train_file", str(task_file), "--eval_split", "8"], "tiny LLaMA / toy"
+        return (["--model_name_or_path", str(model), "--train_file", str(task_file), "--eval_split", "8"],
+                "tiny LLaMA / toy")
     train, eval_, model = write_toy_classification(root / "cls", 400, 8)
-    return ["--model_name_or_path", str(model), "--train_file", str(train), "--eval_file", str(eval_)], "tiny DeBERTa / toy"
+    return (["--model_name_or_path", str(model), "--train_file", str(train), "--eval_file", str(eval_)],
+            "tiny DeBERTa / toy")
 
 
 def _trainer_peft(args: argparse.Namespace, out: Path) -> dict[str, float]:
@@ -109,7 +112,8 @@ def bench_task(task: str, steps: int, batch_size: int, root: Path) -> tuple[str,
               "--max_steps", str(steps), "--per_device_train_batch_size", str(batch_size), "--learning_rate", "5e-4",
               "--max_length", "128", "--seed", "0", "--max_eval_samples", "8", "--no-eval_before", "--no-report_plot",
               "--dash_warmup_steps", str(max(1, steps // 2)), "--dash_directions", "8"]
-    runs = {"trainer+peft lora": _trainer_peft(parse_args([*common, "--output_dir", str(root / "trainer")]), root / "t")}
+    runs = {"trainer+peft lora": _trainer_peft(parse_args([*common, "--output_dir", str(root / "trainer")]),
+                                               root / "t")}
     for method in ("lora", "dash"):
         result = main(parse_args([*common, "--method", method, "--output_dir", str(root / method)]))
         runs[f"ours {method}"] = {**result.results["train"], "step_s": _step_times(root / method)}

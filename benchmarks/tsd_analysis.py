@@ -200,11 +200,14 @@ def report(records: list[dict[str, Any]], out_dir: Path) -> str:
         lines += [f"### {model}: {rs[0]['layers']} adapted layers (k = {rs[0]['k']}), s = {c['directions']}, "
                   f"{len(rs)} seed(s)", "",
                   f"LoRA r={c['rank']} at lr {c['lora_lr']:g}; full fine-tune of the same layers and the head at lr "
-                  f"{c['full_lr']:g} for {c['reference_steps']} steps. Accuracy: base {mean_std([x['accuracy']['base'] for x in rs])}, "
-                  f"LoRA {mean_std([x['accuracy']['lora'] for x in rs])}, full {mean_std([x['accuracy']['full'] for x in rs])}.", "",
+                  f"{c['full_lr']:g} for {c['reference_steps']} steps. "
+                  f"Accuracy: base {mean_std([x['accuracy']['base'] for x in rs])}, "
+                  f"LoRA {mean_std([x['accuracy']['lora'] for x in rs])}, "
+                  f"full {mean_std([x['accuracy']['full'] for x in rs])}.", "",
                   f"Overlap@s of LoRA's TSDs at step t with the reference TSDs (a random choice: "
                   f"{statistics.mean(x['random_overlap'] for x in rs):.3f}):", "",
-                  "| t | vs LoRA final | vs LoRA longer | vs full FT | Spearman δ vs full FT |", "|---|---|---|---|---|"]
+                  "| t | vs LoRA final | vs LoRA longer | vs full FT | Spearman δ vs full FT |",
+                  "|---|---|---|---|---|"]
         for i, t in enumerate(c["checkpoints"]):
             get = lambda key, i=i, rs=rs: [x["by_t"][i][key] for x in rs]  # noqa: E731
             lines.append(f"| {t} | {mean_std(get('overlap_final'))} | {mean_std(get('overlap_longer'))} "

@@ -67,7 +67,8 @@ def run(method: str, args) -> dict:
     diff = float((reloaded(**probe).logits - model(**probe).logits).abs().max())
     return {"method": method, "first_loss": losses[0], "final_loss": sum(losses[-5:]) / 5,
             "switched": adapter.switched, "export_max_abs_diff": diff, "output_dir": str(out),
-            "median_selected_position": sorted(p for r in rows for p in r.rank_positions)[len(rows) * cfg.dash_directions // 2]}
+            "median_selected_position":
+                sorted(p for r in rows for p in r.rank_positions)[len(rows) * cfg.dash_directions // 2]}
 
 
 def main() -> None:
@@ -85,7 +86,8 @@ def main() -> None:
     results = [run(m, args) for m in ("lora", "dash")]
     print("\nmethod | loss first -> last 5 | switched | export max |Δlogits| (stock peft reload)")
     for r in results:
-        print(f"{r['method']:6} | {r['first_loss']:.3f} -> {r['final_loss']:.3f} | {r['switched']!s:8} | {r['export_max_abs_diff']:.2e}")
+        print(f"{r['method']:6} | {r['first_loss']:.3f} -> {r['final_loss']:.3f} | {r['switched']!s:8} "
+              f"| {r['export_max_abs_diff']:.2e}")
     Path(args.output_dir).mkdir(parents=True, exist_ok=True)
     (Path(args.output_dir) / "results.json").write_text(json.dumps(results, indent=2))
     print(f"adapters, TSD reports (CSV + PNG) and results.json under {args.output_dir}/")

@@ -1,7 +1,7 @@
 """Write the two sample sets that ship beside the mini SDXL: its replay prior and its reference gallery.
 
-    python scripts/sample_mini_sdxl.py [--weights_dir tsd_diffusion/weights/mini-sdxl] [--output_dir DIR] [--per_class
-    100]
+    python scripts/sample_mini_sdxl.py [--weights_dir tsd_diffusion/weights/mini-sdxl] [--output_dir DIR] \
+        [--per_class 100]
 
 Both are generations of the shipped base itself (``tsd_diffusion.mini_sdxl.sample_class_set``: the stock
 pipeline, 30 Euler steps, one seeded generator per image; ``SAMPLE_SETS`` holds seeds and guidance), so the default
@@ -76,7 +76,8 @@ def main(argv: list[str] | None = None) -> None:
         accuracy = ev.class_accuracy(classifier, mini.to_tensor(images), torch.from_numpy(labels))
         info = {"seed": seed, "per_class": args.per_class, "guidance": guidance,
                 "inference_steps": mini.SAMPLE_STEPS, "classifier_accuracy": round(accuracy, 4),
-                "wall_s": round(time.time() - t0, 1), "machine": f"{platform.machine()}, {torch.get_num_threads()} threads",
+                "wall_s": round(time.time() - t0, 1),
+                "machine": f"{platform.machine()}, {torch.get_num_threads()} threads",
                 "date": time.strftime("%Y-%m-%d")}
         mini.save_class_set(out / file, images, labels, captions, **info)
         infos[file] = info

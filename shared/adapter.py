@@ -151,7 +151,8 @@ class Adapter:
 
         own: list[torch.Tensor] = []
         for name, layer in self.layers.items():
-            own += list(layer.lora_A[self.adapter_name].parameters()) + list(layer.lora_B[self.adapter_name].parameters())
+            own += (list(layer.lora_A[self.adapter_name].parameters())
+                    + list(layer.lora_B[self.adapter_name].parameters()))
             term = self.dash_term(name)
             if term is not None:
                 own.append(term.lam)
@@ -251,7 +252,8 @@ class Adapter:
         return full_tensor(layer.lora_B[self.adapter_name].weight), full_tensor(layer.lora_A[self.adapter_name].weight)
 
     def original_weight(self, name: str) -> torch.Tensor:
-        """The pretrained W (fp32, out × in): the stored base weight plus γ₀ B₀ A₀ of every adapter that residualised it.
+        """The pretrained W (fp32, out × in): the stored base weight plus γ₀ B₀ A₀ of every adapter that
+        residualised it.
 
         Raises while peft has merged an adapter into the layer (the stored weight then holds its update).
         """

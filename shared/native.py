@@ -86,7 +86,8 @@ def load(model: nn.Module, path: str | Path, *, adapter_name: str = "default") -
     path = Path(path)
     tensors, meta = _read(path)
     config = AdapterConfig.from_dict(json.loads(meta["tsd_config"]))
-    names = sorted({k[len("layers."):].rsplit(".", 1)[0] for k in tensors if k.startswith("layers.") and k.endswith(".lora_A")})
+    names = sorted({k[len("layers."):].rsplit(".", 1)[0] for k in tensors
+                    if k.startswith("layers.") and k.endswith(".lora_A")})
     for name in names:
         try:
             module = model.get_submodule(name)
@@ -96,7 +97,8 @@ def load(model: nn.Module, path: str | Path, *, adapter_name: str = "default") -
         expected = (B.shape[0], A.shape[1])
         got = tuple(in_out_features(unwrapped(module))[::-1])
         if expected != got:
-            raise InputError(f"{path}: layer {name} has shape (out, in) = {got} in the model but {expected} in the adapter")
+            raise InputError(f"{path}: layer {name} has shape (out, in) = {got} in the model "
+                             f"but {expected} in the adapter")
 
     check_new_adapter(model, adapter_name, config, names)
     ranks = {n: tensors[f"layers.{n}.lora_A"].shape[0] for n in names}

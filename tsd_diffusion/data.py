@@ -184,7 +184,8 @@ def load_image(path: str | os.PathLike) -> Image.Image:
     """
     p = Path(path)
     if ImageFile.LOAD_TRUNCATED_IMAGES:
-        warnings.warn("PIL.ImageFile.LOAD_TRUNCATED_IMAGES is True: truncated images will not be detected", stacklevel=2)
+        warnings.warn("PIL.ImageFile.LOAD_TRUNCATED_IMAGES is True: truncated images will not be detected",
+                      stacklevel=2)
     try:
         with Image.open(p) as im:
             im.load()  # force a full decode: raises on truncated / corrupt data
@@ -288,7 +289,8 @@ def read_captions(directory: str | os.PathLike, images: list[Path]) -> dict[str,
             row = json.loads(line)
         except json.JSONDecodeError as e:
             raise InputError(f"{path} line {n}: not JSON ({e.msg})") from None
-        if not isinstance(row, dict) or not isinstance(row.get("file_name"), str) or not isinstance(row.get("text"), str):
+        if (not isinstance(row, dict) or not isinstance(row.get("file_name"), str)
+                or not isinstance(row.get("text"), str)):
             raise InputError(f"{path} line {n}: needs a string \"file_name\" and a string \"text\"")
         if row["file_name"] not in names:
             raise InputError(f"{path} line {n}: {row['file_name']!r} is not an image of {path.parent}")
@@ -347,8 +349,8 @@ class TransformParams:
 class SDXLTransform:
     """Resize (shorter side), optional random h-flip, centre/random crop, to [-1, 1]; see the module docstring.
 
-    ``t(image, rng)`` returns ``(pixel_values CHW float32 in [-1, 1], original_size (h, w), crop_top_left (top,
-    left))``.
+    ``t(image, rng)`` returns ``(pixel_values CHW float32 in [-1, 1], original_size (h, w),
+    crop_top_left (top, left))``.
     ``rng`` is a ``random.Random``, a ``torch.Generator``, an int seed, or None (Python's global ``random``, like the
     diffusers script). Draw order is the script's: the flip coin first (only when ``random_flip``), then the crop
     (only when not ``center_crop``). ``sample_params`` + ``apply`` split this so the augmentation can be known

@@ -137,7 +137,8 @@ def frechet_distance(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(mu @ mu + cov_a.trace() + cov_b.trace() - 2 * cross)
 
 
-def nearest_rmse(samples: torch.Tensor, references: torch.Tensor, chunk: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+def nearest_rmse(samples: torch.Tensor, references: torch.Tensor,
+                 chunk: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
     """For every sample, the pixel RMSE (on [0, 1] images) to its nearest reference and that reference's index."""
     s = ((samples.flatten(1).double() + 1) / 2)
     r = ((references.flatten(1).double() + 1) / 2)
@@ -266,12 +267,11 @@ class SubjectEvaluator:
     shipped CIFAR classifier):
 
     - subject fidelity: ``subject_probe`` (:class:`SubjectProbe`: the mean probability a subject-vs-gallery
-      detector trained on the subject photos gives the generations), ``subject_retrieval`` (:func:`subject_retrieval`
-      against
-      the subject photos + the gallery; chance ≈ n_subject / (n_subject + len(gallery)); strict: it needs the same
-      framing and background as a photo), ``subject_rmse`` (mean pixel RMSE to the nearest subject
-      photo), ``feature_similarity`` (classifier-feature cosine to the subject's mean, centred by the gallery's
-      mean; reported, but the study found it does not track what one sees);
+      detector trained on the subject photos gives the generations), ``subject_retrieval``
+      (:func:`subject_retrieval` against the subject photos + the gallery; chance ≈ n_subject / (n_subject +
+      len(gallery)); strict: it needs the same framing and background as a photo), ``subject_rmse`` (mean pixel RMSE
+      to the nearest subject photo), ``feature_similarity`` (classifier-feature cosine to the subject's mean,
+      centred by the gallery's mean; reported, but the study found it does not track what one sees);
     - prompt fidelity: ``class_accuracy``, the share the classifier assigns to the CIFAR class the prompt names
       (for the subject prompt, the class prompt and other classes: drift shows up as a drop);
     - ``diversity`` (:func:`diversity`).

@@ -180,7 +180,8 @@ def phase_vae(args: argparse.Namespace, data: dict[str, torch.Tensor]) -> dict[s
                            for i in range(0, len(held), 500)]).clamp(-1, 1)
     vae.save_pretrained(str(args.work_dir / "vae"), safe_serialization=True)
     latents = mini.encode_latents(vae, torch.cat([x_train, x_train.flip(3)]))
-    save_safetensors({"latents": latents, "labels": torch.cat([data["y_train"]] * 2)}, args.work_dir / "latents.safetensors")
+    save_safetensors({"latents": latents, "labels": torch.cat([data["y_train"]] * 2)},
+                     args.work_dir / "latents.safetensors")
     clf = ev.load_classifier(args.work_dir / "classifier")
     psnr = 10 * math.log10(4 / F.mse_loss(recon, held).item())  # images in [-1, 1]: peak-to-peak 2
     info = {"wall_s": round(train_s, 1), "steps": args.vae_steps, "batch_size": args.vae_batch_size,
@@ -245,7 +246,8 @@ def phase_unet(args: argparse.Namespace) -> dict[str, Any]:
                           **{f"ema.{k}": v for k, v in ema.state_dict().items()},
                           **{f"opt.{k}": v for k, v in opt_tensors.items()}, "rng.generator": gen.get_state()},
                          tmp / "training.safetensors")
-        atomic_write_json(tmp / "state.json", {"step": step, "wall_s": wall, "loss_log": loss_log, "param_groups": groups})
+        atomic_write_json(tmp / "state.json",
+                          {"step": step, "wall_s": wall, "loss_log": loss_log, "param_groups": groups})
         shutil.rmtree(ckpt, ignore_errors=True)
         tmp.rename(ckpt)
 
@@ -380,7 +382,8 @@ def write_card(args: argparse.Namespace, phases: dict[str, dict[str, Any]], data
     import transformers
 
     shutil.copyfile(args.work_dir / "samples.png", args.output_dir / "samples.png")
-    sizes = {str(p.relative_to(args.output_dir)): p.stat().st_size for p in sorted(args.output_dir.rglob("*")) if p.is_file()}
+    sizes = {str(p.relative_to(args.output_dir)): p.stat().st_size for p in sorted(args.output_dir.rglob("*"))
+             if p.is_file()}
     record = {"date": _dt.date.today().isoformat(), "command": " ".join(sys.argv), "seed": args.seed,
               "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads",
               "versions": {"torch": torch.__version__, "diffusers": diffusers.__version__,
@@ -405,8 +408,10 @@ with `addition_embed_type="text_time"`, two CLIP text encoders, `AutoencoderKL`,
   training corpora; this is an image model. The package index no longer serves that sdist (December 2026), so the
   base cannot be re-pretrained on a fresh machine today (`scripts/pretrain_mini_sdxl.py` says where the file can
   still be had); none of the CIFAR images ship.
-- Training: VAE {v['steps']} steps x {v['batch_size']} ({v['wall_s']:.0f} s), UNet {u['steps']} steps x {u['batch_size']}
-  ({u['wall_s']:.0f} s), EMA weights; pretraining wall time {record['pretraining_wall_s'] / 60:.1f} min. The text encoders
+- Training: VAE {v['steps']} steps x {v['batch_size']} ({v['wall_s']:.0f} s), \
+UNet {u['steps']} steps x {u['batch_size']}
+  ({u['wall_s']:.0f} s), EMA weights; pretraining wall time {record['pretraining_wall_s'] / 60:.1f} min. \
+The text encoders
   are random and frozen (seed {args.seed}). Weights in fp16. Tokenizers: the real CLIP BPE (49 408 tokens; MIT
   licence; open_clip's `bpe_simple_vocab_16e6.txt.gz` as `vocab.json` + `merges.txt`), the second padding with "!".
 - VAE: held-out PSNR {v['held_out_psnr_db']} dB; the classifier scores {v['classifier_accuracy_on_reconstructions']:.3f}
@@ -414,10 +419,12 @@ with `addition_embed_type="text_time"`, two CLIP text encoders, `AutoencoderKL`,
 - Evaluation classifier (a 1.15 M CNN trained on the same train split): {c['held_out_accuracy']:.3f} held-out accuracy.
 - Class-conditional accuracy of generations ({e['inference_steps']} Euler steps), by guidance: {sweep}; at guidance
   {e['best_guidance']:g} with {e['per_class_at_best']} per class: **{e['class_accuracy']:.3f}** (chance 0.1).
-- Fréchet distance in the classifier's feature space to held-out real images: generated **{e['fd_generated_vs_held_out']:.2f}**,
+- Fréchet distance in the classifier's feature space to held-out real images: \
+generated **{e['fd_generated_vs_held_out']:.2f}**,
   real train images {e['fd_real_train_vs_held_out']:.2f}.
 - Memorisation check: mean RMSE to the nearest training image, generated {e['nearest_train_rmse_generated']['mean']:.3f}
-  vs held-out real {e['nearest_train_rmse_held_out_real']['mean']:.3f} (no closer: {e['no_closer_to_training_images_than_real_held_out']}).
+  vs held-out real {e['nearest_train_rmse_held_out_real']['mean']:.3f} \
+(no closer: {e['no_closer_to_training_images_than_real_held_out']}).
 
 ![Samples at guidance {e['best_guidance']:g}: one row per class, airplane to truck](samples.png)
 """)

@@ -1,4 +1,5 @@
-"""The embedded default base model: a tiny pipeline of the real SDXL architecture, built locally from configs.
+"""The tiny SDXL (``tsd-lora/tiny-sdxl``): random weights of the real SDXL architecture for fast plumbing tests,
+built locally from configs; the name resolution of the embedded bases; the subject images the project draws.
 
 No weights are downloaded (none of SDXL's are on any package registry). :func:`materialize_tiny_sdxl` builds a
 ``StableDiffusionXLPipeline`` with randomly initialised (seeded, deterministic) components of the *same classes and
@@ -226,7 +227,8 @@ def _draw_teapot(size: int, rng) -> object:
     floor = S * rng.uniform(0.78, 0.9)
     cy = floor - bh / 2
     # table line + shadow
-    d.line([(0, floor + S * 0.01), (S, floor + S * 0.01)], fill=tuple(max(0, c - 60) for c in bg2), width=max(1, S // 96))
+    d.line([(0, floor + S * 0.01), (S, floor + S * 0.01)], fill=tuple(max(0, c - 60) for c in bg2),
+           width=max(1, S // 96))
     shadow = Image.new("L", (S, S), 0)
     ImageDraw.Draw(shadow).ellipse([cx - bw * 0.55, floor - bh * 0.06, cx + bw * 0.55, floor + bh * 0.1], fill=110)
     shadow = shadow.filter(ImageFilter.GaussianBlur(S / 60))

@@ -93,7 +93,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a("--instance_data_dir", default=None, help="subject photos; default: the embedded subject (generated)")
     a("--instance_prompt", default=None, help="e.g. 'a photo of sks dog'; default for an embedded base: its subject's")
     a("--class_data_dir", default=None,
-      help="prior images; a metadata.jsonl ({\"file_name\", \"text\"} per line) gives each its own caption (a replay prior)")
+      help="prior images; a metadata.jsonl ({\"file_name\", \"text\"} per line) gives each its own caption "
+           "(a replay prior)")
     a("--class_prompt", default=None, help="the prompt of class images without a caption")
     a("--with_prior_preservation", action=argparse.BooleanOptionalAction, default=None,
       help="default on for the mini SDXL (with its replay prior as --class_data_dir), else off")
@@ -152,7 +153,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a("--lora_dropout", type=float, default=0.0)
     a("--dash_warmup_steps", type=int, default=100, help="t: optimizer steps of LoRA before the dash switch")
     a("--dash_directions", type=int, default=8, help="s: task-specific directions per layer")
-    a("--statistics_batches", type=int, default=8, help="batches the data-driven inits (eva, lora_da, lora_init, tsd) read")
+    a("--statistics_batches", type=int, default=8,
+      help="batches the data-driven inits (eva, lora_da, lora_init, tsd) read")
     # validation, checkpoints, output
     a("--validation_prompt", action="append", default=None, help="repeat for several prompts")
     a("--num_validation_images", type=int, default=None, help="per prompt; default 4 (8 for the mini SDXL)")

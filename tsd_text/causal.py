@@ -140,7 +140,8 @@ def choice_logprobs(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.T
     """
     ctx_mask, ids, mask = batch["context_mask"], batch["choice_ids"], batch["choice_mask"]
     ex = batch["example"]
-    out = model(input_ids=batch["context_ids"], attention_mask=ctx_mask, position_ids=(ctx_mask.cumsum(1) - 1).clamp(min=0),
+    out = model(input_ids=batch["context_ids"], attention_mask=ctx_mask,
+                position_ids=(ctx_mask.cumsum(1) - 1).clamp(min=0),
                 use_cache=True, logits_to_keep=1)
     cache = out.past_key_values
     cache.reorder_cache(ex)

@@ -94,7 +94,8 @@ class Records:
 
 
 #: text columns of a classification table, tried in this order: ours, then GLUE's (as ``run_glue.py``'s task_to_keys)
-TEXT_COLUMNS: tuple[tuple[str, ...], ...] = (("text", "text_pair"), ("sentence1", "sentence2"), ("question", "sentence"),
+TEXT_COLUMNS: tuple[tuple[str, ...], ...] = (("text", "text_pair"), ("sentence1", "sentence2"),
+                                             ("question", "sentence"),
                                              ("question1", "question2"), ("premise", "hypothesis"), ("text",),
                                              ("sentence",))
 
@@ -189,7 +190,8 @@ def _read_jsonl(path: Path, text: str) -> list[tuple[str, dict[str, Any]]] | Non
 def _field(where: str, row: dict[str, Any], name: str, kind: type = str) -> Any:
     value = row.get(name)
     if value is None or (isinstance(value, str) and not value.strip()):
-        raise DataError(f"{where}: missing '{name}' (fields present: {sorted(k for k in row if row[k] not in (None, ''))})")
+        raise DataError(f"{where}: missing '{name}' "
+                        f"(fields present: {sorted(k for k in row if row[k] not in (None, ''))})")
     if not isinstance(value, kind):
         raise DataError(f"{where}: '{name}' must be a {kind.__name__}, got {type(value).__name__}")
     return value

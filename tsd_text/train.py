@@ -22,8 +22,7 @@ Outputs in ``--output_dir`` (main process, atomic writes):
 - ``train_results.json``: updates, runtime, tokens/s, the dash switch step; ``training_args.json``: the arguments
   and what they resolved to (adapted layers, head, labels, truncations, notes); ``loss_log.csv``: loss, learning
   rate and elapsed loop time per update; ``tsd_report.csv`` (and ``tsd_report.png`` with matplotlib): per-layer σ, Δσ,
-  change rates and
-  the selected directions (``shared.tsd.report``);
+  change rates and the selected directions (``shared.tsd.report``);
 - ``checkpoint-<step>/`` every ``--checkpointing_steps`` updates (``accelerator.save_state``: optimizer, scheduler,
   sampler and RNG states, the adapter's native state under ``adapter/``, not the frozen base, and
   ``trainer_state.json``); ``--resume_from_checkpoint DIR|latest`` continues exactly where the run stopped (the
@@ -172,7 +171,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         "--checkpointing_steps, no never (default: steps)")
     g.add_argument("--checkpoints_total_limit", "--save_total_limit", type=int, default=None,
                    help="keep only the newest N checkpoints")
-    g.add_argument("--resume_from_checkpoint", default=None, help='a checkpoint-<step> dir, or "latest" in --output_dir')
+    g.add_argument("--resume_from_checkpoint", default=None,
+                   help='a checkpoint-<step> dir, or "latest" in --output_dir')
     args = p.parse_args(argv)
     if args.target_modules:
         args.target_modules = [t for a in args.target_modules for t in a.split(",") if t]

@@ -114,7 +114,8 @@ def eva_components(model: nn.Module, targets: dict[str, nn.Module], config: Adap
             f"{2 * max_rank[unfitted[0]]} rows within eva_max_batches={config.eva_max_batches} batches"
         )
     if not all_converged():
-        warnings.warn(f"EVA stopped at the cap of {n_used} batches before every layer reached tau={config.eva_tau}", stacklevel=2)
+        warnings.warn(f"EVA stopped at the cap of {n_used} batches before every layer reached tau={config.eva_tau}",
+                      stacklevel=2)
     out = {}
     for name in targets:
         r = ranks[name]

@@ -59,7 +59,8 @@ def damped_cholesky(Z: torch.Tensor, damping: float, where: str = "") -> torch.T
 
 
 def lora_da_factors(G: torch.Tensor, Z: torch.Tensor, y: torch.Tensor, *, r: int, alpha: float, beta: float,
-                    gamma: float, population: int, damping: float, where: str = "") -> tuple[torch.Tensor, torch.Tensor]:
+                    gamma: float, population: int, damping: float,
+                    where: str = "") -> tuple[torch.Tensor, torch.Tensor]:
     """LoRA-DA's closed form; returns peft's (lora_A: r × in, lora_B: out × r). All inputs fp32."""
     L = damped_cholesky(Z, damping, where)
     y_inv = 1.0 / (y + damping)
@@ -86,7 +87,8 @@ def statistics_bytes(group: list[str], targets: dict[str, nn.Module]) -> int:
     return 4 * (sum(d_out * d_in + d_out for _, d_out in shapes) + d_in * d_in)
 
 
-def chunk_groups(groups: list[list[str]], targets: dict[str, nn.Module], max_bytes: int | None) -> list[list[list[str]]]:
+def chunk_groups(groups: list[list[str]], targets: dict[str, nn.Module],
+                 max_bytes: int | None) -> list[list[list[str]]]:
     """Consecutive input groups packed into chunks of at most ``max_bytes`` of statistics (a larger group alone)."""
     if max_bytes is None:
         return [groups]
@@ -109,7 +111,8 @@ def lora_da_init(model: nn.Module, targets: dict[str, nn.Module], config: Adapte
     if population is None:
         population = config.lora_da_num_samples
         warnings.warn(f"lora_da_population is not set: LoRA-DA's population N falls back to lora_da_num_samples="
-                      f"{population}; the reference uses the training-set size (pass lora_da_population=len(train))", stacklevel=2)
+                      f"{population}; the reference uses the training-set size (pass lora_da_population=len(train))",
+                      stacklevel=2)
     per_batch = max(1, batch_size_of(batches[0]))
     n_batches = -(-config.lora_da_num_samples // per_batch)
     groups = shared_input_groups(model, targets, batches[0], forward_fn)

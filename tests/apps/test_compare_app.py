@@ -63,7 +63,8 @@ def outputs(tmp_path_factory) -> Path:
     with single_thread():
         for seed, method in enumerate(("lora", "dash")):  # different seeds: the two columns differ clearly
             AcceleratorState._reset_state(reset_partial_state=True)
-            main(parse_args(["--pretrained_model_name_or_path", EMBEDDED_NAME, "--output_dir", str(root / method), "--max_train_steps", "4", "--dash_warmup_steps", "2",
+            main(parse_args(["--pretrained_model_name_or_path", EMBEDDED_NAME, "--output_dir", str(root / method),
+                             "--max_train_steps", "4", "--dash_warmup_steps", "2",
                              "--dash_directions", "2", "--train_batch_size", "2", "--num_validation_images", "1",
                              "--validation_inference_steps", "2", "--checkpointing_steps", "1000", "--method", method,
                              "--learning_rate", "1e-2", "--seed", str(seed)]))

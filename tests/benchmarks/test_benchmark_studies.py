@@ -63,7 +63,8 @@ def test_tsd_analysis_helpers():
     assert tsd_analysis.layer_type("bert.encoder.layer.3.output.dense") == "output.dense"
     assert tsd_analysis.layer_type("model.layers.11.mlp.up_proj") == "mlp.up_proj"
     assert tsd_analysis.layer_type("bert.pooler.dense") == "bert.pooler.dense"
-    assert teacher_study.layer_type("down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_out.0") == "attn2.to_out.0"
+    assert (teacher_study.layer_type("down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_out.0")
+            == "attn2.to_out.0")
 
 
 @pytest.mark.slow
@@ -96,8 +97,8 @@ def test_teacher_study_cell_learns_toward_the_teacher(tmp_path: Path):
     records = []
     for method in ("lora", "dash"):
         cfg = teacher_study.cells([method], [0], rank=4, directions=8, teacher_directions=8, teacher_rate=2.0,
-                                  teacher_band="moderate", dash_warmup_steps=3, steps=6, batch_size=8, lr=1e-3, eval_every=3,
-                                  train_images=64)[0]
+                                  teacher_band="moderate", dash_warmup_steps=3, steps=6, batch_size=8, lr=1e-3,
+                                  eval_every=3, train_images=64)[0]
         r = teacher_study.run_cell(cfg, tmp_path / method)
         assert r["base_error"] > 0
         assert r["relative_error"] < 1.0  # closer to the teacher than the untrained base
@@ -149,7 +150,8 @@ def test_text_cell_trains_the_real_model_on_its_task(tmp_path: Path, model: str)
 
 
 def test_dash_scale_measures_the_trained_dash_term_against_dense_references():
-    adapter = shared.attach(tiny_llama(), shared.AdapterConfig(method="dash", r=4, alpha=8, target_modules=LLAMA_TARGETS,
+    adapter = shared.attach(tiny_llama(), shared.AdapterConfig(method="dash", r=4, alpha=8,
+                                                               target_modules=LLAMA_TARGETS,
                                                                dash_warmup_steps=2, dash_directions=3))
     train(adapter, lm_batches(), steps=5)
     assert adapter.switched

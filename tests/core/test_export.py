@@ -50,7 +50,8 @@ def test_peft_export_reloads_exactly_in_stock_peft(kind, method, tmp_path):
     assert (_out(reloaded, batches[0]) - expected).abs().max() <= 1e-4
     if cfg.uses_dash or cfg.residualises_base:
         # the extra blocks are really there: dropping them changes the function
-        folded_rank = max(reloaded.peft_config["default"].rank_pattern.values(), default=reloaded.peft_config["default"].r)
+        folded_rank = max(reloaded.peft_config["default"].rank_pattern.values(),
+                          default=reloaded.peft_config["default"].r)
         assert folded_rank > cfg.r
 
 
@@ -138,7 +139,8 @@ def test_load_into_mismatched_base_names_module_and_shapes(tmp_path):
     shared.export_lora(adapter, tmp_path, format="tsd")
     other = LlamaForCausalLM(LlamaConfig(vocab_size=128, hidden_size=48, intermediate_size=64, num_hidden_layers=2,
                                          num_attention_heads=4, num_key_value_heads=2))
-    with pytest.raises(ValueError, match=r"layer model\.layers\.0\.\S+ has shape \(out, in\) = \(48, 64\) in the model but \(32, 64\)"):
+    with pytest.raises(ValueError, match=r"layer model\.layers\.0\.\S+ has shape \(out, in\) = \(48, 64\) "
+                                         r"in the model but \(32, 64\)"):
         shared.load(other, tmp_path)
 
 
@@ -167,12 +169,15 @@ def test_export_writes_atomically_and_only_safetensors(tmp_path):
 
 
 ATTENTION = ["to_q", "to_k", "to_v", "to_out.0"]
-TARGET_SETS = {"attention": ATTENTION, "attention+proj+ff": [*ATTENTION, "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2"],
-               "attention+proj+ff+convs": [*ATTENTION, "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2", "conv1", "conv2"]}
+TARGET_SETS = {"attention": ATTENTION,
+               "attention+proj+ff": [*ATTENTION, "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2"],
+               "attention+proj+ff+convs": [*ATTENTION, "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
+                                           "conv1", "conv2"]}
 
 
 @pytest.mark.parametrize("fmt,targets,method", [(f, "attention", "dash") for f in ("diffusers", "kohya")]
-                         + [("diffusers", t, "lora") for t in TARGET_SETS] + [("diffusers", "attention+proj+ff", "dash")])
+                         + [("diffusers", t, "lora") for t in TARGET_SETS]
+                         + [("diffusers", "attention+proj+ff", "dash")])
 def test_unet_export_loads_in_stock_diffusers(fmt, targets, method, tmp_path):
     """A trained UNet adapter, exported and read back by diffusers' own LoRA loaders, for every target set (the mini
     SDXL study found that diffusers' ``convert_state_dict_to_diffusers`` mixes key formats once convs are targeted
@@ -183,7 +188,8 @@ def test_unet_export_loads_in_stock_diffusers(fmt, targets, method, tmp_path):
     cfg = shared.AdapterConfig(method=method, r=4, alpha=8, target_modules=TARGET_SETS[targets],
                                dash_warmup_steps=2, dash_directions=2)
     g = torch.Generator().manual_seed(0)
-    sample, enc, target = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 5, 32, generator=g), torch.randn(2, 4, 8, 8, generator=g)
+    sample, enc, target = (torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 5, 32, generator=g),
+                           torch.randn(2, 4, 8, 8, generator=g))
     t = torch.tensor([10, 500])
 
     def forward_loss(model, _):
@@ -204,7 +210,8 @@ def test_unet_export_loads_in_stock_diffusers(fmt, targets, method, tmp_path):
     shared.export_lora(adapter, tmp_path, format=fmt)
     state_dict, network_alphas, metadata = StableDiffusionXLPipeline.lora_state_dict(
         str(tmp_path), return_lora_metadata=True
-    ) if fmt == "diffusers" else (*StableDiffusionXLPipeline.lora_state_dict(str(tmp_path), unet_config=tiny_unet().config), None)
+    ) if fmt == "diffusers" else (
+        *StableDiffusionXLPipeline.lora_state_dict(str(tmp_path), unet_config=tiny_unet().config), None)
     fresh = tiny_unet()
     StableDiffusionXLPipeline.load_lora_into_unet(state_dict, network_alphas=network_alphas, unet=fresh,
                                                    metadata=metadata)

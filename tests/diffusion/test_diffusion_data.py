@@ -336,7 +336,8 @@ def test_item_fields_and_plan(tmp_path):
     assert key.resolution == 64 and len(key.digest()) == 16 and "img_1.png" in str(key)
     plan = ds.plan(1)
     assert plan["pixel_values"] is None
-    assert {k: v for k, v in plan.items() if k != "pixel_values"} == {k: v for k, v in item.items() if k != "pixel_values"}
+    assert ({k: v for k, v in plan.items() if k != "pixel_values"}
+            == {k: v for k, v in item.items() if k != "pixel_values"})
     with pytest.raises(IndexError):
         ds[2]
 
@@ -453,7 +454,8 @@ def test_instance_captions_from_metadata_jsonl(tmp_path):
     (inst / "metadata.jsonl").write_text(json.dumps({"file_name": names[1], "text": "sks dog on a beach"}) + "\n")
     ds = DreamBoothDataset(inst, "a photo of sks dog", 32)
     assert len(ds) == 3
-    assert [ds.plan(i)["prompt"] for i in range(3)] == ["a photo of sks dog", "sks dog on a beach", "a photo of sks dog"]
+    assert [ds.plan(i)["prompt"] for i in range(3)] == ["a photo of sks dog", "sks dog on a beach",
+                                                        "a photo of sks dog"]
     assert ds[1]["prompt"] == "sks dog on a beach"
     (inst / "metadata.jsonl").write_text('{"file_name": "gone.png", "text": "x"}\n')
     with pytest.raises(ValueError, match="'gone.png' is not an image"):
@@ -471,7 +473,8 @@ def test_replay_prior_captions_and_prompt_dropout(tmp_path):
     (cls / "metadata.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     ds = DreamBoothDataset(inst, "a photo of sks dog", 32, class_dir=cls, class_prompt="a photo of a thing")
     assert len(ds.class_images) == 6  # metadata.jsonl is not an image
-    assert [ds.plan(i)["class_example"]["prompt"] for i in range(6)] == [r["text"] for r in rows] + ["a photo of a thing"]
+    assert ([ds.plan(i)["class_example"]["prompt"] for i in range(6)]
+            == [r["text"] for r in rows] + ["a photo of a thing"])
     with pytest.raises(ValueError, match="1 images have no caption"):
         DreamBoothDataset(inst, "a photo of sks dog", 32, class_dir=cls)
 
@@ -486,7 +489,8 @@ def test_replay_prior_captions_and_prompt_dropout(tmp_path):
     flat = [p for ps in seen for p in ps]
     assert 0 < flat.count("") < len(flat) and seen[0] != seen[1]
 
-    for bad, match in [("not json", "line 1: not JSON"), ('{"file_name": "nope.png", "text": "a"}', "'nope.png' is not an image"),
+    for bad, match in [("not json", "line 1: not JSON"),
+                       ('{"file_name": "nope.png", "text": "a"}', "'nope.png' is not an image"),
                        (f'{{"file_name": "{names[0]}"}}', "line 1: needs a string")]:
         (cls / "metadata.jsonl").write_text(bad + "\n")
         with pytest.raises(ValueError, match=match):

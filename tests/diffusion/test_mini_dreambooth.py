@@ -20,21 +20,24 @@ from tsd_diffusion.tiny import make_subject_images
 def test_default_run_is_the_mini_recipe_and_flags_win(tmp_path):
     a = T.SDXLTrainConfig.from_args(T.parse_args(["--output_dir", str(tmp_path)]))
     assert a.pretrained_model_name_or_path == mini.MINI_NAME
-    assert (a.resolution, a.learning_rate, a.text_encoder_lr, a.max_train_steps, a.train_batch_size) == (32, 1e-3, 1e-3, 200, 16)
+    assert ((a.resolution, a.learning_rate, a.text_encoder_lr, a.max_train_steps, a.train_batch_size)
+            == (32, 1e-3, 1e-3, 200, 16))
     assert a.train_text_encoder and a.with_prior_preservation and a.random_flip
     assert a.class_prompt_dropout == 0.1 and a.num_class_images == 1000 and a.class_data_dir is None  # built in main()
     assert a.embedded_subject and a.instance_prompt == "a photo of sks automobile"
     assert a.validation_prompt == ["a photo of sks automobile", "a photo of a automobile", "a photo of a dog"]
-    b = T.SDXLTrainConfig.from_args(T.parse_args(["--output_dir", str(tmp_path), "--no-train_text_encoder", "--resolution", "64",
-                                      "--no-with_prior_preservation", "--train_batch_size", "2"]))
+    b = T.SDXLTrainConfig.from_args(T.parse_args(["--output_dir", str(tmp_path), "--no-train_text_encoder",
+                                      "--resolution", "64", "--no-with_prior_preservation", "--train_batch_size", "2"]))
     assert not b.train_text_encoder and not b.with_prior_preservation and (b.resolution, b.train_batch_size) == (64, 2)
-    c = T.SDXLTrainConfig.from_args(T.parse_args(["--output_dir", str(tmp_path), "--pretrained_model_name_or_path", str(tmp_path),
+    c = T.SDXLTrainConfig.from_args(T.parse_args(["--output_dir", str(tmp_path),
+                                      "--pretrained_model_name_or_path", str(tmp_path),
                                       "--instance_data_dir", str(tmp_path), "--instance_prompt", "a photo of sks dog"]))
     assert (c.resolution, c.learning_rate, c.text_encoder_lr, c.train_text_encoder, c.with_prior_preservation) == \
         (1024, 1e-4, 5e-6, False, False)
     assert c.validation_prompt == ["a photo of sks dog"]
     with pytest.raises(ValueError, match="--class_data_dir"):
-        T.SDXLTrainConfig.from_args(T.parse_args(["--output_dir", str(tmp_path), "--pretrained_model_name_or_path", str(tmp_path),
+        T.SDXLTrainConfig.from_args(T.parse_args(["--output_dir", str(tmp_path),
+                                      "--pretrained_model_name_or_path", str(tmp_path),
                                       "--instance_data_dir", str(tmp_path), "--instance_prompt", "x y",
                                       "--with_prior_preservation"]))
 
@@ -164,7 +167,8 @@ def test_default_main_job_runs_with_no_network_and_an_empty_cache(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     assert (out / "pytorch_lora_weights.safetensors").is_file()
     metrics = json.loads((out / "validation" / "step-4" / "metrics.json").read_text())
-    assert [m["prompt"] for m in metrics] == ["a photo of sks automobile", "a photo of a automobile", "a photo of a dog"]
+    assert [m["prompt"] for m in metrics] == ["a photo of sks automobile", "a photo of a automobile",
+                                              "a photo of a dog"]
     args = json.loads((out / "training_args.json").read_text())
     assert args["resolved_base"] == str(mini.WEIGHTS_DIR) and args["with_prior_preservation"]
     assert json.loads((out / "dash_switch.json").read_text())["unet"]["step"] == 2

@@ -1,8 +1,7 @@
 """The mini SDXL building blocks and metrics (tsd_diffusion/mini_sdxl.py, tsd_diffusion/evaluation.py) against dense
 references, what ships with it (a complete pipeline dir, the real CLIP tokenizers, the sample sets made from the base
 itself), and the pretraining (tsd_diffusion/pretrain_mini.py): its UNet phase resumed from a checkpoint ends where an
-uninterrupted run
-ends."""
+uninterrupted run ends."""
 
 import base64
 import io
@@ -123,7 +122,8 @@ def test_pretrain_unet_phase_resumes_exactly(tmp_path, monkeypatch):
         g = torch.Generator().manual_seed(0)
         save_safetensors({"latents": torch.randn(40, 4, 16, 16, generator=g), "labels": torch.arange(40) % 10},
                          work / "latents.safetensors")
-        return P.parse_args(["--cifar_task_json", str(work / "unused.json"), "--output_dir", str(work / "out"), "--work_dir", str(work), "--unet_steps", "6",
+        return P.parse_args(["--cifar_task_json", str(work / "unused.json"), "--output_dir", str(work / "out"),
+                             "--work_dir", str(work), "--unet_steps", "6",
                              "--unet_batch_size", "2", "--checkpointing_steps", "2"])
 
     full = prepare(tmp_path / "full")
@@ -243,7 +243,8 @@ def test_subject_metrics_on_cases_with_a_known_answer():
 @torch.no_grad()
 def test_shipped_mini_sdxl_draws_the_prompted_class(tmp_path):
     """The shipped weights (package data) load through the stock pipeline by name and draw what is asked for, as
-    judged by the shipped evaluation classifier; the shipped files (weights, tokenizers, sample sets) stay under 28 MB."""
+    judged by the shipped evaluation classifier; the shipped files (weights, tokenizers, sample sets) stay under
+    28 MB."""
     from diffusers import StableDiffusionXLPipeline
 
     from tsd_diffusion.tiny import resolve_pretrained

@@ -31,7 +31,8 @@ def run(tmp, *extra, steps=6):
     from accelerate.state import AcceleratorState
 
     AcceleratorState._reset_state(reset_partial_state=True)  # each run is its own "process" (as accelerate's tests do)
-    argv = ["--pretrained_model_name_or_path", T.EMBEDDED_NAME, "--output_dir", str(tmp), "--max_train_steps", str(steps), "--dash_warmup_steps", "3",
+    argv = ["--pretrained_model_name_or_path", T.EMBEDDED_NAME, "--output_dir", str(tmp),
+            "--max_train_steps", str(steps), "--dash_warmup_steps", "3",
             "--dash_directions", "2", "--train_batch_size", "2", "--num_validation_images", "1",
             "--validation_inference_steps", "2", "--checkpointing_steps", "1000", *extra]
     return T.main(T.parse_args(argv))
@@ -113,7 +114,8 @@ def test_checkpoints_are_pruned_after_a_new_one_is_complete(tmp_path):
     assert not list(out.glob(".checkpoint-*"))
     # a checkpoint holds the adapter state and accelerate's optimizer/scheduler/RNG, not the frozen base
     files = {p.name for p in (out / "checkpoint-6").rglob("*") if p.is_file()}
-    assert "tsd_adapter.safetensors" in files and not any("diffusion_pytorch_model" in f or f == "model.safetensors" for f in files)
+    assert ("tsd_adapter.safetensors" in files
+            and not any("diffusion_pytorch_model" in f or f == "model.safetensors" for f in files))
 
 
 def test_latent_cache_gives_the_same_training(tmp_path):
@@ -157,7 +159,8 @@ def test_text_encoder_training_exports_all_components(tmp_path):
     (["--noise_offset", "-0.1"], "--noise_offset must be >= 0"),
     (["--repeats", "0"], "--repeats must be > 0"),
     pytest.param(["--enable_xformers_memory_efficient_attention"], "needs xformers: pip install xformers",
-                 marks=pytest.mark.skipif(importlib.util.find_spec("xformers") is not None, reason="xformers is installed")),
+                 marks=pytest.mark.skipif(importlib.util.find_spec("xformers") is not None,
+                                          reason="xformers is installed")),
     (["--dash_directions", "500"], "dash_directions=500 is larger than"),
 ])
 def test_bad_input_fails_before_training(extra, message, tmp_path):
@@ -303,7 +306,8 @@ def test_class_images_sample_at_half_precision_with_an_fp32_vae(tmp_path):
 def test_class_sampling_needs_a_prompt_and_usable_files_before_loading(tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
-    with pytest.raises(ValueError, match=r"holds no images; sampling --num_class_images=2 from the base needs --class_prompt"):
+    with pytest.raises(ValueError, match=r"holds no images; sampling --num_class_images=2 from the base "
+                                         r"needs --class_prompt"):
         run(tmp_path / "out", "--with_prior_preservation", "--class_data_dir", str(empty), "--num_class_images", "2")
     (empty / "notes.txt").write_text("not an image")
     with pytest.raises(ValueError, match="notes.txt"):
@@ -339,7 +343,8 @@ def test_two_process_gloo_run_switches_identically(tmp_path):
     env = launcher_env(ACCELERATE_USE_CPU="true", PYTHONPATH=str(repo))
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--gpu_ids", "all", "--main_process_port", str(port), "--mixed_precision", "no",
-           "--dynamo_backend", "no", str(repo / "apps" / "train_sdxl.py"), "--pretrained_model_name_or_path", "tsd-lora/tiny-sdxl", "--output_dir", str(tmp_path / "ddp"),
+           "--dynamo_backend", "no", str(repo / "apps" / "train_sdxl.py"),
+           "--pretrained_model_name_or_path", "tsd-lora/tiny-sdxl", "--output_dir", str(tmp_path / "ddp"),
            "--max_train_steps", "4", "--dash_warmup_steps", "2", "--dash_directions", "2", "--train_batch_size", "1",
            "--num_validation_images", "1", "--validation_inference_steps", "2", "--checkpointing_steps", "3",
            "--with_prior_preservation", "--class_prompt", "a photo of a teapot", "--num_class_images", "3",

@@ -54,7 +54,8 @@ def test_truncation_cuts_the_context_from_the_left_keeps_bos_and_counts():
     assert long_row["input_ids"][-2:] == tok("\nA: blue", add_special_tokens=False)["input_ids"][-2:]
     assert long_row["labels"][:-1] == [-100] * 5 and long_row["labels"][-1] == tok.convert_tokens_to_ids("blue")
     assert short_row["input_ids"] == tok("Q: blue")["input_ids"]
-    assert len(cut_answer["input_ids"]) == 6 and cut_answer["labels"][0] == -100 and -100 not in cut_answer["labels"][1:]
+    assert (len(cut_answer["input_ids"]) == 6 and cut_answer["labels"][0] == -100
+            and -100 not in cut_answer["labels"][1:])
     # evaluation: one context per example, cut so that it fits with the longest choice
     items, truncated = causal.encode_choices(tok, [_mc(long_ctx, "blue", "red sky"), _mc("Q:", "blue", "red")], 6)
     assert truncated == 1 and items[0]["context"][0] == bos and len(items[0]["context"]) == 4

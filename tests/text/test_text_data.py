@@ -53,7 +53,8 @@ def test_llm_adapters_json_and_jsonl_choices_from_answer_format(tmp_path):
     assert [e.label for e in exs] == [0, 1, 1]
     assert exs[0].context == alpaca_prompt(BOOLQ["instruction"]) + "the correct answer is "
     assert exs[0].context.startswith("Below is an instruction that describes a task. Write")
-    assert "### Input:\nsome context\n\n### Response:\n" in exs[2].context and ", paired with an input" in exs[2].context
+    assert ("### Input:\nsome context\n\n### Response:\n" in exs[2].context
+            and ", paired with an input" in exs[2].context)
     (tmp_path / "c.jsonl").write_text("\n".join(json.dumps(r) for r in [BOOLQ, PIQA]) + "\n")
     assert [e.label for e in load_mc(tmp_path / "c.jsonl")] == [0, 1]
 
@@ -118,7 +119,8 @@ def test_question_choices_answer_records(tmp_path):
     assert exs[2].where == "mc.jsonl line 3" and read_records(tmp_path / "mc.jsonl").format == "choices"
     for bad, match in [({"answer": 2}, r"'answer' 2 is neither a 0-based index below 2"),
                        ({"answer": "5"}, r"'answer' '5' is neither"), ({"answer": True}, "'answer' True is neither"),
-                       ({"choices": ["only"]}, "a multiple-choice example needs at least 2"), ({"choices": "a/b"}, "'choices' must be a list")]:
+                       ({"choices": ["only"]}, "a multiple-choice example needs at least 2"),
+                       ({"choices": "a/b"}, "'choices' must be a list")]:
         (tmp_path / "bad.json").write_text(json.dumps([rows[0], {**rows[0], **bad}]))
         with pytest.raises(DataError, match=r"bad.json \[1\]: " + match):
             load_mc(tmp_path / "bad.json")
