@@ -17,6 +17,8 @@ rule from the cell files, never a hand-written conclusion:
 - "fewer parameters": dash at the small rank is not worse than lora at a larger one unless lora wins by the rule
   above; when lora at the larger rank does not itself beat lora at the small rank (by the same rule), a "not worse"
   is reported as **not tested here**, since any method that matches the small rank would pass;
+- the λ study (dash with λ's learning rate at ``dash_lr_ratio`` times the base rate): each ratio vs lora, pairing
+  (subject, seed) over every subject, on the subject probe and the class prompt's leak;
 - the teacher study: dash's switch recalls the teacher's directions at least 2 times as often as a random choice.
 
 A verdict says whether an effect is there, not whether it is large: the paired difference is also given in
@@ -30,6 +32,7 @@ import statistics
 from typing import Any
 
 from .report import mean_std
+from .subject_study import row_label
 
 TITLE = "The paper's claims, checked"
 
@@ -88,9 +91,9 @@ def same_rank_lines(records: list[dict[str, Any]]) -> list[str]:
             lines += [_line(f"text, {model} r={rank}: held-out accuracy ↑", m, "lora", acc[m], acc["lora"])
                       for m in CHALLENGERS if acc[m] and acc["lora"]]
     subject = [r for r in done if r["config"]["kind"] == "subject"]
-    for name in sorted({r["config"]["subject"] for r in subject}):
+    for name in sorted({r["config"]["subject"] for r in subject}):  # (the λ study's dash cells have rows of their own)
         probe = {m: {r["config"]["seed"]: r["result"]["metrics"][0]["subject_probe"] for r in subject
-                     if (r["config"]["subject"], r["config"]["method"]) == (name, m)} for m in ("lora", *CHALLENGERS)}
+                     if (r["config"]["subject"], row_label(r["config"])) == (name, m)} for m in ("lora", *CHALLENGERS)}
         lines += [_line(f"subject {name}: sks subject probe ↑", m, "lora", probe[m], probe["lora"])
                   for m in CHALLENGERS if probe[m] and probe["lora"]]
     teacher = [r for r in done if r["config"]["kind"] == "teacher"]
@@ -101,6 +104,23 @@ def same_rank_lines(records: list[dict[str, Any]]) -> list[str]:
         lines += [_line(f"teacher, {band} band: relative error ↓", m, "lora", err[m], err["lora"],
                         higher_is_better=False)
                   for m in CHALLENGERS if err[m] and err["lora"]]
+    return lines
+
+
+def lambda_study_lines(records: list[dict[str, Any]]) -> list[str]:
+    """The λ study (:func:`benchmarks.subject_study.lambda_study_cells`): dash with λ's learning rate at each
+    ``dash_lr_ratio`` vs lora, paired by (subject, seed) over every subject: the sks subject probe (↑) and the class
+    prompt's probe, the subject leaking into its class (↓)."""
+    subject = [r for r in records if "result" in r and r["config"]["kind"] == "subject"]
+    lines = []
+    for ratio in sorted({r["config"]["dash_lr_ratio"] for r in subject if "dash_lr_ratio" in r["config"]}):
+        dash = f"dash λlr×{ratio:g}"
+        for what, i, higher in (("sks subject probe ↑", 0, True), ("class prompt: probe (leak) ↓", 1, False)):
+            value = {m: {(r["config"]["subject"], r["config"]["seed"]): r["result"]["metrics"][i]["subject_probe"]
+                         for r in subject if row_label(r["config"]) == m} for m in ("lora", dash)}
+            if value["lora"] and value[dash]:
+                lines.append(_line(f"λ study, every subject: {what}", dash, "lora", value[dash], value["lora"],
+                                   higher_is_better=higher))
     return lines
 
 
@@ -213,7 +233,7 @@ def direction_lines(records: list[dict[str, Any]]) -> list[str]:
 
 def report(records: list[dict[str, Any]]) -> str:
     """The comparison table (same rank, fewer parameters) and the direction properties, from finished cells."""
-    rows = same_rank_lines(records) + fewer_parameters_lines(records)
+    rows = same_rank_lines(records) + lambda_study_lines(records) + fewer_parameters_lines(records)
     lines = []
     if rows:
         lines += ["| claim: the method better than lora, or as stated | measured (mean ± std over seeds) "

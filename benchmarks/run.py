@@ -10,9 +10,9 @@ the suite; a cell that raises anything else stops the suite with the cell's name
 rebuilt from every cell file of the suite: ``report.md`` (tables, machine, versions, date; the cells not runnable
 here with their reasons) and PNG plots beside it. Nothing in the report is typed by hand.
 
-Kinds: ``subject`` (:mod:`benchmarks.subject_study`), ``text`` (:mod:`benchmarks.text_quality`), ``tsd``
-(:mod:`benchmarks.tsd_analysis`), ``teacher`` (:mod:`benchmarks.teacher_study`) and ``cost``
-(:mod:`benchmarks.cost`).
+Kinds: ``subject`` (:mod:`benchmarks.subject_study`), ``text`` (:mod:`benchmarks.text_quality`), ``commonsense``
+(:mod:`benchmarks.commonsense`), ``tsd`` (:mod:`benchmarks.tsd_analysis`), ``teacher``
+(:mod:`benchmarks.teacher_study`) and ``cost`` (:mod:`benchmarks.cost`).
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ WORK = ROOT / "work"  # training outputs of the cells (gitignored)
 
 
 def suite_cells(suite: str) -> list[dict[str, Any]]:
-    from . import cost, subject_study, teacher_study, text_quality, tsd_analysis
+    from . import commonsense, cost, subject_study, teacher_study, text_quality, tsd_analysis
 
     if suite == "quick":  # <= 15 min on 2 CPU cores: one subject, one seed; MiniLM at a short budget
         subject = subject_study.cells(["car"], ["lora", "dash"], [0], steps=100, batch_size=8, rank=4,
@@ -45,12 +45,17 @@ def suite_cells(suite: str) -> list[dict[str, Any]]:
         teacher = teacher_study.cells(["lora", "dash"], [0], **TEACHER, teacher_band="moderate",
                                       teacher_rate=TEACHER_RATES["moderate"], steps=150, dash_warmup_steps=50)
         costs = cost.cells(["llama"], attaches=2, repeats=2, steps=8, memory_steps=0, idle_wait=10.0, idle_budget=30.0)
-        return costs + subject + text + tsd + teacher
+        mixture = commonsense.cells(methods=["lora"], dash_lr_ratios=[], ranks=[4], seeds=[0], lrs=[5e-4],
+                                    **COMMONSENSE_QUICK)
+        return costs + subject + text + mixture + tsd + teacher
     if suite == "full":
         subject = subject_study.cells(list(subject_study.SUBJECTS), ["lora", "dash", "lora_init", "tsd", "eva",
                                                                      "lora_da", "pissa", "lora_ga"],
                                       [0, 1, 2], steps=200, batch_size=8, rank=4, dash_warmup_steps=100,
                                       num_images=16)  # the default recipe at half its batch (CPU time)
+        subject += subject_study.lambda_study_cells(list(subject_study.SUBJECTS), LAMBDA_LR_RATIOS, [0, 1, 2],
+                                                    steps=200, batch_size=8, rank=4, dash_warmup_steps=100,
+                                                    num_images=16)
         done = read_cells(suite)  # the text grid's second stage follows from its finished lr sweep
         text = [*text_quality.cells("minilm", text_quality.METHODS, ranks=[4, 16], seeds=[0, 1, 2],
                                     lrs=[3e-4, 1e-3, 3e-3], steps=200, eval_examples=1000, done=done,
@@ -62,13 +67,21 @@ def suite_cells(suite: str) -> list[dict[str, Any]]:
                                    checkpoints=[10, 25, 50, 100, 200, 400], reference_steps=400, eval_examples=1000),
                *tsd_analysis.cells(["smollm2"], [0, 1, 2], rank=4, directions=8, lora_lr=5e-4, full_lr=1e-5,
                                    checkpoints=[10, 25, 50, 100, 200, 400], reference_steps=400, eval_examples=400)]
+        mixture = commonsense.cells(ranks=[4, 16], seeds=[0, 1, 2], lrs=[1e-4, 5e-4, 2e-3], done=done,
+                                    extra_ranks={"lora": [32]}, **COMMONSENSE_FULL)
         teacher = [cell for band in ("moderate", "top")  # top σ: the directions the data excites most (a control)
                    for cell in teacher_study.cells(list(text_quality.METHODS), [0, 1, 2], **TEACHER, teacher_band=band,
                                                    teacher_rate=TEACHER_RATES[band], steps=400, dash_warmup_steps=100)]
-        return cost.cells(["llama", "minilm"]) + subject + tsd + teacher + text
+        return cost.cells(["llama", "minilm"]) + subject + tsd + teacher + text + mixture
     raise ValueError(f"unknown suite {suite!r}")
 
 
+#: λ's learning rate over the base rate in the λ study's subject cells (``--dash_lr_ratio``)
+LAMBDA_LR_RATIOS = [1.0, 10.0, 100.0]
+#: the commonsense cells' budget (docs/benchmarks.md#the-commonsense-grid: 105 cells of about 25 min of one core,
+#: about a day on two one-thread runners); the quick suite's one cell checks the plumbing
+COMMONSENSE_FULL = dict(steps=150, eval_per_task=100)
+COMMONSENSE_QUICK = dict(steps=40, eval_per_task=20)
 #: the teacher study's task and student: 8 teacher directions per layer, student rank 4 and s = 8
 TEACHER = dict(rank=4, directions=8, teacher_directions=8, batch_size=16, lr=1e-3, eval_every=25, train_images=1000)
 #: change rates that give both bands about the same base error (held-out MSE to the teacher ~0.006, measured)
@@ -82,10 +95,10 @@ def section_intro(module: Any) -> str:
 
 def cell_kinds() -> dict[str, Any]:
     """Cell kind -> its module (``run_cell(cfg, work)``, ``report(records, out_dir)``, ``TITLE``), in report order."""
-    from . import cost, subject_study, teacher_study, text_quality, tsd_analysis
+    from . import commonsense, cost, subject_study, teacher_study, text_quality, tsd_analysis
 
-    return {"subject": subject_study, "text": text_quality, "tsd": tsd_analysis, "teacher": teacher_study,
-            "cost": cost}
+    return {"subject": subject_study, "text": text_quality, "commonsense": commonsense, "tsd": tsd_analysis,
+            "teacher": teacher_study, "cost": cost}
 
 
 def cell_id(cfg: dict[str, Any]) -> str:
@@ -147,7 +160,7 @@ def run_suite(suite: str, only: list[str] | None, limit: int | None, shard: tupl
         cfg_path = cells_dir / f"{name}.config.json"
         cfg_path.write_text(json.dumps(cfg, indent=1, sort_keys=True) + "\n")
         label = ", ".join(f"{k}={v}" for k, v in cfg.items() if k in ("kind", "subject", "model", "method", "rank",
-                                                                       "lr", "seed"))
+                                                                       "dash_lr_ratio", "lr", "seed"))
         print(f"[{i + 1}/{len(todo)}] {name}: {label}", flush=True)
         t = time.perf_counter()
         proc = subprocess.run([sys.executable, "-m", "benchmarks.run", "--cell", str(cfg_path)], cwd=ROOT.parent)
@@ -194,11 +207,11 @@ def write_report(suite: str, records: list[dict[str, Any]]) -> Path:
     planned = suite_cells(suite)
     unrunnable = {cell_id(u["config"]): u for u in read_unrunnable(suite) if cell_id(u["config"]) not in have}
     missing = [c["kind"] for c in planned if cell_id(c) not in have and cell_id(c) not in unrunnable]
-    open_sweeps = text_quality.open_sweeps(planned)
+    open_sweeps = sum(text_quality.open_sweeps(planned, kind) for kind in ("text", "commonsense"))
     if missing:
         head += ["", f"Cells of the suite not run yet: {len(missing)} ("
                  + ", ".join(f"{k} {missing.count(k)}" for k in cell_kinds() if k in missing) + ")"
-                 + (f", plus the other seeds of the {open_sweeps} text lr sweep(s) still open (planned at the best lr "
+                 + (f", plus the other seeds of the {open_sweeps} lr sweep(s) still open (planned at the best lr "
                     "once the sweep is finished)" if open_sweeps else "")
                  + "; the tables below are from the finished cells only."]
     skipped = [r for r in records if "skipped" in r]
@@ -225,7 +238,7 @@ def write_report(suite: str, records: list[dict[str, Any]]) -> Path:
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--suite", choices=["quick", "full"], default="quick")
-    ap.add_argument("--only", action="append", choices=["subject", "text", "tsd", "teacher", "cost"],
+    ap.add_argument("--only", action="append", choices=["subject", "text", "commonsense", "tsd", "teacher", "cost"],
                     help="run only these cell kinds")
     ap.add_argument("--limit", type=int, default=None, help="run at most N new cells, then write the report")
     ap.add_argument("--where", action="append", default=[], metavar="KEY=VALUE",

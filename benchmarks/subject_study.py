@@ -11,6 +11,11 @@ method and seed, then scores ``--num_validation_images`` generations of three pr
 A ``base`` cell scores the untrained pipeline on the same prompts and seeds (the "before" row). The replay prior and
 the probe's negatives are the base's own generations of the ten classes, shipped with it.
 
+The λ study (:func:`lambda_study_cells`) trains dash with λ's learning rate at ``dash_lr_ratio`` times the base
+rate (``--dash_lr_ratio``) and records, per dash layer of the UNet, ‖U diag(λ) Vᵀ‖_F / ‖γ B A‖_F
+(:func:`lambda_norm_ratios`): how large the dash term grew against the LoRA term. Its rows are labelled
+``dash λlr×<ratio>``.
+
 Subjects: ``car``, the toy car the project draws (``tsd_diffusion.tiny.make_subject_images(subject="car")``), and
 the real DreamBooth photos ``cat`` and ``dog`` (the DreamBooth data set, CC BY 4.0) from the folder
 ``$TSD_DREAMBOOTH_DATA`` names (read in place and downscaled by the trainer; absent data -> the cell is skipped with
@@ -21,6 +26,7 @@ from __future__ import annotations
 
 import csv
 import os
+import statistics
 from pathlib import Path
 from typing import Any
 
@@ -78,14 +84,41 @@ def run_cell(cfg: dict[str, Any], work: Path) -> dict[str, Any]:
             "--train_batch_size", str(cfg["batch_size"]), "--rank", str(cfg["rank"]),
             "--dash_warmup_steps", str(cfg["dash_warmup_steps"]), "--num_validation_images", str(cfg["num_images"]),
             "--checkpointing_steps", "1000000", *[x for q in p for x in ("--validation_prompt", q)]]
+    if "dash_lr_ratio" in cfg:
+        argv += ["--dash_lr_ratio", str(cfg["dash_lr_ratio"])]
     summary = main(parse_args(argv))
     with open(work / "run" / "loss_log.csv") as f:
         log = list(csv.DictReader(f))
     adapters = summary["adapters"]
-    return {"metrics": summary["validation_metrics"], "final_loss": summary["final_loss"],
-            "train_s": float(log[-1]["elapsed"]), "loss_curve": [float(r["loss"]) for r in log],
-            "trainable_parameters": sum(p.numel() for a in adapters.values() for p in a.trainable_parameters()),
-            "lora_file_bytes": (work / "run" / "pytorch_lora_weights.safetensors").stat().st_size}
+    out = {"metrics": summary["validation_metrics"], "final_loss": summary["final_loss"],
+           "train_s": float(log[-1]["elapsed"]), "loss_curve": [float(r["loss"]) for r in log],
+           "trainable_parameters": sum(p.numel() for a in adapters.values() for p in a.trainable_parameters()),
+           "lora_file_bytes": (work / "run" / "pytorch_lora_weights.safetensors").stat().st_size}
+    if adapters["unet"].dash_layers:
+        ratios = lambda_norm_ratios(adapters["unet"])
+        out.update(lambda_norm_ratio=statistics.mean(ratios.values()),
+                   lambda_norm_ratio_median=statistics.median(ratios.values()))
+    return out
+
+
+def lambda_norm_ratios(adapter: Any) -> dict[str, float]:
+    """‖U diag(λ) Vᵀ‖_F / ‖γ B A‖_F of every dash layer of ``adapter`` (0 where the LoRA term is 0).
+
+    Both from the factors: ‖P Q‖_F² = Σ_ij (PᵀP)_ij (Q Qᵀ)_ij, with (P, Q) = (U diag λ, Vᵀ) and (γB, A).
+    """
+    import torch
+
+    def frobenius(P: torch.Tensor, Q: torch.Tensor) -> float:
+        return float(((P.T @ P) * (Q @ Q.T)).sum().clamp(min=0).sqrt())
+
+    out = {}
+    for name in adapter.dash_layers:
+        term = adapter.dash_term(name)
+        B, A = (t.detach().double() for t in adapter.lora_factors(name))
+        lora = frobenius(adapter.scale(name) * B, A)
+        dash = frobenius(term.U.detach().double() * term.lam.detach().double(), term.Vh.detach().double())
+        out[name] = dash / lora if lora > 0 else 0.0
+    return out
 
 
 def score_base(cfg: dict[str, Any], photos: Path) -> list[dict[str, Any]]:
@@ -118,6 +151,19 @@ def cells(subjects: list[str], methods: list[str], seeds: list[int], **settings:
             for tier in (first, rest) for seed in seeds for subject in subjects for method in tier]
 
 
+def lambda_study_cells(subjects: list[str], ratios: list[float], seeds: list[int],
+                       **settings: Any) -> list[dict[str, Any]]:
+    """The λ study: dash on every (subject, seed) at each ``dash_lr_ratio`` (the ratio is part of the config, so
+    these cells are apart from the plain dash cells)."""
+    return [{"kind": "subject", "data": DATA, "subject": subject, "method": "dash", "seed": seed,
+             "dash_lr_ratio": ratio, **settings} for ratio in ratios for seed in seeds for subject in subjects]
+
+
+def row_label(config: dict[str, Any]) -> str:
+    """A cell's row label: its method, with λ's learning-rate ratio for the λ study's cells."""
+    return f"dash λlr×{config['dash_lr_ratio']:g}" if "dash_lr_ratio" in config else config["method"]
+
+
 def report(records: list[dict[str, Any]], out_dir: Path) -> str:
     return summarize(records)[1]
 
@@ -135,8 +181,8 @@ def summarize(results: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], str]
     for r in results:
         if "result" in r:
             c = r["config"]
-            groups.setdefault((c["subject"], c["method"]), []).append({**r["result"], "seed": c["seed"]})
-            probe_of[(c["subject"], c["method"], c["seed"])] = r["result"]["metrics"][0]["subject_probe"]
+            groups.setdefault((c["subject"], row_label(c)), []).append({**r["result"], "seed": c["seed"]})
+            probe_of[(c["subject"], row_label(c), c["seed"])] = r["result"]["metrics"][0]["subject_probe"]
     for (subject, method), rs in list(groups.items()):
         groups.setdefault(("all", method), []).extend({**m, "subject": subject} for m in rs)
     rows = []
@@ -149,6 +195,7 @@ def summarize(results: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], str]
         paired = [m["metrics"][0]["subject_probe"] - probe_of[(m.get("subject", subject), "lora", m["seed"])]
                   for m in rs if (m.get("subject", subject), "lora", m["seed"]) in probe_of]
         row["sks probe − lora's (paired)"] = mean_std(paired) if method not in ("base", "lora") else "–"
+        row["‖λ‖/‖γBA‖"] = mean_std([m.get("lambda_norm_ratio") for m in rs])
         row["train s"] = mean_std([m.get("train_s") for m in rs], digits=0)
         rows.append(row)
     header = list(rows[0]) if rows else []

@@ -9,7 +9,8 @@
   the seeded split's membership, so those cells are comparable in setting, not bit for bit.
 
 The grid runs rank by rank in two stages so that every method is compared at its own best learning rate: a sweep
-(each method at the first seed and every lr), then that method's best lr of the sweep at the other seeds.
+(each method at the first seed and every lr), then that method's best lr of the sweep at the other seeds
+(:func:`grid`; the commonsense cells use the same two stages).
 Each row is mean ± std over seeds at that lr (the sweep's seed included), with trainable parameters, the stored
 adapter file, and the step at which the method first reached plain LoRA's final training loss (10-step mean).
 """
@@ -19,7 +20,7 @@ from __future__ import annotations
 import csv
 import math
 import statistics
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -43,17 +44,45 @@ def _cell(model: str, method: str, rank: int, lr: float, seed: int, steps: int, 
             "eval_examples": eval_examples}
 
 
+def arm(config: dict[str, Any]) -> str:
+    """The row a cell belongs to: its method, and λ's learning-rate ratio when the cell sets one other than 1
+    (``dash λ-lr ×10``)."""
+    ratio = config.get("dash_lr_ratio", 1)
+    return config["method"] if ratio == 1 else f"{config['method']} λ-lr ×{ratio:g}"
+
+
+def arm_order(config: dict[str, Any]) -> tuple[int, int, float]:
+    """Rows in rank, then :data:`METHODS`, then λ-lr ratio order."""
+    return config["rank"], METHODS.index(config["method"]), config.get("dash_lr_ratio", 1)
+
+
 def best_lr(records: Iterable[dict[str, Any]], model: str, method: str, rank: int, seed: int,
-            lrs: list[float] | None = None) -> float | None:
-    """The lr of the sweep (``model``, ``method`` at ``rank`` and ``seed``) with the best held-out accuracy, the
-    smaller lr on a tie; ``None`` while any of ``lrs`` (when given) has no finished cell."""
+            lrs: list[float] | None = None, kind: str = "text") -> float | None:
+    """The lr of the sweep (cells of ``kind``: ``model``, the :func:`arm` ``method`` at ``rank`` and ``seed``) with
+    the best held-out accuracy, the smaller lr on a tie; ``None`` while any of ``lrs`` (when given) has no finished
+    cell."""
     acc = {r["config"]["lr"]: r["result"]["after"]["accuracy"] for r in records if "result" in r
-           and r["config"]["kind"] == "text"
-           and (r["config"]["model"], r["config"]["method"], r["config"]["rank"], r["config"]["seed"])
+           and r["config"]["kind"] == kind
+           and (r["config"]["model"], arm(r["config"]), r["config"]["rank"], r["config"]["seed"])
            == (model, method, rank, seed)}
     if not acc or (lrs is not None and not set(lrs) <= set(acc)):
         return None
     return max(sorted(acc), key=lambda lr: acc[lr])
+
+
+def grid(arms: dict[str, list[int]], *, seeds: list[int], lrs: list[float],
+         make: Callable[[str, int, float, int], dict[str, Any]], best: Callable[[str, int], float | None]
+         ) -> list[dict[str, Any]]:
+    """The two stages, rank by rank: ``make(arm, rank, lr, seed)`` for every arm at that rank (``arms``: arm ->
+    its ranks) at ``seeds[0]`` and every lr, then, for each arm whose sweep has a result (``best(arm, rank)``, the
+    finished sweep's best lr or None; one lr needs no sweep), its best lr at every other seed."""
+    out: list[dict[str, Any]] = []
+    for r in sorted({r for rs in arms.values() for r in rs}):
+        at_r = [a for a, rs in arms.items() if r in rs]
+        out += [make(a, r, lr, seeds[0]) for a in at_r for lr in lrs]
+        chosen = {a: lrs[0] if len(lrs) == 1 else best(a, r) for a in at_r}
+        out += [make(a, r, chosen[a], s) for s in seeds[1:] for a in at_r if chosen[a] is not None]
+    return out
 
 
 def cells(model: str, methods: list[str], *, ranks: list[int], seeds: list[int], lrs: list[float], steps: int,
@@ -61,17 +90,11 @@ def cells(model: str, methods: list[str], *, ranks: list[int], seeds: list[int],
           extra_ranks: dict[str, list[int]] | None = None) -> list[dict[str, Any]]:
     """Rank by rank (``ranks`` plus a method's ``extra_ranks``): the sweep (every method at ``seeds[0]`` and every
     lr) and, for each method whose sweep at that rank is finished in ``done`` (or has one lr only), its best lr at
-    every seed."""
+    every seed (:func:`grid`)."""
     done = [r for r in done if r["config"].get("steps") == steps and r["config"].get("eval_examples") == eval_examples]
-    ranks_of = {m: [*ranks, *(extra_ranks or {}).get(m, [])] for m in methods}
-    out: list[dict[str, Any]] = []
-    for r in sorted({r for rs in ranks_of.values() for r in rs}):
-        at_r = [m for m in methods if r in ranks_of[m]]
-        out += [_cell(model, m, r, lr, seeds[0], steps, eval_examples) for m in at_r for lr in lrs]
-        best = {m: lrs[0] if len(lrs) == 1 else best_lr(done, model, m, r, seeds[0], lrs) for m in at_r}
-        out += [_cell(model, m, r, best[m], s, steps, eval_examples) for s in seeds[1:] for m in at_r
-                if best[m] is not None]
-    return out
+    return grid({m: [*ranks, *(extra_ranks or {}).get(m, [])] for m in methods}, seeds=seeds, lrs=lrs,
+                make=lambda m, r, lr, seed: _cell(model, m, r, lr, seed, steps, eval_examples),
+                best=lambda m, r: best_lr(done, model, m, r, seeds[0], lrs))
 
 
 def train_argv(cfg: dict[str, Any], work: Path) -> list[str]:
@@ -93,13 +116,13 @@ def train_argv(cfg: dict[str, Any], work: Path) -> list[str]:
     return argv
 
 
-def open_sweeps(planned: Iterable[dict[str, Any]]) -> int:
-    """How many (model, method, rank) sweeps among the ``planned`` cells of a suite :func:`cells` has not yet
+def open_sweeps(planned: Iterable[dict[str, Any]], kind: str = "text") -> int:
+    """How many (model, arm, rank) sweeps among the ``planned`` cells of ``kind`` :func:`grid` has not yet
     followed with the other seeds: those planned at one seed only (every grid here has more than one seed)."""
     seeds: dict[tuple[str, str, int], set[int]] = {}
     for c in planned:
-        if c["kind"] == "text":
-            seeds.setdefault((c["model"], c["method"], c["rank"]), set()).add(c["seed"])
+        if c["kind"] == kind:
+            seeds.setdefault((c["model"], arm(c), c["rank"]), set()).add(c["seed"])
     return sum(len(v) == 1 for v in seeds.values())
 
 
@@ -159,18 +182,49 @@ def _smooth(values: list[float], k: int = 10) -> list[float]:
 
 def at_best_lr(rows: list[dict[str, Any]]) -> tuple[dict[tuple[str, int], float],
                                                     dict[tuple[str, int], list[dict[str, Any]]]]:
-    """For the finished cells ``rows`` of one model, per (method, rank) in rank then :data:`METHODS` order: the lr
+    """For the finished cells ``rows`` of one model and kind, per (:func:`arm`, rank) in :func:`arm_order`: the lr
     its sweep chose (at the smallest seed) and the results at that lr, each with its ``seed``."""
-    model, seed0 = rows[0]["config"]["model"], min(r["config"]["seed"] for r in rows)
-    keys = sorted({(r["config"]["method"], r["config"]["rank"]) for r in rows},
-                  key=lambda k: (k[1], METHODS.index(k[0])))
-    chosen = {(m, rank): best_lr(rows, model, m, rank, seed0) for m, rank in keys}
+    model, kind, seed0 = rows[0]["config"]["model"], rows[0]["config"]["kind"], min(r["config"]["seed"] for r in rows)
+    order = {(arm(r["config"]), r["config"]["rank"]): arm_order(r["config"]) for r in rows}
+    keys = sorted(order, key=order.get)
+    chosen = {(m, rank): best_lr(rows, model, m, rank, seed0, kind=kind) for m, rank in keys}
     groups: dict[tuple[str, int], list[dict[str, Any]]] = {}
     for r in sorted(rows, key=lambda r: r["config"]["seed"]):
         c = r["config"]
-        if c["lr"] == chosen[(c["method"], c["rank"])]:
-            groups.setdefault((c["method"], c["rank"]), []).append({**r["result"], "seed": c["seed"]})
+        if c["lr"] == chosen[(arm(c), c["rank"])]:
+            groups.setdefault((arm(c), c["rank"]), []).append({**r["result"], "seed": c["seed"]})
     return chosen, {k: groups[k] for k in keys if k in groups}
+
+
+def sweep_lines(rows: list[dict[str, Any]], chosen: dict[tuple[str, int], float]) -> list[str]:
+    """The lr sweep of one model's finished cells (accuracy at the first seed, the chosen lr in bold), the binomial
+    noise of a sweep cell, and the sweeps that are unfinished or chose an lr at the edge of the range."""
+    seed0 = min(r["config"]["seed"] for r in rows)
+    lrs = sorted({r["config"]["lr"] for r in rows})
+    pairs = list(chosen)
+    sweep = {(arm(r["config"]), r["config"]["rank"], r["config"]["lr"]): r["result"]["after"]["accuracy"]
+             for r in rows if r["config"]["seed"] == seed0}
+    lines = [f"Learning-rate sweep (held-out accuracy, seed {seed0}; the best lr of each method and rank, in bold, is "
+             "the one its row below uses):", "",
+             "| method | rank | " + " | ".join(f"lr {lr:g}" for lr in lrs) + " |", "|---" * (len(lrs) + 2) + "|"]
+    for m, rank in pairs:
+        cells_ = [("**{:.3f}**" if lr == chosen[(m, rank)] else "{:.3f}").format(sweep[(m, rank, lr)])
+                  if (m, rank, lr) in sweep else "–" for lr in lrs]
+        lines.append(f"| {m} | {rank} | " + " | ".join(cells_) + " |")
+    accs = [r["result"]["after"] for r in rows if r["config"]["seed"] == seed0]
+    p, n = statistics.mean(a["accuracy"] for a in accs), min(a["num_examples"] for a in accs)
+    lines += ["", f"Each sweep cell is one seed on {n} held-out examples: at the sweep's mean accuracy {p:.3f} "
+              f"its binomial standard error is √(p(1−p)/n) = {math.sqrt(p * (1 - p) / n):.3f}, so a sweep gap "
+              "below about twice that picks the lr as much by chance as by merit."]
+    unfinished = [f"{m} r={rank}" for m, rank in pairs if any((m, rank, lr) not in sweep for lr in lrs)]
+    if unfinished:
+        lines += ["", f"Sweep not finished for {', '.join(unfinished)}: their rows below use the best lr so far."]
+    edge = [f"{m} r={rank} ({'lowest' if chosen[(m, rank)] == lrs[0] else 'highest'}, {chosen[(m, rank)]:g})"
+            for m, rank in pairs if f"{m} r={rank}" not in unfinished and chosen[(m, rank)] in (lrs[0], lrs[-1])]
+    if edge and len(lrs) > 1:
+        lines += ["", f"Best lr at the edge of the sweep for {', '.join(edge)}: the best lr may lie outside the "
+                  "swept range, so these rows may understate what the method reaches on this task."]
+    return lines
 
 
 def report(records: list[dict[str, Any]], out_dir: Path) -> str:
@@ -180,32 +234,9 @@ def report(records: list[dict[str, Any]], out_dir: Path) -> str:
     lines = []
     for model in sorted({r["config"]["model"] for r in done}):
         rows = [r for r in done if r["config"]["model"] == model]
-        rank0, seed0 = min(r["config"]["rank"] for r in rows), min(r["config"]["seed"] for r in rows)
-        lrs = sorted({r["config"]["lr"] for r in rows})
+        rank0 = min(r["config"]["rank"] for r in rows)
         chosen, groups = at_best_lr(rows)
-        pairs = list(chosen)
-        sweep = {(r["config"]["method"], r["config"]["rank"], r["config"]["lr"]): r["result"]["after"]["accuracy"]
-                 for r in rows if r["config"]["seed"] == seed0}
-        lines += [f"### {model}", "", f"Learning-rate sweep (held-out accuracy, seed {seed0}; the best lr of each "
-                  "method and rank, in bold, is the one its row below uses):", "",
-                  "| method | rank | " + " | ".join(f"lr {lr:g}" for lr in lrs) + " |", "|---" * (len(lrs) + 2) + "|"]
-        for m, rank in pairs:
-            cells_ = [("**{:.3f}**" if lr == chosen[(m, rank)] else "{:.3f}").format(sweep[(m, rank, lr)])
-                      if (m, rank, lr) in sweep else "–" for lr in lrs]
-            lines.append(f"| {m} | {rank} | " + " | ".join(cells_) + " |")
-        accs = [r["result"]["after"] for r in rows if r["config"]["seed"] == seed0]
-        p, n = statistics.mean(a["accuracy"] for a in accs), min(a["num_examples"] for a in accs)
-        lines += ["", f"Each sweep cell is one seed on {n} held-out examples: at the sweep's mean accuracy {p:.3f} "
-                  f"its binomial standard error is √(p(1−p)/n) = {math.sqrt(p * (1 - p) / n):.3f}, so a sweep gap "
-                  "below about twice that picks the lr as much by chance as by merit."]
-        unfinished = [f"{m} r={rank}" for m, rank in pairs if any((m, rank, lr) not in sweep for lr in lrs)]
-        if unfinished:
-            lines += ["", f"Sweep not finished for {', '.join(unfinished)}: their rows below use the best lr so far."]
-        edge = [f"{m} r={rank} ({'lowest' if chosen[(m, rank)] == lrs[0] else 'highest'}, {chosen[(m, rank)]:g})"
-                for m, rank in pairs if f"{m} r={rank}" not in unfinished and chosen[(m, rank)] in (lrs[0], lrs[-1])]
-        if edge and len(lrs) > 1:
-            lines += ["", f"Best lr at the edge of the sweep for {', '.join(edge)}: the best lr may lie outside the "
-                      "swept range, so these rows may understate what the method reaches on this task."]
+        lines += [f"### {model}", "", *sweep_lines(rows, chosen)]
         order = list(groups)
         curves = {k: [statistics.mean(v) for v in zip(*[_smooth(x["loss_curve"]) for x in groups[k]], strict=True)]
                   for k in order}

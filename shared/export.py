@@ -30,7 +30,7 @@ DIFFUSERS_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 
 def export_lora(adapter: Any, out_dir: str | Path, format: str = "peft", *, prefix: str = "unet",
                 base_model_name_or_path: str | None = None, task_type: str | None = None,
-                dtype: torch.dtype = torch.float32) -> Path:
+                dtype: torch.dtype = torch.float32, metadata: Mapping[str, str] | None = None) -> Path:
     """Write ``adapter`` to ``out_dir`` in ``format``; returns the directory.
 
     Args:
@@ -42,6 +42,10 @@ def export_lora(adapter: Any, out_dir: str | Path, format: str = "peft", *, pref
             native training state that :func:`shared.load` restores; dash directions are recomputed
             from the base at load).
         prefix: diffusers component name when a single adapter is given.
+        metadata: extra safetensors header entries (str -> str) of the ``peft``, ``diffusers`` or ``kohya`` file,
+            e.g. model-spec and training facts; the export's own keys win. A ``kohya`` file also gets
+            ``ss_network_dim`` and ``ss_network_alpha``: the file's rank (the most common folded rank) and,
+            at scale 1, the same alpha.
 
     Under FSDP2 (parameters sharded by ``fully_shard``) call it on every rank: the factors are gathered
     collectively and rank 0 writes.
@@ -53,12 +57,13 @@ def export_lora(adapter: Any, out_dir: str | Path, format: str = "peft", *, pref
     write = _writes_here(components.values())
     if write:
         out.mkdir(parents=True, exist_ok=True)
+    extra = {str(k): str(v) for k, v in (metadata or {}).items()}
     if format == "tsd":
         save_native(_single(adapter, format), out, write)
     elif format == "peft":
-        _write_peft(_single(adapter, format), out, base_model_name_or_path, task_type, dtype, write)
+        _write_peft(_single(adapter, format), out, base_model_name_or_path, task_type, dtype, write, extra)
     else:
-        _write_diffusers(components, out, kohya=format == "kohya", dtype=dtype, write=write)
+        _write_diffusers(components, out, kohya=format == "kohya", dtype=dtype, write=write, extra=extra)
     return out
 
 
@@ -88,7 +93,7 @@ def rank_config(ranks: Mapping[str, int]) -> dict[str, Any]:
 
 
 def _write_peft(adapter: Any, out: Path, base: str | None, task_type: str | None, dtype: torch.dtype,
-                write: bool) -> None:
+                write: bool, extra: dict[str, str]) -> None:
     from peft import LoraConfig
 
     folded = folded_state(adapter, dtype)
@@ -103,13 +108,15 @@ def _write_peft(adapter: Any, out: Path, base: str | None, task_type: str | None
                      **rank_config({n: A.shape[0] for n, (A, _) in folded.items()}))
     if not write:
         return
-    save_safetensors(tensors, out / "adapter_model.safetensors", metadata={"format": "pt"})
+    save_safetensors(tensors, out / "adapter_model.safetensors", metadata={**extra, "format": "pt"})
     atomic_write_json(out / "adapter_config.json", _jsonable(cfg.to_dict()))
 
 
-def _write_diffusers(components: Mapping[str, Any], out: Path, kohya: bool, dtype: torch.dtype, write: bool) -> None:
+def _write_diffusers(components: Mapping[str, Any], out: Path, kohya: bool, dtype: torch.dtype, write: bool,
+                     extra: dict[str, str]) -> None:
     tensors: dict[str, torch.Tensor] = {}
     meta: dict[str, Any] = {}
+    ranks: list[int] = []
     for comp, adapter in components.items():
         folded = folded_state(adapter, dtype)
         for name, (A, B) in folded.items():
@@ -126,8 +133,13 @@ def _write_diffusers(components: Mapping[str, Any], out: Path, kohya: bool, dtyp
         cfg = {"target_modules": sorted(folded), "init_lora_weights": True, "use_dora": False, "lora_bias": False,
                **rank_config({n: A.shape[0] for n, (A, _) in folded.items()})}
         meta.update({f"{comp}.{k}": v for k, v in cfg.items()})
-    header = {"format": "pt", "tsd_methods": json.dumps({c: a.config.method for c, a in components.items()})}
-    if not kohya:
+        ranks += [A.shape[0] for A, _ in folded.values()]
+    header = {**extra, "format": "pt",
+              "tsd_methods": json.dumps({c: a.config.method for c, a in components.items()})}
+    if kohya:
+        dim = Counter(ranks).most_common(1)[0][0]
+        header.update(ss_network_dim=str(dim), ss_network_alpha=str(float(dim)))
+    else:
         header["lora_adapter_metadata"] = json.dumps(meta, indent=2, sort_keys=True)
     if write:
         save_safetensors(tensors, out / DIFFUSERS_WEIGHT_NAME, metadata=header)

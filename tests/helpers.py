@@ -119,3 +119,42 @@ def tiny_unet():
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
         attention_head_dim=(2, 4), use_linear_projection=True, cross_attention_dim=32, norm_num_groups=8,
     ).eval()
+
+
+def train_tiny_sdxl(out, *extra: str, steps: int = 6):
+    """The SDXL trainer in this process on the embedded tiny SDXL: ``steps`` steps, dash switch at 3, s = 2, batch 2,
+    one validation image of 2 steps, no checkpoints; ``extra`` flags win. Returns the trainer's summary."""
+    from accelerate.state import AcceleratorState
+
+    import tsd_diffusion.train_sdxl as T
+
+    AcceleratorState._reset_state(reset_partial_state=True)  # each run is its own "process" (as accelerate's tests do)
+    argv = ["--pretrained_model_name_or_path", T.EMBEDDED_NAME, "--output_dir", str(out), "--max_train_steps",
+            str(steps), "--dash_warmup_steps", "3", "--dash_directions", "2", "--train_batch_size", "2",
+            "--num_validation_images", "1", "--validation_inference_steps", "2", "--checkpointing_steps", "1000",
+            *extra]
+    return T.main(T.parse_args(argv))
+
+
+@pytest.fixture(autouse=True)
+def single_thread():
+    """Tiny models on a busy 2-core machine run much faster single-threaded (import it into a test module to use
+    it there)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def kill_after_first_checkpoint(monkeypatch):
+    """Make the SDXL trainer die (KeyboardInterrupt) right after its next checkpoint; returns the undo."""
+    import tsd_diffusion.train_sdxl as T
+
+    save = T.save_training_checkpoint
+
+    def killed(*args, **kw):
+        save(*args, **kw)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(T, "save_training_checkpoint", killed)
+    return lambda: monkeypatch.setattr(T, "save_training_checkpoint", save)

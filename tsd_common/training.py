@@ -69,14 +69,16 @@ def start_training(*, output_dir: Path, logging_dir: str, report_to: str, mixed_
 
 
 def register_adapter_hooks(accelerator: Any, adapters: Mapping[str, shared.Adapter],
-                           trainer_state: Mapping[str, Any] | None = None) -> None:
+                           trainer_state: Mapping[str, Any] | None = None,
+                           save_extra: Callable[[Path], None] | None = None) -> None:
     """Make ``accelerator.save_state``/``load_state`` handle adapters instead of whole models.
 
     Saving writes ``<checkpoint>/<name>/`` with each adapter's native state (``shared.export_lora(...,
-    format="tsd")``) and, when given, ``trainer_state`` (read when the checkpoint is written) as
-    ``trainer_state.json``, from the main process; the model weights accelerate would save, the frozen base
-    included, are dropped. Loading restores no model (the adapters were restored by ``shared.load`` before
-    ``prepare``); accelerate still restores the optimizer, scheduler, sampler and RNG states.
+    format="tsd")``), when given ``trainer_state`` (read when the checkpoint is written) as
+    ``trainer_state.json`` and whatever ``save_extra(checkpoint_dir)`` writes (e.g. an EMA's state), from the
+    main process; the model weights accelerate would save, the frozen base included, are dropped. Loading
+    restores no model (the adapters were restored by ``shared.load`` before ``prepare``); accelerate still
+    restores the optimizer, scheduler, sampler and RNG states.
     """
 
     def save_hook(models: list, weights: list, checkpoint: str) -> None:
@@ -85,6 +87,8 @@ def register_adapter_hooks(accelerator: Any, adapters: Mapping[str, shared.Adapt
                 shared.export_lora(adapter, Path(checkpoint) / name, format="tsd")
             if trainer_state is not None:
                 atomic_write_json(Path(checkpoint) / TRAINER_STATE, trainer_state)
+            if save_extra is not None:
+                save_extra(Path(checkpoint))
         weights.clear()
 
     def load_hook(models: list, checkpoint: str) -> None:

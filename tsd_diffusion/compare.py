@@ -37,6 +37,7 @@ from shared.export import DIFFUSERS_WEIGHT_NAME
 from shared.methods import names
 from tsd_common.launch import run_cli
 
+from .fidelity import METRICS
 from .mini_sdxl import CLASSES, EVALUATION_DIR, MINI_NAME
 from .tiny import resolve_pretrained
 
@@ -228,16 +229,20 @@ class AdapterInfo:
                 self.parameters, round(self.size_bytes / 2**20, 3), ta.get("max_train_steps", ""),
                 ta.get("instance_prompt", ""), *self.validation_scores(), self.message]
 
-    def validation_scores(self) -> tuple[Any, Any]:
-        """The trainer's last validation metrics (mini SDXL bases): subject probe of the subject prompt, and of the
-        class prompt (leakage); blank when the run wrote none."""
+    def validation_scores(self) -> tuple[Any, Any, Any, Any, Any]:
+        """The trainer's last validation metrics: the subject probe of the subject prompt and of the class prompt
+        (leakage; mini SDXL bases), and the subject prompt's DINO, CLIP-I and CLIP-T (``--eval_dino_model``,
+        ``--eval_clip_model``); blank where the run wrote none."""
         steps = sorted(self.path.glob("validation/step-*/metrics.json"), key=lambda p: int(p.parent.name[5:]))
         try:
             metrics = json.loads(steps[-1].read_text()) if steps else []
         except (OSError, ValueError):
-            return "", ""
-        probes = [round(m["subject_probe"], 3) for m in metrics if isinstance(m, dict) and "subject_probe" in m]
-        return (probes[0] if probes else "", probes[1] if len(probes) > 1 else "")
+            return "", "", "", "", ""
+        metrics = [m for m in metrics if isinstance(m, dict)]
+        probes = [round(m["subject_probe"], 3) for m in metrics if "subject_probe" in m]
+        first = metrics[0] if metrics else {}
+        return (probes[0] if probes else "", probes[1] if len(probes) > 1 else "",
+                *(round(first[k], 3) if isinstance(first.get(k), (int, float)) else "" for k in METRICS))
 
 
 def _read_adapter(name: str, path: Path) -> tuple[AdapterInfo, dict[str, torch.Tensor] | None]:
@@ -321,7 +326,7 @@ class CompareApp:
 
     TABLE_HEADERS = ["adapter", "status", "method", "rank (trained)", "rank (file)", "dash directions",
                      "LoRA layers", "parameters", "size (MiB)", "steps", "instance prompt", "subject probe",
-                     "class-prompt leak", "message"]
+                     "class-prompt leak", "DINO", "CLIP-I", "CLIP-T", "message"]
 
     def __init__(self, base: str, adapters: Mapping[str, str | Path], *, save_dir: str | Path,
                  device: str | None = None, dtype: torch.dtype | None = None, steps: int = 25,

@@ -25,6 +25,7 @@ changes per epoch (:meth:`DreamBoothDataset.set_epoch`) and is reproducible, als
 """
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import os
@@ -53,6 +54,9 @@ __all__ = [
     "compute_time_ids",
     "list_instance_images",
     "load_image",
+    "load_mask",
+    "mask_sources",
+    "read_caption_files",
     "validate_resolution",
 ]
 
@@ -63,6 +67,10 @@ INTERPOLATIONS = {
     "nearest": Image.Resampling.NEAREST,
 }
 _SIXTEEN_BIT = {"I;16", "I;16L", "I;16B", "I;16N"}
+#: the default extension of caption files beside the images (kohya's ``--caption_extension``)
+CAPTION_EXTENSION = ".txt"
+#: ``<stem>_mask.<ext>`` beside an image is its loss mask (``--masked_loss``)
+MASK_SUFFIX = "_mask"
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -218,9 +226,12 @@ def load_image(path: str | os.PathLike) -> Image.Image:
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def image_candidates(directory: str | os.PathLike, kind: str = "instance", allow_empty: bool = False) -> list[Path]:
-    """The files of a data dir that must be images, sorted by name, without decoding them: hidden files and
-    ``metadata.jsonl`` are left out. With ``allow_empty`` a missing or empty dir gives ``[]``."""
+def image_candidates(directory: str | os.PathLike, kind: str = "instance", allow_empty: bool = False,
+                     caption_extension: str = CAPTION_EXTENSION) -> list[Path]:
+    """The files of a data dir that must be images, sorted by name, without decoding them: hidden files,
+    ``metadata.jsonl``, caption files (``caption_extension``) and mask files (``<stem>_mask.<ext>`` beside an
+    image ``<stem>.<ext>``, :func:`mask_sources`) are left out. With ``allow_empty`` a missing or empty dir gives
+    ``[]``."""
     d = Path(directory).expanduser()
     if allow_empty and not d.exists():
         return []
@@ -230,7 +241,9 @@ def image_candidates(directory: str | os.PathLike, kind: str = "instance", allow
         raise InputError(f"{kind} data dir {d} is not a directory")
     entries = sorted(d.iterdir(), key=lambda p: p.name)
     files = [p for p in entries if not _is_hidden(p) and not p.is_dir()  # (broken links are reported below)
-             and p.name != CAPTIONS_FILE]
+             and p.name != CAPTIONS_FILE and p.suffix.lower() != caption_extension.lower()]
+    stems = {p.stem for p in files}
+    files = [p for p in files if not (p.stem.endswith(MASK_SUFFIX) and p.stem[:-len(MASK_SUFFIX)] in stems)]
     if not files and not allow_empty:
         subdirs = [p.name for p in entries if not _is_hidden(p) and p.is_dir()]
         extra = f" (sub-folders are not searched: {', '.join(subdirs)})" if subdirs else ""
@@ -238,11 +251,13 @@ def image_candidates(directory: str | os.PathLike, kind: str = "instance", allow
     return files
 
 
-def _scan_dir(directory: str | os.PathLike, kind: str = "instance",
-              allow_empty: bool = False) -> list[tuple[Path, tuple[int, int]]]:
-    """Validate a data dir; return ``[(path, (height, width) after EXIF orientation)]`` sorted by file name."""
+def _scan_dir(directory: str | os.PathLike, kind: str = "instance", allow_empty: bool = False,
+              caption_extension: str = CAPTION_EXTENSION) -> list[tuple[Path, tuple[int, int]]]:
+    """Validate a data dir (its images decode, its caption files belong to images and read,
+    :func:`read_caption_files`); return ``[(path, (height, width) after EXIF orientation)]`` sorted by file
+    name."""
     d = Path(directory).expanduser()
-    files = image_candidates(d, kind, allow_empty)
+    files = image_candidates(d, kind, allow_empty, caption_extension)
     not_images: list[str] = []
     broken: list[str] = []
     good: list[tuple[Path, tuple[int, int]]] = []
@@ -264,7 +279,96 @@ def _scan_dir(directory: str | os.PathLike, kind: str = "instance",
             lines.append(f"  corrupt, truncated or unreadable: {'; '.join(broken)}")
         lines.append("Remove or fix them (hidden files such as .DS_Store are ignored).")
         raise InputError("\n".join(lines))
+    if d.is_dir():
+        read_caption_files(d, [p for p, _ in good], caption_extension)
     return good
+
+
+def read_caption_files(directory: str | os.PathLike, images: list[Path],
+                       extension: str = CAPTION_EXTENSION) -> dict[str, str]:
+    """Per-image captions of a data dir from caption files beside the images, keyed by image file name: the
+    caption of ``photo.jpg`` is ``photo<extension>``; its first non-empty line, stripped (kohya's rule).
+
+    Errors name the file: a caption file whose stem is no image's (a caption without its image), one that is not
+    UTF-8 (a BOM is allowed), one without text.
+    """
+    d = Path(directory).expanduser()
+    by_stem: dict[str, list[Path]] = {}
+    for p in images:
+        by_stem.setdefault(p.stem, []).append(p)
+    captions: dict[str, str] = {}
+    for f in sorted(d.iterdir(), key=lambda p: p.name):
+        if _is_hidden(f) or f.is_dir() or f.suffix.lower() != extension.lower():
+            continue
+        if f.stem not in by_stem:
+            raise InputError(f"caption file {f} has no image: no image named {f.stem}.* in {d} (rename or remove "
+                             f"it; --caption_extension {extension!r} marks caption files)")
+        try:
+            text = f.read_bytes().decode("utf-8-sig")
+        except UnicodeDecodeError as e:
+            raise InputError(f"caption file {f} is not UTF-8 text (byte {e.start}: {e.reason}); save it as "
+                             "UTF-8") from None
+        line = next((ln.strip() for ln in text.splitlines() if ln.strip()), "")
+        if not line:
+            raise InputError(f"caption file {f} is empty: write the caption of {by_stem[f.stem][0].name} in it "
+                             "or remove it (the image then gets metadata.jsonl's caption or the prompt)")
+        for image in by_stem[f.stem]:
+            captions[image.name] = line
+    return captions
+
+
+def mask_sources(images: list[Path], mask_dir: str | os.PathLike | None = None) -> dict[str, Path | str | None]:
+    """Where the loss mask of every image comes from, by image file name (``--masked_loss``), first found of:
+
+    1. a file in ``mask_dir`` with the image's stem (any image format);
+    2. ``<stem>_mask.<ext>`` beside the image;
+    3. the image's own alpha channel (``"alpha"``);
+    4. none (None): the image is weighted 1 everywhere.
+
+    A file of ``mask_dir`` that belongs to no image is an error naming it.
+    """
+    beside = {}
+    for p in images:
+        for f in sorted(p.parent.glob(f"{glob.escape(p.stem)}{MASK_SUFFIX}.*")):
+            beside.setdefault(p.name, f)
+    in_dir: dict[str, Path] = {}
+    if mask_dir is not None:
+        md = Path(mask_dir).expanduser()
+        if not md.is_dir():
+            raise InputError(f"--mask_dir {md} is not a directory")
+        stems = {p.stem: p for p in images}
+        for f in sorted(md.iterdir(), key=lambda p: p.name):
+            if _is_hidden(f) or f.is_dir():
+                continue
+            if f.stem not in stems:
+                raise InputError(f"mask {f} in --mask_dir belongs to no image (no {f.stem}.* among the instance "
+                                 "images)")
+            in_dir.setdefault(stems[f.stem].name, f)
+    out: dict[str, Path | str | None] = {}
+    for p in images:
+        out[p.name] = in_dir.get(p.name) or beside.get(p.name) or ("alpha" if _has_alpha(p) else None)
+    return out
+
+
+def _has_alpha(path: Path) -> bool:
+    with Image.open(path) as im:
+        return im.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (im.mode == "P" and "transparency" in im.info)
+
+
+def load_mask(source: Path | str, image_path: Path) -> Image.Image:
+    """The loss mask of ``image_path`` from ``source`` (a mask file or ``"alpha"``, :func:`mask_sources`) as an
+    8-bit greyscale image oriented like the image (weight = value / 255)."""
+    path = image_path if source == "alpha" else Path(source)
+    try:
+        with Image.open(path) as im:
+            im.load()
+            oriented = ImageOps.exif_transpose(im)
+            if source == "alpha":
+                return oriented.convert("RGBA").getchannel("A")
+            return oriented.convert("L")
+    except (OSError, SyntaxError, ValueError, UnidentifiedImageError) as e:
+        raise InputError(f"mask {path} of {image_path.name}: cannot be read as an image ({type(e).__name__}: "
+                         f"{e})") from None
 
 
 # the Hugging Face ``imagefolder`` convention: {"file_name": ..., "text": ...} per line
@@ -298,7 +402,8 @@ def read_captions(directory: str | os.PathLike, images: list[Path]) -> dict[str,
     return captions
 
 
-def list_instance_images(directory: str | os.PathLike, kind: str = "instance", allow_empty: bool = False) -> list[Path]:
+def list_instance_images(directory: str | os.PathLike, kind: str = "instance", allow_empty: bool = False,
+                         caption_extension: str = CAPTION_EXTENSION) -> list[Path]:
     """The image files of a DreamBooth data dir, sorted by name, after checking that every one decodes.
 
     Called at start-up, before any model is loaded, so a bad file fails in seconds rather than mid-training.
@@ -308,7 +413,7 @@ def list_instance_images(directory: str | os.PathLike, kind: str = "instance", a
     Whether a file is an image is decided by decoding it, not by its extension. With ``allow_empty`` a missing
     or empty dir gives ``[]`` (a class dir whose images are still to be generated).
     """
-    return [p for p, _ in _scan_dir(directory, kind, allow_empty)]
+    return [p for p, _ in _scan_dir(directory, kind, allow_empty, caption_extension)]
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -370,44 +475,61 @@ class SDXLTransform:
         return (f"SDXLTransform(resolution={self.resolution}, center_crop={self.center_crop}, "
                 f"random_flip={self.random_flip}, interpolation={self.interpolation!r})")
 
-    def resized_size(self, original_size: tuple[int, int]) -> tuple[int, int]:
-        """torchvision ``Resize(resolution)``: shorter side -> resolution, longer side -> int(res * long / short)."""
+    def resized_size(self, original_size: tuple[int, int],
+                     target_size: tuple[int, int] | None = None) -> tuple[int, int]:
+        """The smallest size of the image's aspect ratio that covers ``target_size`` (default: the square of
+        ``resolution``). For the square this is torchvision ``Resize(resolution)``: shorter side -> resolution,
+        longer side -> int(res * long / short); in general the side whose scale binds gets the target, the
+        other int(target * side / binding side)."""
         h, w = original_size
-        r = self.resolution
-        if h <= w:
-            return r, int(r * w / h)
-        return int(r * h / w), r
+        th, tw = target_size or (self.resolution, self.resolution)
+        if th * w >= tw * h:  # th / h >= tw / w: the height binds
+            return th, max(tw, int(th * w / h))
+        return max(th, int(tw * h / w)), tw
 
-    def sample_params(self, original_size: tuple[int, int], rng=None) -> TransformParams:
-        h, w = self.resized_size(original_size)
-        r = self.resolution
+    def sample_params(self, original_size: tuple[int, int], rng=None,
+                      target_size: tuple[int, int] | None = None) -> TransformParams:
+        """Draw the flip and crop of an image of ``original_size`` for ``target_size`` (height, width; default
+        the square of ``resolution``; an aspect-ratio bucket with ``--enable_bucket``)."""
+        th, tw = target_size or (self.resolution, self.resolution)
+        h, w = self.resized_size(original_size, (th, tw))
         draws = _Draws(rng)
         flipped = bool(self.random_flip and draws.uniform() < 0.5)
         if self.center_crop:
-            top = max(0, int(round((h - r) / 2.0)))
-            left = max(0, int(round((w - r) / 2.0)))
+            top = max(0, int(round((h - th) / 2.0)))
+            left = max(0, int(round((w - tw) / 2.0)))
         else:
-            top = draws.randint(0, h - r)
-            left = draws.randint(0, w - r)
-        return TransformParams(tuple(original_size), (h, w), flipped, (top, left), (r, r))
+            top = draws.randint(0, h - th)
+            left = draws.randint(0, w - tw)
+        return TransformParams(tuple(original_size), (h, w), flipped, (top, left), (th, tw))
 
-    def apply(self, image: Image.Image, params: TransformParams) -> torch.Tensor:
+    def geometry(self, image: Image.Image, params: TransformParams,
+                 resample: Image.Resampling | None = None) -> Image.Image:
+        """Resize, flip and crop ``image`` as ``params`` say (``resample`` defaults to the interpolation): what
+        :meth:`apply` does before the conversion to a tensor, also used for loss masks."""
         if (image.height, image.width) != params.original_size:
             raise ValueError(f"image is {image.height}x{image.width} (h x w) but the params were drawn for "
                              f"{params.original_size[0]}x{params.original_size[1]}")
-        if image.mode != "RGB":
-            image = image.convert("RGB")
         h, w = params.resized_size
         if (image.height, image.width) != (h, w):
-            image = image.resize((w, h), resample=INTERPOLATIONS[self.interpolation])
+            image = image.resize((w, h), resample=INTERPOLATIONS[self.interpolation] if resample is None else resample)
         if params.flipped:
             image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         top, left = params.crop_top_left
         th, tw = params.target_size
-        image = image.crop((left, top, left + tw, top + th))
-        a = np.asarray(image, dtype=np.uint8)
+        return image.crop((left, top, left + tw, top + th))
+
+    def apply(self, image: Image.Image, params: TransformParams) -> torch.Tensor:
+        if image.mode != "RGB":
+            image = image.convert("RGB")
+        a = np.asarray(self.geometry(image, params), dtype=np.uint8)
         t = torch.from_numpy(a.copy()).permute(2, 0, 1).to(torch.float32).div_(255.0)
         return t.sub_(0.5).div_(0.5)  # torchvision Normalize([0.5], [0.5])
+
+    def apply_mask(self, mask: Image.Image, params: TransformParams) -> torch.Tensor:
+        """A greyscale loss mask through the image's geometry (bilinear): 1 x H x W float32 in [0, 1]."""
+        a = np.asarray(self.geometry(mask, params, Image.Resampling.BILINEAR), dtype=np.uint8)
+        return torch.from_numpy(a.copy()).to(torch.float32).div_(255.0)[None]
 
     def __call__(self, image: Image.Image, rng=None):
         params = self.sample_params((image.height, image.width), rng)
@@ -448,6 +570,7 @@ class CacheKey:
     interpolation: str
     crop_top_left: tuple[int, int]
     flipped: bool
+    target_size: tuple[int, int]  # (height, width): the square of ``resolution`` or an aspect-ratio bucket
 
     def digest(self) -> str:
         return hashlib.sha1(repr(self).encode()).hexdigest()[:16]
@@ -455,7 +578,7 @@ class CacheKey:
     def __str__(self) -> str:
         return (f"{self.path}@{self.file_size}:{self.mtime_ns}|r{self.resolution}|cc{int(self.center_crop)}"
                 f"|rf{int(self.random_flip)}|{self.interpolation}|crop{self.crop_top_left[0]},{self.crop_top_left[1]}"
-                f"|flip{int(self.flipped)}")
+                f"|flip{int(self.flipped)}|t{self.target_size[0]}x{self.target_size[1]}")
 
 
 class LatentCache:
@@ -541,9 +664,10 @@ class LatentCache:
 def collate(batch: Iterable[dict[str, Any]]) -> dict[str, Any]:
     """Batch dataset items: instance examples first, then class examples (when present).
 
-    Returns ``pixel_values`` [B, 3, R, R] (None when the items came from :meth:`DreamBoothDataset.plan`),
-    ``time_ids`` [B, 6] float32, ``is_class`` bool [B], and the lists ``prompts``, ``original_sizes``,
-    ``crop_top_lefts``, ``target_sizes``, ``flipped``, ``cache_keys``, ``paths``.
+    Returns ``pixel_values`` [B, 3, H, W] (None when the items came from :meth:`DreamBoothDataset.plan`),
+    ``time_ids`` [B, 6] float32, ``is_class`` bool [B], ``masks`` [B, 1, H, W] (None without masked loss), and
+    the lists ``prompts``, ``original_sizes``, ``crop_top_lefts``, ``target_sizes``, ``flipped``, ``cache_keys``,
+    ``paths``.
     """
     batch = list(batch)
     if not batch:
@@ -568,6 +692,7 @@ def collate(batch: Iterable[dict[str, Any]]) -> dict[str, Any]:
         "flipped": [e["flipped"] for e in examples],
         "cache_keys": [e["cache_key"] for e in examples],
         "paths": [e["path"] for e in examples],
+        "masks": (torch.stack([e["mask"] for e in examples]) if examples[0].get("mask") is not None else None),
     }
 
 
@@ -575,17 +700,27 @@ class DreamBoothDataset(torch.utils.data.Dataset):
     """Instance images (+ optional class images for prior preservation) with per-epoch SDXL augmentation.
 
     - Start-up: both dirs are validated with :func:`list_instance_images` (every file decoded; errors name the files).
-    - Prompts: a dir's ``metadata.jsonl`` (:func:`read_captions`) gives its images their own captions; the others
-      get ``instance_prompt`` or ``class_prompt``.
+    - Prompts, first found of: a caption file beside the image (:func:`read_caption_files`, ``caption_extension``),
+      the dir's ``metadata.jsonl`` (:func:`read_captions`), ``instance_prompt`` or ``class_prompt``. With
+      ``prepend_instance_prompt`` an instance image's own caption becomes ``"<instance_prompt> <caption>"``;
+      without it the caption is used as written (it should name the subject with the instance token).
+      ``caption_dropout_rate`` of the instance examples and ``class_prompt_dropout`` of the class examples get the
+      empty prompt, drawn from (seed, epoch, index) like the augmentation.
+    - ``buckets`` (:class:`tsd_diffusion.buckets.Buckets`, ``--enable_bucket``): every instance image is cropped to
+      its aspect-ratio bucket instead of the square, its class example to the same bucket (a batch holds one
+      bucket); :attr:`item_buckets` gives each item's. An image the buckets exclude is an :class:`InputError`.
+    - ``masked_loss``: every example also has ``mask``, 1 x H x W in [0, 1] through the image's geometry, from
+      :func:`mask_sources` (``mask_dir``, ``<stem>_mask.*``, the alpha channel; else ones; class examples: ones).
+      A mask whose size differs from its image's is an :class:`InputError`.
     - ``len``: ``repeats`` × the number of instance images, or ``max(repeats × #instance, #class)`` with a class dir
       (as in diffusers); index ``i`` uses instance image ``i % n_instance`` and class image ``i % n_class``, so each
       repeat of an image gets its own crop and flip.
     - ``ds[i]`` decodes and transforms at call time with a random state derived from ``(seed, epoch, kind, i)``, so
       crops/flips differ between epochs (:meth:`set_epoch`) and are identical for the same (seed, epoch, index).
-      It returns the instance example, a dict with ``pixel_values`` [3, R, R] in [-1, 1], ``original_size`` (h, w),
-      ``crop_top_left`` (top, left), ``target_size`` (R, R), ``flipped``, ``prompt``, ``is_class`` (False),
-      ``cache_key`` (:class:`CacheKey`), ``path`` and ``index``; with a class dir it also has ``class_example``, the
-      same dict for the class image (``is_class`` True).
+      It returns the instance example, a dict with ``pixel_values`` [3, H, W] in [-1, 1], ``original_size`` (h, w),
+      ``crop_top_left`` (top, left), ``target_size`` (h, w), ``flipped``, ``prompt``, ``is_class`` (False),
+      ``cache_key`` (:class:`CacheKey`), ``path``, ``index`` and ``mask`` (None without ``masked_loss``); with a
+      class dir it also has ``class_example``, the same dict for the class image (``is_class`` True).
     - :meth:`plan` returns the same dicts without ``pixel_values`` (no decoding), so a trainer can look the
       ``cache_key`` up in a :class:`LatentCache` and skip the image work on a hit.
     - :func:`collate` puts all instance examples first, then all class examples (diffusers' layout, so the loss can be
@@ -595,42 +730,91 @@ class DreamBoothDataset(torch.utils.data.Dataset):
     def __init__(self, instance_dir: str | os.PathLike, instance_prompt: str, resolution: int = 1024,
                  center_crop: bool = False, random_flip: bool = False, class_dir: str | os.PathLike | None = None,
                  class_prompt: str | None = None, seed: int = 0, interpolation: str = "lanczos",
-                 num_class_images: int | None = None, class_prompt_dropout: float = 0.0, repeats: int = 1):
+                 num_class_images: int | None = None, class_prompt_dropout: float = 0.0, repeats: int = 1, *,
+                 caption_extension: str = CAPTION_EXTENSION, prepend_instance_prompt: bool = False,
+                 caption_dropout_rate: float = 0.0, buckets: Any = None, masked_loss: bool = False,
+                 mask_dir: str | os.PathLike | None = None):
         if not isinstance(instance_prompt, str) or not instance_prompt.strip():
             raise InputError("instance_prompt must be a non-empty string (e.g. 'a photo of sks dog')")
         if class_prompt is not None and class_dir is None:
             raise InputError(f"class_prompt={class_prompt!r} needs a class_dir (prior preservation)")
         if class_prompt is not None and (not isinstance(class_prompt, str) or not class_prompt.strip()):
             raise InputError("class_prompt must be a non-empty string (e.g. 'a photo of dog')")
-        if not 0.0 <= class_prompt_dropout < 1.0:
-            raise InputError(f"class_prompt_dropout must be in [0, 1), got {class_prompt_dropout}")
+        for name, rate in (("class_prompt_dropout", class_prompt_dropout),
+                           ("caption_dropout_rate", caption_dropout_rate)):
+            if not 0.0 <= rate < 1.0:
+                raise InputError(f"--{name} must be in [0, 1), got {rate}")
         if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
             raise InputError(f"repeats must be an int >= 1, got {repeats!r}")
+        if not caption_extension.startswith(".") or len(caption_extension) < 2:
+            raise InputError(f"--caption_extension must look like '.txt', got {caption_extension!r}")
         self.class_prompt_dropout = float(class_prompt_dropout)
+        self.caption_dropout_rate = float(caption_dropout_rate)
+        self.prepend_instance_prompt = bool(prepend_instance_prompt)
         self.transform = SDXLTransform(resolution, center_crop, random_flip, interpolation)
         self.instance_prompt = instance_prompt
         self.class_prompt = class_prompt
         self.seed = int(seed)
         self.epoch = 0
         self._sizes: dict[tuple[str, int, int], tuple[int, int]] = {}  # (path, size, mtime_ns) -> (h, w)
-        self.instance_images = self._register(_scan_dir(instance_dir, "instance"))
-        self.instance_captions = read_captions(instance_dir, self.instance_images)
+        scanned = _scan_dir(instance_dir, "instance", caption_extension=caption_extension)
+        self.instance_images = self._register(scanned)
+        self.instance_captions = {**read_captions(instance_dir, self.instance_images),
+                                  **read_caption_files(instance_dir, self.instance_images, caption_extension)}
         self.class_images: list[Path] = []
         self.class_captions: dict[str, str] = {}
         if class_dir is not None:
-            scanned = _scan_dir(class_dir, "class")
-            captions = read_captions(class_dir, [p for p, _ in scanned])  # checked against every image of the dir
+            class_scanned = _scan_dir(class_dir, "class", caption_extension=caption_extension)
+            names = [p for p, _ in class_scanned]  # captions are checked against every image of the dir
+            captions = {**read_captions(class_dir, names), **read_caption_files(class_dir, names, caption_extension)}
             if num_class_images is not None:
                 if num_class_images < 1:
                     raise InputError(f"num_class_images must be >= 1, got {num_class_images}")
-                scanned = scanned[:num_class_images]
-            self.class_images = self._register(scanned)
+                class_scanned = class_scanned[:num_class_images]
+            self.class_images = self._register(class_scanned)
             self.class_captions = {p.name: captions[p.name] for p in self.class_images if p.name in captions}
             uncaptioned = [p.name for p in self.class_images if p.name not in self.class_captions]
             if uncaptioned and class_prompt is None:
                 raise InputError(f"class data dir {class_dir}: {len(uncaptioned)} images have no caption in "
-                                 f"{CAPTIONS_FILE} and no class_prompt was given (e.g. {', '.join(uncaptioned[:3])})")
+                                 f"{CAPTIONS_FILE} and no class_prompt was given (nor a caption file "
+                                 f"{caption_extension}; e.g. {', '.join(uncaptioned[:3])})")
         self._length = max(repeats * len(self.instance_images), len(self.class_images))
+        self.buckets = buckets
+        self.image_buckets = self._assign_buckets(scanned) if buckets is not None else None
+        self.masks = self._check_masks(scanned, mask_dir) if masked_loss else None
+
+    def _assign_buckets(self, scanned: list[tuple[Path, tuple[int, int]]]) -> list[tuple[int, int]]:
+        assigned = [self.buckets.assign(hw) for _, hw in scanned]
+        excluded = [f"{p.name} ({hw[1]}x{hw[0]})" for (p, hw), b in zip(scanned, assigned, strict=True) if b is None]
+        if excluded:
+            b = self.buckets
+            raise InputError(f"--bucket_no_upscale with --min_bucket_reso {b.min_reso}: {len(excluded)} of "
+                             f"{len(scanned)} instance images are smaller than the smallest bucket and would be "
+                             f"excluded: {', '.join(excluded[:5])}; lower --min_bucket_reso or drop "
+                             "--bucket_no_upscale")
+        return assigned
+
+    def _check_masks(self, scanned: list[tuple[Path, tuple[int, int]]],
+                     mask_dir: str | os.PathLike | None) -> dict[str, Path | str | None]:
+        sources = mask_sources([p for p, _ in scanned], mask_dir)
+        for p, (h, w) in scanned:
+            source = sources[p.name]
+            if source is None or source == "alpha":
+                continue
+            mask = load_mask(source, p)
+            if (mask.height, mask.width) != (h, w):
+                raise InputError(f"mask {source} is {mask.width}x{mask.height} (w x h) but its image {p.name} is "
+                                 f"{w}x{h}: a mask must have its image's size")
+        return sources
+
+    @property
+    def item_buckets(self) -> list[tuple[int, int]]:
+        """The bucket (height, width) of every item (its instance image's), for
+        :class:`tsd_diffusion.buckets.BucketBatchSampler`."""
+        if self.image_buckets is None:
+            raise ValueError("the dataset has no buckets (--enable_bucket)")
+        n = len(self.instance_images)
+        return [self.image_buckets[i % n] for i in range(self._length)]
 
     # -- bookkeeping ---------------------------------------------------------------------------------------------
     @property
@@ -667,6 +851,8 @@ class DreamBoothDataset(torch.utils.data.Dataset):
     def _example(self, kind: int, index: int, with_pixels: bool) -> dict[str, Any]:
         files = self.class_images if kind else self.instance_images
         path = files[index % len(files)]
+        target = (self.image_buckets[index % len(self.instance_images)] if self.image_buckets is not None
+                  else None)
         try:
             st = path.stat()
         except OSError as e:
@@ -676,26 +862,53 @@ class DreamBoothDataset(torch.utils.data.Dataset):
         if sig not in self._sizes or with_pixels:
             image = load_image(path)  # the file changed since start-up (or we need pixels anyway)
             self._sizes[sig] = (image.height, image.width)
-        params = self.transform.sample_params(self._sizes[sig], self._rng(kind, index))
+        params = self.transform.sample_params(self._sizes[sig], self._rng(kind, index), target)
         t = self.transform
         key = CacheKey(str(path), st.st_size, st.st_mtime_ns, t.resolution, t.center_crop, t.random_flip,
-                       t.interpolation, params.crop_top_left, params.flipped)
+                       t.interpolation, params.crop_top_left, params.flipped, params.target_size)
         ex: dict[str, Any] = {
             "pixel_values": t.apply(image, params) if with_pixels else None,
             "original_size": params.original_size,
             "crop_top_left": params.crop_top_left,
             "target_size": params.target_size,
             "flipped": params.flipped,
-            "prompt": self._class_prompt(path, index) if kind else self._instance_prompt(path),
+            "prompt": self._class_prompt(path, index) if kind else self._instance_prompt(path, index),
             "is_class": bool(kind),
             "cache_key": key,
             "path": str(path),
             "index": index,
+            "mask": self._mask(kind, path, params) if self.masks is not None and with_pixels else None,
         }
         return ex
 
-    def _instance_prompt(self, path: Path) -> str:
-        return self.instance_captions.get(path.name, self.instance_prompt)
+    def _mask(self, kind: int, path: Path, params: TransformParams) -> torch.Tensor:
+        source = None if kind else self.masks[path.name]
+        if source is None:
+            return torch.ones(1, *params.target_size)
+        return self.transform.apply_mask(load_mask(source, path), params)
+
+    def caption(self, path: Path) -> str:
+        """The prompt of an instance image before dropout: its caption (with the instance prompt in front under
+        ``prepend_instance_prompt``), else the instance prompt."""
+        own = self.instance_captions.get(path.name)
+        if own is None:
+            return self.instance_prompt
+        return f"{self.instance_prompt} {own}" if self.prepend_instance_prompt else own
+
+    def prompts(self) -> list[str]:
+        """Every prompt an example can have (the text-embedding cache's set), sorted."""
+        out = {self.caption(p) for p in self.instance_images}
+        out |= {self.class_captions.get(p.name, self.class_prompt) for p in self.class_images}
+        if self.caption_dropout_rate or self.class_prompt_dropout:
+            out.add("")
+        return sorted(out)
+
+    def _instance_prompt(self, path: Path, index: int) -> str:
+        """The image's :meth:`caption`; ``""`` with probability ``caption_dropout_rate``, drawn from (seed, epoch,
+        index)."""
+        if self.caption_dropout_rate and self._rng(3, index).random() < self.caption_dropout_rate:
+            return ""
+        return self.caption(path)
 
     def _class_prompt(self, path: Path, index: int) -> str:
         """The image's caption (else ``class_prompt``); ``""`` (the empty prompt) with probability

@@ -3,6 +3,7 @@ encoding (SDXL's two text encoders) and VAE latents, with the caches the trainer
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -116,23 +117,103 @@ class SDXLParts:
 class PromptConditioner:
     """Prompts -> (embeddings, pooled embeddings) from ``parts``' text encoders.
 
-    While the text encoders train, every call encodes (with grad); while they are frozen, each prompt is encoded
-    once, without grad, and cached.
+    While the text encoders train, every call encodes (with grad). While they are frozen, each distinct prompt is
+    encoded once, alone and without grad, and kept in memory (a batch of one prompt is a broadcast view of its
+    embedding, as a minimal loop would feed it). :meth:`precompute` encodes a whole prompt set up front
+    (``--cache_text_encoder_outputs``); with a ``store`` (``--cache_text_encoder_outputs_to_disk``) the embeddings
+    are also read from and written to that safetensors file, which is valid only for text encoders of the same
+    :func:`encoder_fingerprint` and keeps only the prompts of the current set (a changed caption is re-encoded).
     """
 
-    def __init__(self, parts: SDXLParts, text_encoders_train: bool) -> None:
-        self.parts, self.text_encoders_train = parts, text_encoders_train
+    def __init__(self, parts: SDXLParts, text_encoders_train: bool, store: Path | None = None) -> None:
+        self.parts, self.text_encoders_train, self.store = parts, text_encoders_train, store
         self.cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def __call__(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         if self.text_encoders_train:
             return self.parts.encode_prompt(prompts)
-        for p in set(prompts) - set(self.cache):
-            with torch.no_grad():
-                e, pool = self.parts.encode_prompt([p])
-            self.cache[p] = (e[0], pool[0])
+        for p in dict.fromkeys(prompts):
+            if p not in self.cache:
+                self.cache[p] = self._encode(p)
+        if len(set(prompts)) == 1:
+            e, pool = self.cache[prompts[0]]
+            return e.expand(len(prompts), *e.shape), pool.expand(len(prompts), *pool.shape)
         return (torch.stack([self.cache[p][0] for p in prompts]),
                 torch.stack([self.cache[p][1] for p in prompts]))
+
+    @torch.no_grad()
+    def _encode(self, prompt: str) -> tuple[torch.Tensor, torch.Tensor]:
+        e, pool = self.parts.encode_prompt([prompt])
+        return e[0], pool[0]
+
+    def precompute(self, prompts: list[str], write: bool = True) -> dict[str, int]:
+        """Encode every prompt of ``prompts`` now (from the store where it holds them); with a store and
+        ``write`` (the main process), rewrite it when its prompt set changed. Returns counts: ``loaded`` from the
+        store, ``encoded`` afresh."""
+        if self.text_encoders_train:
+            raise ValueError("the text encoders train: their outputs change every step and cannot be cached")
+        wanted = list(dict.fromkeys(prompts))
+        fingerprint = encoder_fingerprint(self.parts) if self.store is not None else None
+        stored = read_embedding_store(self.store, fingerprint) if self.store is not None else {}
+        loaded = 0
+        for p in wanted:
+            if p in self.cache:
+                continue
+            if p in stored:
+                device = self.parts.text_encoders[0].device
+                self.cache[p] = tuple(t.to(device) for t in stored[p])
+                loaded += 1
+            else:
+                self.cache[p] = self._encode(p)
+        if self.store is not None and write and set(stored) != set(wanted):
+            write_embedding_store(self.store, fingerprint, {p: self.cache[p] for p in wanted})
+        return {"loaded": loaded, "encoded": len(wanted) - loaded}
+
+
+def _key(prompt: str) -> str:
+    return hashlib.sha1(prompt.encode()).hexdigest()
+
+
+@torch.no_grad()
+def encoder_fingerprint(parts: SDXLParts) -> str:
+    """Identifies what the text encoders compute: their parameters' dtypes and per-tensor sums and sums of
+    squares (float64), the tokenizers' sizes and the empty-prompt rule. Another base or precision changes it."""
+    h = hashlib.sha256()
+    h.update(json.dumps([parts.zeros_for_empty_prompt, [(len(t), t.model_max_length) for t in parts.tokenizers]])
+             .encode())
+    for enc in parts.text_encoders:
+        stats = [torch.stack([p.double().sum(), p.double().square().sum()]) for p in enc.parameters()]
+        h.update(str(next(enc.parameters()).dtype).encode())
+        h.update(torch.stack(stats).cpu().numpy().tobytes())
+    return h.hexdigest()
+
+
+def read_embedding_store(path: Path, fingerprint: str) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """The (embeddings, pooled) by prompt of an embedding store; ``{}`` when the file is missing or was written
+    for other text encoders."""
+    from safetensors import safe_open
+
+    if not Path(path).is_file():
+        return {}
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+        if meta.get("fingerprint") != fingerprint:
+            return {}
+        prompts = json.loads(meta.get("prompts", "{}"))
+        return {p: (f.get_tensor(f"embeds.{k}"), f.get_tensor(f"pooled.{k}")) for k, p in prompts.items()}
+
+
+def write_embedding_store(path: Path, fingerprint: str,
+                          embeddings: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
+    """Write the (embeddings, pooled) of every prompt, with the fingerprint of the text encoders, atomically."""
+    from shared.io import save_safetensors
+
+    tensors, prompts = {}, {}
+    for p, (e, pool) in embeddings.items():
+        k = _key(p)
+        tensors[f"embeds.{k}"], tensors[f"pooled.{k}"], prompts[k] = e, pool, p
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    save_safetensors(tensors, path, metadata={"fingerprint": fingerprint, "prompts": json.dumps(prompts)})
 
 
 class LatentSampler:

@@ -5,7 +5,11 @@ everything device-related) with these differences: the adapter comes from :func:
 ``--method`` picks lora, dash, lora_init, tsd, eva, lora_da, pissa or lora_ga), the dash switch counts
 optimizer steps, the output is a folded standard LoRA that stock ``load_lora_weights`` reproduces exactly,
 augmentation is redrawn every epoch, latents are cached per (image, augmentation), checkpoints hold only
-the adapter state (not the frozen base) and a resumed run equals an uninterrupted one.
+the adapter state (not the frozen base) and a resumed run equals an uninterrupted one. What practitioners bring
+from kohya and SimpleTuner is there under their names: aspect-ratio buckets (``tsd_diffusion.buckets``), caption
+files, masked loss, EMA (``tsd_diffusion.ema``), Prodigy and Adafactor (``tsd_diffusion.optimizers``), a
+text-embedding cache, and files with model-spec metadata (``tsd_diffusion.lora_metadata``); validations can score
+the DreamBooth paper's DINO, CLIP-I and CLIP-T (``tsd_diffusion.fidelity``).
 
 With no arguments it trains on the embedded default: a tiny pipeline of the SDXL architecture and a
 subject the project draws itself (``tsd_diffusion.tiny``).
@@ -20,8 +24,10 @@ trainer (accelerator, resume, checkpoint hooks, loss log) in ``tsd_common.traini
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import importlib.util
+import json
 import math
 import time
 from dataclasses import dataclass
@@ -45,17 +51,43 @@ from tsd_common.training import (
     write_tsd_report,
 )
 
+from .buckets import BucketBatchSampler, Buckets, describe_assignment
 from .class_images import missing_class_images, sample_class_images
-from .data import INTERPOLATIONS, DreamBoothDataset, LatentCache, collate, image_candidates, validate_resolution
+from .data import (
+    INTERPOLATIONS,
+    DreamBoothDataset,
+    LatentCache,
+    collate,
+    image_candidates,
+    load_image,
+    validate_resolution,
+)
+from .ema import EMA_FILE, AdapterEMA
 from .evaluation import SubjectEvaluator, prompt_class
-from .loss import prior_preservation_loss, statistics_batches, statistics_loss, unet_conditioning, unet_loss
+from .fidelity import FidelityScorer, check_model_source
+from .lora_metadata import file_metadata, training_facts
+from .loss import (
+    latent_mask,
+    prior_preservation_loss,
+    sequential_batches,
+    statistics_batches,
+    statistics_loss,
+    unet_conditioning,
+    unet_loss,
+)
 from .mini_sdxl import CLASSES, MINI_NAME, materialize_replay_prior
 from .models import PRECISIONS, TEXT_ENCODER_TARGETS, UNET_TARGETS, LatentSampler, PromptConditioner, SDXLParts
+from .optimizers import OPTIMIZERS, OptimizerSettings
+from .optimizers import make_optimizer as build_optimizer
 from .tiny import EMBEDDED_NAME, make_subject_images, resolve_pretrained
 from .validation import VALIDATION_INFERENCE_STEPS, ValidationSettings, run_validation
 
 TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
 LOSS_LOG_COLUMNS = ["step", "loss", "lr", "elapsed"]
+#: where ``--cache_text_encoder_outputs_to_disk`` keeps the embeddings, under ``<output_dir>/cache/``
+TEXT_EMBEDDING_STORE = "text_embeddings.safetensors"
+#: the trained (non-EMA) adapter's files under ``--use_ema``, under ``<output_dir>/``
+NON_EMA_DIR = "non_ema"
 
 #: the defaults of a run on an embedded base (flags the user gives win). The mini SDXL's are the recipe its study
 #: measured to work (docs/mini_sdxl.md, "The default recipe and its metrics": text-encoder LoRA + a replay prior of
@@ -65,15 +97,25 @@ EMBEDDED_DEFAULTS: dict[str, dict[str, Any]] = {
     MINI_NAME: dict(subject="car", instance_prompt="a photo of sks automobile", resolution=32, learning_rate=1e-3,
                     max_train_steps=200, train_text_encoder=True, text_encoder_lr=1e-3, with_prior_preservation=True,
                     class_prompt_dropout=0.1, num_class_images=1000, train_batch_size=16, num_validation_images=8,
-                    random_flip=True),
+                    random_flip=True, bucket_reso_steps=8),
     EMBEDDED_NAME: dict(subject="teapot", instance_prompt="a photo of sks teapot", resolution=64, learning_rate=1e-3,
-                        max_train_steps=300),
+                        max_train_steps=300, bucket_reso_steps=16),
 }
-#: what a flag is when neither the user nor an embedded default set it (diffusers' defaults)
+#: what a flag is when neither the user nor an embedded default set it (diffusers' defaults; kohya's bucket step)
 GENERIC_DEFAULTS: dict[str, Any] = dict(resolution=1024, learning_rate=1e-4, train_text_encoder=False,
                                         text_encoder_lr=5e-6, with_prior_preservation=False, class_prompt_dropout=0.0,
                                         num_class_images=100, train_batch_size=4, num_validation_images=4,
-                                        random_flip=False)
+                                        random_flip=False, bucket_reso_steps=64)
+
+
+def str2bool(text: str) -> bool:
+    """diffusers' boolean flags are written ``--flag True``/``--flag=false``; accept those spellings."""
+    value = text.strip().lower()
+    if value in ("1", "true", "yes", "y", "on"):
+        return True
+    if value in ("0", "false", "no", "n", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
 # --------------------------------------------------------------------------------------------------------- CLI
@@ -114,6 +156,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a("--random_flip", action=argparse.BooleanOptionalAction, default=None)
     a("--repeats", type=int, default=1, help="repeat the instance images this many times per epoch (as diffusers)")
     a("--dataloader_num_workers", type=int, default=0)
+    a("--caption_extension", default=".txt",
+      help="a file <image stem><ext> beside an image is its caption (before metadata.jsonl, before the prompt)")
+    a("--prepend_instance_prompt", action="store_true",
+      help="train an image's own caption as '<instance_prompt> <caption>' (default: the caption as written)")
+    a("--caption_dropout_rate", type=float, default=0.0, help="train this share of instance examples with ''")
+    a("--enable_bucket", action="store_true", help="aspect-ratio buckets of about --resolution² pixels (kohya)")
+    a("--min_bucket_reso", type=int, default=None, help="smallest bucket side; default --resolution / 4")
+    a("--max_bucket_reso", type=int, default=None, help="largest bucket side; default 2 x --resolution")
+    a("--bucket_reso_steps", type=int, default=None,
+      help="bucket sides are multiples of this; default 64 (8 for the mini SDXL, 16 for the tiny one)")
+    a("--bucket_no_upscale", action="store_true",
+      help="bucket = the image's own size (scaled down to the area), never enlarged")
+    a("--masked_loss", action="store_true",
+      help="weight the loss by a mask: --mask_dir/<stem>.*, <stem>_mask.* beside the image, or its alpha channel")
+    a("--mask_dir", default=None, help="a folder of loss masks named like the instance images (--masked_loss)")
     # training
     a("--train_batch_size", type=int, default=None, help="default 4 (16 for the mini SDXL)")
     a("--gradient_accumulation_steps", type=int, default=1)
@@ -136,13 +193,27 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a("--adam_beta2", type=float, default=0.999)
     a("--adam_weight_decay", type=float, default=1e-4)
     a("--adam_epsilon", type=float, default=1e-8)
-    a("--use_8bit_adam", action="store_true")
+    a("--use_8bit_adam", action="store_true", help="bitsandbytes' AdamW8bit (--optimizer adamw)")
+    a("--optimizer", default="adamw", type=str.lower, choices=list(OPTIMIZERS))
+    a("--prodigy_beta3", type=float, default=None, help="Prodigy's beta3 (default: sqrt(beta2))")
+    a("--prodigy_decouple", type=str2bool, nargs="?", const=True, default=True, help="AdamW-style weight decay")
+    a("--prodigy_use_bias_correction", type=str2bool, nargs="?", const=True, default=True)
+    a("--prodigy_safeguard_warmup", type=str2bool, nargs="?", const=True, default=True)
+    a("--use_ema", action="store_true",
+      help="EMA of the adapter's trainable tensors; validation and the exported files use it")
+    a("--ema_decay", type=float, default=None, help="the EMA's decay (default 0.9999; needs --use_ema)")
+    a("--logging_steps", type=int, default=10,
+      help="read the loss back and log it every N steps (every step gets its loss-log row)")
     a("--gradient_checkpointing", action="store_true")
     a("--enable_xformers_memory_efficient_attention", action="store_true",
       help="xformers attention in the UNet (needs xformers and CUDA); without it PyTorch's SDPA is used")
     a("--mixed_precision", default=None, choices=["no", "fp16", "bf16"])
     a("--allow_tf32", action="store_true", help="TF32 matmuls on Ampere and newer GPUs (faster, ~10 mantissa bits)")
     a("--cache_latents", action="store_true", help="VAE-encode each (image, augmentation) once")
+    a("--cache_text_encoder_outputs", action="store_true",
+      help="encode every caption once before training (frozen text encoders)")
+    a("--cache_text_encoder_outputs_to_disk", action="store_true",
+      help="also keep them in <output_dir>/cache/text_embeddings.safetensors (implies --cache_text_encoder_outputs)")
     a("--train_text_encoder", action=argparse.BooleanOptionalAction, default=None,
       help="LoRA on both text encoders; default on for the mini SDXL (its subject binding needs it), else off")
     a("--seed", type=int, default=0)
@@ -153,6 +224,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a("--lora_dropout", type=float, default=0.0)
     a("--dash_warmup_steps", type=int, default=100, help="t: optimizer steps of LoRA before the dash switch")
     a("--dash_directions", type=int, default=8, help="s: task-specific directions per layer")
+    a("--dash_lr_ratio", type=float, default=1.0, help="λ's learning rate as a multiple of the component's")
     a("--statistics_batches", type=int, default=8,
       help="batches the data-driven inits (eva, lora_da, lora_init, tsd) read")
     # validation, checkpoints, output
@@ -161,6 +233,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a("--validation_steps", type=int, default=None, help="validate every N steps (and always at the end)")
     a("--validation_epochs", type=int, default=None, help="validate after every N epochs (diffusers' spelling)")
     a("--validation_inference_steps", type=int, default=VALIDATION_INFERENCE_STEPS)
+    a("--eval_dino_model", default=None,
+      help="DINO ViT-S/16 or DINOv2 (transformers dir or hub id): each validation scores DINO vs the instance images")
+    a("--eval_clip_model", default=None,
+      help="a CLIP model (transformers dir or hub id): each validation scores CLIP-I and CLIP-T")
     a("--checkpointing_steps", type=int, default=500)
     a("--checkpoints_total_limit", type=int, default=None)
     a("--resume_from_checkpoint", default=None, help='a checkpoint dir or "latest"')
@@ -206,6 +282,16 @@ class SDXLTrainConfig:
     random_flip: bool
     repeats: int
     dataloader_num_workers: int
+    caption_extension: str
+    prepend_instance_prompt: bool
+    caption_dropout_rate: float
+    enable_bucket: bool
+    min_bucket_reso: int | None
+    max_bucket_reso: int | None
+    bucket_reso_steps: int
+    bucket_no_upscale: bool
+    masked_loss: bool
+    mask_dir: str | None
     embedded_subject: bool
     # training
     train_batch_size: int
@@ -227,11 +313,21 @@ class SDXLTrainConfig:
     adam_weight_decay: float
     adam_epsilon: float
     use_8bit_adam: bool
+    optimizer: str
+    prodigy_beta3: float | None
+    prodigy_decouple: bool
+    prodigy_use_bias_correction: bool
+    prodigy_safeguard_warmup: bool
+    use_ema: bool
+    ema_decay: float | None
+    logging_steps: int
     gradient_checkpointing: bool
     enable_xformers_memory_efficient_attention: bool
     mixed_precision: str | None
     allow_tf32: bool
     cache_latents: bool
+    cache_text_encoder_outputs: bool
+    cache_text_encoder_outputs_to_disk: bool
     train_text_encoder: bool
     seed: int
     # adapter
@@ -241,6 +337,7 @@ class SDXLTrainConfig:
     lora_dropout: float
     dash_warmup_steps: int
     dash_directions: int
+    dash_lr_ratio: float
     statistics_batches: int
     # validation, checkpoints, output
     validation_prompt: list[str]
@@ -248,6 +345,8 @@ class SDXLTrainConfig:
     validation_steps: int | None
     validation_epochs: int | None
     validation_inference_steps: int
+    eval_dino_model: str | None
+    eval_clip_model: str | None
     checkpointing_steps: int
     checkpoints_total_limit: int | None
     resume_from_checkpoint: str | None
@@ -306,20 +405,72 @@ class SDXLTrainConfig:
             raise InputError("--enable_xformers_memory_efficient_attention needs xformers: pip install xformers "
                              "(without the flag the UNet uses PyTorch's scaled_dot_product_attention, "
                              "memory-efficient on GPUs)")
-        if a.use_8bit_adam:
-            try:
-                import bitsandbytes  # noqa: F401
-            except ImportError:
-                raise InputError("--use_8bit_adam needs bitsandbytes: pip install bitsandbytes") from None
+        check_new_flags(a)
         a.validation_prompt = a.validation_prompt or default_validation_prompts(
             a.instance_prompt, a.pretrained_model_name_or_path, a.embedded_subject)
         return cls(**{f.name: getattr(a, f.name) for f in dataclasses.fields(cls)})
+
+    @property
+    def optimizer_settings(self) -> OptimizerSettings:
+        """What :func:`tsd_diffusion.optimizers.make_optimizer` reads."""
+        return OptimizerSettings(self.optimizer, self.use_8bit_adam, self.adam_beta1, self.adam_beta2,
+                                 self.adam_weight_decay, self.adam_epsilon, self.prodigy_beta3, self.prodigy_decouple,
+                                 self.prodigy_use_bias_correction, self.prodigy_safeguard_warmup)
+
+    @property
+    def buckets(self) -> Buckets | None:
+        """The aspect-ratio buckets (``--enable_bucket``), else None."""
+        if not self.enable_bucket:
+            return None
+        return Buckets.build(self.resolution, self.min_bucket_reso, self.max_bucket_reso, self.bucket_reso_steps,
+                             self.bucket_no_upscale)
 
     @property
     def validation(self) -> ValidationSettings:
         """What every validation draws."""
         return ValidationSettings(self.validation_prompt, self.num_validation_images, self.seed,
                                   self.validation_inference_steps, self.resolution)
+
+
+def check_new_flags(a: argparse.Namespace) -> None:
+    """Resolve and check the flags of bucketing, captions, masks, optimizers, EMA, caches, λ's learning rate,
+    logging and the fidelity models (in place); every problem is an :class:`InputError` naming the flag."""
+    if a.enable_bucket:
+        a.min_bucket_reso = a.min_bucket_reso or max(a.bucket_reso_steps, a.resolution // 4 // a.bucket_reso_steps
+                                                     * a.bucket_reso_steps)
+        a.max_bucket_reso = a.max_bucket_reso or 2 * a.resolution
+        Buckets.build(a.resolution, a.min_bucket_reso, a.max_bucket_reso, a.bucket_reso_steps, a.bucket_no_upscale)
+    else:
+        given = [f for f in ("min_bucket_reso", "max_bucket_reso", "bucket_no_upscale") if getattr(a, f)]
+        if given:
+            raise InputError(f"--{given[0]} needs --enable_bucket")
+    if not a.caption_extension.startswith(".") or len(a.caption_extension) < 2:
+        raise InputError(f"--caption_extension must look like '.txt', got {a.caption_extension!r}")
+    if not 0 <= a.caption_dropout_rate < 1:
+        raise InputError(f"--caption_dropout_rate must be in [0, 1), got {a.caption_dropout_rate}")
+    if a.mask_dir and not a.masked_loss:
+        raise InputError("--mask_dir needs --masked_loss")
+    if a.mask_dir and not Path(a.mask_dir).expanduser().is_dir():
+        raise InputError(f"--mask_dir {a.mask_dir} is not a directory")
+    OptimizerSettings(a.optimizer, a.use_8bit_adam, prodigy_beta3=a.prodigy_beta3).check()
+    if a.optimizer == "prodigy" and a.learning_rate < 0.1:
+        print(f"warning: Prodigy estimates the step size itself; its --learning_rate is a multiplier, usually 1.0 "
+              f"(got {a.learning_rate})")
+    if a.ema_decay is not None and not a.use_ema:
+        raise InputError("--ema_decay needs --use_ema")
+    a.ema_decay = 0.9999 if a.ema_decay is None else a.ema_decay
+    if not 0 < a.ema_decay < 1:
+        raise InputError(f"--ema_decay must be in (0, 1), got {a.ema_decay}")
+    a.cache_text_encoder_outputs = a.cache_text_encoder_outputs or a.cache_text_encoder_outputs_to_disk
+    if a.cache_text_encoder_outputs and a.train_text_encoder:
+        raise InputError("--cache_text_encoder_outputs contradicts --train_text_encoder (the encoders' outputs "
+                         "change every step)")
+    if not a.dash_lr_ratio > 0:
+        raise InputError(f"--dash_lr_ratio must be > 0, got {a.dash_lr_ratio}")
+    if a.logging_steps <= 0:
+        raise InputError(f"--logging_steps must be > 0, got {a.logging_steps}")
+    for flag in ("eval_dino_model", "eval_clip_model"):
+        check_model_source(f"--{flag}", getattr(a, flag))
 
 
 def default_validation_prompts(instance_prompt: str, base_name: str, embedded_subject: bool) -> list[str]:
@@ -342,6 +493,7 @@ def adapter_config(config: SDXLTrainConfig, targets: list[str], method: str | No
     return shared.AdapterConfig(
         method=method or config.method, r=config.rank, alpha=config.lora_alpha, dropout=config.lora_dropout,
         target_modules=targets, dash_warmup_steps=config.dash_warmup_steps, dash_directions=config.dash_directions,
+        dash_lr_ratio=config.dash_lr_ratio,
         seed=config.seed, eva_max_batches=config.statistics_batches, lora_init_steps=config.statistics_batches,
         lora_ga_batches=config.statistics_batches,
         lora_da_num_samples=config.statistics_batches * config.train_batch_size, lora_da_population=train_size,
@@ -354,8 +506,10 @@ class SDXLRun:
     """A run after :func:`setup`: everything the loop and :func:`finish` use.
 
     ``config`` has ``--scale_lr`` and the mini SDXL's replay prior applied; ``trained`` (the UNet, and the text
-    encoders when they train), ``optimizer``, ``loader`` and ``lr_scheduler`` are prepared by accelerate; ``step``
-    is the optimizer steps done (the resumed step, or 0) and ``loss_log`` their rows.
+    encoders when they train), ``optimizer`` and ``lr_scheduler`` are prepared by accelerate, and so is ``loader``
+    unless it draws from the bucket schedule (:class:`tsd_diffusion.buckets.BucketBatchSampler`, which shards
+    itself); ``step`` is the optimizer steps done (the resumed step, or 0) and ``loss_log`` their rows; ``ema`` the
+    adapters' EMA (``--use_ema``) and ``fidelity`` the DINO/CLIP scorer (``--eval_*_model``).
     """
 
     config: SDXLTrainConfig
@@ -377,15 +531,29 @@ class SDXLRun:
     max_steps: int
     step: int
     loss_log: list[dict[str, Any]]
+    ema: AdapterEMA | None = None
+    fidelity: FidelityScorer | None = None
+    validated: tuple[int, tuple[list[Path], list[dict[str, Any]]]] | None = None  # the last validation's step, result
 
     @property
     def output_dir(self) -> Path:
         return Path(self.config.output_dir)
 
     def validate(self) -> tuple[list[Path], list[dict[str, Any]]]:
-        """Validation images (and metrics) at the current step into ``<output_dir>/validation``."""
-        return run_validation(self.parts, self.accelerator, self.config.validation, self.step,
-                              self.output_dir / "validation", self.evaluator)
+        """Validation images (and metrics) at the current step into ``<output_dir>/validation``, with the EMA
+        weights under ``--use_ema``; once per step (the final validation reuses one done at the last step)."""
+        if self.validated is None or self.validated[0] != self.step:
+            with self.ema.applied() if self.ema is not None else contextlib.nullcontext():
+                result = run_validation(self.parts, self.accelerator, self.config.validation, self.step,
+                                        self.output_dir / "validation", self.evaluator, self.fidelity)
+            self.validated = (self.step, result)
+        return self.validated[1]
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch's augmentation and shuffle (or bucket schedule)."""
+        self.dataset.set_epoch(epoch)
+        sampler = self.loader.batch_sampler
+        (sampler if isinstance(sampler, BucketBatchSampler) else self.loader).set_epoch(epoch)
 
 
 def make_dataset(config: SDXLTrainConfig) -> DreamBoothDataset:
@@ -395,7 +563,9 @@ def make_dataset(config: SDXLTrainConfig) -> DreamBoothDataset:
         class_dir=config.class_data_dir, class_prompt=config.class_prompt, seed=config.seed,
         num_class_images=config.num_class_images if config.with_prior_preservation else None,
         class_prompt_dropout=config.class_prompt_dropout, interpolation=config.image_interpolation_mode,
-        repeats=config.repeats,
+        repeats=config.repeats, caption_extension=config.caption_extension,
+        prepend_instance_prompt=config.prepend_instance_prompt, caption_dropout_rate=config.caption_dropout_rate,
+        buckets=config.buckets, masked_loss=config.masked_loss, mask_dir=config.mask_dir,
     )
 
 
@@ -415,7 +585,27 @@ def prepare_data(config: SDXLTrainConfig, accelerator: Any) -> tuple[SDXLTrainCo
         config = dataclasses.replace(config, class_data_dir=str(materialize_replay_prior()))
     to_sample = missing_class_images(config.class_data_dir if config.with_prior_preservation else None,
                                      config.num_class_images, config.class_prompt, config.instance_data_dir)
+    if to_sample:  # the instance side (captions, buckets, masks) is checked before the base loads to sample
+        make_dataset(dataclasses.replace(config, with_prior_preservation=False, class_data_dir=None,
+                                         class_prompt=None))
     return config, to_sample, None if to_sample else make_dataset(config)
+
+
+def check_resume(config: SDXLTrainConfig, resume_dir: Path) -> None:
+    """Refuse, before anything loads, a resume whose checkpoint cannot continue this run exactly: another
+    ``--dash_lr_ratio`` (the optimizer's restored groups would keep the old one), or ``--use_ema`` without the EMA
+    state in the checkpoint."""
+    from safetensors import safe_open
+
+    with safe_open(str(resume_dir / "unet" / shared.native.NATIVE_WEIGHT_NAME), framework="pt") as f:
+        saved = json.loads((f.metadata() or {}).get("tsd_config", "{}"))
+    ratio = saved.get("dash_lr_ratio", 1.0)
+    if ratio != config.dash_lr_ratio:
+        raise InputError(f"--resume_from_checkpoint {resume_dir} was trained with --dash_lr_ratio {ratio}, not "
+                         f"{config.dash_lr_ratio}: resume with the same ratio")
+    if config.use_ema and not (resume_dir / EMA_FILE).is_file():
+        raise InputError(f"--resume_from_checkpoint {resume_dir} holds no EMA state ({EMA_FILE}): it was saved "
+                         "without --use_ema")
 
 
 def load_base(config: SDXLTrainConfig, base: str, accelerator: Any, weight_dtype: torch.dtype,
@@ -454,11 +644,29 @@ def sample_class_images_from(parts: SDXLParts, config: SDXLTrainConfig, accelera
                         batch_size=config.sample_batch_size, resolution=config.resolution, seed=config.seed)
 
 
+def make_loader(config: SDXLTrainConfig, dataset: DreamBoothDataset, accelerator: Any) -> tuple[Any, bool]:
+    """The training loader and whether accelerate must prepare it: a seeded shuffle that accelerate shards, or,
+    with ``--enable_bucket``, the bucket schedule, which every process draws its own share of."""
+    if config.enable_bucket:
+        sampler = BucketBatchSampler(dataset.item_buckets, config.train_batch_size, config.seed,
+                                     num_replicas=accelerator.num_processes, rank=accelerator.process_index,
+                                     multiple_of=config.gradient_accumulation_steps)
+        # its own generator: a DataLoader iterator draws a seed from it, not from the global RNG that the noise and
+        # timesteps come from (a resumed run restores that RNG and then starts a new iterator)
+        return torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collate,
+                                           num_workers=config.dataloader_num_workers,
+                                           generator=torch.Generator().manual_seed(config.seed)), False
+    return torch.utils.data.DataLoader(dataset, batch_size=config.train_batch_size, shuffle=True,
+                                       collate_fn=collate, num_workers=config.dataloader_num_workers,
+                                       generator=torch.Generator().manual_seed(config.seed)), True
+
+
 def attach_adapters(config: SDXLTrainConfig, parts: SDXLParts, dataset: DreamBoothDataset,
                     condition: PromptConditioner, latents: LatentSampler, accelerator: Any,
                     resume_dir: Path | None) -> dict[str, shared.Adapter]:
     """The adapters by diffusers component name: restored exactly from a checkpoint, or attached (the data-driven
-    inits read instance batches fed as the training step feeds them; the text encoders get lora or dash)."""
+    inits read instance batches fed as the training step feeds them, in bucket-schedule order under
+    ``--enable_bucket``; the text encoders get lora or dash)."""
     if resume_dir is not None:
         adapters = {"unet": shared.load(parts.unet, resume_dir / "unet")}
         if config.train_text_encoder:
@@ -466,8 +674,14 @@ def attach_adapters(config: SDXLTrainConfig, parts: SDXLParts, dataset: DreamBoo
                 adapters[name] = shared.load(enc, resume_dir / name)
         return adapters
     method = shared.METHODS[config.method]
-    stats = (statistics_batches(dataset, config.statistics_batches, config.train_batch_size, condition, latents,
-                                accelerator.device, latents.dtype) if method.needs_data else None)
+    stats = None
+    if method.needs_data:
+        if config.enable_bucket:
+            schedule = BucketBatchSampler(dataset.item_buckets, config.train_batch_size, config.seed).schedule(0)
+            index_batches = [schedule[i % len(schedule)] for i in range(config.statistics_batches)]
+        else:
+            index_batches = sequential_batches(len(dataset), config.statistics_batches, config.train_batch_size)
+        stats = statistics_batches(dataset, index_batches, condition, latents, accelerator.device, latents.dtype)
     unet_config = adapter_config(config, UNET_TARGETS, train_size=len(dataset))
     adapters = {"unet": shared.attach(parts.unet, unet_config, data=stats,
                                       forward_fn=statistics_loss(parts.scheduler, config.seed, accelerator.device),
@@ -481,27 +695,32 @@ def attach_adapters(config: SDXLTrainConfig, parts: SDXLParts, dataset: DreamBoo
 
 def make_optimizer(config: SDXLTrainConfig,
                    adapters: dict[str, shared.Adapter]) -> tuple[torch.optim.Optimizer, list[torch.nn.Parameter]]:
-    """AdamW (8-bit with ``--use_8bit_adam``) over the UNet adapter at ``--learning_rate`` and the text encoders'
-    at ``--text_encoder_lr``; returns it and the parameters whose gradients are clipped."""
-    groups = [{"params": adapters["unet"].trainable_parameters(), "lr": config.learning_rate}]
+    """``--optimizer`` over the UNet adapter at ``--learning_rate`` and the text encoders' at ``--text_encoder_lr``,
+    each with λ at ``--dash_lr_ratio`` times that (``shared.Adapter.param_groups``); returns it and the parameters
+    whose gradients are clipped."""
+    groups = adapters["unet"].param_groups(config.learning_rate)
     for name in TEXT_ENCODERS:
         if name in adapters:
-            groups.append({"params": adapters[name].trainable_parameters(), "lr": config.text_encoder_lr})
-    opt_cls = torch.optim.AdamW
-    if config.use_8bit_adam:
-        import bitsandbytes as bnb
-
-        opt_cls = bnb.optim.AdamW8bit
-    # lr= also sets the optimizer's default, which diffusers' polynomial schedule reads as its starting lr
-    optimizer = opt_cls(groups, lr=config.learning_rate, betas=(config.adam_beta1, config.adam_beta2),
-                        weight_decay=config.adam_weight_decay, eps=config.adam_epsilon)
+            groups += adapters[name].param_groups(config.text_encoder_lr)
+    optimizer = build_optimizer(config.optimizer_settings, groups, config.learning_rate)
     return optimizer, [p for g in groups for p in g["params"]]
 
 
+def load_fidelity(config: SDXLTrainConfig, accelerator: Any) -> FidelityScorer | None:
+    """The DINO/CLIP scorer of ``--eval_dino_model``/``--eval_clip_model`` on the main process, with the instance
+    images (checked by :func:`prepare_data`) as references; None without either flag."""
+    if not (config.eval_dino_model or config.eval_clip_model) or not accelerator.is_main_process:
+        return None
+    photos = image_candidates(config.instance_data_dir, "instance", caption_extension=config.caption_extension)
+    return FidelityScorer([load_image(p) for p in photos], dino=config.eval_dino_model, clip=config.eval_clip_model,
+                          device=accelerator.device)
+
+
 def setup(config: SDXLTrainConfig, accelerator: Any, resume_dir: Path | None) -> SDXLRun:
-    """Everything before the first step: the data (checked before any model loads), the frozen base, the class
-    images, the adapters (restored from ``resume_dir``, or attached), the optimizer, loader and scheduler prepared,
-    the checkpoint hooks, the resumed state and loss log, the trackers."""
+    """Everything before the first step: the data (checked before any model loads), the fidelity models, the frozen
+    base, the class images, the cached text embeddings, the adapters (restored from ``resume_dir``, or attached),
+    the optimizer, loader and scheduler prepared, the EMA, the checkpoint hooks, the resumed state and loss log,
+    the trackers."""
     from accelerate.utils import set_seed
     from diffusers.optimization import get_scheduler
 
@@ -510,22 +729,31 @@ def setup(config: SDXLTrainConfig, accelerator: Any, resume_dir: Path | None) ->
     if config.scale_lr:
         config = dataclasses.replace(config, learning_rate=config.learning_rate * config.gradient_accumulation_steps
                                      * config.train_batch_size * accelerator.num_processes)
+    if resume_dir is not None:
+        check_resume(config, resume_dir)
     config, to_sample, dataset = prepare_data(config, accelerator)
     set_seed(config.seed)
     base = resolve_pretrained(config.pretrained_model_name_or_path)
     weight_dtype = PRECISIONS.get(accelerator.mixed_precision, torch.float32)
+    fidelity = load_fidelity(config, accelerator)
     parts = load_base(config, base, accelerator, weight_dtype, to_sample)
     if dataset is None:
         dataset = make_dataset(config)
+    if dataset.image_buckets is not None:
+        accelerator.print(describe_assignment([p.name for p in dataset.instance_images], dataset.image_buckets))
     evaluator = (SubjectEvaluator.for_base(base, dataset.instance_images, config.resolution)
                  if accelerator.is_main_process else None)
     # frozen text conditioning is computed once per prompt unless the text encoders train
-    condition = PromptConditioner(parts, config.train_text_encoder)
+    store = (Path(config.output_dir) / "cache" / TEXT_EMBEDDING_STORE if config.cache_text_encoder_outputs_to_disk
+             else None)
+    condition = PromptConditioner(parts, config.train_text_encoder, store)
+    if config.cache_text_encoder_outputs:
+        counts = condition.precompute(dataset.prompts(), write=accelerator.is_main_process)
+        accelerator.print(f"text-embedding cache: {counts['loaded']} prompts loaded, {counts['encoded']} encoded")
     latents = LatentSampler(parts, accelerator.device, weight_dtype, LatentCache() if config.cache_latents else None)
     adapters = attach_adapters(config, parts, dataset, condition, latents, accelerator, resume_dir)
     optimizer, params = make_optimizer(config, adapters)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=config.train_batch_size, shuffle=True,
-                                         collate_fn=collate, num_workers=config.dataloader_num_workers)
+    loader, shard_by_accelerate = make_loader(config, dataset, accelerator)
     steps_per_epoch = math.ceil(len(loader) / config.gradient_accumulation_steps)
     max_steps = config.max_train_steps or config.num_train_epochs * steps_per_epoch
     lr_scheduler = get_scheduler(config.lr_scheduler, optimizer=optimizer,
@@ -533,32 +761,71 @@ def setup(config: SDXLTrainConfig, accelerator: Any, resume_dir: Path | None) ->
                                  num_training_steps=max_steps * accelerator.num_processes,
                                  num_cycles=config.lr_num_cycles, power=config.lr_power)
     trained = [parts.unet] + ([*parts.text_encoders] if config.train_text_encoder else [])
-    *trained, optimizer, loader, lr_scheduler = accelerator.prepare(*trained, optimizer, loader, lr_scheduler)
+    if shard_by_accelerate:
+        *trained, optimizer, loader, lr_scheduler = accelerator.prepare(*trained, optimizer, loader, lr_scheduler)
+    else:
+        *trained, optimizer, lr_scheduler = accelerator.prepare(*trained, optimizer, lr_scheduler)
     parts.unet = trained[0]
     if config.train_text_encoder:
         parts.text_encoders = trained[1:]
-    register_adapter_hooks(accelerator, adapters)
+    ema = AdapterEMA(adapters, config.ema_decay) if config.use_ema else None
+    register_adapter_hooks(accelerator, adapters,
+                           save_extra=(lambda checkpoint: ema.save(checkpoint / EMA_FILE)) if ema else None)
     step, loss_log = 0, []
     if resume_dir is not None:
         accelerator.load_state(str(resume_dir))
         step = adapters["unet"].num_steps
+        if ema is not None:
+            ema.load(resume_dir / EMA_FILE)
         loss_log = [row for row in read_loss_log(Path(config.output_dir)) if row["step"] <= step]
         accelerator.print(f"resumed from {resume_dir} at step {step}")
     init_trackers(accelerator, "tsd-sdxl", dataclasses.asdict(config))
     return SDXLRun(config, accelerator, base, parts, dataset, adapters, trained, params, optimizer, loader,
                    lr_scheduler, condition, latents, weight_dtype, evaluator, steps_per_epoch, max_steps, step,
-                   loss_log)
+                   loss_log, ema, fidelity)
 
 
 # ------------------------------------------------------------------------------------------------------- train
+class LossLogger:
+    """The loss log, read back from the device every ``--logging_steps`` steps instead of every step.
+
+    :meth:`add` keeps the step's loss as a device tensor (no host sync); :meth:`flush` gathers the pending losses of
+    every process in one collective, averages them per step, appends one ``loss_log.csv`` row per step, sends them
+    to the trackers and the progress bar. ``elapsed`` is the host clock when the step was issued: on a GPU the
+    rows between two flushes may be ahead of the device, the row of a flush is not.
+    """
+
+    def __init__(self, run: SDXLRun, bar: Any) -> None:
+        self.run, self.bar = run, bar
+        self.pending: list[tuple[int, torch.Tensor, float, float]] = []
+
+    def add(self, step: int, loss: torch.Tensor, lr: float, elapsed: float) -> None:
+        self.pending.append((step, loss.detach().float().reshape(()), lr, elapsed))
+        if step % self.run.config.logging_steps == 0:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.pending:
+            return
+        accelerator = self.run.accelerator
+        losses = accelerator.gather(torch.stack([p[1] for p in self.pending])[None]).mean(0).tolist()
+        for (step, _, lr, elapsed), loss in zip(self.pending, losses, strict=True):
+            self.run.loss_log.append({"step": step, "loss": loss, "lr": lr, "elapsed": elapsed})
+            accelerator.log({"loss": loss, "lr": lr}, step=step)
+        self.bar.update(len(self.pending))
+        self.bar.set_postfix(loss=f"{losses[-1]:.4f}")
+        self.pending.clear()
+
+
 def train_loop(run: SDXLRun) -> dict[str, Any]:
     """Optimizer steps from ``run.step`` to ``run.max_steps``; returns the dash switch records by component.
 
-    Every step: the denoising loss of the batch (the prior term weighted by ``--prior_loss_weight``), then
-    ``adapter.step`` (at the switch every process's selection is checked equal), a loss-log row and the trackers'
-    loss and lr. Every ``--checkpointing_steps`` the loss log and a checkpoint are written; validation runs every
-    ``--validation_steps`` and after every ``--validation_epochs``. A resumed run skips the batches its checkpoint
-    had consumed in the current epoch, so it sees the batches an uninterrupted run would.
+    Every step: the denoising loss of the batch (the prior term weighted by ``--prior_loss_weight``, the pixels
+    weighted by their masks under ``--masked_loss``), then ``adapter.step`` (at the switch every process's selection
+    is checked equal) and the EMA's step; the loss stays on the device until the loss logger's flush
+    (:class:`LossLogger`). Every ``--checkpointing_steps`` the loss log and a checkpoint are written; validation
+    runs every ``--validation_steps`` and after every ``--validation_epochs``. A resumed run skips the batches its
+    checkpoint had consumed in the current epoch, so it sees the batches an uninterrupted run would.
     """
     from tqdm.auto import tqdm
 
@@ -567,21 +834,24 @@ def train_loop(run: SDXLRun) -> dict[str, Any]:
     skip_batches = (run.step % run.steps_per_epoch) * config.gradient_accumulation_steps
     bar = tqdm(total=run.max_steps, initial=run.step, desc=f"{config.method} steps",
                disable=not accelerator.is_local_main_process)
+    log = LossLogger(run, bar)
     t_first_step: float | None = None  # perf_counter when this process's first optimizer step started
+    for model in run.trained:  # (a validation puts them back in train mode itself)
+        model.train()
     for epoch in range(run.step // run.steps_per_epoch, math.ceil(run.max_steps / run.steps_per_epoch)):
-        run.dataset.set_epoch(epoch)
-        run.loader.set_epoch(epoch)
+        run.set_epoch(epoch)
         batches = accelerator.skip_first_batches(run.loader, skip_batches) if skip_batches else run.loader
         skip_batches = 0
-        for model in run.trained:
-            model.train()
         for batch in batches:
             if t_first_step is None:
                 t_first_step = time.perf_counter()
             with accelerator.accumulate(*run.trained):
-                per_sample = unet_loss(run.parts.unet, run.parts.scheduler, run.latents(batch),
+                latents = run.latents(batch)
+                mask = latent_mask(batch["masks"], latents) if batch["masks"] is not None else None
+                per_sample = unet_loss(run.parts.unet, run.parts.scheduler, latents,
                                        *unet_conditioning(run.condition, batch, accelerator.device, run.weight_dtype),
-                                       snr_gamma=config.snr_gamma, noise_offset=config.noise_offset, reduce=False)
+                                       snr_gamma=config.snr_gamma, noise_offset=config.noise_offset, reduce=False,
+                                       mask=mask)
                 loss = prior_preservation_loss(per_sample, batch["is_class"], config.prior_loss_weight)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
@@ -598,13 +868,11 @@ def train_loop(run: SDXLRun) -> dict[str, Any]:
                     if accelerator.is_main_process:
                         bar.write(f"step {run.step}: dash switch of {name} done ({len(adapter.dash_layers)} layers, "
                                   f"identical on {accelerator.num_processes} process(es))")
-            loss_value = accelerator.gather(loss.detach()).mean().item()
-            run.loss_log.append({"step": run.step, "loss": loss_value, "lr": run.lr_scheduler.get_last_lr()[0],
-                                 "elapsed": time.perf_counter() - t_first_step})
-            accelerator.log({k: run.loss_log[-1][k] for k in ("loss", "lr")}, step=run.step)
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss_value:.4f}")
+            if run.ema is not None:
+                run.ema.step()
+            log.add(run.step, loss, run.lr_scheduler.get_last_lr()[0], time.perf_counter() - t_first_step)
             if run.step % config.checkpointing_steps == 0 and run.step < run.max_steps:
+                log.flush()
                 if accelerator.is_main_process:  # first: a resume keeps the rows up to its checkpoint
                     write_loss_log(run.output_dir, run.loss_log, LOSS_LOG_COLUMNS)
                 save_training_checkpoint(accelerator, run.output_dir, run.step, config.checkpoints_total_limit)
@@ -616,6 +884,7 @@ def train_loop(run: SDXLRun) -> dict[str, Any]:
             break
         if config.validation_epochs and (epoch + 1) % config.validation_epochs == 0 and accelerator.is_main_process:
             run.validate()
+    log.flush()
     bar.close()
     return switch_record
 
@@ -623,12 +892,13 @@ def train_loop(run: SDXLRun) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------------------ finish
 def finish(run: SDXLRun, switch_record: dict[str, Any]) -> dict[str, Any]:
     """Write the outputs (main process) and end the trackers; returns the summary: steps, output dir, base, the
-    live adapters (for in-process callers: tests, notebooks; the files are the product) and, from the main
-    process, the final validation images and metrics and the final loss."""
+    live adapters (for in-process callers: tests, notebooks; the files are the product; they hold the trained,
+    not the EMA, tensors) and the EMA, and, from the main process, the final validation images and metrics and the
+    final loss."""
     accelerator = run.accelerator
     accelerator.wait_for_everyone()
     summary: dict[str, Any] = {"steps": run.step, "output_dir": str(run.output_dir), "base": run.base,
-                               "adapters": run.adapters}
+                               "adapters": run.adapters, "ema": run.ema}
     if accelerator.is_main_process:
         summary.update(write_outputs(run))
         if switch_record:
@@ -637,23 +907,36 @@ def finish(run: SDXLRun, switch_record: dict[str, Any]) -> dict[str, Any]:
     return summary
 
 
+def export_adapters(run: SDXLRun, out: Path) -> None:
+    """The LoRA of ``--output_format`` into ``out``, with its header metadata (:mod:`tsd_diffusion.lora_metadata`),
+    and each adapter's native state under ``out/tsd_state/``."""
+    config = run.config
+    facts = training_facts(config, run.base, run.step, run.parts.scheduler.config.prediction_type)
+    meta = file_metadata(facts, Path(config.output_dir).name, config.output_format)
+    if config.output_format == "peft":
+        for name, adapter in run.adapters.items():
+            shared.export_lora(adapter, out / name, format="peft", base_model_name_or_path=run.base, metadata=meta)
+    else:
+        shared.export_lora(run.adapters, out, format=config.output_format, metadata=meta)
+    for name, adapter in run.adapters.items():
+        shared.export_lora(adapter, out / "tsd_state" / name, format="tsd")
+
+
 def write_outputs(run: SDXLRun) -> dict[str, Any]:
     """The exported LoRA (``--output_format``), each adapter's native state under ``tsd_state/``, the TSD report,
     ``loss_log.csv``, ``training_args.json`` (the resolved config, the base and library versions) and the final
-    validation."""
+    validation. Under ``--use_ema`` these are the EMA weights, and the trained ones go to ``non_ema/`` (the LoRA
+    and ``tsd_state/``)."""
     import diffusers
     import peft
     import transformers
 
     config, out = run.config, run.output_dir
-    if config.output_format == "peft":
-        for name, adapter in run.adapters.items():
-            shared.export_lora(adapter, out / name, format="peft", base_model_name_or_path=run.base)
-    else:
-        shared.export_lora(run.adapters, out, format=config.output_format)
-    for name, adapter in run.adapters.items():
-        shared.export_lora(adapter, out / "tsd_state" / name, format="tsd")
-    write_tsd_report(run.adapters["unet"], out)
+    if run.ema is not None:
+        export_adapters(run, out / NON_EMA_DIR)
+    with run.ema.applied() if run.ema is not None else contextlib.nullcontext():
+        export_adapters(run, out)
+        write_tsd_report(run.adapters["unet"], out)
     write_loss_log(out, run.loss_log, LOSS_LOG_COLUMNS)
     record = dataclasses.asdict(config)
     record.update(resolved_base=run.base, versions={"torch": torch.__version__, "diffusers": diffusers.__version__,

@@ -1,4 +1,4 @@
-"""Causal-LM multiple choice: answer-only LM training and length-normalised log-likelihood scoring.
+"""Causal LMs: answer-only LM training, multiple choice scored by length-normalised log-likelihood or by generation.
 
 Every (context c, continuation a) pair is one token sequence x = [c; a] with labels -100 on c, so
 
@@ -12,20 +12,28 @@ continuation, as in lm-evaluation-harness), so the answer tokens do not depend o
 Sequences longer than ``max_length`` lose context tokens from the left (a leading BOS is kept); the answer is cut
 only when it alone does not fit. Scoring runs each context once and reuses its key/value cache for every choice,
 so an example with k choices costs one context forward plus k short continuation forwards.
+
+Training rows may also come from instruction data: an Alpaca record is (prompt, output + EOS), trained on the output
+and the EOS; a conversation goes through the chat template with the loss on the assistant's turns
+(``tsd_text.chat``) and is cut from the right. With ``eval_mode="generate"`` the evaluation generates from each
+item's prompt and reads the choice off the text (``tsd_text.generation``). With several evaluation tasks the
+metrics are per task plus their unweighted mean, the paper's "Avg".
 """
 
 from __future__ import annotations
 
 import functools
+import statistics
 from typing import Any
 
 import torch
 from torch import nn
 
-from .data import DataError, MCExample, TaskData
+from . import chat, generation, packing
+from .data import IGNORE_INDEX, Chat, Completion, DataError, MCExample, TaskData
 
-IGNORE_INDEX = -100
 TASK_TYPE = "CAUSAL_LM"
+EVAL_MODES = ("loglik", "generate")
 
 
 # --------------------------------------------------------------------------------------------------- tokenising
@@ -53,26 +61,47 @@ def _ids(tokenizer: Any, texts: list[str], wheres: list[str], special: bool) -> 
     return ids
 
 
-def encode(tokenizer: Any, examples: list[MCExample], max_length: int) -> tuple[list[dict[str, list[int]]], int]:
-    """Training rows: ``input_ids`` = context + correct answer, ``labels`` = -100 on the context.
+def encode(tokenizer: Any, examples: list[MCExample | Completion | Chat],
+           max_length: int) -> tuple[list[dict[str, list[int]]], int]:
+    """Training rows: ``input_ids`` = context + correct answer (a completion + EOS; a rendered conversation),
+    ``labels`` = -100 but on the answer (the assistant's turns).
 
-    Returns the rows and how many were truncated to ``max_length``.
+    Returns the rows, in the order of ``examples``, and how many were truncated to ``max_length``.
     """
-    pairs = [_move_space(e.context, e.choices[e.label]) for e in examples]
-    wheres = [e.where for e in examples]
-    ctx_ids = _ids(tokenizer, [c for c, _ in pairs], wheres, special=True)
-    ans_ids = _ids(tokenizer, [a for _, a in pairs], wheres, special=False)
-    rows, truncated = [], 0
-    for ctx, ans in zip(ctx_ids, ans_ids, strict=True):
-        cut, n = _fit(ctx, len(ans), max_length, tokenizer.bos_token_id)
-        rows.append({"input_ids": cut + ans[:n], "labels": [IGNORE_INDEX] * len(cut) + ans[:n]})
-        truncated += len(cut) + n < len(ctx) + len(ans)
+    rows: list[dict[str, list[int]]] = [{} for _ in examples]
+    truncated = 0
+    paired = [(i, e) for i, e in enumerate(examples) if not isinstance(e, Chat)]
+    if paired:
+        pairs = [_move_space(e.context, e.choices[e.label]) if isinstance(e, MCExample)
+                 else _move_space(e.prompt, e.completion) for _, e in paired]
+        wheres = [e.where for _, e in paired]
+        ctx_ids = _ids(tokenizer, [c for c, _ in pairs], wheres, special=True)
+        ans_ids = _ids(tokenizer, [a for _, a in pairs], wheres, special=False)
+        eos = tokenizer.eos_token_id
+        for (i, e), ctx, ans in zip(paired, ctx_ids, ans_ids, strict=True):
+            if isinstance(e, Completion) and eos is not None:
+                ans = [*ans, eos]  # the model learns where the response ends
+            cut, n = _fit(ctx, len(ans), max_length, tokenizer.bos_token_id)
+            rows[i] = {"input_ids": cut + ans[:n], "labels": [IGNORE_INDEX] * len(cut) + ans[:n]}
+            truncated += len(cut) + n < len(ctx) + len(ans)
+    for i, e in enumerate(examples):
+        if isinstance(e, Chat):
+            ids, trained = chat.encode(tokenizer, e)
+            if not ids:
+                raise DataError(f"{e.where}: the conversation renders to no tokens")
+            truncated += len(ids) > max_length
+            ids, trained = ids[:max_length], trained[:max_length]
+            rows[i] = {"input_ids": ids,
+                       "labels": [t if k else IGNORE_INDEX for t, k in zip(ids, trained, strict=True)]}
     return rows, truncated
 
 
-def encode_choices(tokenizer: Any, examples: list[MCExample], max_length: int) -> tuple[list[dict[str, Any]], int]:
-    """Evaluation items: the context once, every choice, the answer index. Context + longest choice fit
-    ``max_length`` (all choices are scored against the same context). Returns the items and the truncation count."""
+def encode_choices(tokenizer: Any, examples: list[MCExample], max_length: int,
+                   tasks: list[str] | None = None) -> tuple[list[dict[str, Any]], int]:
+    """Evaluation items: the context once, every choice, the answer index and the task's index in ``tasks``
+    (default: every example's task is the first's). Context + longest choice fit ``max_length`` (all choices are
+    scored against the same context). Returns the items and the truncation count."""
+    tasks = tasks or [examples[0].task]
     ctx_ids = _ids(tokenizer, [_move_space(e.context, "")[0] for e in examples], [e.where for e in examples],
                    special=True)
     ans_ids = iter(_ids(tokenizer, [_move_space(e.context, c)[1] for e in examples for c in e.choices],
@@ -82,20 +111,64 @@ def encode_choices(tokenizer: Any, examples: list[MCExample], max_length: int) -
         answers = [next(ans_ids) for _ in e.choices]
         longest = max(len(a) for a in answers)
         cut, n = _fit(ctx, longest, max_length, tokenizer.bos_token_id)
-        items.append({"context": cut, "choices": [a[:n] for a in answers], "label": e.label})
+        items.append({"context": cut, "choices": [a[:n] for a in answers], "label": e.label,
+                      "task": tasks.index(e.task)})
         truncated += len(cut) + n < len(ctx) + longest
     return items, truncated
 
 
-def prepare(tokenizer: Any, train: list[MCExample], eval: list[MCExample], max_length: int) -> TaskData:
-    """Training rows (context + correct choice) and evaluation items (context, every choice, the answer index)."""
+def encode_prompts(tokenizer: Any, examples: list[MCExample], max_length: int,
+                   tasks: list[str]) -> tuple[list[dict[str, Any]], int]:
+    """Generation items: the prompt (cut from the left to ``max_length``, a leading BOS kept), the choices' texts,
+    the answer index and the task's index in ``tasks``. Returns the items and the truncation count."""
+    prompts = _ids(tokenizer, [e.generation_prompt for e in examples], [e.where for e in examples], special=True)
+    items, truncated = [], 0
+    for e, ids in zip(examples, prompts, strict=True):
+        cut, _ = _fit(ids, 0, max_length, tokenizer.bos_token_id)
+        items.append({"prompt": cut, "choices": list(e.choices), "label": e.label, "task": tasks.index(e.task)})
+        truncated += len(cut) < len(ids)
+    return items, truncated
+
+
+def prepare(tokenizer: Any, train: list[MCExample | Completion | Chat], eval: list[MCExample], max_length: int, *,
+            eval_mode: str = "loglik", max_new_tokens: int = 32, num_beams: int = 4, packed: bool = False) -> TaskData:
+    """Training rows (context + correct choice, completions, conversations; packed into bins of ``max_length``
+    tokens if ``packed``) and evaluation items: for ``loglik`` the context, every choice and the answer index; for
+    ``generate`` the prompt, the choices' texts and the answer index."""
+    chats = [e for e in train if isinstance(e, Chat)]
+    if chats:
+        chat.require_chat_template(tokenizer, chats[0].where)
     train_rows, cut_train = encode(tokenizer, train, max_length)
-    items, cut_eval = encode_choices(tokenizer, eval, max_length)
-    items.sort(key=lambda it: len(it["context"]))  # less padding per batch; metrics do not depend on the order
+    tasks = list(dict.fromkeys(e.task for e in eval))
     pad = tokenizer.pad_token_id
-    return TaskData(train_rows, items, functools.partial(pad_rows, pad_id=pad),
-                    functools.partial(collate_choices, pad_id=pad), {"train": cut_train, "eval": cut_eval},
-                    {"num_choices": sorted({len(e.choices) for e in eval})})
+    if eval_mode == "loglik":
+        items, cut_eval = encode_choices(tokenizer, eval, max_length, tasks)
+        items.sort(key=lambda it: len(it["context"]))  # less padding per batch; metrics do not depend on the order
+        collate_eval, predict_fn = functools.partial(collate_choices, pad_id=pad), predict
+    elif eval_mode == "generate":
+        items, cut_eval = encode_prompts(tokenizer, eval, max_length, tasks)
+        items.sort(key=lambda it: len(it["prompt"]))
+        collate_eval = functools.partial(collate_prompts, pad_id=pad)
+        predict_fn = functools.partial(generation.predict, tokenizer=tokenizer, max_new_tokens=max_new_tokens,
+                                       num_beams=num_beams)
+    else:
+        raise ValueError(f"unknown eval mode {eval_mode!r}; choose one of {', '.join(EVAL_MODES)}")
+    info = {"num_choices": sorted({len(e.choices) for e in eval}), "tasks": tasks, "eval_mode": eval_mode,
+            "examples_per_task": {"train": _counts(train), "eval": _counts(eval)}}
+    bins = packing.pack(train_rows, max_length) if packed else None
+    if bins is not None:
+        tokens = sum(len(r["input_ids"]) for r in train_rows)
+        info["packing"] = {"rows": len(train_rows), "bins": len(bins), "fill": tokens / (len(bins) * max_length)}
+    return TaskData(train_rows, items, functools.partial(pad_rows, pad_id=pad), collate_eval,
+                    {"train": cut_train, "eval": cut_eval}, predict_fn, info, bins,
+                    packing.collate_packed if packed else None)
+
+
+def _counts(examples: list[Any]) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for e in examples:
+        out[e.task] = out.get(e.task, 0) + 1
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------- batching
@@ -127,7 +200,14 @@ def collate_choices(items: list[dict[str, Any]], pad_id: int) -> dict[str, torch
             "choice_mask": choice_mask,
             "example": torch.tensor([i for i, it in enumerate(items) for _ in it["choices"]]),
             "choice": torch.tensor([j for it in items for j in range(len(it["choices"]))]),
-            "answer": torch.tensor([it["label"] for it in items])}
+            "answer": torch.tensor([it["label"] for it in items]), "task": torch.tensor([it["task"] for it in items])}
+
+
+def collate_prompts(items: list[dict[str, Any]], pad_id: int) -> dict[str, Any]:
+    """Prompts left-padded for generation; ``choices`` stays a list (of each example's choice texts)."""
+    prompt_ids, prompt_mask = _pad([it["prompt"] for it in items], pad_id, left=True)
+    return {"prompt_ids": prompt_ids, "prompt_mask": prompt_mask, "choices": [it["choices"] for it in items],
+            "answer": torch.tensor([it["label"] for it in items]), "task": torch.tensor([it["task"] for it in items])}
 
 
 # ------------------------------------------------------------------------------------------------------ scoring
@@ -156,17 +236,30 @@ def choice_logprobs(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.T
 
 
 @torch.no_grad()
-def predict(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(predicted choice, answer) per example of a :func:`collate_choices` batch."""
+def predict(model: nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Per example of a :func:`collate_choices` batch: the predicted choice, the answer and the task."""
     scores = choice_logprobs(model, batch)
     table = torch.full((batch["answer"].shape[0], int(batch["choice"].max()) + 1), float("-inf"),
                        device=scores.device)
     table[batch["example"], batch["choice"]] = scores
-    return table.argmax(1), batch["answer"]
+    return {"pred": table.argmax(1), "ref": batch["answer"], "task": batch["task"]}
 
 
-def compute_metrics(pred: torch.Tensor, ref: torch.Tensor, info: dict[str, Any]) -> dict[str, float]:
-    return {"accuracy": float((pred == ref).double().mean())}
+def compute_metrics(columns: dict[str, torch.Tensor], info: dict[str, Any]) -> dict[str, float]:
+    """``accuracy``; with several tasks, ``accuracy/<task>`` and ``num_examples/<task>`` each and ``accuracy`` their
+    unweighted mean (the paper's "Avg"); with generation, ``no_answer``: the share of answers that named no choice."""
+    pred, ref, task = (columns[k].cpu() for k in ("pred", "ref", "task"))
+    correct = (pred == ref).double()
+    names = info.get("tasks") or [""]
+    out: dict[str, float] = {"accuracy": float(correct.mean())}
+    if len(names) > 1:
+        per_task = {name: correct[task == i] for i, name in enumerate(names)}
+        out = {"accuracy": statistics.mean(float(c.mean()) for c in per_task.values()),
+               **{f"accuracy/{name}": float(c.mean()) for name, c in per_task.items()},
+               **{f"num_examples/{name}": int(c.numel()) for name, c in per_task.items()}}
+    if info.get("eval_mode") == "generate":
+        out["no_answer"] = float((pred == generation.NO_ANSWER).double().mean())
+    return out
 
 
 def load_model(path: str, data: TaskData, tokenizer: Any,

@@ -102,7 +102,7 @@ def prepare(tokenizer: Any, train: list[TextExample], eval: list[TextExample], m
     eval_items, cut_eval = _tokenise(tokenizer, eval, y_eval, max_length)
     collate = DataCollatorWithPadding(tokenizer)
     info = {"labels": list(space.names) if space.names else None, "regression": space.regression}
-    return TaskData(train_items, eval_items, collate, collate, {"train": cut_train, "eval": cut_eval}, info)
+    return TaskData(train_items, eval_items, collate, collate, {"train": cut_train, "eval": cut_eval}, predict, info)
 
 
 # -------------------------------------------------------------------------------------------------------- model
@@ -143,11 +143,11 @@ def load_model(path: str, data: TaskData, tokenizer: Any,
 
 
 @torch.no_grad()
-def predict(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(prediction, label) per example: the argmax class, or the regression output."""
+def predict(model: nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Per example: the prediction (the argmax class, or the regression output) and the label."""
     logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
     pred = logits[:, 0].float() if logits.shape[-1] == 1 else logits.argmax(-1)
-    return pred, batch["labels"]
+    return {"pred": pred, "ref": batch["labels"]}
 
 
 # ------------------------------------------------------------------------------------------------------ metrics
@@ -189,8 +189,8 @@ def spearman(x: torch.Tensor, y: torch.Tensor) -> float:
     return pearson(average_ranks(x), average_ranks(y))
 
 
-def compute_metrics(pred: torch.Tensor, ref: torch.Tensor, info: dict[str, Any]) -> dict[str, float]:
-    pred, ref = pred.cpu(), ref.cpu()
+def compute_metrics(columns: dict[str, torch.Tensor], info: dict[str, Any]) -> dict[str, float]:
+    pred, ref = columns["pred"].cpu(), columns["ref"].cpu()
     if info["regression"]:
         return {"pearson": pearson(pred, ref), "spearman": spearman(pred, ref)}
     C = confusion(pred, ref, len(info["labels"]))

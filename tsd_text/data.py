@@ -14,7 +14,16 @@ Formats are detected from the content (the suffix only decides CSV/TSV):
 - ``choices``: JSON lines or a JSON list of ``{"question": str, "choices": [str, ...], "answer": ...}`` (the
   question may also be ``input`` or ``question_stem``; ``choices`` may be ``{"text": [...], "label": [...]}``
   as ARC and OpenBookQA export it; ``answer`` or ``answerKey`` is a 0-based index, a choice's text or a choice's
-  label). The prompt is ``"Question: {question}\nAnswer: "``, continued by each choice.
+  label). The prompt template (``template``, the trainer's ``--prompt_template``) is ``question``, the default:
+  ``"Question: {question}\nAnswer: "`` continued by each choice's text; or ``llm-adapters``: the instruction
+  LLM-Adapters wrote for the task (:data:`LLM_ADAPTERS_WORDING`, by the task's name; the choices listed and named
+  ``answer1``, ``solution1``, ``ending1``, ``option1`` or ``true``/``false``) in the Alpaca template, continued by
+  ``"the correct answer is "`` and the choice's name: the format of their commonsense_170k data, which the LoRA-Dash
+  paper trains on and evaluates by generation.
+- ``alpaca``: instruction data for training only, ``{"instruction", "input", "output"}`` without an ``answer``: the
+  Alpaca prompt, then the output (:class:`Completion`).
+- ``chat``: conversations for training only, ``{"messages": [{"role": ..., "content": ...}, ...]}``, rendered by the
+  tokenizer's chat template (:class:`Chat`; ``tsd_text.chat``).
 - ``table``: CSV/TSV with a header, JSON lines, a JSON list of objects, or Parquet, with a ``label`` and one or two text
   columns (classification): ``text`` [, ``text_pair``], or GLUE's names as ``datasets`` exports them
   (``sentence``, ``sentence1``/``sentence2``, ``question``/``sentence``, ``question1``/``question2``,
@@ -30,6 +39,8 @@ Every error names the file and the row: ``train.csv line 7`` (physical line, hea
 from __future__ import annotations
 
 import csv
+import dataclasses
+import functools
 import json
 import random
 import re
@@ -41,12 +52,28 @@ from typing import Any
 from shared.errors import InputError, MissingInputError
 
 MC_FORMATS = ("bigbench", "llm-adapters", "choices")
+#: formats that train a causal LM but have no choices to evaluate
+TRAIN_ONLY_FORMATS = ("alpaca", "chat")
+PROMPT_TEMPLATES = ("question", "llm-adapters")
 #: the question field of a ``choices`` record, tried in order (ARC/CSQA, BIG-bench style, OpenBookQA)
 QUESTION_KEYS = ("question", "input", "question_stem")
 TABLE_SUFFIXES = {".csv": ",", ".tsv": "\t"}
+IGNORE_INDEX = -100  # the label the loss skips (torch's cross-entropy default)
 ALPACA = ("Below is an instruction that describes a task{paired}. Write a response that appropriately completes "
           "the request.\n\n### Instruction:\n{instruction}\n\n{input_block}### Response:\n")
 ANSWER_FORMAT = re.compile(r"answer format:\s*([^\n]+)", re.IGNORECASE)
+#: LLM-Adapters' instruction per commonsense task (Hu et al. 2023, EMNLP; their commonsense_170k data) and how it
+#: names choice k (``{k}`` from 1); every other task gets the last entry's. BoolQ's choices are named true/false.
+LLM_ADAPTERS_WORDING = {
+    "boolq": ("Please answer the following question with true or false, question: {question}", None),
+    "piqa": ("Please choose the correct solution to the question: {question}", "Solution{k}"),
+    "hellaswag": ("Please choose the correct ending to complete the given sentence: {question}", "Ending{k}"),
+    "winogrande": ("Please choose the correct answer to fill in the blank to complete the given sentence: {question}",
+                   "Option{k}"),
+    "*": ("Please choose the correct answer to the question: {question}", "Answer{k}"),
+}
+LLM_ADAPTERS_LEAD = "the correct answer is "
+BOOLQ_NAMES = {"yes": "true", "no": "false", "true": "true", "false": "false"}
 
 
 class DataError(InputError):
@@ -55,12 +82,41 @@ class DataError(InputError):
 
 @dataclass(frozen=True)
 class MCExample:
-    """One multiple-choice item: the model sees ``context`` and should continue with ``choices[label]``."""
+    """One multiple-choice item: the model sees ``context`` and should continue with ``choices[label]``.
+
+    ``task`` names the source it came from (per-task metrics); ``prompt`` is what generation starts from
+    (``--eval_mode generate``; None: the context without its trailing whitespace).
+    """
 
     context: str
     choices: tuple[str, ...]
     label: int
     where: str
+    task: str = ""
+    prompt: str | None = None
+
+    @property
+    def generation_prompt(self) -> str:
+        return self.prompt if self.prompt is not None else self.context.rstrip()
+
+
+@dataclass(frozen=True)
+class Completion:
+    """An instruction record to train on: the model learns ``completion`` after ``prompt``."""
+
+    prompt: str
+    completion: str
+    where: str
+    task: str = ""
+
+
+@dataclass(frozen=True)
+class Chat:
+    """A conversation to train on: ``(role, content)`` turns, the loss on the assistant's."""
+
+    messages: tuple[tuple[str, str], ...]
+    where: str
+    task: str = ""
 
 
 @dataclass(frozen=True)
@@ -71,24 +127,34 @@ class TextExample:
     text_pair: str | None
     label: Any
     where: str
+    task: str = ""
 
 
 @dataclass
 class TaskData:
-    """Tokenised data of one task, ready for ``DataLoader`` (items are dicts of lists)."""
+    """Tokenised data of one task, ready for ``DataLoader`` (items are dicts of lists).
+
+    ``predict(model, batch)`` gives a dict of per-example tensors (``pred``, ``ref``, ...) that the task's
+    ``compute_metrics(columns, info)`` turns into metrics. ``packed`` (``--packing``) holds the training rows grouped
+    into bins, which ``collate_packed`` joins into one row; ``train`` keeps the rows one by one (the data-driven
+    inits count samples).
+    """
 
     train: list[dict[str, Any]]
     eval: list[dict[str, Any]]
     collate_train: Callable[[list[dict[str, Any]]], dict[str, Any]]
     collate_eval: Callable[[list[dict[str, Any]]], dict[str, Any]]
     truncated: dict[str, int]
+    predict: Callable[[Any, dict[str, Any]], dict[str, Any]]
     info: dict[str, Any] = field(default_factory=dict)
+    packed: list[list[dict[str, Any]]] | None = None
+    collate_packed: Callable[[list[list[dict[str, Any]]]], dict[str, Any]] | None = None
 
 
 # ---------------------------------------------------------------------------------------------------------- reading
 @dataclass
 class Records:
-    format: str  # bigbench | llm-adapters | table
+    format: str  # bigbench | llm-adapters | choices | alpaca | chat | table
     rows: list[tuple[str, dict[str, Any]]]  # (where, fields)
     meta: dict[str, Any]
 
@@ -143,11 +209,13 @@ def _detect_records(path: Path, rows: list[tuple[str, dict[str, Any]]], table_ke
     first = rows[0][1]
     tabular = "label" in first or any(k in first for k in table_keys) or any(
         all(k in first for k in cols) for cols in TEXT_COLUMNS)
-    fmt = ("llm-adapters" if "instruction" in first else "choices" if "choices" in first
+    fmt = ("chat" if "messages" in first else ("llm-adapters" if "answer" in first else "alpaca")
+           if "instruction" in first else "choices" if "choices" in first
            and any(k in first for k in QUESTION_KEYS) else "table" if tabular else None)
     if fmt is None:
         raise DataError(f"{path}: unknown format: the first record has keys {sorted(first)}; expected a BIG-bench "
-                        "task ('examples'), instruction/input/output/answer (LLM-Adapters) or text/label")
+                        "task ('examples'), instruction/input/output/answer (LLM-Adapters), instruction/input/output "
+                        "(Alpaca), messages (chat) or text/label")
     return Records(fmt, rows, {})
 
 
@@ -204,16 +272,59 @@ def _nonempty(path: str | Path, items: list) -> list:
 
 
 # ---------------------------------------------------------------------------------------------- multiple choice
-def load_mc(path: str | Path) -> list[MCExample]:
-    """Multiple-choice examples of a BIG-bench or LLM-Adapters file."""
+def load_mc(path: str | Path, template: str = "question", task: str = "") -> list[MCExample]:
+    """Multiple-choice examples of a BIG-bench, LLM-Adapters or question/choices file, of the task ``task``;
+    ``template`` prompts question/choices records (module docstring). Instruction and chat records, which have no
+    choices, are refused: they cannot be evaluated as multiple choice."""
     rec = read_records(path)
+    if rec.format in TRAIN_ONLY_FORMATS:
+        raise DataError(f"{path}: {rec.format} records have no choices, so they cannot be scored as multiple "
+                        "choice; evaluate --task causal-mc on a BIG-bench task JSON, the LLM-Adapters JSON or "
+                        "question/choices/answer records (instruction and chat records can be trained on)")
+    return _mc_examples(path, rec, template, task)
+
+
+def load_causal(path: str | Path, template: str = "question", task: str = "") -> list[MCExample | Completion | Chat]:
+    """What a causal LM can train on: the examples of :func:`load_mc`, Alpaca records (:class:`Completion`) or
+    conversations (:class:`Chat`)."""
+    rec = read_records(path)
+    if rec.format == "alpaca":
+        return _nonempty(path, [_alpaca_example(where, row, task) for where, row in rec.rows])
+    if rec.format == "chat":
+        return _nonempty(path, [_chat_example(where, row, task) for where, row in rec.rows])
+    return _mc_examples(path, rec, template, task)
+
+
+def _mc_examples(path: str | Path, rec: Records, template: str, task: str) -> list[MCExample]:
     if rec.format not in MC_FORMATS:
         raise DataError(f"{path}: task causal-mc needs a BIG-bench task JSON, the LLM-Adapters JSON or "
-                        "question/choices/answer records; "
+                        "question/choices/answer records (or, to train on, Alpaca or chat records); "
                         f"this is a {rec.format} file (text/label rows are for --task classification)")
+    if template not in PROMPT_TEMPLATES:
+        raise ValueError(f"unknown prompt template {template!r}; choose one of {', '.join(PROMPT_TEMPLATES)}")
     parse = {"bigbench": _bigbench_example, "llm-adapters": _llm_adapters_example,
-             "choices": _choices_example}[rec.format]
-    return _nonempty(path, [parse(where, row, rec.meta) for where, row in rec.rows])
+             "choices": functools.partial(_choices_example, template=template, task=task)}[rec.format]
+    return _nonempty(path, [dataclasses.replace(parse(where, row, rec.meta), task=task) for where, row in rec.rows])
+
+
+def _alpaca_example(where: str, row: dict[str, Any], task: str) -> Completion:
+    return Completion(alpaca_prompt(_field(where, row, "instruction"), str(row.get("input") or "")),
+                      _field(where, row, "output"), where, task)
+
+
+def _chat_example(where: str, row: dict[str, Any], task: str) -> Chat:
+    messages = row.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise DataError(f"{where}: 'messages' must be a non-empty list of {{'role', 'content'}}")
+    turns = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+            raise DataError(f"{where}: messages[{i}] must be {{'role': str, 'content': str}}, got {m!r}")
+        turns.append((m["role"], m["content"]))
+    if not any(role == "assistant" for role, _ in turns):
+        raise DataError(f"{where}: no assistant turn, so nothing to train on (the loss falls on assistant turns "
+                        "only)")
+    return Chat(tuple(turns), where, task)
 
 
 def _choices(where: str, choices: Sequence[str]) -> tuple[str, ...]:
@@ -264,11 +375,29 @@ def _llm_adapters_example(where: str, row: dict[str, Any], meta: dict[str, Any])
         raise DataError(f"{where}: output {output!r} does not end with the answer {answer!r}; causal-mc scores "
                         "each choice as the continuation of the output's text before the answer")
     lead = output.rstrip()[: len(output.rstrip()) - len(answer.strip())]
-    context = alpaca_prompt(instruction, str(row.get("input") or "")) + lead
-    return MCExample(context, choices, lowered.index(answer.strip().lower()), where)
+    prompt = alpaca_prompt(instruction, str(row.get("input") or ""))
+    return MCExample(prompt + lead, choices, lowered.index(answer.strip().lower()), where, prompt=prompt)
 
 
-def _choices_example(where: str, row: dict[str, Any], meta: dict[str, Any]) -> MCExample:
+def llm_adapters_instruction(task: str, question: str, choices: Sequence[str], where: str) -> tuple[str, list[str]]:
+    """LLM-Adapters' instruction for a question/choices item of ``task`` and the names of its choices: the task's
+    wording (:data:`LLM_ADAPTERS_WORDING`), each choice on its own line as ``Answer1: ...``, and the
+    ``Answer format: answer1/answer2`` line; BoolQ lists no choices and names yes/no true/false."""
+    wording, name = LLM_ADAPTERS_WORDING.get(task, LLM_ADAPTERS_WORDING["*"])
+    if name is None:
+        names = [BOOLQ_NAMES.get(c.strip().lower()) for c in choices]
+        if None in names or len(set(names)) != len(names):
+            raise DataError(f"{where}: {task} is asked as true/false, so its choices must be yes/no or true/false, "
+                            f"got {list(choices)}")
+        listed = ""
+    else:
+        names = [name.format(k=k).lower() for k in range(1, len(choices) + 1)]
+        listed = "".join(f"\n\n{name.format(k=k)}: {c}" for k, c in enumerate(choices, 1))
+    return wording.format(question=question) + listed + f"\n\nAnswer format: {'/'.join(names)}", names
+
+
+def _choices_example(where: str, row: dict[str, Any], meta: dict[str, Any], template: str = "question",
+                     task: str = "") -> MCExample:
     question = _field(where, row, next(k for k in QUESTION_KEYS if k in row))
     raw = row.get("choices")
     labels: list[str] = []
@@ -289,6 +418,10 @@ def _choices_example(where: str, row: dict[str, Any], meta: dict[str, Any]) -> M
     else:
         raise DataError(f"{where}: '{key}' {answer!r} is neither a 0-based index below {len(choices)} nor one of "
                         f"the choices {list(choices)}" + (f" or their labels {labels}" if labels else ""))
+    if template == "llm-adapters":
+        instruction, names = llm_adapters_instruction(task, question, choices, where)
+        prompt = alpaca_prompt(instruction)
+        return MCExample(prompt + LLM_ADAPTERS_LEAD, tuple(names), index, where, prompt=prompt)
     return MCExample(f"Question: {question}\nAnswer: ", choices, index, where)
 
 

@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import functools
 import json
 import logging
 import math
@@ -73,7 +72,17 @@ from tsd_common.training import (
 )
 
 from . import causal, classification
-from .data import TaskData, ensure_pad_token, load_mc, load_text, train_eval_split
+from .data import (
+    PROMPT_TEMPLATES,
+    MCExample,
+    TaskData,
+    ensure_pad_token,
+    load_causal,
+    load_mc,
+    load_text,
+    train_eval_split,
+)
+from .sources import MIXTURES, Source, resolve, subsample
 
 logger = get_logger("tsd_text")  # logs on the main process only
 CHECKPOINT_ADAPTER = "adapter"  # sub-directory of a checkpoint with the adapter's native state
@@ -81,11 +90,13 @@ LOSS_LOG_COLUMNS = ["step", "epoch", "loss", "lr", "dash_switched", "elapsed_s"]
 
 #: --torch_dtype choices: the dtype of the frozen pretrained weights
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-#: task name -> (task module: prepare / load_model / predict / compute_metrics / TASK_TYPE, file loader)
-TASKS: dict[str, tuple[ModuleType, Callable[[str], list]]] = {
-    "causal-mc": (causal, load_mc),
-    "classification": (classification, load_text),
+#: task name -> (task module: prepare / load_model / compute_metrics / TASK_TYPE, training file loader, evaluation
+#: file loader)
+TASKS: dict[str, tuple[ModuleType, Callable[..., list], Callable[..., list]]] = {
+    "causal-mc": (causal, load_causal, load_mc),
+    "classification": (classification, load_text, load_text),
 }
+MIXTURE_HELP = ", ".join(f"{name}:all or {name}:{','.join(tasks[:2])}" for name, (_, tasks) in MIXTURES.items())
 
 
 # --------------------------------------------------------------------------------------------------------- CLI
@@ -94,21 +105,36 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     g = p.add_argument_group("model and data")
     g.add_argument("--model_name_or_path", required=True, help="local model directory (or hub id when online)")
     g.add_argument("--task", required=True, choices=sorted(TASKS))
-    g.add_argument("--train_file", required=True,
-                   help="causal-mc: BIG-bench task JSON, LLM-Adapters JSON or question/choices/answer records; "
-                        "classification: CSV/TSV/JSONL; records may also come as Parquet")
-    g.add_argument("--eval_file", "--validation_file", default=None,
-                   help="evaluation file of the same format (--validation_file: run_classification.py's name)")
+    g.add_argument("--train_file", required=True, nargs="+",
+                   help="causal-mc: BIG-bench task JSON, LLM-Adapters JSON, question/choices/answer records, Alpaca "
+                        "instruction/input/output records or chat messages; classification: CSV/TSV/JSONL; records "
+                        "may also come as Parquet. causal-mc takes several: PATH, NAME=PATH (the task's name) or a "
+                        f"mixture of a fetched asset's tasks ({MIXTURE_HELP}: their train splits)")
+    g.add_argument("--eval_file", "--validation_file", default=None, nargs="+",
+                   help="evaluation file(s) with choices, as --train_file (a mixture reads the validation splits); "
+                        "with several, the metrics are per task plus their mean (--validation_file: "
+                        "run_classification.py's name)")
+    g.add_argument("--prompt_template", default="question", choices=PROMPT_TEMPLATES,
+                   help="causal-mc, question/choices records: 'Question: ...\\nAnswer: ' + the choice (question), or "
+                        "LLM-Adapters' commonsense instruction in the Alpaca template, answered 'the correct answer "
+                        "is answer2' (llm-adapters)")
     g.add_argument("--text_column_names", default=None,
                    help="classification: one or two comma-separated text columns (default: text[,text_pair] or "
                         "GLUE's names)")
     g.add_argument("--label_column_name", default="label", help="classification: the label column")
     g.add_argument("--eval_split", type=float, default=None,
                    help="without --eval_file: hold out this fraction (<1) or count (>=1) of --train_file, by --seed")
-    g.add_argument("--max_train_samples", type=int, default=None)
-    g.add_argument("--max_eval_samples", type=int, default=None)
+    g.add_argument("--max_train_samples", type=int, default=None,
+                   help="at most N training examples in all: the first N of one task; with several tasks an even "
+                        "share of N each (a smaller task gives all it has, the rest goes to the others), a random "
+                        "sample by --seed")
+    g.add_argument("--max_eval_samples", type=int, default=None,
+                   help="at most N evaluation examples in all, shared among the tasks as --max_train_samples")
     g.add_argument("--max_length", "--max_seq_length", type=int, default=256,
                    help="longer sequences are truncated (and counted)")
+    g.add_argument("--packing", action="store_true",
+                   help="causal-mc: pack training rows into bins of --max_length tokens and each batch into one row, "
+                        "position ids restarting and no attention across documents")
     g.add_argument("--torch_dtype", default="float32", choices=sorted(TORCH_DTYPES),
                    help="dtype of the frozen pretrained weights (bfloat16/float16 halve their memory; needs "
                         "--mixed_precision); the adapter and a new classification head stay float32")
@@ -123,6 +149,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         "default: peft's for the model type (the query and value projections)")
     g.add_argument("--dash_warmup_steps", type=int, default=100, help="t: optimizer steps of LoRA before the switch")
     g.add_argument("--dash_directions", type=int, default=8, help="s: task-specific directions per layer")
+    g.add_argument("--dash_lr_ratio", type=float, default=1.0,
+                   help="the learning rate of the dash coefficients λ as a multiple of --learning_rate (1: the "
+                        "paper's shared lr)")
     g.add_argument("--adapter_options", nargs="+", default=[], metavar="KEY=VALUE",
                    help="further shared.AdapterConfig fields, e.g. eva_max_batches=16 lora_da_num_samples=64")
     g = p.add_argument_group("training")
@@ -160,6 +189,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     g.add_argument("--eval_strategy", "--evaluation_strategy", default=None, choices=["no", "steps", "epoch"],
                    help="the Trainer's: epoch evaluates at every epoch's end, steps every --eval_steps, no only "
                         "before and after training (default: steps when --eval_steps is set)")
+    g.add_argument("--eval_mode", default="loglik", choices=causal.EVAL_MODES,
+                   help="causal-mc: score every choice by its length-normalised log-likelihood (loglik), or generate "
+                        "an answer and read the choice off it, as LLM-Adapters and the LoRA-Dash paper do (generate; "
+                        "with --prompt_template llm-adapters)")
+    g.add_argument("--generation_max_new_tokens", type=int, default=32, help="--eval_mode generate: new tokens")
+    g.add_argument("--generation_num_beams", type=int, default=4,
+                   help="--eval_mode generate: beams (4 as LLM-Adapters; 1 is greedy)")
     g.add_argument("--eval_before", action=argparse.BooleanOptionalAction, default=True,
                    help="evaluate the untrained model first (--no-eval_before skips it)")
     g.add_argument("--report_plot", action=argparse.BooleanOptionalAction, default=True,
@@ -180,6 +216,20 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         args.text_column_names = [c.strip() for c in args.text_column_names.split(",") if c.strip()]
     if args.task != "classification" and (args.text_column_names or args.label_column_name != "label"):
         p.error("--text_column_names and --label_column_name apply to --task classification only")
+    if args.task == "classification":
+        causal_only = [flag for flag, used in (("--packing", args.packing), ("--eval_mode generate",
+                       args.eval_mode != "loglik"), ("--prompt_template", args.prompt_template != "question"))
+                       if used]
+        if causal_only:
+            p.error(f"{', '.join(causal_only)}: for --task causal-mc only (a classifier reads each example on its "
+                    "own and predicts a label, so it has no documents to pack and no answer to generate)")
+        for flag in ("train_file", "eval_file"):
+            if len(getattr(args, flag) or []) > 1:
+                p.error(f"--{flag}: --task classification reads one file")
+    if args.dash_lr_ratio <= 0:
+        p.error(f"--dash_lr_ratio must be > 0, got {args.dash_lr_ratio}")
+    if args.generation_max_new_tokens < 1 or args.generation_num_beams < 1:
+        p.error("--generation_max_new_tokens and --generation_num_beams must be >= 1")
     if args.eval_file is None and args.eval_split is None:
         p.error("give --eval_file, or --eval_split to hold out part of --train_file")
     if args.eval_split is not None and args.eval_split <= 0:
@@ -214,7 +264,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def _key_values(parser: argparse.ArgumentParser, items: list[str]) -> dict[str, Any]:
     """``KEY=VALUE`` strings to a dict of AdapterConfig fields; values are JSON when they parse (numbers, booleans)."""
     flags = {"method", "r", "alpha", "dropout", "target_modules", "modules_to_save", "seed", "dash_warmup_steps",
-             "dash_directions"}  # set by their own arguments
+             "dash_directions", "dash_lr_ratio"}  # set by their own arguments
     known = {f.name for f in dataclasses.fields(shared.AdapterConfig)} - flags
     out = {}
     for item in items:
@@ -240,14 +290,16 @@ class TextTrainConfig:
     # model and data
     model_name_or_path: str
     task: str
-    train_file: str
-    eval_file: str | None
+    train_file: list[str]
+    eval_file: list[str] | None
+    prompt_template: str
     text_column_names: list[str] | None
     label_column_name: str
     eval_split: float | None
     max_train_samples: int | None
     max_eval_samples: int | None
     max_length: int
+    packing: bool
     torch_dtype: str
     # adapter
     method: str
@@ -257,6 +309,7 @@ class TextTrainConfig:
     target_modules: list[str] | None
     dash_warmup_steps: int
     dash_directions: int
+    dash_lr_ratio: float
     adapter_options: dict[str, Any]
     # training
     learning_rate: float
@@ -283,6 +336,9 @@ class TextTrainConfig:
     logging_dir: str
     eval_steps: int
     eval_strategy: str | None
+    eval_mode: str
+    generation_max_new_tokens: int
+    generation_num_beams: int
     eval_before: bool
     report_plot: bool
     checkpointing_steps: int
@@ -305,15 +361,36 @@ def check_torch_dtype(torch_dtype: str, mixed_precision: str) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ model, data
-def load_examples(config: TextTrainConfig, load: Callable[[str], list]) -> tuple[list, list]:
-    """The training and evaluation examples: ``--eval_file``, or ``--eval_split`` held out of ``--train_file``
-    (by ``--seed``), each cut to ``--max_train_samples`` / ``--max_eval_samples``."""
-    train = load(config.train_file)
+def load_examples(config: TextTrainConfig) -> tuple[list, list]:
+    """The training and evaluation examples of every task (``tsd_text.sources``): ``--eval_file``, or
+    ``--eval_split`` held out of ``--train_file`` (by ``--seed``), each cut to ``--max_train_samples`` /
+    ``--max_eval_samples`` (shared among the tasks)."""
+    _, load_train, load_eval = TASKS[config.task]
+
+    def read(load: Callable[..., list], source: Source) -> list:
+        if config.task == "classification":
+            return load(source.path, text_columns=config.text_column_names, label_column=config.label_column_name)
+        return load(source.path, template=config.prompt_template, task=source.task)
+
+    sources = resolve(config.train_file, "train", "--train_file")
+    train = [e for source in sources for e in read(load_train, source)]
     if config.eval_file:
-        eval_ = load(config.eval_file)
+        eval_sources = resolve(config.eval_file, "eval", "--eval_file")
+        eval_ = [e for source in eval_sources for e in read(load_eval, source)]
     else:
-        train, eval_ = train_eval_split(train, config.eval_split, config.seed, config.train_file)
-    return train[: config.max_train_samples], eval_[: config.max_eval_samples]
+        train, eval_ = train_eval_split(train, config.eval_split, config.seed, " ".join(config.train_file))
+        unscorable = next((e for e in eval_ if config.task == "causal-mc" and not isinstance(e, MCExample)), None)
+        if unscorable is not None:
+            raise InputError(f"--eval_split holds out records of --train_file, and {unscorable.where} has no choices "
+                             "to score; give --eval_file with multiple-choice records")
+    for flag, cap, examples in (("--max_train_samples", config.max_train_samples, train),
+                                ("--max_eval_samples", config.max_eval_samples, eval_)):
+        tasks = {e.task for e in examples}
+        if cap is not None and cap < len(tasks):
+            raise InputError(f"{flag} {cap} is shared among {len(tasks)} tasks and must leave each at least one "
+                             "example")
+    return subsample(train, config.max_train_samples, config.seed), subsample(eval_, config.max_eval_samples,
+                                                                               config.seed)
 
 
 def default_targets(model: nn.Module) -> list[str] | None:
@@ -345,7 +422,7 @@ def adapter_config(config: TextTrainConfig) -> shared.AdapterConfig:
     return shared.AdapterConfig(method=config.method, r=config.rank, alpha=config.lora_alpha,
                                 dropout=config.lora_dropout, target_modules=config.target_modules,
                                 dash_warmup_steps=config.dash_warmup_steps, dash_directions=config.dash_directions,
-                                seed=config.seed, **config.adapter_options)
+                                dash_lr_ratio=config.dash_lr_ratio, seed=config.seed, **config.adapter_options)
 
 
 @dataclass
@@ -366,14 +443,15 @@ def build_model(config: TextTrainConfig, accelerator: Any, resume_dir: Path | No
     """
     from transformers import AutoTokenizer
 
-    task, load = TASKS[config.task]
-    if config.task == "classification":
-        load = functools.partial(load, text_columns=config.text_column_names, label_column=config.label_column_name)
+    task = TASKS[config.task][0]
     adapter_cfg = adapter_config(config)
-    train_examples, eval_examples = load_examples(config, load)
+    train_examples, eval_examples = load_examples(config)
     tokenizer = AutoTokenizer.from_pretrained(config.model_name_or_path)
     notes = [n for n in [ensure_pad_token(tokenizer)] if n]
-    data: TaskData = task.prepare(tokenizer, train_examples, eval_examples, config.max_length)
+    options = {} if config.task == "classification" else dict(
+        eval_mode=config.eval_mode, max_new_tokens=config.generation_max_new_tokens,
+        num_beams=config.generation_num_beams, packed=config.packing)
+    data: TaskData = task.prepare(tokenizer, train_examples, eval_examples, config.max_length, **options)
     notes += [f"{n} of {len(getattr(data, split))} {split} examples were longer than --max_length={config.max_length} "
               "and were truncated" for split, n in data.truncated.items() if n]
     model, head = task.load_model(config.model_name_or_path, data, tokenizer, TORCH_DTYPES[config.torch_dtype])
@@ -389,11 +467,13 @@ def build_model(config: TextTrainConfig, accelerator: Any, resume_dir: Path | No
                      f"{','.join(default_targets(model))}")
     if resume_dir is not None:
         adapter = shared.load(model, resume_dir / CHECKPOINT_ADAPTER)
-        saved = (adapter.config.method, adapter.config.r, sorted(adapter.config.target_modules or []))
-        if saved != (adapter_cfg.method, adapter_cfg.r, sorted(adapter_cfg.target_modules)):
-            raise InputError(f"{resume_dir} holds a {saved[0]} adapter of rank {saved[1]} on {len(saved[2])} layers; "
-                             f"this run asks for {adapter_cfg.method} rank {adapter_cfg.r} on "
-                             f"{len(adapter_cfg.target_modules)} layers")
+        saved = (adapter.config.method, adapter.config.r, sorted(adapter.config.target_modules or []),
+                 adapter.config.dash_lr_ratio)
+        if saved != (adapter_cfg.method, adapter_cfg.r, sorted(adapter_cfg.target_modules), adapter_cfg.dash_lr_ratio):
+            raise InputError(f"{resume_dir} holds a {saved[0]} adapter of rank {saved[1]} on {len(saved[2])} layers "
+                             f"with dash_lr_ratio {saved[3]:g}; this run asks for {adapter_cfg.method} rank "
+                             f"{adapter_cfg.r} on {len(adapter_cfg.target_modules)} layers with dash_lr_ratio "
+                             f"{adapter_cfg.dash_lr_ratio:g}")
     else:
         init_data = None
         if adapter_cfg.needs_data:  # the same seeded batches on every process, so every process gets the same init
@@ -407,7 +487,7 @@ def build_model(config: TextTrainConfig, accelerator: Any, resume_dir: Path | No
 
 
 # ---------------------------------------------------------------------------------------------------- evaluate
-def evaluate(accelerator: Any, model: nn.Module, loader: DataLoader, task: ModuleType, info: dict[str, Any],
+def evaluate(accelerator: Any, model: nn.Module, loader: DataLoader, data: TaskData, task: ModuleType,
              desc: str) -> dict[str, float]:
     """Metrics over the whole evaluation set; ``gather_for_metrics`` drops the samples padded in for even batches."""
     from tqdm.auto import tqdm
@@ -415,14 +495,23 @@ def evaluate(accelerator: Any, model: nn.Module, loader: DataLoader, task: Modul
     net = accelerator.unwrap_model(model)
     was_training = net.training
     net.eval()
-    preds, refs = [], []
+    columns: dict[str, list[torch.Tensor]] = {}
     for batch in tqdm(loader, desc=desc, disable=not accelerator.is_local_main_process, leave=False):
-        pred, ref = accelerator.gather_for_metrics(task.predict(net, batch))
-        preds.append(pred)
-        refs.append(ref)
+        for key, value in accelerator.gather_for_metrics(data.predict(net, batch)).items():
+            columns.setdefault(key, []).append(value)
     net.train(was_training)
-    pred, ref = torch.cat(preds), torch.cat(refs)
-    return {**task.compute_metrics(pred, ref, info), "num_examples": int(ref.shape[0])}
+    cat = {key: torch.cat(values) for key, values in columns.items()}
+    return {**task.compute_metrics(cat, data.info), "num_examples": int(cat["ref"].shape[0])}
+
+
+def metrics_summary(metrics: dict[str, float]) -> str:
+    """The metrics on one line; per task as the paper's table has them (each task, then the average)."""
+    per_task = {k.split("/", 1)[1]: v for k, v in metrics.items() if k.startswith("accuracy/")}
+    if not per_task:
+        return ", ".join(f"{k} {v:.4g}" for k, v in metrics.items())
+    rest = {k: v for k, v in metrics.items() if "/" not in k and k != "accuracy"}
+    return (" | ".join(f"{t} {v:.3f}" for t, v in per_task.items()) + f" | average {metrics['accuracy']:.3f}"
+            + "".join(f", {k} {v:.4g}" for k, v in rest.items()))
 
 
 # ------------------------------------------------------------------------------------------------------- setup
@@ -452,8 +541,8 @@ class TextRun:
 
     def evaluate(self, desc: str) -> dict[str, float]:
         """Metrics on the evaluation set now, logged and sent to the trackers at the adapter's step."""
-        metrics = evaluate(self.accelerator, self.model, self.eval_loader, self.task, self.data.info, desc)
-        logger.info(f"eval ({desc}): {metrics}")
+        metrics = evaluate(self.accelerator, self.model, self.eval_loader, self.data, self.task, desc)
+        logger.info(f"eval ({desc}): {metrics_summary(metrics)}")
         self.accelerator.log({f"eval/{k}": v for k, v in metrics.items()}, step=self.adapter.num_steps)
         return metrics
 
@@ -467,13 +556,15 @@ def setup(config: TextTrainConfig, accelerator: Any, resume_dir: Path | None = N
     set_seed(config.seed)
     built = build_model(config, accelerator, resume_dir)
     data, adapter = built.data, built.adapter
-    optimizer = torch.optim.AdamW(adapter.trainable_parameters(), lr=config.learning_rate,
-                                  weight_decay=config.weight_decay, betas=(config.adam_beta1, config.adam_beta2),
+    # λ in a group of its own at dash_lr_ratio × the lr (one group at ratio 1)
+    optimizer = torch.optim.AdamW(adapter.param_groups(config.learning_rate, weight_decay=config.weight_decay),
+                                  lr=config.learning_rate, betas=(config.adam_beta1, config.adam_beta2),
                                   eps=config.adam_epsilon)
     # its own generator: starting an epoch's iterator then draws no number from the global RNG, so a resumed
     # run's dropout masks are those of the uninterrupted run
-    train_loader = DataLoader(data.train, batch_size=config.per_device_train_batch_size, shuffle=True,
-                              collate_fn=data.collate_train, generator=torch.Generator().manual_seed(config.seed))
+    rows, collate = (data.train, data.collate_train) if data.packed is None else (data.packed, data.collate_packed)
+    train_loader = DataLoader(rows, batch_size=config.per_device_train_batch_size, shuffle=True, collate_fn=collate,
+                              generator=torch.Generator().manual_seed(config.seed))
     eval_loader = DataLoader(data.eval, batch_size=config.per_device_eval_batch_size, collate_fn=data.collate_eval)
     model, optimizer, train_loader, eval_loader = accelerator.prepare(built.model, optimizer, train_loader, eval_loader)
     updates_per_epoch = math.ceil(len(train_loader) / config.gradient_accumulation_steps)
@@ -545,7 +636,7 @@ def train_loop(run: TextRun) -> dict[str, Any]:
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad()
-            tokens += int(batch["attention_mask"].sum())
+            tokens += int(batch["attention_mask"].sum() if "attention_mask" in batch else batch["input_ids"].numel())
             step_loss, micro = step_loss + loss.detach(), micro + 1
             if not accelerator.sync_gradients:
                 continue

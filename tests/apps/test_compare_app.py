@@ -342,10 +342,14 @@ def test_default_base_and_validation_scores_come_from_the_run_dirs(tmp_path):
     (run / "training_args.json").write_text(json.dumps({"pretrained_model_name_or_path": "org/base"}))
     assert compare.default_base({"x": tmp_path / "missing", "a": run}) == "org/base"
     info = compare.AdapterInfo("a", run)
-    assert info.validation_scores() == ("", "")
+    assert info.validation_scores() == ("", "", "", "", "")
     for step, probes in ((50, (0.9, 0.8)), (200, (0.4, 0.2)), (100, (0.1, 0.1))):  # 200 is the last, not the newest
         d = run / "validation" / f"step-{step}"
         d.mkdir(parents=True)
         (d / "metrics.json").write_text(json.dumps([{"subject_probe": p} for p in probes] + [{"class_accuracy": 1.0}]))
-    assert info.validation_scores() == (0.4, 0.2)
+    assert info.validation_scores() == (0.4, 0.2, "", "", "")
+    (run / "validation" / "step-300").mkdir()
+    (run / "validation" / "step-300" / "metrics.json").write_text(json.dumps(
+        [{"prompt": "a photo of sks dog", "dino": 0.61234, "clip_i": 0.8, "clip_t": 0.25}, {"prompt": "a dog"}]))
+    assert info.validation_scores() == ("", "", 0.612, 0.8, 0.25)  # the DreamBooth paper's metrics
     assert len(info.row()) == len(compare.CompareApp.TABLE_HEADERS)

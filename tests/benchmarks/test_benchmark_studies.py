@@ -170,3 +170,59 @@ def test_dash_scale_measures_the_trained_dash_term_against_dense_references():
     assert got["lam_over_lora_norm"] == pytest.approx(statistics.median(norms), rel=1e-4)
     assert got["lam_over_sigma"] == pytest.approx(statistics.median(by_sigma), rel=1e-4)
     assert got["lam_over_lora_dsigma"] == pytest.approx(statistics.median(by_dsigma), rel=1e-4)
+
+
+def test_lambda_norm_ratios_match_dense_norms():
+    """‖U diag(λ) Vᵀ‖_F / ‖γ B A‖_F from the factors equals the ratio of the dense matrices' norms."""
+    model = tiny_llama()
+    adapter = shared.attach(model, shared.AdapterConfig(method="dash", r=4, alpha=8, target_modules=["q_proj"],
+                                                        dash_warmup_steps=1, dash_directions=3))
+    train(adapter, lm_batches(2), steps=2, lr=1e-2)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name in adapter.dash_layers:
+            adapter.dash_term(name).lam.copy_(torch.randn(3, generator=g))
+    got = subject_study.lambda_norm_ratios(adapter)
+    assert set(got) == set(adapter.dash_layers)
+    for name, ratio in got.items():
+        term = adapter.dash_term(name)
+        B, A = adapter.lora_factors(name)
+        dash = torch.linalg.norm(term.U.double() @ torch.diag(term.lam.double()) @ term.Vh.double())
+        lora = torch.linalg.norm(adapter.scale(name) * B.double() @ A.double())
+        assert ratio == pytest.approx(float(dash / lora), rel=1e-9)
+
+
+def test_lambda_study_cells_and_their_rows():
+    from benchmarks import run
+
+    full = run.suite_cells("full")
+    study = [c for c in full if c["kind"] == "subject" and "dash_lr_ratio" in c]
+    assert len(study) == 27 and {c["dash_lr_ratio"] for c in study} == {1.0, 10.0, 100.0}
+    assert {(c["subject"], c["seed"], c["method"]) for c in study} == {(s, seed, "dash") for s in subject_study.SUBJECTS
+                                                                      for seed in (0, 1, 2)}
+    plain = [c for c in full if c["kind"] == "subject" and c["method"] == "dash" and "dash_lr_ratio" not in c]
+    assert len(plain) == 9  # the plain dash cells keep their configs (and ids)
+
+    def rec(cfg, probe, norm):
+        metrics = [{"subject_probe": probe, "subject_retrieval": 0.0, "class_accuracy": 0.5, "diversity": 0.1},
+                   {"subject_probe": 0.1, "class_accuracy": 0.9}, {"class_accuracy": 0.8}]
+        return {"config": cfg, "result": {"metrics": metrics, **({"lambda_norm_ratio": norm} if norm else {})}}
+
+    base = {"subject": "car", "seed": 0}
+    rows, table = subject_study.summarize([rec({**base, "method": "lora"}, 0.2, None),
+                                           rec({**base, "method": "dash"}, 0.3, None),
+                                           rec({**base, "method": "dash", "dash_lr_ratio": 10.0}, 0.5, 0.25)])
+    ten = next(r for r in rows if r["subject"] == "car" and r["method"] == "dash λlr×10")
+    assert ten["‖λ‖/‖γBA‖"] == "0.250" and ten["sks probe − lora's (paired)"] == "0.300"
+    assert next(r for r in rows if r["subject"] == "car" and r["method"] == "dash")["‖λ‖/‖γBA‖"] == "–"
+
+
+@pytest.mark.slow
+def test_lambda_study_cell_passes_the_ratio_and_records_the_norms(tmp_path: Path):
+    import json
+
+    cfg, = subject_study.lambda_study_cells(["car"], [10.0], [0], steps=3, batch_size=2, rank=2, dash_warmup_steps=1,
+                                            num_images=1)
+    r = subject_study.run_cell(cfg, tmp_path)
+    assert json.loads((tmp_path / "run" / "training_args.json").read_text())["dash_lr_ratio"] == 10.0
+    assert r["lambda_norm_ratio"] > 0 and r["lambda_norm_ratio_median"] > 0

@@ -346,7 +346,7 @@ def test_report_counts_the_seed_cells_an_open_lr_sweep_will_add(tmp_path, monkey
     (tmp_path / "quick").mkdir()
     text = run.write_report("quick", lora).read_text()
     # lora's sweep is finished: its seeds 1, 2 at lr 3e-3 are planned; dash's sweep (2 cells) is open
-    assert ("Cells of the suite not run yet: 4 (text 4), plus the other seeds of the 1 text lr sweep(s) still open"
+    assert ("Cells of the suite not run yet: 4 (text 4), plus the other seeds of the 1 lr sweep(s) still open"
             in text)
 
 
@@ -383,3 +383,30 @@ def test_cells_that_need_a_missing_asset_are_not_runnable_not_failures(tmp_path,
     assert "not run yet" not in text
     run.run_suite("quick", None, None)  # the next run tries it again (the asset may have been fetched since)
     assert launched == ["smollm2", "minilm", "smollm2"]
+
+
+def test_claims_pair_each_lambda_ratio_with_lora_by_subject_and_seed_and_keep_the_plain_dash_row_apart():
+    def rec(subject, seed, method, probe, leak, ratio=None):
+        metrics = [{"subject_probe": probe}, {"subject_probe": leak}, {}]
+        extra = {"dash_lr_ratio": ratio} if ratio is not None else {}
+        return {"config": {"kind": "subject", "subject": subject, "seed": seed, "method": method, **extra},
+                "result": {"metrics": metrics}}
+
+    records = [rec(sub, s, "lora", 0.2 + 0.1 * s, 0.1) for sub in ("car", "cat") for s in (0, 1, 2)]
+    records += [rec(sub, s, "dash", 0.2 + 0.1 * s + d, 0.1) for sub in ("car", "cat") for s, d in
+                zip((0, 1, 2), (0.01, -0.01, 0.0), strict=True)]
+    # ratio 10: +0.1 on the probe at every (subject, seed), and the leak up by 0.05 (worse)
+    records += [rec(sub, s, "dash", 0.3 + 0.1 * s, 0.15, ratio=10.0) for sub in ("car", "cat") for s in (0, 1, 2)]
+    lines = claims.report(records).splitlines()
+
+    def row(claim, side):
+        found = [line for line in lines if line.startswith(f"| {claim} | {side} ")]
+        assert len(found) == 1, (claim, side, lines)
+        return found[0]
+
+    probe = row("λ study, every subject: sks subject probe ↑", "dash λlr×10")
+    assert "| 0.100 ± 0.000" in probe and probe.endswith("| 6 | **holds** |")
+    leak = row("λ study, every subject: class prompt: probe (leak) ↓", "dash λlr×10")
+    assert "| -0.050 ± 0.000" in leak and leak.endswith("| 6 | **does not hold** |")
+    # the plain dash row is paired with lora without the λ study's cells (otherwise its car probe would be +0.1)
+    assert row("subject car: sks subject probe ↑", "dash").endswith("| 3 | within seed noise |")

@@ -199,7 +199,7 @@ def test_list_instance_images_missing_and_empty_dirs(tmp_path):
 def test_list_instance_images_names_every_bad_file(tmp_path):
     d = write_subject_dir(tmp_path / "subj", n=2)
     truncated_jpeg(d / "broken.jpg")
-    (d / "captions.txt").write_text("a photo of sks dog")
+    (d / "captions.doc").write_text("a photo of sks dog")  # (.txt files are caption files: tested below)
     (d / "readme.md").write_text("# hi")
     (d / "fake.png").write_text("this is text with a .png name")
     (d / "zero.jpg").write_bytes(b"")
@@ -207,10 +207,10 @@ def test_list_instance_images_names_every_bad_file(tmp_path):
     with pytest.raises(ValueError) as ei:
         list_instance_images(d)
     msg = str(ei.value)
-    for name in ("broken.jpg", "captions.txt", "readme.md", "fake.png", "zero.jpg", "link.jpg"):
+    for name in ("broken.jpg", "captions.doc", "readme.md", "fake.png", "zero.jpg", "link.jpg"):
         assert name in msg
     assert "img_0.png" not in msg and "img_1.png" not in msg
-    assert "not images: captions.txt, fake.png, readme.md, zero.jpg" in msg
+    assert "not images: captions.doc, fake.png, readme.md, zero.jpg" in msg
     assert "broken.jpg (corrupt or truncated image" in msg and "link.jpg (file does not exist" in msg
     # the dataset validates at construction, before any training
     with pytest.raises(ValueError, match="broken.jpg"):

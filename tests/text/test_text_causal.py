@@ -90,11 +90,12 @@ def test_batched_scoring_matches_brute_force_loop_on_tiny_llama():
     scores = causal.choice_logprobs(model, batch)
     brute = _brute_force_scores(model, data.eval)
     torch.testing.assert_close(scores, brute, atol=1e-5, rtol=1e-5)
-    pred, answer = causal.predict(model, batch)
+    columns = data.predict(model, batch)
+    pred, answer = columns["pred"], columns["ref"]
     bounds = torch.tensor([0] + [len(it["choices"]) for it in data.eval]).cumsum(0).tolist()
     expected = [int(torch.argmax(brute[s:e])) for s, e in itertools.pairwise(bounds)]
     assert pred.tolist() == expected and answer.tolist() == [it["label"] for it in data.eval] == [2, 1, 0]
-    assert causal.compute_metrics(pred, answer, {})["accuracy"] == pytest.approx(
+    assert causal.compute_metrics(columns, data.info)["accuracy"] == pytest.approx(
         sum(p == a for p, a in zip(expected, [2, 1, 0], strict=True)) / 3)
     # the training row of an example is its context followed by its correct choice
     assert data.train[1]["input_ids"] == data.eval[1]["context"] + data.eval[1]["choices"][1]

@@ -15,7 +15,7 @@ T = torch.tensor
 def test_binary_metrics_by_hand():
     ref = T([1, 1, 1, 0, 0, 0, 1, 0])
     pred = T([1, 0, 1, 0, 1, 0, 1, 1])  # tp 3, fn 1, fp 2, tn 2
-    m = cls.compute_metrics(pred, ref, {"labels": ["0", "1"], "regression": False})
+    m = cls.compute_metrics({"pred": pred, "ref": ref}, {"labels": ["0", "1"], "regression": False})
     assert m["accuracy"] == pytest.approx(5 / 8)
     assert m["f1"] == pytest.approx(2 * 3 / (2 * 3 + 2 + 1))
     assert m["matthews_correlation"] == pytest.approx((3 * 2 - 2 * 1) / math.sqrt(5 * 4 * 4 * 3))
@@ -37,7 +37,7 @@ def test_pearson_and_spearman_with_ties_by_hand():
     assert cls.pearson(x, y) == pytest.approx(9 / math.sqrt(2 * 50))  # dx (-1,0,0,1), dy (-3,-1,-2,6)
     # ranks x (1, 2.5, 2.5, 4), y (1, 3, 2, 4): Σ dxdy = 4.5, Σ dx² = 4.5, Σ dy² = 5
     assert cls.spearman(x, y) == pytest.approx(4.5 / math.sqrt(4.5 * 5))
-    m = cls.compute_metrics(x, y, {"labels": None, "regression": True})
+    m = cls.compute_metrics({"pred": x, "ref": y}, {"labels": None, "regression": True})
     assert m == pytest.approx({"pearson": 0.9, "spearman": 4.5 / math.sqrt(22.5)})
 
 

@@ -54,3 +54,22 @@ def test_minilm_polarity_dash_learns(tmp_path):
     assert result.results["train"]["steps"] == 20 and result.results["train"]["dash_switch_step"] == 10
     assert evals["after"]["num_examples"] == 200
     assert evals["after"]["accuracy"] > max(0.6, evals["before"]["accuracy"] + 0.05), evals
+
+
+def test_smollm2_trains_on_the_eight_task_mixture_and_reports_each_task(tmp_path):
+    """``--train_file commonsense:all --eval_file commonsense:all``: every task trained on and scored, the average
+    being the mean of the eight (a few steps: the plumbing, not the accuracy)."""
+    model_dir, _ = _require("smollm2", "commonsense")
+    main(parse_args([
+        "--model_name_or_path", str(model_dir), "--task", "causal-mc", "--train_file", "commonsense:all",
+        "--eval_file", "commonsense:all", "--max_train_samples", "16", "--max_eval_samples", "24", "--method", "lora",
+        "--rank", "2", "--target_modules", "q_proj,v_proj", "--max_steps", "2", "--per_device_train_batch_size", "8",
+        "--max_length", "128", "--seed", "0", "--no-eval_before", "--no-report_plot", "--output_dir",
+        str(tmp_path / "out")]))
+    after = json.loads((tmp_path / "out" / "eval_results.json").read_text())["after"]
+    resolved = json.loads((tmp_path / "out" / "training_args.json").read_text())["resolved"]
+    tasks = ["boolq", "piqa", "socialiqa", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa"]
+    assert resolved["tasks"] == tasks
+    assert resolved["examples_per_task"] == {"train": dict.fromkeys(tasks, 2), "eval": dict.fromkeys(tasks, 3)}
+    assert [after[f"num_examples/{t}"] for t in tasks] == [3] * 8 and after["num_examples"] == 24
+    assert after["accuracy"] == pytest.approx(sum(after[f"accuracy/{t}"] for t in tasks) / 8)

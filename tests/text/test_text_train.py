@@ -12,7 +12,7 @@ import shared
 from tests.helpers import NEEDS_CUDA
 from tsd_common.assets import asset_path
 from tsd_text import causal
-from tsd_text.data import ensure_pad_token, load_mc
+from tsd_text.data import ensure_pad_token
 from tsd_text.tiny import save_tiny_model, toy_mc_task, word_tokenizer, write_toy_classification, write_toy_mc
 from tsd_text.train import (
     TORCH_DTYPES,
@@ -265,7 +265,7 @@ def test_the_trainer_spellings_of_flags_mean_the_same(capsys):
     """transformers' Trainer names (--lr_scheduler_type, --warmup_steps, --save_steps, --bf16, ...) are accepted."""
     base = ["--model_name_or_path", "m", "--task", "causal-mc", "--train_file", "f", "--eval_split", "4",
             "--output_dir", "o"]
-    assert parse_args([*base, "--validation_file", "v.json"]).eval_file == "v.json"  # run_classification.py's name
+    assert parse_args([*base, "--validation_file", "v.json"]).eval_file == ["v.json"]  # run_classification.py's name
     ours = vars(parse_args([*base, "--lr_scheduler", "cosine", "--lr_warmup_steps", "5", "--checkpointing_steps", "7",
                             "--checkpoints_total_limit", "2", "--max_length", "64", "--mixed_precision", "bf16"]))
     trainer = vars(parse_args([*base, "--lr_scheduler_type", "cosine", "--warmup_steps", "5", "--save_steps", "7",
@@ -404,7 +404,7 @@ def test_trainer_and_cli_select_the_same_directions(mc, tmp_path):
                                                  LLAMA, "--output_dir", str(tmp_path / "t"), *QUICK]))
     tok = AutoTokenizer.from_pretrained(mc[1])
     ensure_pad_token(tok)
-    data = causal.prepare(tok, *load_examples(args, load_mc), args.max_length)
+    data = causal.prepare(tok, *load_examples(args), args.max_length)
     model = AutoModelForCausalLM.from_pretrained(mc[1], dtype=torch.float32)
     config = dataclasses.replace(adapter_config(args), target_modules=resolve_targets(model, args.target_modules, None))
     adapter = shared.attach(model, config)
@@ -423,13 +423,15 @@ def test_trainer_and_cli_select_the_same_directions(mc, tmp_path):
 
 
 # ------------------------------------------------------------------------------------------ checkpoints, resume
-def test_resume_equals_uninterrupted_before_and_after_the_switch(mc, tmp_path):
+@pytest.mark.parametrize("ratio", [1, 10])
+def test_resume_equals_uninterrupted_before_and_after_the_switch(mc, tmp_path, ratio):
     """Checkpoints every 2 updates (accumulation 2, 3 updates per epoch, dropout on, switch at 3); resuming from
-    step 2 (before the switch, mid-epoch) or step 4 (after it, next epoch) ends where the uninterrupted run ends."""
+    step 2 (before the switch, mid-epoch) or step 4 (after it, next epoch) ends where the uninterrupted run ends,
+    also with λ in its own parameter group at 10 times the learning rate."""
     from safetensors.torch import load_file
 
     extra = ["--max_steps", "8", "--gradient_accumulation_steps", "2", "--lora_dropout", "0.1",
-             "--checkpointing_steps", "2", "--no-eval_before"]
+             "--checkpointing_steps", "2", "--no-eval_before", "--dash_lr_ratio", str(ratio)]
     full = _run_mc(mc, tmp_path / "full", *extra)
     assert [p.name for p in sorted((tmp_path / "full").glob("checkpoint-*"))] == ["checkpoint-2", "checkpoint-4",
                                                                                   "checkpoint-6"]
@@ -450,6 +452,48 @@ def test_resume_equals_uninterrupted_before_and_after_the_switch(mc, tmp_path):
         worst = max(diffs, key=diffs.get)
         assert diffs[worst] <= 1e-6, f"{ckpt}: tensors differ, most {worst} by {diffs[worst]:.3g}"
         assert resumed.results["after"] == full.results["after"]
+
+
+def test_dash_lr_ratio_gives_lambda_its_own_learning_rate_throughout(mc, tmp_path, monkeypatch):
+    """--dash_lr_ratio 10: λ in the optimizer's second group at 10 × the lr at every step of the schedule (warm-up
+    and linear decay scale both groups), everything else in the first; λ trains, and a resume must ask for the
+    same ratio."""
+    optimizers, lrs = [], []
+
+    class SpyAdamW(torch.optim.AdamW):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            optimizers.append(self)
+
+        def step(self, *args, **kwargs):
+            lrs.append([g["lr"] for g in self.param_groups])
+            return super().step(*args, **kwargs)
+
+    monkeypatch.setattr(torch.optim, "AdamW", SpyAdamW)
+    result = _run_mc(mc, tmp_path, "--max_steps", "6", "--dash_lr_ratio", "10", "--warmup_steps", "2",
+                     "--checkpointing_steps", "3", "--no-eval_before")
+    [opt] = optimizers
+    lam = {id(result.adapter.dash_term(n).lam) for n in result.adapter.dash_layers}
+    assert [{id(p) for p in g["params"]} for g in opt.param_groups] == [
+        {id(p) for p in result.adapter.trainable_parameters()} - lam, lam]
+    assert len(lrs) == 6 and lrs[0][0] == 0.0 and all(b == pytest.approx(10 * a) for a, b in lrs)
+    assert any(result.adapter.dash_term(n).lam.abs().max() > 0 for n in result.adapter.dash_layers)
+    with pytest.raises(ValueError, match="with dash_lr_ratio 10; this run asks for dash rank 4 .* dash_lr_ratio 1"):
+        _run_mc(mc, tmp_path, "--max_steps", "6", "--resume_from_checkpoint", "latest")
+    with pytest.raises(SystemExit):
+        parse_args(["--model_name_or_path", "m", "--task", "causal-mc", "--train_file", "f", "--eval_split", "2",
+                    "--output_dir", "o", "--dash_lr_ratio", "0"])
+
+
+def test_causal_only_flags_are_refused_for_classification(capsys):
+    base = ["--model_name_or_path", "m", "--task", "classification", "--train_file", "t.csv", "--eval_file",
+            "e.csv", "--output_dir", "o"]
+    for extra, says in [(["--eval_mode", "generate"], "--eval_mode generate: for --task causal-mc only"),
+                        (["--prompt_template", "llm-adapters"], "--prompt_template: for --task causal-mc only"),
+                        (["--train_file", "a.csv", "b.csv"], "--train_file: --task classification reads one file")]:
+        with pytest.raises(SystemExit):
+            parse_args([*base, *extra])
+        assert says in capsys.readouterr().err
 
 
 def test_checkpoint_limit_latest_and_a_mismatched_resume(mc, tmp_path):
