@@ -75,7 +75,7 @@ def _accuracy(run: Any, batch_size: int) -> float:
 
     loader = DataLoader(run.data.eval, batch_size=batch_size, collate_fn=run.data.collate_eval)
     with torch.no_grad():
-        return evaluate(Accelerator(cpu=True), run.model, loader, run.task, run.data.info, "eval")["accuracy"]
+        return evaluate(Accelerator(cpu=True), run.model, loader, run.data, run.task, "eval")["accuracy"]
 
 
 def layer_type(name: str) -> str:

@@ -12,14 +12,17 @@ Each method's init and traits come from the registry :data:`shared.methods.METHO
 from __future__ import annotations
 
 import itertools
+import os
 import warnings
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
 from . import tsd
+from .bases import Record, SwitchBases
 from .config import AdapterConfig
 from .dash import DashTerm
 from .distributed import check_identical
@@ -32,6 +35,7 @@ from .layers import (
     in_out_features,
     is_dtensor,
     is_linear_like,
+    is_sharded,
     iter_lora_layers,
     nominal_scale,
     set_dense_weight,
@@ -57,6 +61,7 @@ class Adapter:
             raise ValueError(f"no LoRA layer of adapter {adapter_name!r} was found in the model")
         self.num_steps = 0  # optimizer steps taken (step() calls), what the trainers' positions count
         self.num_updates = 0  # of which applied: not skipped by an fp16 GradScaler; drives the switch
+        self.switch_bases: SwitchBases | None = None  # the switch's SVDs while computed ahead (config.dash_svd)
 
     # ------------------------------------------------------------------ per-layer state of this adapter
     def dash_term(self, name: str) -> DashTerm | None:
@@ -106,10 +111,28 @@ class Adapter:
         if skipped:
             return False
         self.num_updates += 1
-        if self.config.uses_dash and not self.switched and self.num_updates >= self.config.dash_warmup_steps:
-            self.switch(optimizer)
-            return True
+        if self.config.uses_dash and not self.switched:
+            if self.num_updates >= self.config.dash_warmup_steps:
+                self.switch(optimizer)
+                return True
+            self.prepare_switch()
         return False
+
+    def prepare_switch(self) -> None:
+        """Start the SVDs the dash switch projects onto, as ``config.dash_svd`` says (:mod:`shared.bases`): in a
+        background thread ("background"), or now ("upfront"); nothing for "switch", after the switch, or when they
+        have started already. :meth:`step` calls it at the first optimizer step; call it yourself to start earlier,
+        once the model is on the device it trains on (the SVDs run on the weights' device). Under FSDP2 reading a
+        weight is a collective, so "background" leaves the SVDs to the switch there."""
+        if (not self.config.uses_dash or self.switched or self.switch_bases is not None
+                or self.config.dash_svd == "switch"):
+            return
+        bases = self._new_switch_bases()
+        background = self.config.dash_svd == "background"
+        if background and bases.collective:
+            return
+        bases.start(background=background)
+        self.switch_bases = bases
 
     def param_groups(self, lr: float, **options: Any) -> list[dict[str, Any]]:
         """Optimizer parameter groups of :meth:`trainable_parameters`: everything at ``lr``, and the dash
@@ -145,25 +168,49 @@ class Adapter:
     def switch(self, optimizer: torch.optim.Optimizer | None = None) -> None:
         """The LoRA-Dash switch (``docs/methods.md#lora-dash``), once per layer.
 
-        SVD of the original W (fp32, batched by shape), Δσ of the update since the original base from its
-        factors, δ = |Δσ| / (σ + eps), I = top-s(δ) among the non-null directions (:func:`shared.tsd.non_null`);
-        U_I, V_Iᵀ go into the pre-allocated frozen tensors. λ stays 0, so the function is unchanged.
+        SVD of the original W (fp32, batched by shape; computed ahead per ``config.dash_svd``, :mod:`shared.bases`),
+        Δσ of the update since the original base from its factors, δ = |Δσ| / (σ + eps), I = top-s(δ) among the
+        non-null directions (:func:`shared.tsd.non_null`); U_I, V_Iᵀ go into the pre-allocated frozen tensors. λ
+        stays 0, so the function is unchanged. Under several processes each rank selects on the layers whose SVDs
+        it computed, and every layer's selection is broadcast from there.
         """
         layers = self.dash_layers
         if not layers:
             raise RuntimeError(f"method {self.config.method!r} has no dash phase")
-        s = self.config.dash_directions
-        for name, U, S, Vh in tsd.iter_svd(list(layers), self.original_weight, self.dense_shape):
-            P, Q = self.update_factors(name)
-            ds = tsd.delta_sigma(U, Vh, P, Q)
-            valid = tsd.non_null(S, self.dense_shape(name))
-            idx = tsd.select_directions(tsd.change_rate(S, ds, self.config.dash_eps), s, valid)
-            energy = torch.tensor([tsd.energy_share(U[:, idx], Vh[idx], P, Q), _core_energy(ds, P, Q)])
-            self.dash_term(name).activate(U[:, idx], Vh[idx], idx, S, ds, energy)
-        terms = [self.dash_term(n) for n in layers]
-        _broadcast_from_rank0(terms)
+        bases, self.switch_bases = self.switch_bases or self._new_switch_bases(), None
+        try:
+            records = {name: self._select(name, U, S, Vh) for name, U, S, Vh in bases.owned()}
+            records = bases.share(records, {n: self.dense_shape(n) for n in layers}, self.config.dash_directions)
+        finally:
+            bases.close()
+        for name in bases.names:
+            self.dash_term(name).activate(*records[name])
         if optimizer is not None:
-            self._reset_lambda_state(optimizer, terms)
+            self._reset_lambda_state(optimizer, [self.dash_term(n) for n in layers])
+
+    def _select(self, name: str, U: torch.Tensor, S: torch.Tensor, Vh: torch.Tensor) -> Record:
+        """The switch's selection on one layer from the SVD of its original W: (U_I, V_Iᵀ, I, σ, Δσ, energy)."""
+        P, Q = self.update_factors(name)
+        ds = tsd.delta_sigma(U, Vh, P, Q)
+        valid = tsd.non_null(S, self.dense_shape(name))
+        idx = tsd.select_directions(tsd.change_rate(S, ds, self.config.dash_eps), self.config.dash_directions, valid)
+        energy = torch.tensor([tsd.energy_share(U[:, idx], Vh[idx], P, Q), _core_energy(ds, P, Q)])
+        return U[:, idx], Vh[idx], idx, S, ds, energy
+
+    def _new_switch_bases(self) -> SwitchBases:
+        layers = self.dash_layers
+        first = next(iter(layers.values())).get_base_layer()
+        return SwitchBases(list(layers), self.original_weight, self.dense_shape, self._weight_state,
+                           dense_weight(first).device, cache_dir=self.config.dash_svd_cache_dir,
+                           collective=any(is_sharded(layer) for layer in layers.values()))
+
+    def _weight_state(self, name: str) -> list[tuple[int, int, int]]:
+        """Identity, storage and in-place version of every tensor :meth:`original_weight` reads for layer ``name``."""
+        layer = self.layers[name]
+        tensors = [layer.get_base_layer().weight]
+        for offset in getattr(layer, "tsd_init", {}).values():
+            tensors += [offset.A0, offset.B0]
+        return [(id(t), (t.to_local() if is_dtensor(t) else t).data_ptr(), t._version) for t in tensors]
 
     def _reset_lambda_state(self, optimizer: Any, terms: list[DashTerm]) -> None:
         """Drop the optimizer's state for λ. Where the state is not keyed by parameter (DeepSpeed ZeRO-1/2 keeps it
@@ -350,17 +397,6 @@ def _replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
 
 
-def _broadcast_from_rank0(modules: list[DashTerm]) -> None:
-    """Make every process use rank 0's directions (the SVDs agree already; this rules out driver drift)."""
-    dist = torch.distributed
-    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
-        return
-    for m in modules:
-        for t in (m.U, m.Vh, m.indices, m.sigma, m.delta_sigma, m.energy):  # the diagnostics are on the SVD's device
-            if not is_dtensor(t):  # FSDP2 shards were scattered from rank 0 already
-                dist.broadcast(t.data, src=0)
-
-
 # ---------------------------------------------------------------------------------------------- attach
 def attach(model: nn.Module, config: AdapterConfig, *, data: Iterable[Any] | None = None,
            forward_fn: ForwardFn | None = None, adapter_name: str = "default", progress: bool = True) -> Adapter:
@@ -384,6 +420,7 @@ def attach(model: nn.Module, config: AdapterConfig, *, data: Iterable[Any] | Non
     targets = find_targets(model, config.target_modules)
     check_new_adapter(model, adapter_name, config, list(targets))
     _check_targets(targets, config)
+    _check_svd_cache_dir(config)
     batches = _take_batches(data, config) if spec.needs_data else []
     pin_layout(model)
     devices = sorted({p.device.index for p in model.parameters() if p.device.type == "cuda"})
@@ -416,6 +453,19 @@ def _check_targets(targets: dict[str, nn.Module], config: AdapterConfig) -> None
                              f"{d_in}) = {k} of target layer {name}")
         if spec.rank_from_weight and config.r > k:
             raise InputError(f"r={config.r} is larger than min(out, in) = {k} of target layer {name}")
+
+
+def _check_svd_cache_dir(config: AdapterConfig) -> None:
+    """``dash_svd_cache_dir`` must be a writable directory (created when missing)."""
+    if not (config.uses_dash and config.dash_svd_cache_dir):
+        return
+    path = Path(config.dash_svd_cache_dir).expanduser()
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise InputError(f"dash_svd_cache_dir {path} cannot be created as a directory: {err}") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise InputError(f"dash_svd_cache_dir {path} is not writable")
 
 
 def _take_batches(data: Iterable[Any] | None, config: AdapterConfig) -> list[Any]:

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
+from .bases import SCHEDULES
 from .errors import InputError
 from .methods import METHODS, Method
 
@@ -35,6 +37,13 @@ class AdapterConfig:
         dash_eps: eps in the change rate delta = |Δσ| / (σ + eps).
         dash_lr_ratio: λ's learning rate is this ratio times the base learning rate (like LoRA+ for B);
             1 is the method as published (:meth:`shared.Adapter.param_groups` builds the optimizer groups).
+        dash_svd: when the SVDs of the frozen weights that the switch projects onto are computed
+            (:mod:`shared.bases`): ``"background"`` (a thread started at the first optimizer step, idle priority on
+            CPU, a side stream on CUDA), ``"upfront"`` (at the first optimizer step or
+            :meth:`shared.Adapter.prepare_switch`, in the calling thread) or ``"switch"`` (at the switch). The
+            selection is bit for bit the same.
+        dash_svd_cache_dir: a directory where those SVDs are kept between runs, keyed by a hash of the weights and
+            of what the SVD's bits depend on (None: no cache; the SVDs go to a temporary directory).
 
     LoRA-Init (reconstruction, ``docs/methods.md#lora-init``):
         lora_init_estimator: ``"warmup"`` (δ from a short, discarded LoRA run) or ``"gradient"``
@@ -72,6 +81,8 @@ class AdapterConfig:
     dash_directions: int = 8
     dash_eps: float = 1e-8
     dash_lr_ratio: float = 1.0
+    dash_svd: str = "background"
+    dash_svd_cache_dir: str | None = None
 
     lora_init_estimator: str = "warmup"
     lora_init_steps: int = 20
@@ -100,6 +111,8 @@ class AdapterConfig:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        if isinstance(self.dash_svd_cache_dir, os.PathLike):
+            self.dash_svd_cache_dir = os.fspath(self.dash_svd_cache_dir)
         self.validate()
 
     @property
@@ -144,6 +157,10 @@ class AdapterConfig:
         _positive_int("dash_directions", self.dash_directions)
         if not self.dash_lr_ratio > 0:
             raise InputError(f"dash_lr_ratio must be > 0, got {self.dash_lr_ratio}")
+        if self.dash_svd not in SCHEDULES:
+            raise InputError(f"dash_svd must be one of {', '.join(SCHEDULES)}, got {self.dash_svd!r}")
+        if self.dash_svd_cache_dir is not None and not isinstance(self.dash_svd_cache_dir, str):
+            raise InputError(f"dash_svd_cache_dir must be a path string or None, got {self.dash_svd_cache_dir!r}")
         if self.lora_init_estimator not in ("warmup", "gradient"):
             raise InputError(f"lora_init_estimator must be 'warmup' or 'gradient', got {self.lora_init_estimator!r}")
         _positive_int("lora_init_steps", self.lora_init_steps)

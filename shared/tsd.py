@@ -38,31 +38,51 @@ def iter_svd(names: Sequence[str], weight_of: Callable[[str], Tensor], shape_of:
              max_bytes: int = SVD_BATCH_BYTES) -> Iterator[tuple[str, Tensor, Tensor, Tensor]]:
     """Yield ``(name, U, S, Vh)``: thin fp32 SVDs of many weights, stacked by equal shape into batched calls.
 
-    Weights are materialised chunk by chunk (at most ``max_bytes`` of fp32 per call), so a whole model
-    never sits in memory twice; each is copied into the chunk's stack as soon as it is read, so besides the stack
-    at most one weight that ``weight_of`` made (a dequantised layer of a quantised base) is alive at a time. Names
-    are stacked in sorted order, so a reload passing the layers in another order makes the same batched calls as
-    the switch did. Signs are canonical (:func:`canonical_signs`): every process and every reload that sees the same
-    W gets the same singular vectors.
+    Weights are materialised chunk by chunk (:func:`svd_chunks`, at most ``max_bytes`` of fp32 per call), so a whole
+    model never sits in memory twice; :func:`stack_weights` copies each into the chunk's stack as soon as it is read,
+    so besides the stack at most one weight that ``weight_of`` made (a dequantised layer of a quantised base) is
+    alive at a time. Names are stacked in sorted order, so a reload passing the layers in another order makes the
+    same batched calls as the switch did. Signs are canonical (:func:`canonical_signs`): every process and every
+    reload that sees the same W gets the same singular vectors.
     """
+    for chunk in svd_chunks(names, shape_of, max_bytes):
+        U, S, Vh = batched_svd(stack_weights(chunk, weight_of))
+        for j, name in enumerate(chunk):
+            yield name, U[j], S[j], Vh[j]
+
+
+def svd_chunks(names: Sequence[str], shape_of: Callable[[str], tuple],
+               max_bytes: int = SVD_BATCH_BYTES) -> list[list[str]]:
+    """The batched SVD calls of :func:`iter_svd`: the sorted names grouped by shape, each group cut into runs of at
+    most ``max_bytes`` of fp32 weights (at least one weight per call)."""
     groups: dict[tuple, list[str]] = defaultdict(list)
     for name in sorted(names):
         groups[tuple(shape_of(name))].append(name)
+    chunks = []
     for shape, members in groups.items():
         per = max(1, max_bytes // (4 * shape[0] * shape[1]))
-        for start in range(0, len(members), per):
-            chunk = members[start : start + per]
-            stack = None
-            for j, name in enumerate(chunk):
-                w = weight_of(name).detach()
-                if stack is None:
-                    stack = torch.empty((len(chunk), *w.shape), dtype=torch.float32, device=w.device)
-                stack[j] = w
-                del w
-            U, S, Vh = torch.linalg.svd(stack, full_matrices=False)
-            U, Vh = canonical_signs(U, Vh)
-            for j, name in enumerate(chunk):
-                yield name, U[j], S[j], Vh[j]
+        chunks += [members[start : start + per] for start in range(0, len(members), per)]
+    return chunks
+
+
+def stack_weights(chunk: Sequence[str], weight_of: Callable[[str], Tensor]) -> Tensor:
+    """The fp32 stack (b × n × m) of the chunk's weights, each copied in as soon as ``weight_of`` made it and dropped
+    right after, so at most one made weight (a dequantised layer) is alive besides the stack."""
+    stack = None
+    for j, name in enumerate(chunk):
+        w = weight_of(name).detach()
+        if stack is None:
+            stack = torch.empty((len(chunk), *w.shape), dtype=torch.float32, device=w.device)
+        stack[j] = w
+        del w
+    return stack
+
+
+def batched_svd(stack: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Thin SVD of a stack of fp32 matrices (b × n × m), canonical signs: U (b × n × k), S (b × k), Vh (b × k × m)."""
+    U, S, Vh = torch.linalg.svd(stack, full_matrices=False)
+    U, Vh = canonical_signs(U, Vh)
+    return U, S, Vh
 
 
 def canonical_signs(U: Tensor, Vh: Tensor) -> tuple[Tensor, Tensor]:

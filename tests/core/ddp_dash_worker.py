@@ -4,7 +4,10 @@ Launched by the test as ``accelerate launch --multi_gpu --num_processes 2 ... te
 with ``ACCELERATE_USE_CPU=true`` (see the test for why not ``--cpu``). Every rank builds the same seeded tiny
 LLaMA, attaches dash (t=3, s=2, r=4), trains on its *own* data with gradient accumulation 2 and calls
 ``adapter.step`` only on optimizer steps, then writes its dash state, LoRA factors and run facts to
-``DIR/rank{r}.safetensors`` for the test to compare across ranks.
+``DIR/rank{r}.safetensors`` for the test to compare across ranks. With the default ``dash_svd="background"`` each
+rank computes the SVDs of its share of the layers ahead of the switch; the layers it computed and the switch's
+records with the LoRA factors they were selected on (``switch.*``) are written too, for the test's 1-process
+reference.
 """
 
 from __future__ import annotations
@@ -43,7 +46,8 @@ def main() -> None:
     # each rank sees different data: DDP must average the gradients for the ranks to stay in sync
     batches = lm_batches(n=OPT_STEPS * ACCUM, batch_size=4, seq=12, seed=1000 + rank)
     model.train()
-    switched_at, lam_grad_before_switch, missing_grads = None, [], []
+    switched_at, lam_grad_before_switch, missing_grads, computed = None, [], [], None
+    at_switch: dict[str, torch.Tensor] = {}
     for batch in batches:
         with accelerator.accumulate(model):
             loss = model(**batch).loss
@@ -60,8 +64,12 @@ def main() -> None:
             optimizer.zero_grad()
         if accelerator.sync_gradients and adapter.step(optimizer):
             switched_at = adapter.num_steps
+            at_switch = switch_record(adapter)
+        bases = adapter.switch_bases
+        if computed is None and bases is not None:
+            computed = [n for i, chunk in enumerate(bases.chunks) if bases.computes(i) for n in chunk]
 
-    tensors: dict[str, torch.Tensor] = {"num_steps": torch.tensor(adapter.num_steps, dtype=torch.int64)}
+    tensors: dict[str, torch.Tensor] = {"num_steps": torch.tensor(adapter.num_steps, dtype=torch.int64), **at_switch}
     for name, _layer in adapter.layers.items():
         B, A = adapter.lora_factors(name)
         dash = adapter.dash_term(name)
@@ -83,12 +91,25 @@ def main() -> None:
         "lam_grad_before_switch_max": (None if None in lam_grad_before_switch
                                        else max(lam_grad_before_switch, default=None)),
         "first_tokens": batches[0]["input_ids"][0, :4].tolist(),
+        "computed_layers": computed,
     }
     args.out.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(args.out / f"rank{rank}.safetensors"), metadata={"meta": json.dumps(meta)})
     accelerator.wait_for_everyone()
     accelerator.end_training()
     print(f"rank {rank}: {json.dumps(meta)}", flush=True)
+
+
+def switch_record(adapter: shared.Adapter) -> dict[str, torch.Tensor]:
+    """Right after the switch (which changes no LoRA factor): the factors it saw and what it selected."""
+    out = {}
+    for name in adapter.dash_layers:
+        B, A = adapter.lora_factors(name)
+        dash = adapter.dash_term(name)
+        for key, t in (("lora_A", A), ("lora_B", B), ("U", dash.U), ("Vh", dash.Vh), ("indices", dash.indices),
+                       ("sigma", dash.sigma), ("delta_sigma", dash.delta_sigma), ("energy", dash.energy)):
+            out[f"switch.{name}.{key}"] = t.detach().cpu().contiguous().clone()
+    return out
 
 
 if __name__ == "__main__":

@@ -6,6 +6,8 @@ LLaMA (one FSDP unit per decoder layer plus the root) over 2 gloo/CPU ranks; the
 averaged gradients equal the single-process ones and the two runs must agree to float rounding. Each run
 switches at step t=3, trains to step 6, exports peft and native files (on every rank: the gathers are
 collective, rank 0 writes), and writes the gathered factors and dash state to ``DIR/state{rank}.safetensors``.
+``--dash_svd`` sets when the switch's SVDs run: under FSDP2 "background" leaves them to the switch, "upfront"
+computes them at the first step (the weights are gathered collectively, in the same order on every rank).
 """
 
 from __future__ import annotations
@@ -24,11 +26,12 @@ from tests.helpers import LLAMA_TARGETS, lm_batches, tiny_llama
 WARMUP, DIRECTIONS, RANK, STEPS = 3, 3, 4, 6
 
 
-def run(out: Path, shard: bool) -> dict:
+def run(out: Path, shard: bool, dash_svd: str = "background") -> dict:
     torch.manual_seed(0)
     model = tiny_llama(seed=0)
     config = shared.AdapterConfig(method="dash", r=RANK, alpha=8, target_modules=LLAMA_TARGETS,
-                                  dash_warmup_steps=WARMUP, dash_directions=DIRECTIONS, seed=0, dropout=0.0)
+                                  dash_warmup_steps=WARMUP, dash_directions=DIRECTIONS, seed=0, dropout=0.0,
+                                  dash_svd=dash_svd)
     adapter = shared.attach(model, config)
     if shard:
         from torch.distributed.fsdp import fully_shard
@@ -38,7 +41,7 @@ def run(out: Path, shard: bool) -> dict:
         fully_shard(model)
     optimizer = torch.optim.AdamW(adapter.trainable_parameters(), lr=1e-2)
     model.train()
-    switched_at, losses = None, []
+    switched_at, losses, prepared = None, [], None
     for batch in lm_batches(n=STEPS, batch_size=4, seq=12, seed=7):
         loss = model(**batch).loss
         loss.backward()
@@ -47,6 +50,8 @@ def run(out: Path, shard: bool) -> dict:
         losses.append(float(loss.detach()))
         if adapter.step(optimizer):
             switched_at = adapter.num_steps
+        if adapter.num_steps == 1:  # the SVD files written at the first step (none: left to the switch)
+            prepared = None if adapter.switch_bases is None else len(adapter.switch_bases.files)
     rank = torch.distributed.get_rank() if shard else 0
     out.mkdir(parents=True, exist_ok=True)
     tensors: dict[str, torch.Tensor] = {}
@@ -59,6 +64,7 @@ def run(out: Path, shard: bool) -> dict:
     shared.export_lora(adapter, out / "native", "tsd")
     tensors = {k: t.detach().cpu().contiguous().clone() for k, t in tensors.items()}
     meta = {"rank": rank, "sharded": is_sharded(model), "switched_at": switched_at, "losses": losses,
+            "svd_files_at_step_1": prepared,
             "world_size": torch.distributed.get_world_size() if shard else 1}
     save_file(tensors, str(out / f"state{rank}.safetensors"), metadata={"meta": json.dumps(meta)})
     return meta
@@ -67,11 +73,12 @@ def run(out: Path, shard: bool) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True, type=Path)
+    parser.add_argument("--dash_svd", default="background")
     args = parser.parse_args()
     torch.set_num_threads(1)
     torch.distributed.init_process_group("gloo")
     try:
-        print(json.dumps(run(args.out, shard=True)), flush=True)
+        print(json.dumps(run(args.out, shard=True, dash_svd=args.dash_svd)), flush=True)
         torch.distributed.barrier()  # rank 0 may still be writing: tear gloo down only once both are done
     finally:
         torch.distributed.destroy_process_group()

@@ -52,10 +52,16 @@ def _read(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
         return meta, {k: f.get_tensor(k) for k in f.keys()}
 
 
+@pytest.fixture(scope="module")
+def ddp_run(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+    """One 2-process run, shared by the tests of this module."""
+    out = tmp_path_factory.mktemp("ddp")
+    return out, _launch(out)
+
+
 @pytest.mark.slow
-def test_ddp_dash_two_processes_stay_identical(tmp_path):
-    out = tmp_path / "ddp"
-    proc = _launch(out)
+def test_ddp_dash_two_processes_stay_identical(ddp_run):
+    out, proc = ddp_run
     log = f"cmd: {' '.join(proc.args)}\n--- stdout ---\n{proc.stdout[-8000:]}\n--- stderr ---\n{proc.stderr[-8000:]}"
     assert proc.returncode == 0, f"DDP run failed (rc={proc.returncode})\n{log}"
     files = [out / f"rank{r}.safetensors" for r in range(WORLD)]
@@ -79,7 +85,7 @@ def test_ddp_dash_two_processes_stay_identical(tmp_path):
 
     assert t0.keys() == t1.keys()
     assert int(t0["num_steps"]) == int(t1["num_steps"]) == 6
-    layers = sorted({k.rsplit(".", 1)[0] for k in t0 if k != "num_steps"})
+    layers = sorted({k.rsplit(".", 1)[0] for k in t0 if k != "num_steps" and not k.startswith("switch.")})
     assert len(layers) == 2 * 7  # tiny llama: 2 blocks x 7 targets
     for k in t0:
         # gradients are all-reduced, so every rank applies the same update to the same bytes: bitwise equal
@@ -127,3 +133,40 @@ def test_pooled_init_statistics_equal_one_process_on_every_rank_s_batches(tmp_pa
 def _read_plain(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
     with safe_open(str(path), framework="pt") as f:
         return json.loads((f.metadata() or {}).get("meta", "{}")), {k: f.get_tensor(k) for k in f.keys()}
+
+
+@pytest.mark.slow
+def test_ddp_switch_splits_the_svds_and_equals_one_process(ddp_run):
+    """Each rank computes the SVDs of its share of the layers (ahead of the switch, the default "background"), and
+    the directions every rank ends with are bitwise those one process selects from the same LoRA factors."""
+    out, proc = ddp_run
+    assert proc.returncode == 0, f"DDP run failed (rc={proc.returncode})\n{proc.stderr[-8000:]}"
+    (meta0, t0), (meta1, t1) = (_read(out / f"rank{r}.safetensors") for r in range(WORLD))
+    layers = sorted({k[len("switch."):].rsplit(".", 1)[0] for k in t0 if k.startswith("switch.")})
+    assert len(layers) == 2 * 7
+    mine, theirs = set(meta0["computed_layers"]), set(meta1["computed_layers"])
+    assert mine and theirs and not mine & theirs and mine | theirs == set(layers), (mine, theirs)
+
+    import shared
+    from tests.core.ddp_dash_worker import DIRECTIONS, RANK, WARMUP
+    from tests.helpers import LLAMA_TARGETS, tiny_llama
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as in the workers: the SVD's bits depend on the thread count
+    try:
+        model = tiny_llama(seed=0)
+        config = shared.AdapterConfig(method="dash", r=RANK, alpha=8, target_modules=LLAMA_TARGETS,
+                                      dash_warmup_steps=WARMUP, dash_directions=DIRECTIONS, seed=0, dash_svd="switch")
+        adapter = shared.attach(model, config)
+        for name, layer in adapter.layers.items():
+            layer.lora_A["default"].weight.data.copy_(t0[f"switch.{name}.lora_A"])
+            layer.lora_B["default"].weight.data.copy_(t0[f"switch.{name}.lora_B"])
+        adapter.switch()
+    finally:
+        torch.set_num_threads(threads)
+    for name in layers:
+        dash = adapter.dash_term(name)
+        for key in ("U", "Vh", "indices", "sigma", "delta_sigma", "energy"):
+            want = getattr(dash, key)
+            for rank, got in enumerate((t0, t1)):
+                assert torch.equal(got[f"switch.{name}.{key}"], want), f"rank {rank}: {name}.{key} differs"

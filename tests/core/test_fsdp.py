@@ -35,19 +35,23 @@ def _read(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
 
 
 @pytest.mark.slow
-def test_fsdp2_dash_matches_unsharded(tmp_path):
+@pytest.mark.parametrize("dash_svd", ["background", "upfront"])
+def test_fsdp2_dash_matches_unsharded(tmp_path, dash_svd):
     if not torch.distributed.is_available():
         pytest.skip("this torch build has no torch.distributed")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(free_port()), str(WORKER), "--out", str(tmp_path / "fsdp")]
+           "--master_port", str(free_port()), str(WORKER), "--out", str(tmp_path / "fsdp"), "--dash_svd", dash_svd]
     proc = subprocess.run(cmd, cwd=REPO, env=launcher_env(), capture_output=True, text=True, timeout=TIMEOUT_S)
     assert proc.returncode == 0, f"FSDP2 run failed (rc={proc.returncode})\n{proc.stderr[-6000:]}"
-    ref_meta = run(tmp_path / "ref", shard=False)
+    ref_meta = run(tmp_path / "ref", shard=False, dash_svd=dash_svd)
     _, ref = _read(tmp_path / "ref" / "state0.safetensors")
 
     for rank in (0, 1):
         meta, got = _read(tmp_path / "fsdp" / f"state{rank}.safetensors")
         assert meta["sharded"] and meta["world_size"] == 2 and meta["switched_at"] == WARMUP, meta
+        # "upfront" computed every SVD (the 4 shapes of the tiny LLaMA) at step 1, on every rank; "background"
+        # cannot gather in a thread and leaves them to the switch
+        assert meta["svd_files_at_step_1"] == (4 if dash_svd == "upfront" else None), meta
         assert meta["losses"] == pytest.approx(ref_meta["losses"], abs=1e-5)
         assert got.keys() == ref.keys()
         for key, want in ref.items():
