@@ -186,6 +186,19 @@ def read_unrunnable(suite: str) -> list[dict[str, Any]]:
     return [json.loads(p.read_text()) for p in sorted((RESULTS / suite / "cells").glob("*.unrunnable.json"))]
 
 
+def standalone_sections() -> list[str]:
+    """The standalone measurements' tables (one run each, not cells), from their result files where they exist."""
+    from . import switch_cost
+
+    path = RESULTS / "switch_cost.json"
+    if not path.exists():
+        return []
+    result = json.loads(path.read_text())
+    return ["", "## The dash switch on a full-size SDXL UNet", "",
+            f"`python -m benchmarks.switch_cost`, one run of {result['machine']['date']} "
+            f"(`benchmarks/results/switch_cost.json`; how it runs: docs/core.md).", "", switch_cost.markdown(result)]
+
+
 def write_report(suite: str, records: list[dict[str, Any]]) -> Path:
     """``report.md`` and the plots of a suite, from its cell files only (the README links the report; it does not
     copy it)."""
@@ -230,6 +243,8 @@ def write_report(suite: str, records: list[dict[str, Any]]) -> Path:
         mine = [r for r in records if r["config"]["kind"] == kind]
         if mine:
             body += ["", f"## {module.TITLE}", "", section_intro(module), "", module.report(mine, out)]
+    if suite == "full":
+        body += standalone_sections()
     path = out / "report.md"
     atomic_write_text(path, "\n".join([f"# Benchmark suite `{suite}`", "", *head, *body]) + "\n")
     return path

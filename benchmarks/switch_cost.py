@@ -448,19 +448,19 @@ def markdown(result: dict[str, Any]) -> str:
     same = (u["at_switch"]["identical_to_background"], u["upfront_cache_cold"]["identical_to_at_switch"],
             u["upfront_cache_warm"]["identical_to_at_switch"])
     ov = u["overlap"]
-    lines += ["", f"Background: the steps beside the thread took {bg['median_step_s']:.2f} s (median) against "
+    lines += ["", f"- Background: the steps beside the thread took {bg['median_step_s']:.2f} s (median) against "
               f"{step:.2f} s for the steps before it; batched SVD calls finished after each step: "
               f"{bg['calls_done_after_each_step']} of {bg['batched_calls']}.",
-              f"Idle-class SVD thread beside training, {ov['pairs']} pairs of steps: step time with / without "
+              f"- Idle-class SVD thread beside training, {ov['pairs']} pairs of steps: step time with / without "
               f"{[round(r, 3) for r in ov['paired_ratio']]}, median {ov['median_paired_ratio']:.3f}; the thread "
               f"got {[round(c, 1) for c in ov['thread_cpu_s_per_step']]} CPU s per step.",
-              f"Selections bit-identical to the switch's own SVDs (background, cache cold, cache warm): {same}.",
-              f"Files: LoRA (diffusers, rank {u['rank']}) {f['lora_diffusers'] * MB:.1f} MB; dash (diffusers, rank "
+              f"- Selections bit-identical to the switch's own SVDs (background, cache cold, cache warm): {same}.",
+              f"- Files: LoRA (diffusers, rank {u['rank']}) {f['lora_diffusers'] * MB:.1f} MB; dash (diffusers, rank "
               f"{u['rank'] + u['directions']}) {f['dash_diffusers'] * MB:.1f} MB; dash native "
               f"{f['dash_native'] * MB:.1f} MB; SVD cache {f['svd_cache'] * MB / 1024:.2f} GB."]
     split = result.get("split")
     if split:
-        lines.append(f"Split across ranks ({split['layers']} linears 1024 × 1024, 1 thread per process): switch "
+        lines.append(f"- Split across ranks ({split['layers']} linears 1024 × 1024, 1 thread per process): switch "
                      f"{split['world1']['median_s']:.2f} s in 1 process, {split['world2']['median_s']:.2f} s in 2 "
                      f"({split['speedup']:.2f}x), same directions: {split['same_directions']}.")
     return "\n".join(lines)
