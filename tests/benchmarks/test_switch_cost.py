@@ -3,13 +3,14 @@ and the table renders."""
 
 import pytest
 
-from benchmarks import switch_cost
+from benchmarks import run, switch_cost
 
 
 @pytest.mark.slow
-def test_switch_cost_runs_every_phase_on_the_tiny_unet(tmp_path):
+def test_switch_cost_runs_every_phase_on_the_tiny_unet_and_the_full_report_shows_it(tmp_path, monkeypatch):
     result = switch_cost.main(["--unet", "tiny", "--latent", "8", "--baseline_steps", "1", "--background_steps", "1",
-                               "--overlap_pairs", "1", "--split_layers", "0", "--out", str(tmp_path / "r.json")])
+                               "--overlap_pairs", "1", "--split_layers", "0",
+                               "--out", str(tmp_path / "switch_cost.json")])
     u = result["unet"]
     assert u["adapted_layers"] == 136
     assert u["at_switch"]["identical_to_background"]
@@ -21,4 +22,5 @@ def test_switch_cost_runs_every_phase_on_the_tiny_unet(tmp_path):
     assert u["files_bytes"]["dash_diffusers"] > u["files_bytes"]["lora_diffusers"] > 0
     assert len(u["overlap"]["paired_ratio"]) == 1
     assert "| up front, cache of an earlier run |" in result["markdown"]
-    assert (tmp_path / "r.json").exists()
+    monkeypatch.setattr(run, "RESULTS", tmp_path)
+    assert run.standalone_sections()[-1] == result["markdown"]
