@@ -64,7 +64,7 @@ SCHEDULES = ("background", "upfront", "switch")
 FORMAT_VERSION = "1"
 #: a layer's selection record: U_I (n × s), V_Iᵀ (s × m), I (s), σ (k), Δσ (k), energy shares (2)
 Record = tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]
-_RUNNING: weakref.WeakSet = weakref.WeakSet()  # bases whose background thread may still run
+_RUNNING: weakref.WeakSet = weakref.WeakSet()  # bases whose background thread still runs (closed or not)
 #: at exit, how long to wait for a background thread to finish its batched call (a thread left inside a LAPACK or
 #: CUDA call while the interpreter shuts down can crash the exit)
 EXIT_WAIT_S = 120.0
@@ -204,6 +204,7 @@ class SwitchBases:
         finally:
             with self._lock:
                 self._thread_done, clean = True, self._closed
+            _RUNNING.discard(self)
             if clean:
                 self._remove_tmp()
 
@@ -336,7 +337,6 @@ class SwitchBases:
         self._stop.set()
         with self._lock:
             self._closed, clean = True, self._thread_done
-        _RUNNING.discard(self)
         if clean:
             self._remove_tmp()
 

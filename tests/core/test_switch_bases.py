@@ -281,16 +281,17 @@ def test_an_io_error_in_the_background_warns_and_the_switch_computes(monkeypatch
 
     monkeypatch.setattr(bases_module, "_write", full_disk)
     svd_calls.update(all=0, switch=0)
-    with pytest.warns(UserWarning, match="background SVDs stopped"):
-        got = _run(dash_svd="background")
+    with pytest.warns(UserWarning, match="background SVDs stopped"):  # the thread has failed before the switch
+        got = _run(dash_svd="background", between=lambda a: a.switch_bases.wait())
     assert svd_calls["switch"] == 4
     _assert_identical(got, want)
 
 
 def test_the_switch_does_not_wait_for_a_slow_background_thread(monkeypatch, svd_calls):
     """A background thread that has not finished (here: held inside its first SVD) does not hold the switch up: the
-    switch computes every SVD itself, selects what it always selects, and the thread's files are removed when it
-    ends."""
+    switch computes every SVD itself, selects what it always selects, the thread's files are removed when it ends,
+    and until then the exit handler knows the thread (it waits for it: a thread left inside a LAPACK call while the
+    interpreter shuts down aborts the process)."""
     want = _run(dash_svd="switch")
     release, counting = threading.Event(), tsd.batched_svd
 
@@ -307,9 +308,11 @@ def test_the_switch_does_not_wait_for_a_slow_background_thread(monkeypatch, svd_
     _assert_identical(got, want)
     bases = seen["bases"]
     assert bases.directory.exists()  # the thread still writes there
+    assert bases in bases_module._RUNNING
     release.set()
     bases.wait()
     assert not bases.directory.exists()
+    assert bases not in bases_module._RUNNING
 
 
 def test_temporary_files_are_removed_after_the_switch():
