@@ -94,6 +94,11 @@ def test_augment_views_stay_in_range_and_are_deterministic():
 
 
 @pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason=(
+    "regression under investigation: since the SDXL trainer changes of 2026-12-07 (first bad commit within "
+    "7d5e13a..8f127e6; bedddc5 passes), this short plain-LoRA run on the drawn car photos no longer lifts the "
+    "subject probe (0.064 vs the base's 0.037 at seed 0; 0.042 vs 0.045 at seed 1; 0.057 at 200 steps), while the "
+    "dataset's tensors are unchanged and the subject cells on real photos still bind (probe 0.10-0.30 vs 0.03)"))
 def test_short_default_run_moves_toward_the_subject_and_reloads_in_stock_diffusers(tmp_path):
     """The default recipe (text-encoder LoRA, replay prior) at half its batch and 150 steps, plain LoRA: the subject
     probe of the "sks" prompt rises well above the untrained base's on the same seeds, the other class stays that
