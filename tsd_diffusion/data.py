@@ -721,8 +721,10 @@ class DreamBoothDataset(torch.utils.data.Dataset):
       ``crop_top_left`` (top, left), ``target_size`` (h, w), ``flipped``, ``prompt``, ``is_class`` (False),
       ``cache_key`` (:class:`CacheKey`), ``path``, ``index`` and ``mask`` (None without ``masked_loss``); with a
       class dir it also has ``class_example``, the same dict for the class image (``is_class`` True).
-    - :meth:`plan` returns the same dicts without ``pixel_values`` (no decoding), so a trainer can look the
-      ``cache_key`` up in a :class:`LatentCache` and skip the image work on a hit.
+    - :meth:`plan` returns the same dicts without ``pixel_values`` (no decoding). With ``latent_cache`` set (a
+      :class:`LatentCache`), ``ds[i]`` skips the decoding of every example whose ``cache_key`` the cache holds: its
+      ``pixel_values`` is a NaN placeholder of the right shape, which a consumer that bypassed the cache would
+      turn into a NaN loss rather than silently train on.
     - :func:`collate` puts all instance examples first, then all class examples (diffusers' layout, so the loss can be
       split with ``torch.chunk(..., 2)`` or with the ``is_class`` mask).
     """
@@ -756,6 +758,9 @@ class DreamBoothDataset(torch.utils.data.Dataset):
         self.class_prompt = class_prompt
         self.seed = int(seed)
         self.epoch = 0
+        #: a trainer's :class:`LatentCache` (``--cache_latents`` with in-process loading): ``ds[i]`` then skips
+        #: decoding the images whose ``cache_key`` it holds, as kohya's latent cache does
+        self.latent_cache: LatentCache | None = None
         self._sizes: dict[tuple[str, int, int], tuple[int, int]] = {}  # (path, size, mtime_ns) -> (h, w)
         scanned = _scan_dir(instance_dir, "instance", caption_extension=caption_extension)
         self.instance_images = self._register(scanned)
@@ -859,15 +864,20 @@ class DreamBoothDataset(torch.utils.data.Dataset):
             raise InputError(f"{path}: cannot read the file any more ({e})") from e
         sig = (str(path), st.st_size, st.st_mtime_ns)
         image = None
-        if sig not in self._sizes or with_pixels:
-            image = load_image(path)  # the file changed since start-up (or we need pixels anyway)
+        if sig not in self._sizes:
+            image = load_image(path)  # the file changed since start-up
             self._sizes[sig] = (image.height, image.width)
         params = self.transform.sample_params(self._sizes[sig], self._rng(kind, index), target)
         t = self.transform
         key = CacheKey(str(path), st.st_size, st.st_mtime_ns, t.resolution, t.center_crop, t.random_flip,
                        t.interpolation, params.crop_top_left, params.flipped, params.target_size)
+        pixels = None
+        if with_pixels and self.latent_cache is not None and key in self.latent_cache:
+            pixels = torch.full((3, *params.target_size), float("nan"))  # never encoded: its latent is cached
+        elif with_pixels:
+            pixels = t.apply(image if image is not None else load_image(path), params)
         ex: dict[str, Any] = {
-            "pixel_values": t.apply(image, params) if with_pixels else None,
+            "pixel_values": pixels,
             "original_size": params.original_size,
             "crop_top_left": params.crop_top_left,
             "target_size": params.target_size,

@@ -753,6 +753,8 @@ def setup(config: SDXLTrainConfig, accelerator: Any, resume_dir: Path | None) ->
         counts = condition.precompute(dataset.prompts(), write=accelerator.is_main_process)
         accelerator.print(f"text-embedding cache: {counts['loaded']} prompts loaded, {counts['encoded']} encoded")
     latents = LatentSampler(parts, accelerator.device, weight_dtype, LatentCache() if config.cache_latents else None)
+    if config.dataloader_num_workers == 0:  # worker processes would hold stale copies of the cache
+        dataset.latent_cache = latents.cache
     adapters = attach_adapters(config, parts, dataset, condition, latents, accelerator, resume_dir)
     optimizer, params = make_optimizer(config, adapters)
     loader, shard_by_accelerate = make_loader(config, dataset, accelerator)

@@ -103,9 +103,19 @@ def test_checkpoints_are_pruned_after_a_new_one_is_complete(tmp_path):
             and not any("diffusion_pytorch_model" in f or f == "model.safetensors" for f in files))
 
 
-def test_latent_cache_gives_the_same_training(tmp_path):
+def test_latent_cache_gives_the_same_training_and_skips_decoding_cached_images(tmp_path, monkeypatch):
+    """6 steps of batch 2 over 5 photos (epochs of 2 + 2 + 1) with a fixed crop: the cached run decodes each photo
+    once, in the first epoch; the second epoch's 5 examples come from the cache without decoding (kohya's
+    behaviour), and the training is the same."""
+    import tsd_diffusion.data as data
+
+    decoded: list[str] = []
+    load = data.load_image
+    monkeypatch.setattr(data, "load_image", lambda path: decoded.append(str(path)) or load(path))
     a = run(tmp_path / "a", "--center_crop")["adapters"]["unet"]
+    decoded_a, decoded[:] = len(decoded), []
     b = run(tmp_path / "b", "--center_crop", "--cache_latents")["adapters"]["unet"]
+    assert decoded_a - len(decoded) == 5, (decoded_a, decoded)
     for name in a.layers:
         torch.testing.assert_close(a.delta_weight(name), b.delta_weight(name), rtol=1e-5, atol=1e-6)
 
