@@ -410,3 +410,17 @@ def test_claims_pair_each_lambda_ratio_with_lora_by_subject_and_seed_and_keep_th
     assert "| -0.050 ± 0.000" in leak and leak.endswith("| 6 | **does not hold** |")
     # the plain dash row is paired with lora without the λ study's cells (otherwise its car probe would be +0.1)
     assert row("subject car: sks subject probe ↑", "dash").endswith("| 3 | within seed noise |")
+
+
+def test_the_report_head_names_every_version_the_cells_ran_with(tmp_path, monkeypatch):
+    monkeypatch.setattr(run, "RESULTS", tmp_path)
+    (tmp_path / "quick").mkdir()
+    machine = {"processor": "x86_64", "cpu_count": 2, "platform": "Linux", "python": "3.11.7", "date": "2026-12-01",
+               "versions": {"torch": "2.13.0", "transformers": "5.23.0"}}
+    newer = {**machine, "date": "2026-12-07", "versions": {"torch": "2.13.0", "transformers": "5.25.0"}}
+    cfg = subject_study.cells(["cat"], ["lora"], [0], steps=1)[0]
+    records = [{"config": {**cfg, "seed": s}, "machine": m, "skipped": "not here", "wall_s": 60.0}
+               for s, m in enumerate([machine, machine, newer])]
+    head = run.write_report("quick", records).read_text().splitlines()[3]
+    assert head.startswith("Machine: x86_64, 2 CPUs, Linux, Python 3.11.7; versions torch 2.13.0, "
+                           "transformers 5.23.0 (2 cells) / 5.25.0 (1 cell); cells run 2026-12-01 … 2026-12-07;")
