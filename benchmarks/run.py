@@ -200,7 +200,7 @@ def standalone_sections() -> list[str]:
             f"(`benchmarks/results/switch_cost.json`; how it runs: docs/core.md).", "", switch_cost.markdown(result)]
 
 
-def seen(records: list[dict[str, Any]], key: str) -> str:
+def values_with_counts(records: list[dict[str, Any]], key: str) -> str:
     """The values of ``key`` over the cells' records, each with its number of cells when they differ."""
     counts = Counter(str(r.get(key, "unknown")) for r in records)
     if len(counts) == 1:
@@ -221,9 +221,10 @@ def write_report(suite: str, records: list[dict[str, Any]]) -> Path:
     if machines:
         dates = sorted(x["date"] for x in machines)
         packages = sorted({k for m in machines for k in m["versions"]})
-        head += [f"Machine: {seen(machines, 'processor')}, {seen(machines, 'cpu_count')} CPUs, "
-                 f"{seen(machines, 'platform')}, Python {seen(machines, 'python')}; versions "
-                 + ", ".join(f"{k} {seen([m['versions'] for m in machines], k)}" for k in packages)
+        about = {k: values_with_counts(machines, k) for k in ("processor", "cpu_count", "platform", "python")}
+        head += [f"Machine: {about['processor']}, {about['cpu_count']} CPUs, {about['platform']}, "
+                 f"Python {about['python']}; versions "
+                 + ", ".join(f"{k} {values_with_counts([m['versions'] for m in machines], k)}" for k in packages)
                  + f"; cells run {dates[0]} … {dates[-1]}; "
                  f"the cells' wall times add up to {sum(r.get('wall_s', 0.0) for r in records) / 60:.1f} min."]
     have = {cell_id(r["config"]) for r in records}
